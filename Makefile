@@ -1,0 +1,75 @@
+# DICOM AI gateway - two commands on a fresh Debian/Ubuntu machine:
+#   make run    set everything up, start Triton + the gateway on loopback
+#   make test   set everything up, run lint, type checks and every test
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYVER := $(shell $(PYTHON) -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')
+APT_PACKAGES := dcmtk dicom3tools orthanc libpython$(PYVER) python3-venv
+ARGS ?=
+PYTEST_ARGS ?=
+
+.PHONY: help setup system-deps venv models lint typecheck unit integration test run bench clean
+
+help:
+	@echo "make run    - install what is needed, start Triton and the gateway on 127.0.0.1:11112"
+	@echo "make test   - install what is needed, run ruff, mypy and the whole test suite"
+	@echo "make bench  - end-to-end latency benchmark (writes benchmarks/results/)"
+	@echo "make models - (re)build the reference ONNX models deterministically"
+
+setup: system-deps venv models
+
+# Debian packages: DCMTK and Orthanc are the PACS peers of the tests, dicom3tools validates results,
+# libpython is what Triton's Python-backend stub links against.
+system-deps:
+	@missing=""; \
+	for c in storescu dciodvfy Orthanc; do command -v $$c >/dev/null || missing=yes; done; \
+	ldconfig -p | grep -q "libpython$(PYVER).so.1.0" || missing=yes; \
+	$(PYTHON) -c 'import ensurepip' 2>/dev/null || missing=yes; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "installing Debian packages: $(APT_PACKAGES)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(APT_PACKAGES) >/dev/null; \
+	  else \
+	    echo "missing Debian packages; run as root or: sudo apt-get install $(APT_PACKAGES)"; exit 1; \
+	  fi; \
+	fi
+	@# Debian starts an Orthanc service on install; the tests run their own instances on free ports.
+	@if [ "$$(id -u)" = 0 ] && command -v service >/dev/null && [ -e /etc/init.d/orthanc ]; then service orthanc stop >/dev/null 2>&1 || true; fi
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -e '.[dev]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+models: venv
+	$(PY) scripts/build_models.py
+
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+typecheck: venv
+	$(VENV)/bin/mypy
+
+unit: setup
+	$(VENV)/bin/pytest tests/unit $(PYTEST_ARGS)
+
+integration: setup
+	$(VENV)/bin/pytest tests/integration $(PYTEST_ARGS)
+
+test: setup lint typecheck
+	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+run: setup
+	$(VENV)/bin/gateway serve $(ARGS)
+
+bench: setup
+	$(PY) -m benchmarks.e2e_latency $(ARGS)
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

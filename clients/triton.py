@@ -1,0 +1,141 @@
+"""Async gRPC client for the Triton ensembles: many slices per request, chunks sent concurrently.
+
+A series is split into requests of at most ``max_slices_per_request`` slices; the chunks go out together so
+Triton's dynamic batcher can merge them (and chunks of other studies) into large detector batches.
+The gateway's priority is passed on every request; Triton's priority 1 is the highest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from gateway.domain import Priority
+from gateway.errors import InferenceError, InferenceUnavailable
+
+logger = logging.getLogger(__name__)
+
+TRITON_PRIORITY = {Priority.STAT: 1, Priority.URGENT: 2, Priority.ROUTINE: 3}
+DETECTION_WIDTH = 7
+
+
+@dataclass(frozen=True, kw_only=True)
+class DetectionOutput:
+    """What a detection ensemble answered for a whole series."""
+
+    detections: (
+        np.ndarray
+    )  # [K, 7]: slice_index (in the series), class_id, score, x0, y0, x1, y1 (normalised)
+    slice_scores: np.ndarray  # [N]
+    study_score: float
+    model_name: str
+    model_version: str
+    requests: int
+    seconds: float
+
+
+class TritonClient:
+    def __init__(self, url: str, *, timeout_s: float = 60.0, max_slices_per_request: int = 32) -> None:
+        import tritonclient.grpc.aio as grpcclient
+
+        self._module = grpcclient
+        self.url = url
+        self.timeout_s = timeout_s
+        self.max_slices_per_request = max_slices_per_request
+        self._client = grpcclient.InferenceServerClient(url=url)
+        self._versions: dict[str, str] = {}
+
+    async def close(self) -> None:
+        await self._client.close()
+
+    async def is_ready(self, model: str | None = None) -> bool:
+        try:
+            if model is None:
+                return bool(await self._client.is_server_ready(client_timeout=5.0))
+            return bool(await self._client.is_model_ready(model, client_timeout=5.0))
+        except Exception:
+            return False
+
+    async def model_version(self, model: str) -> str:
+        if model not in self._versions:
+            try:
+                meta = await self._client.get_model_metadata(model, client_timeout=self.timeout_s)
+            except Exception as exc:
+                raise InferenceUnavailable(f"Triton at {self.url}: model {model!r} metadata: {exc}") from exc
+            versions = sorted(meta.versions, key=lambda v: int(v) if v.isdigit() else 0)
+            self._versions[model] = versions[-1] if versions else "unknown"
+        return self._versions[model]
+
+    async def _infer_chunk(self, model: str, chunk: np.ndarray, priority: Priority) -> tuple[np.ndarray, ...]:
+        grpc = self._module
+        tensor = grpc.InferInput("HU", list(chunk.shape), "FP32")
+        tensor.set_data_from_numpy(np.ascontiguousarray(chunk, dtype=np.float32))
+        outputs = [grpc.InferRequestedOutput(n) for n in ("DETECTIONS", "SLICE_SCORES", "STUDY_SCORE")]
+        try:
+            result = await self._client.infer(
+                model,
+                [tensor],
+                outputs=outputs,
+                priority=TRITON_PRIORITY[priority],
+                client_timeout=self.timeout_s,
+            )
+        except Exception as exc:
+            text = str(exc)
+            # Unreachable, timed out, or model not loaded are transient; anything else is the model's answer.
+            transient = any(
+                s in text
+                for s in ("UNAVAILABLE", "DEADLINE_EXCEEDED", "not found", "not ready", "unavailable")
+            )
+            error = InferenceUnavailable if transient else InferenceError
+            raise error(f"Triton {self.url} model {model!r}: {text.strip()[:500]}") from exc
+        detections = result.as_numpy("DETECTIONS")
+        slice_scores = result.as_numpy("SLICE_SCORES")
+        study_score = result.as_numpy("STUDY_SCORE")
+        if detections is None or slice_scores is None or study_score is None:
+            raise InferenceError(f"model {model!r} answered without DETECTIONS / SLICE_SCORES / STUDY_SCORE")
+        detections = np.asarray(detections, dtype=np.float32).reshape(-1, DETECTION_WIDTH)
+        if slice_scores.shape[0] != chunk.shape[0]:
+            raise InferenceError(
+                f"model {model!r} returned {slice_scores.shape[0]} slice scores for {chunk.shape[0]} slices"
+            )
+        return (
+            detections,
+            np.asarray(slice_scores, dtype=np.float32),
+            np.asarray(study_score, dtype=np.float32),
+        )
+
+    async def detect(
+        self, model: str, stack: np.ndarray, *, priority: Priority = Priority.ROUTINE
+    ) -> DetectionOutput:
+        """Run a detection ensemble over a [N, H, W] stack of one series."""
+        if stack.ndim != 3 or stack.shape[0] == 0:
+            raise InferenceError(f"expected a non-empty [N, H, W] stack, got shape {stack.shape}")
+        started = time.perf_counter()
+        version = await self.model_version(model)
+        step = self.max_slices_per_request
+        starts = list(range(0, stack.shape[0], step))
+        answers = await asyncio.gather(
+            *(self._infer_chunk(model, stack[s : s + step], priority) for s in starts)
+        )
+        detections = []
+        for offset, (det, _, _) in zip(starts, answers, strict=True):
+            shifted = det.copy()
+            shifted[:, 0] += offset
+            detections.append(shifted)
+        slice_scores = np.concatenate([a[1] for a in answers])
+        study_score = float(max(float(a[2].max()) if a[2].size else 0.0 for a in answers))
+        return DetectionOutput(
+            detections=np.concatenate(detections, axis=0)
+            if detections
+            else np.zeros((0, DETECTION_WIDTH), np.float32),
+            slice_scores=slice_scores,
+            study_score=study_score,
+            model_name=model,
+            model_version=version,
+            requests=len(starts),
+            seconds=time.perf_counter() - started,
+        )

@@ -1,0 +1,89 @@
+"""Study assembly: group spooled instances by study and series, and declare a study complete once no instance
+has arrived for the quiet period. Thread-safe: association threads add, the engine pops."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from gateway.domain import InstanceRecord, Series, Study
+
+
+@dataclass
+class _Pending:
+    last_arrival: float
+    first_received_at: float
+    last_received_at: float
+    calling_ae: str
+    instances: dict[str, InstanceRecord] = field(default_factory=dict)
+
+
+class StudyAssembler:
+    def __init__(self, quiet_period_s: float, *, clock: Callable[[], float] = time.monotonic) -> None:
+        if quiet_period_s <= 0:
+            raise ValueError(f"quiet_period_s must be > 0, got {quiet_period_s}")
+        self.quiet_period_s = quiet_period_s
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._pending: dict[str, _Pending] = {}
+
+    def add(self, record: InstanceRecord) -> None:
+        now = self._clock()
+        with self._lock:
+            pending = self._pending.get(record.study_instance_uid)
+            if pending is None:
+                pending = _Pending(
+                    last_arrival=now,
+                    first_received_at=record.received_at,
+                    last_received_at=record.received_at,
+                    calling_ae=record.calling_ae,
+                )
+                self._pending[record.study_instance_uid] = pending
+            pending.last_arrival = now
+            pending.last_received_at = max(pending.last_received_at, record.received_at)
+            # A re-sent instance replaces the earlier copy (same SOP Instance UID, same spool file).
+            pending.instances[record.sop_instance_uid] = record
+
+    def pending_studies(self) -> int:
+        with self._lock:
+            return len(self._pending)
+
+    def pop_complete(self, now: float | None = None) -> list[Study]:
+        """Remove and return the studies that have been quiet for at least the quiet period."""
+        now = self._clock() if now is None else now
+        with self._lock:
+            ready = [uid for uid, p in self._pending.items() if now - p.last_arrival >= self.quiet_period_s]
+            popped = [(uid, self._pending.pop(uid)) for uid in ready]
+        return [_build_study(uid, pending) for uid, pending in popped]
+
+
+def _build_study(study_uid: str, pending: _Pending) -> Study:
+    by_series: dict[str, list[InstanceRecord]] = {}
+    for record in pending.instances.values():
+        by_series.setdefault(record.series_instance_uid, []).append(record)
+    series = []
+    for series_uid, records in sorted(by_series.items()):
+        records.sort(key=lambda r: r.received_at)
+        first = records[0]
+        series.append(
+            Series(
+                series_instance_uid=series_uid,
+                modality=first.modality,
+                body_part=first.body_part,
+                series_description=first.series_description,
+                instances=tuple(records),
+            )
+        )
+    any_record = next(iter(pending.instances.values()))
+    priorities = [r.requested_priority for r in pending.instances.values() if r.requested_priority]
+    return Study(
+        study_instance_uid=study_uid,
+        calling_ae=pending.calling_ae,
+        study_description=any_record.study_description,
+        series=tuple(series),
+        first_received_at=pending.first_received_at,
+        last_received_at=pending.last_received_at,
+        requested_priority=priorities[0] if priorities else "",
+    )

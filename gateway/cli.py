@@ -1,0 +1,240 @@
+"""Command line: ``gateway serve``, ``gateway send``, ``gateway echo``, ``gateway config``."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+from gateway.errors import ConfigError, GatewayError
+from gateway.logs import configure_logging
+from gateway.settings import Peer, Settings, load_settings
+
+DESCRIPTION = """\
+DICOM AI inference gateway.
+
+Receives studies from PACS over DICOM (C-STORE), stores every instance durably, waits until a study is
+complete, routes each series to an AI pipeline on NVIDIA Triton, and sends the results back into the same
+study as DICOM SR (TID 1500) and GSPS overlays, flagging critical studies STAT.
+
+The reference models shipped in model_repository/ exercise the pipeline; they are NOT clinically validated.
+"""
+
+EPILOG = """\
+examples:
+  gateway serve                                  # local Triton, listen on 127.0.0.1:11112 as AI_GATEWAY
+  gateway serve --config site.toml --destination PACS@127.0.0.1:4242
+  gateway send study/ --to AI_GATEWAY@127.0.0.1:11112
+  gateway echo AI_GATEWAY@127.0.0.1:11112
+"""
+
+
+def _peer(text: str) -> Peer:
+    try:
+        return Peer.parse(text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gateway",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    serve = sub.add_parser(
+        "serve",
+        help="run the gateway: DICOM receiver, AI pipelines and result delivery",
+        description="Run the gateway until interrupted (Ctrl-C or SIGTERM). Settings come from the embedded "
+        "defaults, then --config FILE, then these flags.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    serve.add_argument(
+        "--config", type=Path, metavar="FILE", help="TOML settings file (see gateway/default_config.toml)"
+    )
+    serve.add_argument("--port", type=int, help="DICOM port to listen on (default from config: 11112)")
+    serve.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--ae-title", help="the gateway's AE title (default AI_GATEWAY)")
+    serve.add_argument(
+        "--destination",
+        type=_peer,
+        metavar="AET@HOST:PORT",
+        help="send results here instead of back to the sending PACS",
+    )
+    serve.add_argument(
+        "--data-dir", type=Path, metavar="DIR", help="spool, results, audit log and Triton work files"
+    )
+    serve.add_argument(
+        "--triton-url",
+        metavar="HOST:PORT",
+        help="gRPC endpoint of a running Triton; without it a local one is started",
+    )
+    serve.add_argument(
+        "--allow", action="append", metavar="AET", help="calling AE title allowed to send (repeatable)"
+    )
+    serve.add_argument(
+        "--quiet-period", type=float, metavar="SECONDS", help="idle time after which a study is complete"
+    )
+    serve.add_argument(
+        "--stat-webhook", metavar="URL", help="HTTP endpoint that receives a JSON POST per STAT study"
+    )
+    serve.add_argument(
+        "--force-cpu", action="store_true", default=None, help="use numpy even if a CUDA GPU is present"
+    )
+    serve.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="log verbosity")
+
+    send = sub.add_parser(
+        "send",
+        help="send DICOM files or folders to a DICOM node (C-STORE) with a progress bar",
+        description="C-STORE files (folders are searched recursively) to AET@HOST:PORT.",
+    )
+    send.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="DICOM files or folders")
+    send.add_argument("--to", required=True, type=_peer, metavar="AET@HOST:PORT", help="receiving DICOM node")
+    send.add_argument(
+        "--calling-ae", default="GATEWAY_SCU", help="our AE title (must be allowed by the receiver)"
+    )
+    send.add_argument("--timeout", type=float, default=30.0, help="network and DIMSE timeout in seconds")
+
+    echo = sub.add_parser(
+        "echo", help="check that a DICOM node answers (C-ECHO)", description="Send a C-ECHO."
+    )
+    echo.add_argument("peer", type=_peer, metavar="AET@HOST:PORT")
+    echo.add_argument("--calling-ae", default="GATEWAY_SCU")
+
+    config = sub.add_parser(
+        "config",
+        help="print the effective settings and exit",
+        description="Load and validate settings, print them.",
+    )
+    config.add_argument("--config", type=Path, metavar="FILE")
+    return parser
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    out: dict[str, Any] = {"receiver": {}, "triton": {}, "delivery": {}}
+    if args.port is not None:
+        out["receiver"]["port"] = args.port
+    if args.host is not None:
+        out["receiver"]["host"] = args.host
+    if args.ae_title is not None:
+        out["receiver"]["ae_title"] = args.ae_title
+    if args.allow:
+        out["receiver"]["allowed_calling_aes"] = args.allow
+    if args.destination is not None:
+        out["delivery"]["destination"] = str(args.destination)
+    if args.triton_url is not None:
+        out["triton"]["url"] = args.triton_url
+    if args.data_dir is not None:
+        out["data_dir"] = str(args.data_dir.resolve())
+    if args.quiet_period is not None:
+        out["quiet_period_s"] = args.quiet_period
+    if args.stat_webhook is not None:
+        out["stat_webhook_url"] = args.stat_webhook
+    if args.force_cpu:
+        out["force_cpu"] = True
+    if args.log_level is not None:
+        out["log_level"] = args.log_level
+    return out
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from gateway.engine import Gateway
+
+    settings = load_settings(args.config, _overrides(args))
+    configure_logging(settings.log_level)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    gateway = Gateway(settings).start()
+    try:
+        recv = settings.receiver
+        print(
+            f"\nGateway {recv.ae_title} listening on {recv.host}:{gateway.port} (Triton at {gateway.triton_url}).\n"
+            f"Data directory: {settings.data_dir}\n"
+            f"Send a study:   .venv/bin/gateway send PATH --to {recv.ae_title}@{recv.host}:{gateway.port}\n"
+            f"           or:  storescu -aec {recv.ae_title} {recv.host} {gateway.port} FILE...\n"
+            "Stop with Ctrl-C.\n",
+            flush=True,
+        )
+        stop.wait()
+    finally:
+        gateway.stop()
+    return 0
+
+
+def _collect(paths: list[Path]) -> list[Path]:
+    files: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            files.extend(sorted(p for p in path.rglob("*") if p.is_file()))
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise ConfigError(f"{path} does not exist")
+    return files
+
+
+def cmd_send(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from clients.dicom_scu import store_files
+
+    configure_logging("WARNING")
+    files = _collect(args.paths)
+    if not files:
+        print("nothing to send", file=sys.stderr)
+        return 1
+    with tqdm(total=len(files), unit="img", desc=f"C-STORE to {args.to.ae_title}") as bar:
+        report = store_files(
+            files, args.to, calling_ae=args.calling_ae, timeout_s=args.timeout, on_progress=bar
+        )
+    print(f"sent {report.sent} of {len(files)} instance(s) to {args.to}")
+    for name, reason in report.failed[:20]:
+        print(f"  failed: {name}: {reason}", file=sys.stderr)
+    return 0 if report.ok else 2
+
+
+def cmd_echo(args: argparse.Namespace) -> int:
+    from clients.dicom_scu import echo
+
+    configure_logging("WARNING")
+    ok = echo(args.peer, calling_ae=args.calling_ae)
+    print(f"C-ECHO {args.peer}: {'success' if ok else 'FAILED'}")
+    return 0 if ok else 2
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    settings: Settings = load_settings(args.config)
+    print(f"data_dir          {settings.data_dir}")
+    print(f"receiver          {settings.receiver.ae_title}@{settings.receiver.host}:{settings.receiver.port}")
+    print(f"allowed AEs       {', '.join(sorted(settings.allowed_calling_aes())) or '(any)'}")
+    print(f"triton            {settings.triton.url or 'local server from the nvidia-pytriton wheel'}")
+    print(f"model repository  {settings.triton.model_repository}")
+    print(f"destination       {settings.delivery.destination or 'the sending peer'}")
+    for p in settings.pipelines:
+        print(
+            f"pipeline          {p.name}: model {p.model}, mode {p.mode.value}, modalities {','.join(p.modalities)}"
+        )
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handlers = {"serve": cmd_serve, "send": cmd_send, "echo": cmd_echo, "config": cmd_config}
+    try:
+        return handlers[args.command](args)
+    except GatewayError as exc:
+        print(f"gateway: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,81 @@
+"""One exception tree for the whole gateway.
+
+Split by what the caller does next::
+
+    GatewayError
+     ├── ConfigError                 permanent, at start-up: fix the configuration
+     ├── RetryableError              try again later (backoff), nothing is lost
+     │    ├── SpoolFullError         disk watermark reached: refuse new data (DIMSE 0xA700)
+     │    ├── InferenceUnavailable   Triton down, not ready or timed out
+     │    └── DeliveryError          destination PACS / webhook unreachable
+     └── PermanentError              retrying cannot help: record the reason and move on
+          ├── InvalidInstanceError   an instance we refuse to store (bad UIDs, no SOP class) (DIMSE 0xC000)
+          ├── DecodeError            pixel data missing, truncated or in an undecodable syntax
+          ├── UnsupportedStudyError  no pipeline applies to the series
+          └── InferenceError         the model answered with an error or a malformed result
+
+``dimse_status_for`` is the single place where exceptions become DIMSE statuses.
+"""
+
+from __future__ import annotations
+
+
+class GatewayError(Exception):
+    """Base class of every error the gateway raises on purpose."""
+
+
+class ConfigError(GatewayError):
+    """The configuration is missing a value or holds a bad one."""
+
+
+class RetryableError(GatewayError):
+    """A transient failure: the operation may succeed when retried later."""
+
+
+class PermanentError(GatewayError):
+    """A failure that retrying cannot fix."""
+
+
+class SpoolFullError(RetryableError):
+    """The spool is above its disk watermark; new instances are refused, never dropped."""
+
+
+class InferenceUnavailable(RetryableError):
+    """Triton is not reachable, not ready, or did not answer in time."""
+
+
+class DeliveryError(RetryableError):
+    """A result could not be delivered to its destination."""
+
+
+class InvalidInstanceError(PermanentError):
+    """An instance the gateway refuses to store."""
+
+
+class DecodeError(PermanentError):
+    """Pixel data could not be decoded into an image."""
+
+
+class UnsupportedStudyError(PermanentError):
+    """No configured pipeline can analyse the series."""
+
+
+class InferenceError(PermanentError):
+    """The inference server answered, but with an error or an unusable result."""
+
+
+# DIMSE C-STORE statuses (PS3.4 Annex B.2.3 / PS3.7 Annex C).
+STATUS_SUCCESS = 0x0000
+STATUS_OUT_OF_RESOURCES = 0xA700
+STATUS_DATASET_MISMATCH = 0xA900
+STATUS_CANNOT_UNDERSTAND = 0xC000
+STATUS_PROCESSING_FAILURE = 0x0110
+
+
+def dimse_status_for(exc: BaseException) -> int:
+    """Map an exception raised while storing an instance to the C-STORE status the SCU receives."""
+    if isinstance(exc, SpoolFullError):
+        return STATUS_OUT_OF_RESOURCES
+    if isinstance(exc, InvalidInstanceError):
+        return STATUS_CANNOT_UNDERSTAND
+    return STATUS_PROCESSING_FAILURE

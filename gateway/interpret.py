@@ -1,0 +1,82 @@
+"""Interpret a detection ensemble's answer: normalised boxes -> findings on the source images.
+
+A detection the gateway cannot stand behind (non-finite values, a box outside the image, an unknown class)
+is dropped with a logged reason; the rest of the report is still written.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from clients.triton import DetectionOutput
+from gateway.domain import Finding
+from gateway.settings import PipelineSettings
+from preprocessing.decode import DecodedImage
+
+logger = logging.getLogger(__name__)
+
+EDGE_TOLERANCE = 1e-3  # normalised coordinates may overshoot [0, 1] by rounding only
+
+
+@dataclass(frozen=True, kw_only=True)
+class Interpretation:
+    findings: tuple[Finding, ...]
+    dropped: tuple[str, ...]
+    study_score: float
+    stat: bool
+
+
+def interpret(
+    output: DetectionOutput, images: Sequence[DecodedImage], pipeline: PipelineSettings
+) -> Interpretation:
+    findings: list[Finding] = []
+    dropped: list[str] = []
+    for row in output.detections:
+        slice_f, class_f, score, x0, y0, x1, y1 = (float(v) for v in row)
+        if not all(math.isfinite(v) for v in (slice_f, class_f, score, x0, y0, x1, y1)):
+            dropped.append("non-finite value in detection")
+            continue
+        slice_index, class_id = int(slice_f), int(class_f)
+        if not 0 <= slice_index < len(images):
+            dropped.append(f"slice index {slice_index} outside the series of {len(images)}")
+            continue
+        if class_id not in pipeline.labels:
+            dropped.append(f"unknown class {class_id}")
+            continue
+        if not 0.0 <= score <= 1.0:
+            dropped.append(f"confidence {score} outside [0, 1]")
+            continue
+        if min(x0, y0) < -EDGE_TOLERANCE or max(x1, y1) > 1.0 + EDGE_TOLERANCE or x1 <= x0 or y1 <= y0:
+            dropped.append(f"box {x0:.3f},{y0:.3f},{x1:.3f},{y1:.3f} outside the image")
+            continue
+        if score < pipeline.report_threshold:
+            continue
+        image = images[slice_index]
+        rows, cols = image.shape
+        bbox = (
+            max(0.0, x0) * cols,
+            max(0.0, y0) * rows,
+            min(1.0, x1) * cols,
+            min(1.0, y1) * rows,
+        )
+        findings.append(
+            Finding(
+                label=pipeline.labels[class_id],
+                confidence=score,
+                sop_instance_uid=image.sop_instance_uid,
+                sop_class_uid=image.sop_class_uid,
+                bbox=bbox,
+                slice_index=slice_index,
+            )
+        )
+    for reason in dropped:
+        logger.warning("pipeline %s: detection dropped: %s", pipeline.name, reason)
+    study_score = output.study_score if math.isfinite(output.study_score) else 0.0
+    stat = any(f.confidence >= pipeline.stat_threshold for f in findings)
+    findings.sort(key=lambda f: (f.slice_index, -f.confidence))
+    return Interpretation(
+        findings=tuple(findings), dropped=tuple(dropped), study_score=study_score, stat=stat
+    )

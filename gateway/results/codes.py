@@ -1,0 +1,31 @@
+"""Coded concepts used in the gateway's results, in one table.
+
+Standard codes (DCM, SCT, UCUM) where DICOM defines a concept; a private coding scheme ``99AIGW`` (the "99"
+prefix marks a local scheme, PS3.16 section 8) for the few AI-specific concepts without a standard code.
+"""
+
+from __future__ import annotations
+
+from highdicom.sr import CodedConcept
+
+from gateway.domain import CodedConcept as DomainCode
+
+PRIVATE_SCHEME = "99AIGW"
+
+PROCEDURE_IMAGING = CodedConcept("363679005", "SCT", "Imaging")
+CAD_SUMMARY = CodedConcept("111017", "DCM", "CAD Processing and Findings Summary")
+ALL_SUCCEEDED_WITH_FINDINGS = CodedConcept("111242", "DCM", "All algorithms succeeded; with findings")
+ALL_SUCCEEDED_WITHOUT_FINDINGS = CodedConcept("111241", "DCM", "All algorithms succeeded; without findings")
+FINDING = CodedConcept("121071", "DCM", "Finding")
+YES = CodedConcept("373066001", "SCT", "Yes")
+NO = CodedConcept("373067005", "SCT", "No")
+NO_UNITS = CodedConcept("1", "UCUM", "no units")
+
+AI_CONFIDENCE = CodedConcept("CONFIDENCE", PRIVATE_SCHEME, "AI confidence")
+AI_TRIAGE_SCORE = CodedConcept("TRIAGESCORE", PRIVATE_SCHEME, "AI triage score")
+STAT_FLAG = CodedConcept("STAT", PRIVATE_SCHEME, "Critical finding - STAT read requested")
+AI_STUDY_ASSESSMENT = CodedConcept("STUDYASSESS", PRIVATE_SCHEME, "AI study assessment")
+
+
+def to_highdicom(code: DomainCode) -> CodedConcept:
+    return CodedConcept(code.value, code.scheme, code.meaning)

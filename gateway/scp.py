@@ -1,0 +1,117 @@
+"""The DICOM receiver: C-ECHO and C-STORE SCP on pynetdicom.
+
+The C-STORE handler writes the instance durably to the spool, hands the record on, and returns; it never
+calls Triton or anything slow. Unknown calling AE titles are rejected at association. When the spool is
+above its disk watermark, stores are answered "out of resources" instead of being accepted and dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, StoragePresentationContexts, _config, evt
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.transport import ThreadedAssociationServer
+
+from gateway.domain import InstanceRecord
+from gateway.errors import STATUS_SUCCESS, GatewayError, dimse_status_for
+from gateway.settings import ReceiverSettings
+from gateway.spool import Spool
+
+logger = logging.getLogger(__name__)
+
+
+def configure_pynetdicom() -> None:
+    """The one place where pynetdicom's global switches are set: no patient identifiers in its logs."""
+    _config.LOG_REQUEST_IDENTIFIERS = False
+    _config.LOG_RESPONSE_IDENTIFIERS = False
+    _config.LOG_HANDLER_LEVEL = "none"
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+
+
+def handle_echo(event: evt.Event) -> int:
+    return STATUS_SUCCESS
+
+
+def handle_store(event: evt.Event, spool: Spool, on_stored: Callable[[InstanceRecord], None]) -> int:
+    calling_ae = event.assoc.requestor.ae_title.strip()
+    try:
+        record = spool.store(
+            event.file_meta, event.encoded_dataset(include_meta=False), calling_ae=calling_ae
+        )
+    except GatewayError as exc:
+        status = dimse_status_for(exc)
+        logger.warning("C-STORE from %s refused (status 0x%04X): %s", calling_ae, status, exc)
+        return status
+    except Exception as exc:  # a broken file must never take the receiver down
+        status = dimse_status_for(exc)
+        logger.exception("C-STORE from %s failed (status 0x%04X): %s", calling_ae, status, type(exc).__name__)
+        return status
+    try:
+        on_stored(record)
+    except Exception:  # durable already: recovery will pick it up
+        logger.exception("instance stored but not registered for assembly; it is recovered on restart")
+    return STATUS_SUCCESS
+
+
+def log_rejection(event: evt.Event) -> None:
+    logger.warning(
+        "association from %s (AE %s) rejected", event.assoc.requestor.address, event.assoc.requestor.ae_title
+    )
+
+
+class StoreSCP:
+    """A running C-STORE / C-ECHO server bound to the configured address."""
+
+    def __init__(
+        self,
+        settings: ReceiverSettings,
+        spool: Spool,
+        on_stored: Callable[[InstanceRecord], None],
+        *,
+        allowed_calling_aes: frozenset[str],
+    ) -> None:
+        configure_pynetdicom()
+        self.settings = settings
+        ae = AE(ae_title=settings.ae_title)
+        ae.acse_timeout = settings.acse_timeout_s
+        ae.dimse_timeout = settings.dimse_timeout_s
+        ae.network_timeout = settings.network_timeout_s
+        ae.maximum_pdu_size = settings.max_pdu_size
+        ae.maximum_associations = 64
+        ae.add_supported_context(Verification)
+        for context in StoragePresentationContexts:
+            if context.abstract_syntax is not None:
+                ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+        if allowed_calling_aes:
+            ae.require_calling_aet = sorted(allowed_calling_aes)
+        else:
+            logger.warning("no calling AE allow-list configured: any AE on the network may send studies")
+        self.ae = ae
+        self.handlers: list[Any] = [
+            (evt.EVT_C_ECHO, handle_echo),
+            (evt.EVT_C_STORE, handle_store, [spool, on_stored]),
+            (evt.EVT_REJECTED, log_rejection),
+        ]
+        self.server: ThreadedAssociationServer | None = None
+
+    def start(self) -> None:
+        self.server = self.ae.start_server(
+            (self.settings.host, self.settings.port), block=False, evt_handlers=self.handlers
+        )
+        logger.info(
+            "DICOM receiver %s listening on %s:%d", self.settings.ae_title, self.settings.host, self.port
+        )
+
+    @property
+    def port(self) -> int:
+        if self.server is None:
+            return self.settings.port
+        return int(self.server.server_address[1])
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+            self.server = None

@@ -1,0 +1,412 @@
+"""Typed settings, read once at start-up from the embedded defaults, a TOML file and command-line flags.
+
+Precedence: command line > ``--config FILE`` > embedded ``default_config.toml``. A missing or bad value fails
+loudly with a ``ConfigError`` that names the key.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from gateway.domain import CodedConcept, RolloutMode
+from gateway.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+_AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # printable, no backslash, 1..16 chars
+
+
+def _check_ae(key: str, value: str) -> str:
+    value = value.strip()
+    if not _AE_RE.match(value):
+        raise ConfigError(f"{key}: {value!r} is not a valid AE title (1-16 printable characters, no '\\')")
+    return value
+
+
+@dataclass(frozen=True, kw_only=True)
+class Peer:
+    """A DICOM application entity the gateway talks to."""
+
+    ae_title: str
+    host: str
+    port: int
+
+    def __post_init__(self) -> None:
+        _check_ae("peer ae_title", self.ae_title)
+        if not 0 < self.port < 65536:
+            raise ConfigError(f"peer {self.ae_title}: port must be 1-65535, got {self.port}")
+
+    @classmethod
+    def parse(cls, text: str) -> Peer:
+        """Parse ``AET@host:port``."""
+        match = re.match(r"^([^@]{1,16})@([^:@]+):(\d+)$", text.strip())
+        if not match:
+            raise ConfigError(f"expected AET@host:port, got {text!r}")
+        return cls(ae_title=match.group(1), host=match.group(2), port=int(match.group(3)))
+
+    def __str__(self) -> str:
+        return f"{self.ae_title}@{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReceiverSettings:
+    ae_title: str = "AI_GATEWAY"
+    host: str = "127.0.0.1"
+    port: int = 11112
+    allowed_calling_aes: tuple[str, ...] = ()
+    acse_timeout_s: float = 30.0
+    dimse_timeout_s: float = 60.0
+    network_timeout_s: float = 60.0
+    max_pdu_size: int = 0
+    min_free_disk_mb: int = 512
+
+
+@dataclass(frozen=True, kw_only=True)
+class TritonSettings:
+    url: str = ""
+    model_repository: Path = Path("model_repository")
+    startup_timeout_s: float = 120.0
+    request_timeout_s: float = 60.0
+    max_slices_per_request: int = 32
+
+
+@dataclass(frozen=True, kw_only=True)
+class DeliverySettings:
+    destination: Peer | None = None
+    timeout_s: float = 30.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class PipelineSettings:
+    """One AI pipeline: which series it takes, how to prepare them, and what its answers mean."""
+
+    name: str
+    model: str
+    description: str
+    algorithm_name: str
+    algorithm_version: str
+    mode: RolloutMode
+    report_threshold: float
+    stat_threshold: float
+    modalities: tuple[str, ...]
+    body_parts: tuple[str, ...]
+    description_patterns: tuple[re.Pattern[str], ...]
+    input_size: tuple[int, int]
+    intensity: str
+    hu_clip: tuple[float, float]
+    window: tuple[float, float] | None
+    display_window: tuple[float, float]
+    labels: dict[int, CodedConcept]
+    min_slices: int = 1
+
+    def __post_init__(self) -> None:
+        where = f"pipeline {self.name!r}"
+        if not 0.0 <= self.report_threshold <= 1.0 or not 0.0 <= self.stat_threshold <= 1.0:
+            raise ConfigError(f"{where}: report_threshold and stat_threshold must be within [0, 1]")
+        if self.intensity not in ("hu", "window"):
+            raise ConfigError(f"{where}: intensity must be 'hu' or 'window', got {self.intensity!r}")
+        if self.intensity == "window" and self.window is None:
+            raise ConfigError(f"{where}: intensity = 'window' needs window = [center, width]")
+        if min(self.input_size) < 8:
+            raise ConfigError(f"{where}: input_size must be at least 8x8, got {self.input_size}")
+        if not self.labels:
+            raise ConfigError(f"{where}: at least one label (pipelines.labels.<class index>) is required")
+        if not self.modalities:
+            raise ConfigError(f"{where}: modalities must list at least one modality")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Settings:
+    data_dir: Path
+    log_level: str = "INFO"
+    quiet_period_s: float = 10.0
+    workers: int = 2
+    force_cpu: bool = False
+    stat_webhook_url: str = ""
+    receiver: ReceiverSettings = field(default_factory=ReceiverSettings)
+    triton: TritonSettings = field(default_factory=TritonSettings)
+    delivery: DeliverySettings = field(default_factory=DeliverySettings)
+    peers: tuple[Peer, ...] = ()
+    pipelines: tuple[PipelineSettings, ...] = ()
+
+    @property
+    def spool_dir(self) -> Path:
+        return self.data_dir / "spool"
+
+    @property
+    def results_dir(self) -> Path:
+        return self.data_dir / "results"
+
+    @property
+    def audit_log(self) -> Path:
+        return self.data_dir / "audit.jsonl"
+
+    def allowed_calling_aes(self) -> frozenset[str]:
+        return frozenset(self.receiver.allowed_calling_aes) | {p.ae_title for p in self.peers}
+
+    def peer_for(self, ae_title: str) -> Peer | None:
+        for peer in self.peers:
+            if peer.ae_title == ae_title:
+                return peer
+        return None
+
+
+def default_model_repository() -> Path:
+    """The ``model_repository/`` folder of this source tree."""
+    return Path(__file__).resolve().parent.parent / "model_repository"
+
+
+def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+class _Reader:
+    """Pulls typed values out of a TOML table, naming the full key in every error."""
+
+    def __init__(self, table: dict[str, Any], prefix: str) -> None:
+        self.table = table
+        self.prefix = prefix
+        self.used: set[str] = set()
+
+    def _get(self, key: str, default: Any) -> Any:
+        self.used.add(key)
+        return self.table.get(key, default)
+
+    def _fail(self, key: str, expected: str, value: Any) -> ConfigError:
+        return ConfigError(f"{self.prefix}{key}: expected {expected}, got {value!r}")
+
+    def get_str(self, key: str, default: str | None = None) -> str:
+        value = self._get(key, default)
+        if not isinstance(value, str):
+            raise self._fail(key, "a string", value)
+        return value
+
+    def get_int(self, key: str, default: int | None = None) -> int:
+        value = self._get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self._fail(key, "an integer", value)
+        return value
+
+    def get_float(self, key: str, default: float | None = None) -> float:
+        value = self._get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise self._fail(key, "a number", value)
+        return float(value)
+
+    def get_bool(self, key: str, default: bool | None = None) -> bool:
+        value = self._get(key, default)
+        if not isinstance(value, bool):
+            raise self._fail(key, "true or false", value)
+        return value
+
+    def get_strs(self, key: str, default: list[str] | None = None) -> tuple[str, ...]:
+        value = self._get(key, default if default is not None else [])
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise self._fail(key, "a list of strings", value)
+        return tuple(value)
+
+    def get_pair(self, key: str, default: list[float] | None = None) -> tuple[float, float] | None:
+        value = self._get(key, default)
+        if value is None:
+            return None
+        if (
+            not isinstance(value, list)
+            or len(value) != 2
+            or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in value)
+        ):
+            raise self._fail(key, "a list of two numbers", value)
+        return (float(value[0]), float(value[1]))
+
+    def finish(self) -> None:
+        unknown = sorted(set(self.table) - self.used)
+        if unknown:
+            raise ConfigError(f"{self.prefix}: unknown setting(s) {', '.join(unknown)}")
+
+
+def _table(raw: dict[str, Any], key: str) -> dict[str, Any]:
+    value = raw.get(key, {})
+    if not isinstance(value, dict):
+        raise ConfigError(f"[{key}] must be a table")
+    return value
+
+
+def _pipeline(raw: Any, index: int) -> PipelineSettings:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"pipelines[{index}] must be a table")
+    r = _Reader(raw, f"pipelines[{index}].")
+    name = r.get_str("name")
+    labels_raw = r._get("labels", {})
+    if not isinstance(labels_raw, dict):
+        raise ConfigError(f"pipeline {name!r}: labels must be a table of class index -> code")
+    labels: dict[int, CodedConcept] = {}
+    for key, code in labels_raw.items():
+        if not str(key).isdigit() or not isinstance(code, dict):
+            raise ConfigError(
+                f"pipeline {name!r}: labels.{key} must be a class index with value/scheme/meaning"
+            )
+        lr = _Reader(code, f"pipeline {name!r} labels.{key}.")
+        try:
+            labels[int(key)] = CodedConcept(
+                value=lr.get_str("value"), scheme=lr.get_str("scheme"), meaning=lr.get_str("meaning")
+            )
+        except ValueError as exc:
+            raise ConfigError(f"pipeline {name!r} labels.{key}: {exc}") from exc
+        lr.finish()
+    patterns = []
+    for text in r.get_strs("description_patterns", []):
+        try:
+            patterns.append(re.compile(text))
+        except re.error as exc:
+            raise ConfigError(f"pipeline {name!r}: bad description pattern {text!r}: {exc}") from exc
+    size = r.get_pair("input_size")
+    mode_text = r.get_str("mode", "assist")
+    try:
+        mode = RolloutMode(mode_text)
+    except ValueError:
+        raise ConfigError(
+            f"pipeline {name!r}: mode must be silent, assist or triage; got {mode_text!r}"
+        ) from None
+    hu_clip = r.get_pair("hu_clip", [-1024.0, 3071.0])
+    display = r.get_pair("display_window", [40.0, 400.0])
+    assert size is not None and hu_clip is not None and display is not None
+    settings = PipelineSettings(
+        name=name,
+        model=r.get_str("model", name),
+        description=r.get_str("description", ""),
+        algorithm_name=r.get_str("algorithm_name", name),
+        algorithm_version=r.get_str("algorithm_version"),
+        mode=mode,
+        report_threshold=r.get_float("report_threshold", 0.5),
+        stat_threshold=r.get_float("stat_threshold", 0.9),
+        modalities=tuple(m.upper() for m in r.get_strs("modalities")),
+        body_parts=tuple(b.upper() for b in r.get_strs("body_parts", [])),
+        description_patterns=tuple(patterns),
+        input_size=(int(size[0]), int(size[1])),
+        intensity=r.get_str("intensity", "hu"),
+        hu_clip=hu_clip,
+        window=r.get_pair("window", None),
+        display_window=display,
+        labels=labels,
+        min_slices=r.get_int("min_slices", 1),
+    )
+    r.finish()
+    return settings
+
+
+def load_settings(config_file: Path | None = None, overrides: dict[str, Any] | None = None) -> Settings:
+    """Build ``Settings`` from the embedded defaults, an optional TOML file and flag overrides.
+
+    ``overrides`` uses the TOML layout (``{"receiver": {"port": 104}}``). ``[[pipelines]]`` and ``[[peers]]``
+    in the file replace the defaults as a whole.
+    """
+    raw = tomllib.loads(resources.files("gateway").joinpath("default_config.toml").read_text())
+    base_dir = Path.cwd()
+    if config_file is not None:
+        try:
+            text = Path(config_file).read_text()
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {config_file}: {exc.strerror}") from exc
+        try:
+            user = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{config_file} is not valid TOML: {exc}") from exc
+        raw = _merge(raw, user)
+        base_dir = Path(config_file).resolve().parent
+    if overrides:
+        raw = _merge(raw, overrides)
+
+    top = _Reader(raw, "")
+    recv = _Reader(_table(raw, "receiver"), "receiver.")
+    tri = _Reader(_table(raw, "triton"), "triton.")
+    dlv = _Reader(_table(raw, "delivery"), "delivery.")
+    for key in ("receiver", "triton", "delivery", "peers", "pipelines"):
+        top.used.add(key)
+
+    def resolve(path_text: str) -> Path:
+        path = Path(path_text).expanduser()
+        return path if path.is_absolute() else (base_dir / path).resolve()
+
+    receiver = ReceiverSettings(
+        ae_title=_check_ae("receiver.ae_title", recv.get_str("ae_title")),
+        host=recv.get_str("host"),
+        port=recv.get_int("port"),
+        allowed_calling_aes=tuple(
+            _check_ae("receiver.allowed_calling_aes", a) for a in recv.get_strs("allowed_calling_aes")
+        ),
+        acse_timeout_s=recv.get_float("acse_timeout_s"),
+        dimse_timeout_s=recv.get_float("dimse_timeout_s"),
+        network_timeout_s=recv.get_float("network_timeout_s"),
+        max_pdu_size=recv.get_int("max_pdu_size"),
+        min_free_disk_mb=recv.get_int("min_free_disk_mb"),
+    )
+    if not 0 < receiver.port < 65536:
+        raise ConfigError(f"receiver.port must be 1-65535, got {receiver.port}")
+    repo_text = tri.get_str("model_repository")
+    triton = TritonSettings(
+        url=tri.get_str("url"),
+        model_repository=resolve(repo_text) if repo_text else default_model_repository(),
+        startup_timeout_s=tri.get_float("startup_timeout_s"),
+        request_timeout_s=tri.get_float("request_timeout_s"),
+        max_slices_per_request=tri.get_int("max_slices_per_request"),
+    )
+    destination_text = dlv.get_str("destination")
+    delivery = DeliverySettings(
+        destination=Peer.parse(destination_text) if destination_text else None,
+        timeout_s=dlv.get_float("timeout_s"),
+    )
+    peers_raw = raw.get("peers", [])
+    if not isinstance(peers_raw, list):
+        raise ConfigError("[[peers]] must be an array of tables")
+    peers = []
+    for i, p in enumerate(peers_raw):
+        pr = _Reader(p, f"peers[{i}].")
+        peers.append(
+            Peer(
+                ae_title=pr.get_str("ae_title"), host=pr.get_str("host", "127.0.0.1"), port=pr.get_int("port")
+            )
+        )
+        pr.finish()
+    pipelines_raw = raw.get("pipelines", [])
+    if not isinstance(pipelines_raw, list):
+        raise ConfigError("[[pipelines]] must be an array of tables")
+    pipelines = tuple(_pipeline(p, i) for i, p in enumerate(pipelines_raw))
+    names = [p.name for p in pipelines]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"pipeline names must be unique, got {names}")
+
+    settings = Settings(
+        data_dir=resolve(top.get_str("data_dir")),
+        log_level=top.get_str("log_level").upper(),
+        quiet_period_s=top.get_float("quiet_period_s"),
+        workers=top.get_int("workers"),
+        force_cpu=top.get_bool("force_cpu"),
+        stat_webhook_url=top.get_str("stat_webhook_url"),
+        receiver=receiver,
+        triton=triton,
+        delivery=delivery,
+        peers=tuple(peers),
+        pipelines=pipelines,
+    )
+    for reader in (top, recv, tri, dlv):
+        reader.finish()
+    if settings.quiet_period_s <= 0:
+        raise ConfigError(f"quiet_period_s must be > 0, got {settings.quiet_period_s}")
+    if settings.workers < 1:
+        raise ConfigError(f"workers must be >= 1, got {settings.workers}")
+    if triton.max_slices_per_request < 1:
+        raise ConfigError("triton.max_slices_per_request must be >= 1")
+    return settings

@@ -1,0 +1,175 @@
+"""The durable spool: every acknowledged instance is on disk, fsynced, before the SCU hears "success".
+
+Layout (UIDs are validated before they become path parts; no patient identifier is ever a file name)::
+
+    <data_dir>/spool/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm
+    <data_dir>/spool/<StudyInstanceUID>/processed.json     written when the study's results are done
+
+A write goes to a temporary file in the target folder, is fsynced, renamed into place and the folder is
+fsynced, so a crash leaves either the whole instance or nothing. ``recover()`` finds the instances of studies
+that were acknowledged but not yet processed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import threading
+import time
+from collections.abc import Iterable
+from io import BytesIO
+from pathlib import Path
+
+import pydicom
+from pydicom.dataset import Dataset, FileMetaDataset
+from pynetdicom.dsutils import encode_file_meta
+
+from gateway.domain import InstanceRecord, is_valid_uid
+from gateway.errors import InvalidInstanceError, SpoolFullError
+
+logger = logging.getLogger(__name__)
+
+PROCESSED_MARKER = "processed.json"
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that a crash leaves the old content or the new, never a mix."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            written = os.write(fd, view)
+            view = view[written:]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def _text(ds: Dataset, keyword: str) -> str:
+    value = ds.get(keyword, "")
+    return str(value).strip() if value is not None else ""
+
+
+def record_from_header(ds: Dataset, path: Path, calling_ae: str, received_at: float) -> InstanceRecord:
+    """Build the spool record from a dataset header, refusing instances without valid identifying UIDs."""
+    uids = {}
+    for keyword in ("SOPInstanceUID", "SOPClassUID", "StudyInstanceUID", "SeriesInstanceUID"):
+        value = _text(ds, keyword)
+        if not is_valid_uid(value):
+            raise InvalidInstanceError(f"{keyword} is missing or not a valid UID")
+        uids[keyword] = value
+    return InstanceRecord(
+        sop_instance_uid=uids["SOPInstanceUID"],
+        sop_class_uid=uids["SOPClassUID"],
+        study_instance_uid=uids["StudyInstanceUID"],
+        series_instance_uid=uids["SeriesInstanceUID"],
+        path=path,
+        calling_ae=calling_ae,
+        received_at=received_at,
+        modality=_text(ds, "Modality").upper(),
+        body_part=_text(ds, "BodyPartExamined").upper(),
+        study_description=_text(ds, "StudyDescription"),
+        series_description=_text(ds, "SeriesDescription"),
+        requested_priority=_text(ds, "RequestedProcedurePriority"),
+        has_pixel_data="PixelData" in ds or "FloatPixelData" in ds or "DoubleFloatPixelData" in ds,
+    )
+
+
+class Spool:
+    def __init__(self, root: Path, *, min_free_bytes: int = 0) -> None:
+        self.root = Path(root)
+        self.min_free_bytes = min_free_bytes
+        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+
+    def path_for(self, study_uid: str, series_uid: str, sop_uid: str) -> Path:
+        for uid in (study_uid, series_uid, sop_uid):
+            if not is_valid_uid(uid):
+                raise InvalidInstanceError("UID is not valid and cannot name a spool file")
+        return self.root / study_uid / series_uid / f"{sop_uid}.dcm"
+
+    def check_space(self) -> None:
+        if self.min_free_bytes <= 0:
+            return
+        free = shutil.disk_usage(self.root).free
+        if free < self.min_free_bytes:
+            raise SpoolFullError(
+                f"spool disk has {free // 2**20} MiB free, below the {self.min_free_bytes // 2**20} MiB watermark"
+            )
+
+    def store(self, file_meta: FileMetaDataset, body: bytes, *, calling_ae: str) -> InstanceRecord:
+        """Durably write one received instance and return its record.
+
+        ``body`` is the dataset exactly as the SCU encoded it; the calling AE title is kept in the file meta
+        (Source Application Entity Title) so that recovery after a restart knows who sent it.
+        """
+        self.check_space()
+        meta = FileMetaDataset(file_meta)
+        meta.SourceApplicationEntityTitle = calling_ae
+        encoded = b"".join((b"\x00" * 128, b"DICM", encode_file_meta(meta), body))
+        try:
+            header = pydicom.dcmread(BytesIO(encoded), defer_size=4096)
+        except Exception as exc:
+            raise InvalidInstanceError(f"dataset cannot be parsed: {type(exc).__name__}: {exc}") from exc
+        record = record_from_header(header, Path(), calling_ae, time.time())
+        if record.sop_instance_uid != str(meta.get("MediaStorageSOPInstanceUID", "")):
+            raise InvalidInstanceError("SOP Instance UID in the dataset differs from the C-STORE request")
+        path = self.path_for(record.study_instance_uid, record.series_instance_uid, record.sop_instance_uid)
+        for folder in (path.parent.parent, path.parent):
+            if not folder.exists():
+                folder.mkdir(mode=0o700, exist_ok=True)
+                fsync_dir(folder.parent)
+        atomic_write(path, encoded)
+        return dataclasses.replace(record, path=path)
+
+    def mark_processed(self, study_uid: str, sop_uids: Iterable[str]) -> None:
+        folder = self.root / study_uid
+        marker = folder / PROCESSED_MARKER
+        done = set(self.processed_instances(study_uid)) | set(sop_uids)
+        atomic_write(marker, json.dumps({"processed_at": time.time(), "instances": sorted(done)}).encode())
+
+    def processed_instances(self, study_uid: str) -> list[str]:
+        marker = self.root / study_uid / PROCESSED_MARKER
+        try:
+            return list(json.loads(marker.read_text())["instances"])
+        except (OSError, ValueError, KeyError):
+            return []
+
+    def recover(self) -> list[InstanceRecord]:
+        """Records of every spooled instance whose study has not been processed with it yet."""
+        records = []
+        for study_dir in sorted(p for p in self.root.iterdir() if p.is_dir()):
+            done = set(self.processed_instances(study_dir.name))
+            for path in sorted(study_dir.glob("*/*.dcm")):
+                if path.stem in done:
+                    continue
+                try:
+                    header = pydicom.dcmread(path, defer_size=4096)
+                    records.append(
+                        record_from_header(
+                            header,
+                            path,
+                            str(header.file_meta.get("SourceApplicationEntityTitle", "")).strip(),
+                            path.stat().st_mtime,
+                        )
+                    )
+                except Exception as exc:
+                    logger.warning(
+                        "spool recovery: skipping unreadable %s: %s", path.relative_to(self.root), exc
+                    )
+            for tmp in study_dir.glob("*/.*.tmp"):
+                tmp.unlink(missing_ok=True)  # half-written before a crash: never acknowledged
+        return records

@@ -1,0 +1,85 @@
+"""Intensity and size normalisation of a slice stack, written once against the array backend ``xp``.
+
+numpy is the reference; CuPy runs the same functions on a GPU.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from preprocessing.backend import NUMPY, ArrayBackend
+from preprocessing.decode import DecodedImage
+
+
+def rescale_to_hu(xp: Any, pixels: Any, slope: float, intercept: float) -> Any:
+    """Stored values -> Hounsfield units (modality LUT: slope * value + intercept) as float32."""
+    return pixels.astype(xp.float32) * xp.float32(slope) + xp.float32(intercept)
+
+
+def apply_window(xp: Any, values: Any, center: float, width: float) -> Any:
+    """Linear VOI window mapped to [0, 1] (PS3.3 C.11.2.1.2 linear function, continuous form)."""
+    if width <= 0:
+        raise ValueError(f"window width must be > 0, got {width}")
+    low = center - width / 2.0
+    return xp.clip((values - xp.float32(low)) / xp.float32(width), 0.0, 1.0).astype(xp.float32)
+
+
+def resize_bilinear(xp: Any, stack: Any, size: tuple[int, int]) -> Any:
+    """Resize [N, H, W] to [N, h, w] with bilinear interpolation (pixel centres aligned, edge clamped).
+
+    When shrinking by an integer factor the stack is first box-averaged, so thin structures are not aliased.
+    """
+    n, h, w = stack.shape
+    out_h, out_w = size
+    if (h, w) == (out_h, out_w):
+        return stack.astype(xp.float32, copy=False)
+    if h % out_h == 0 and w % out_w == 0 and h >= out_h and w >= out_w:
+        fy, fx = h // out_h, w // out_w
+        return stack.reshape(n, out_h, fy, out_w, fx).mean(axis=(2, 4), dtype=xp.float32)
+
+    def axis_weights(src: int, dst: int) -> tuple[Any, Any, Any]:
+        coords = (xp.arange(dst, dtype=xp.float32) + 0.5) * (src / dst) - 0.5
+        coords = xp.clip(coords, 0.0, src - 1)
+        lo = xp.floor(coords).astype(xp.int64)
+        hi = xp.minimum(lo + 1, src - 1)
+        return lo, hi, (coords - lo).astype(xp.float32)
+
+    y0, y1, wy = axis_weights(h, out_h)
+    x0, x1, wx = axis_weights(w, out_w)
+    top = stack[:, y0, :] * (1 - wy)[None, :, None] + stack[:, y1, :] * wy[None, :, None]
+    out = top[:, :, x0] * (1 - wx)[None, None, :] + top[:, :, x1] * wx[None, None, :]
+    return out.astype(xp.float32)
+
+
+def prepare_stack(
+    images: Sequence[DecodedImage],
+    *,
+    size: tuple[int, int],
+    intensity: str,
+    hu_clip: tuple[float, float],
+    window: tuple[float, float] | None = None,
+    backend: ArrayBackend = NUMPY,
+) -> np.ndarray:
+    """Ordered decoded slices -> float32 [N, h, w] model input on the host.
+
+    ``intensity="hu"`` gives Hounsfield units clipped to ``hu_clip``; ``"window"`` gives [0, 1] after the
+    ``(center, width)`` window. MONOCHROME1 images are inverted so that higher always means denser.
+    """
+    xp = backend.xp
+    slices = []
+    for img in images:
+        values = rescale_to_hu(xp, xp.asarray(img.pixels), img.rescale_slope, img.rescale_intercept)
+        if img.photometric == "MONOCHROME1":
+            values = xp.max(values) + xp.min(values) - values
+        slices.append(values)
+    stack = xp.stack(slices, axis=0)
+    stack = xp.clip(stack, xp.float32(hu_clip[0]), xp.float32(hu_clip[1]))
+    stack = resize_bilinear(xp, stack, size)
+    if intensity == "window":
+        if window is None:
+            raise ValueError("intensity 'window' needs a (center, width) window")
+        stack = apply_window(xp, stack, window[0], window[1])
+    return backend.to_numpy(stack).astype(np.float32, copy=False)

@@ -1,0 +1,72 @@
+"""Load one series from the spool: decode every instance, drop the undecodable with a reason, order the
+slices geometrically and build the model input stack."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from pydicom.dataset import Dataset
+
+from gateway.errors import DecodeError
+from preprocessing.backend import NUMPY, ArrayBackend
+from preprocessing.decode import DecodedImage, decode_dataset, read_dataset
+from preprocessing.geometry import SliceOrder, order_slices
+from preprocessing.normalize import prepare_stack
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoadedSeries:
+    images: tuple[DecodedImage, ...]  # in slice order
+    headers: tuple[Dataset, ...]  # same order, pixel data removed
+    order: SliceOrder
+    skipped: tuple[tuple[str, str], ...]  # (file name, reason)
+
+
+def load_series(paths: Sequence[Path]) -> LoadedSeries:
+    images: list[DecodedImage] = []
+    headers: list[Dataset] = []
+    skipped: list[tuple[str, str]] = []
+    for path in paths:
+        try:
+            ds = read_dataset(path)
+            image = decode_dataset(ds)
+        except DecodeError as exc:
+            skipped.append((Path(path).name, str(exc)))
+            continue
+        for keyword in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"):
+            if keyword in ds:
+                delattr(ds, keyword)
+        if "SpecificCharacterSet" in ds and not ds.SpecificCharacterSet:
+            del ds.SpecificCharacterSet  # empty means the default repertoire; result builders reject ''
+        images.append(image)
+        headers.append(ds)
+    if not images:
+        reasons = "; ".join(sorted({reason for _, reason in skipped}))
+        raise DecodeError(f"no instance of the series could be decoded: {reasons}")
+    order = order_slices(images)
+    return LoadedSeries(
+        images=tuple(images[i] for i in order.indices),
+        headers=tuple(headers[i] for i in order.indices),
+        order=order,
+        skipped=tuple(skipped),
+    )
+
+
+def model_input(
+    series: LoadedSeries,
+    *,
+    size: tuple[int, int],
+    intensity: str,
+    hu_clip: tuple[float, float],
+    window: tuple[float, float] | None,
+    backend: ArrayBackend = NUMPY,
+) -> np.ndarray:
+    return prepare_stack(
+        series.images, size=size, intensity=intensity, hu_clip=hu_clip, window=window, backend=backend
+    )

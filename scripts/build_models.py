@@ -1,0 +1,125 @@
+#!/usr/bin/env python3
+"""Build the reference ONNX detectors of model_repository/ deterministically (no downloads, no training).
+
+The head CT hyperdensity detector is a fixed-weight convolutional network over the two channels made by the
+ensemble's preprocess step (blood-band membership, bone membership):
+
+    density = mean of the blood channel over a 7x7 neighbourhood            (Conv, fixed weights)
+    near_bone = max of the bone channel over a 5x5 neighbourhood            (MaxPool)
+    heat = sigmoid(gain * (density - 0.55) - bone_gain * near_bone)         (Mul, Sub, Sigmoid)
+
+The same inputs always give byte-identical files: run it twice and compare sha256.
+It is a reference model for exercising the pipeline, NOT a clinically validated detector.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+REPO = Path(__file__).resolve().parent.parent / "model_repository"
+OPSET = 17
+IR_VERSION = 8
+
+
+def _const(name: str, array: np.ndarray) -> TensorProto:
+    return numpy_helper.from_array(np.ascontiguousarray(array), name=name)
+
+
+def build_head_ct_detector(kernel: int = 7, bone_kernel: int = 5) -> onnx.ModelProto:
+    conv_w = np.zeros((1, 2, kernel, kernel), dtype=np.float32)
+    conv_w[0, 0] = 1.0 / (kernel * kernel)
+    initializers = [
+        _const("density_w", conv_w),
+        _const("density_b", np.array([-0.55], dtype=np.float32)),
+        _const("gain", np.array(12.0, dtype=np.float32)),
+        _const("bone_gain", np.array(20.0, dtype=np.float32)),
+        _const("bone_start", np.array([1], dtype=np.int64)),
+        _const("bone_end", np.array([2], dtype=np.int64)),
+        _const("channel_axis", np.array([1], dtype=np.int64)),
+    ]
+    pad = kernel // 2
+    bpad = bone_kernel // 2
+    nodes = [
+        helper.make_node(
+            "Conv",
+            ["INPUT", "density_w", "density_b"],
+            ["density"],
+            pads=[pad, pad, pad, pad],
+            name="density_conv",
+        ),
+        helper.make_node(
+            "Slice", ["INPUT", "bone_start", "bone_end", "channel_axis"], ["bone"], name="bone_channel"
+        ),
+        helper.make_node(
+            "MaxPool",
+            ["bone"],
+            ["near_bone"],
+            kernel_shape=[bone_kernel, bone_kernel],
+            pads=[bpad, bpad, bpad, bpad],
+            strides=[1, 1],
+            name="bone_dilate",
+        ),
+        helper.make_node("Mul", ["density", "gain"], ["density_logit"], name="density_gain"),
+        helper.make_node("Mul", ["near_bone", "bone_gain"], ["bone_logit"], name="bone_gain_mul"),
+        helper.make_node("Sub", ["density_logit", "bone_logit"], ["logit"], name="suppress_bone"),
+        helper.make_node("Sigmoid", ["logit"], ["HEATMAP"], name="heat"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "head_ct_hyperdensity_detector",
+        [helper.make_tensor_value_info("INPUT", TensorProto.FLOAT, ["N", 2, "H", "W"])],
+        [helper.make_tensor_value_info("HEATMAP", TensorProto.FLOAT, ["N", 1, "H", "W"])],
+        initializer=initializers,
+    )
+    model = helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", OPSET)],
+        producer_name="dicom-ai-gateway/scripts/build_models.py",
+        producer_version="1",
+        doc_string="Reference head CT hyperdensity detector (fixed weights). Not clinically validated.",
+    )
+    model.ir_version = IR_VERSION
+    onnx.checker.check_model(model)
+    return model
+
+
+MODELS = {
+    "ct_head_hyperdensity_detector/1/model.onnx": build_head_ct_detector,
+}
+
+
+def build_all(repo: Path) -> dict[str, str]:
+    """Write every model file; return relative path -> sha256."""
+    digests = {}
+    for rel, builder in MODELS.items():
+        data = builder().SerializeToString(deterministic=True)
+        target = repo / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if not target.exists() or target.read_bytes() != data:
+            tmp = target.with_suffix(".tmp")
+            tmp.write_bytes(data)
+            tmp.replace(target)
+        digests[rel] = hashlib.sha256(data).hexdigest()
+    return digests
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--repository", type=Path, default=REPO, help="model repository to write into")
+    args = parser.parse_args(argv)
+    for rel, digest in build_all(args.repository).items():
+        print(f"{digest}  {rel}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,322 @@
+"""The whole flow on real components: Orthanc / DCMTK storescu -> gateway (pynetdicom) -> Triton (from the
+nvidia-pytriton wheel) -> SR + GSPS -> Orthanc, STAT webhook, validated by dciodvfy."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+import tritonclient.grpc as grpcclient
+
+from benchmarks.phantoms import Lesion, write_head_ct
+from gateway.audit import AuditLog
+from gateway.engine import Gateway
+from gateway.settings import load_settings
+from gateway.triton_server import free_port
+from tests.support.servers import Orthanc, WebhookReceiver, dciodvfy_errors, storescu, wait_for
+
+pytestmark = pytest.mark.integration
+
+CONFIG = """
+data_dir = "{data_dir}"
+quiet_period_s = 1.0
+workers = 2
+stat_webhook_url = "{webhook}"
+
+[receiver]
+port = {port}
+
+[triton]
+url = "{triton}"
+
+[[peers]]
+ae_title = "ORTHANC"
+host = "127.0.0.1"
+port = {orthanc_port}
+
+[[peers]]
+ae_title = "STORESCU"
+host = "127.0.0.1"
+port = {orthanc_port}
+
+[[pipelines]]
+name = "ct_hyperdensity"
+model = "ct_head_hyperdensity"
+algorithm_name = "Head CT Hyperdensity Reference"
+algorithm_version = "0.1.0"
+mode = "triage"
+report_threshold = 0.5
+stat_threshold = 0.7
+modalities = ["CT"]
+input_size = [256, 256]
+intensity = "hu"
+display_window = [40.0, 80.0]
+
+[pipelines.labels.0]
+value = "50960005"
+scheme = "SCT"
+meaning = "Hemorrhage"
+"""
+
+
+@dataclass
+class Env:
+    gateway: Gateway
+    orthanc: Orthanc
+    webhook: WebhookReceiver
+    audit: AuditLog
+    data_dir: Path
+    triton_url: str
+
+    def wait_study_done(self, study_uid: str, timeout_s: float = 120.0) -> dict:
+        def done() -> dict | None:
+            for event in self.audit.read():
+                if event["event"] == "study_done" and event["study"] == study_uid:
+                    return event
+            return None
+
+        return wait_for(done, timeout_s=timeout_s, what=f"study {study_uid} to be processed")
+
+    def results(self, study_uid: str, modality: str) -> list[pydicom.Dataset]:
+        return [
+            pydicom.dcmread(p)
+            for p in sorted((self.data_dir / "results" / study_uid).glob(f"{modality}_*.dcm"))
+        ]
+
+    def events(self, name: str, study_uid: str) -> list[dict]:
+        return [e for e in self.audit.read() if e["event"] == name and e.get("study") == study_uid]
+
+
+@pytest.fixture
+def env(tmp_path: Path, triton: str) -> Iterator[Env]:
+    port = free_port()
+    orthanc = Orthanc(tmp_path / "orthanc", modalities={"gateway": ["AI_GATEWAY", "127.0.0.1", port]}).start()
+    with WebhookReceiver() as webhook:
+        config = tmp_path / "gateway.toml"
+        config.write_text(
+            CONFIG.format(
+                data_dir=tmp_path / "data",
+                webhook=webhook.url,
+                port=port,
+                triton=triton,
+                orthanc_port=orthanc.dicom_port,
+            )
+        )
+        settings = load_settings(config)
+        gateway = Gateway(settings).start()
+        try:
+            yield Env(gateway, orthanc, webhook, AuditLog(settings.audit_log), settings.data_dir, triton)
+        finally:
+            gateway.stop()
+            orthanc.stop()
+
+
+def _content_items(ds: pydicom.Dataset) -> Iterator[pydicom.Dataset]:
+    for item in ds.get("ContentSequence", []):
+        yield item
+        yield from _content_items(item)
+
+
+def _scoords(sr: pydicom.Dataset) -> list[tuple[str, np.ndarray]]:
+    out = []
+    for item in _content_items(sr):
+        if item.ValueType == "SCOORD":
+            ref = item.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+            out.append((str(ref), np.asarray(item.GraphicData, dtype=float).reshape(-1, 2)))
+    return out
+
+
+def _stat_flag(sr: pydicom.Dataset) -> str:
+    study_level = [
+        i
+        for i in sr.ContentSequence
+        if i.ValueType == "CONTAINER" and i.ConceptNameCodeSequence[0].CodeValue == "126010"
+    ]
+    values = [
+        i.ConceptCodeSequence[0].CodeMeaning
+        for group in study_level
+        for i in _content_items(group)
+        if i.ValueType == "CODE" and i.ConceptNameCodeSequence[0].CodeValue == "STAT"
+    ]
+    return values[0]
+
+
+def test_real_ct_sent_by_orthanc_comes_back_as_sr_and_gsps_in_the_same_study(
+    env: Env, real_data: Path
+) -> None:
+    files = sorted((real_data / "ct-3slice").glob("0*.dcm"))
+    study_uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+    env.orthanc.upload(files)
+    [orthanc_study] = env.orthanc.post(
+        "/tools/find", f'{{"Level": "Study", "Query": {{"StudyInstanceUID": "{study_uid}"}}}}'
+    )
+    started = time.monotonic()
+    env.orthanc.post(
+        "/modalities/gateway/store", f'{{"Resources": ["{orthanc_study}"], "Synchronous": true}}'
+    )
+    sent = time.monotonic()
+
+    def result_series() -> list[dict]:
+        series = env.orthanc.series_of_study(study_uid)
+        return [s for s in series if s["MainDicomTags"].get("Modality") == "SR"]
+
+    wait_for(result_series, timeout_s=120, what="the SR in Orthanc")
+    elapsed = time.monotonic() - sent
+    done = env.wait_study_done(study_uid)
+    modalities = sorted(s["MainDicomTags"]["Modality"] for s in env.orthanc.series_of_study(study_uid))
+    [sr] = env.results(study_uid, "SR")
+    [analysed] = env.events("series_analysed", study_uid)
+    assert analysed["slices"] == 3 and analysed["slice_order"] == "geometry"
+    assert analysed["model_version"] == "1" and analysed["delivered_to"].startswith("ORTHANC@")
+    # The original CT series plus the results, all under the same study.
+    assert modalities.count("CT") == 1 and "SR" in modalities
+    if analysed["findings"]:
+        assert "PR" in modalities
+        for path in (env.data_dir / "results" / study_uid).glob("PR_*.dcm"):
+            assert dciodvfy_errors(path) == []
+    referenced = {
+        r.ReferencedSOPInstanceUID
+        for s in sr.CurrentRequestedProcedureEvidenceSequence
+        for se in s.ReferencedSeriesSequence
+        for r in se.ReferencedSOPSequence
+    }
+    assert referenced == {str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in files}
+    for path in (env.data_dir / "results" / study_uid).glob("SR_*.dcm"):
+        assert dciodvfy_errors(path) == []
+    print(
+        f"\n3-slice real CT: store-to-gateway {sent - started:.2f}s, last instance -> SR in Orthanc {elapsed:.2f}s;"
+        f" stages { ({k: v for k, v in done.items() if k.endswith('_ms')}) }"
+    )
+
+
+def test_synthetic_lesion_is_found_where_it_is_and_flagged_stat(env: Env, tmp_path: Path) -> None:
+    lesion = Lesion(x=300.0, y=220.0, slice=12, radius_mm=8.0, hu=70.0)
+    series = write_head_ct(tmp_path / "lesion", slices=24, lesions=(lesion,), seed=3)
+    result = storescu(list(series.paths), port=env.gateway.port, calling_ae="STORESCU")
+    assert result.returncode == 0, result.stderr
+    done = env.wait_study_done(series.study_uid)
+    assert done["stat"] is True and done["findings"] >= 1
+    [sr] = env.results(series.study_uid, "SR")
+    scoords = _scoords(sr)
+    assert scoords
+    lesion_slices = {series.sop_uids[k] for k in (lesion.slice - 1, lesion.slice, lesion.slice + 1)}
+    tolerance_px = 6.0  # 3 mm at 0.5 mm pixels
+    for sop, points in scoords:
+        assert sop in lesion_slices, "every finding must be on a slice the lesion crosses"
+        center = points[:4].mean(axis=0)
+        assert abs(center[0] - lesion.x) <= tolerance_px and abs(center[1] - lesion.y) <= tolerance_px, center
+    assert series.sop_uids[lesion.slice] in {sop for sop, _ in scoords}
+    assert _stat_flag(sr) == "Yes"
+    [gsps] = env.results(series.study_uid, "PR")
+    assert gsps.GraphicLayerSequence[0].GraphicLayer == "AI_FINDINGS"
+    wait_for(
+        lambda: [e for e in env.webhook.events if e["study_instance_uid"] == series.study_uid],
+        timeout_s=10,
+        what="STAT webhook",
+    )
+    [event] = [e for e in env.webhook.events if e["study_instance_uid"] == series.study_uid]
+    assert (
+        event["event"] == "stat"
+        and event["model_version"] == "1"
+        and event["sr_sop_instance_uid"] == sr.SOPInstanceUID
+    )
+    assert "PatientName" not in event and "PHANTOM" not in str(event)
+    wait_for(
+        lambda: (
+            {"SR", "PR"}
+            <= {s["MainDicomTags"].get("Modality") for s in env.orthanc.series_of_study(series.study_uid)}
+        ),
+        timeout_s=30,
+        what="SR and GSPS in Orthanc",
+    )
+    print(f"\n24-slice synthetic lesion: stages { ({k: v for k, v in done.items() if k.endswith('_ms')}) }")
+
+
+def test_normal_series_comes_back_negative(env: Env, tmp_path: Path) -> None:
+    series = write_head_ct(tmp_path / "normal", slices=16, seed=11)
+    assert storescu(list(series.paths), port=env.gateway.port, calling_ae="STORESCU").returncode == 0
+    done = env.wait_study_done(series.study_uid)
+    assert done["findings"] == 0 and done["stat"] is False
+    [sr] = env.results(series.study_uid, "SR")
+    assert _scoords(sr) == []
+    assert _stat_flag(sr) == "No"
+    summary = [
+        i.ConceptCodeSequence[0].CodeValue
+        for i in _content_items(sr)
+        if i.ValueType == "CODE" and i.ConceptNameCodeSequence[0].CodeValue == "111017"
+    ]
+    assert summary == ["111241"]
+    assert env.results(series.study_uid, "PR") == []
+    assert not [e for e in env.webhook.events if e["study_instance_uid"] == series.study_uid]
+
+
+def _inference_count(triton_url: str) -> int:
+    client = grpcclient.InferenceServerClient(triton_url)
+    try:
+        stats = client.get_inference_statistics(model_name="ct_head_hyperdensity")
+        return int(stats.model_stats[0].inference_count)
+    finally:
+        client.close()
+
+
+def test_unsupported_and_undecodable_studies_are_kept_but_not_inferred(
+    env: Env, tmp_path: Path, real_data: Path
+) -> None:
+    before = _inference_count(env.triton_url)
+    mr = real_data / "transfer-syntaxes" / "mr_1.dcm"
+    broken = write_head_ct(tmp_path / "broken", slices=2, rows=64, cols=64)
+    for path in broken.paths:
+        ds = pydicom.dcmread(path)
+        ds.PixelData = ds.PixelData[: len(ds.PixelData) // 3 * 2]
+        ds.save_as(path)
+    result = storescu([mr, *broken.paths], port=env.gateway.port, calling_ae="STORESCU")
+    assert result.returncode == 0, result.stderr  # the PACS is never blocked by the AI
+    mr_study = str(pydicom.dcmread(mr, stop_before_pixels=True).StudyInstanceUID)
+    env.wait_study_done(mr_study)
+    env.wait_study_done(broken.study_uid)
+    [skipped] = env.events("series_skipped", mr_study)
+    assert "no pipeline for modality MR" in skipped["reason"]
+    [failed] = env.events("series_failed", broken.study_uid)
+    assert "could not be decoded" in failed["reason"]
+    assert env.results(mr_study, "SR") == [] and env.results(broken.study_uid, "SR") == []
+    assert len(list((env.data_dir / "spool" / broken.study_uid).glob("*/*.dcm"))) == 2  # kept
+    assert _inference_count(env.triton_url) == before
+
+
+def test_unknown_calling_ae_is_rejected_at_association(env: Env, tmp_path: Path) -> None:
+    series = write_head_ct(tmp_path / "x", slices=1, rows=32, cols=32)
+    result = storescu(list(series.paths), port=env.gateway.port, calling_ae="INTRUDER")
+    assert result.returncode != 0
+    assert "reject" in (result.stdout + result.stderr).lower()
+    assert not (env.data_dir / "spool" / series.study_uid).exists()
+
+
+def test_cli_echo_and_send_talk_to_the_running_gateway(env: Env, tmp_path: Path) -> None:
+    series = write_head_ct(tmp_path / "cli", slices=3, rows=64, cols=64)
+    target = f"AI_GATEWAY@127.0.0.1:{env.gateway.port}"
+    cli = [sys.executable, "-m", "gateway"]
+    echo = subprocess.run(
+        [*cli, "echo", target, "--calling-ae", "ORTHANC"], capture_output=True, text=True, timeout=60
+    )
+    assert echo.returncode == 0 and "success" in echo.stdout
+    send = subprocess.run(
+        [*cli, "send", str(tmp_path / "cli"), "--to", target, "--calling-ae", "ORTHANC"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert send.returncode == 0, send.stderr
+    assert "sent 3 of 3" in send.stdout
+    assert "3/3" in send.stderr  # the progress bar
+    env.wait_study_done(series.study_uid)
+    refused = subprocess.run(
+        [*cli, "echo", target, "--calling-ae", "NOBODY"], capture_output=True, text=True, timeout=60
+    )
+    assert refused.returncode == 2 and "FAILED" in refused.stdout

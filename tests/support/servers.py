@@ -1,0 +1,170 @@
+"""Real peers for the integration tests: Orthanc (the PACS), a webhook receiver, DCMTK's storescu."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import threading
+import time
+import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+from gateway.triton_server import free_port
+
+LOOPBACK = "127.0.0.1"
+
+
+def require_tool(name: str) -> str:
+    import pytest
+
+    path = shutil.which(name)
+    if path is None:
+        pytest.skip(f"{name} is not installed (Debian package; `make test` installs it as root)")
+    return path
+
+
+class Orthanc:
+    """A real Orthanc PACS on free loopback ports with its own storage folder."""
+
+    def __init__(
+        self, work_dir: Path, *, aet: str = "ORTHANC", modalities: dict[str, list[Any]] | None = None
+    ) -> None:
+        self.work_dir = work_dir
+        self.aet = aet
+        self.dicom_port = free_port()
+        self.http_port = free_port()
+        self.modalities = modalities or {}
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{LOOPBACK}:{self.http_port}"
+
+    def start(self) -> Orthanc:
+        binary = require_tool("Orthanc")
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        config = {
+            "Name": "gateway-tests",
+            "StorageDirectory": str(self.work_dir / "db"),
+            "IndexDirectory": str(self.work_dir / "db"),
+            "DicomAet": self.aet,
+            "DicomPort": self.dicom_port,
+            "HttpPort": self.http_port,
+            "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": False,
+            "DicomCheckCalledAet": False,
+            "DicomAlwaysAllowStore": True,
+            "Plugins": [],
+            "DicomModalities": self.modalities,
+            "StableAge": 1,
+        }
+        path = self.work_dir / "orthanc.json"
+        path.write_text(json.dumps(config))
+        env = dict(os.environ, TCP_NODELAY="1")
+        log = open(self.work_dir / "orthanc.log", "wb")  # noqa: SIM115
+        self.process = subprocess.Popen([binary, str(path)], stdout=log, stderr=subprocess.STDOUT, env=env)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                self.get("/system")
+                return self
+            except OSError:
+                time.sleep(0.2)
+        self.stop()
+        raise RuntimeError(f"Orthanc did not start; see {self.work_dir / 'orthanc.log'}")
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+        self.process = None
+
+    def get(self, path: str) -> Any:
+        with urllib.request.urlopen(self.url + path, timeout=10) as response:
+            return json.loads(response.read())
+
+    def post(self, path: str, body: bytes | str, content_type: str = "application/json") -> Any:
+        data = body.encode() if isinstance(body, str) else body
+        request = urllib.request.Request(
+            self.url + path, data=data, method="POST", headers={"Content-Type": content_type}
+        )
+        with urllib.request.urlopen(request, timeout=120) as response:
+            raw = response.read()
+        return json.loads(raw) if raw else None
+
+    def upload(self, paths: list[Path]) -> None:
+        for path in paths:
+            self.post("/instances", path.read_bytes(), "application/dicom")
+
+    def series_of_study(self, study_uid: str) -> list[dict[str, Any]]:
+        found = self.post(
+            "/tools/find", json.dumps({"Level": "Study", "Query": {"StudyInstanceUID": study_uid}})
+        )
+        if not found:
+            return []
+        return list(self.get(f"/studies/{found[0]}/series"))
+
+
+class WebhookReceiver:
+    """Collects JSON POSTs (the STAT webhook) on a loopback port."""
+
+    def __init__(self) -> None:
+        self.events: list[dict[str, Any]] = []
+        received = self.events
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                length = int(self.headers.get("Content-Length", "0"))
+                received.append(json.loads(self.rfile.read(length)))
+                self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer((LOOPBACK, 0), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://{LOOPBACK}:{self.server.server_address[1]}/stat"
+
+    def __enter__(self) -> WebhookReceiver:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def storescu(
+    paths: list[Path], *, port: int, calling_ae: str, called_ae: str = "AI_GATEWAY"
+) -> subprocess.CompletedProcess[str]:
+    binary = require_tool("storescu")
+    env = dict(os.environ, TCP_NODELAY="1")
+    cmd = [binary, "-aet", calling_ae, "-aec", called_ae, LOOPBACK, str(port), *map(str, paths)]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+
+
+def wait_for(predicate: Any, *, timeout_s: float, interval_s: float = 0.2, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval_s)
+    raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}")
+
+
+def dciodvfy_errors(path: Path) -> list[str]:
+    binary = require_tool("dciodvfy")
+    result = subprocess.run([binary, str(path)], capture_output=True, text=True, timeout=60)
+    return [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("Error")]

@@ -1,0 +1,45 @@
+import subprocess
+import sys
+
+import pytest
+
+from gateway.cli import build_parser, main
+
+
+@pytest.mark.parametrize("command", [[], ["serve"], ["send"], ["echo"], ["config"]])
+def test_every_command_explains_itself(command: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args([*command, "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert "usage: gateway" in text
+    assert len(text.splitlines()) > 5
+
+
+def test_serve_help_lists_the_documented_flags(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--help"])
+    text = capsys.readouterr().out
+    for flag in ("--port", "--ae-title", "--destination", "--data-dir", "--triton-url", "--config"):
+        assert flag in text
+
+
+def test_bad_destination_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args(["serve", "--destination", "nonsense"])
+    assert exit_info.value.code == 2
+    assert "expected AET@host:port" in capsys.readouterr().err
+
+
+def test_config_errors_are_reported_without_traceback(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[receiver]\nport = 'x'\n")
+    assert main(["config", "--config", str(bad)]) == 2
+    assert "receiver.port: expected an integer" in capsys.readouterr().err
+
+
+def test_module_entry_point_runs() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "gateway", "--help"], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0 and "DICOM AI inference gateway" in result.stdout

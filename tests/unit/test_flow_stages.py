@@ -1,0 +1,182 @@
+"""Spool, assembly, routing and scheduling - the stages before inference."""
+
+import asyncio
+import stat
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.dataset import FileMetaDataset
+
+from benchmarks.phantoms import write_head_ct
+from gateway.assembler import StudyAssembler
+from gateway.domain import InstanceRecord, Priority, Series, Study
+from gateway.errors import InvalidInstanceError, SpoolFullError
+from gateway.routing import InferenceJob, Router
+from gateway.scheduler import JobQueue
+from gateway.settings import load_settings
+from gateway.spool import Spool
+
+
+def _body(path: Path) -> tuple[FileMetaDataset, bytes]:
+    raw = path.read_bytes()
+    ds = pydicom.dcmread(path)
+    offset = raw.index(b"DICM") + 4
+    meta_len = int.from_bytes(raw[offset + 8 : offset + 12], "little")
+    body = raw[offset + 12 + meta_len :]
+    return ds.file_meta, body
+
+
+def test_spool_stores_durably_and_recovers_unprocessed(tmp_path: Path) -> None:
+    series = write_head_ct(tmp_path / "in", slices=3, rows=32, cols=32)
+    spool = Spool(tmp_path / "spool")
+    records = [spool.store(*_body(p), calling_ae="PACS1") for p in series.paths]
+    for record in records:
+        assert record.path.exists()
+        assert stat.S_IMODE(record.path.stat().st_mode) == 0o600
+        stored = pydicom.dcmread(record.path)
+        assert stored.SOPInstanceUID == record.sop_instance_uid
+        assert stored.file_meta.SourceApplicationEntityTitle == "PACS1"
+        assert record.has_pixel_data and record.modality == "CT" and record.body_part == "HEAD"
+    recovered = spool.recover()
+    assert {r.sop_instance_uid for r in recovered} == set(series.sop_uids)
+    assert {r.calling_ae for r in recovered} == {"PACS1"}
+    spool.mark_processed(series.study_uid, series.sop_uids[:2])
+    assert [r.sop_instance_uid for r in spool.recover()] == [series.sop_uids[2]]
+
+
+def test_spool_refuses_path_like_uids_and_respects_watermark(tmp_path: Path) -> None:
+    series = write_head_ct(tmp_path / "in", slices=1, rows=16, cols=16)
+    meta, _ = _body(series.paths[0])
+    ds = pydicom.dcmread(series.paths[0])
+    ds.StudyInstanceUID = "../../etc"
+    from io import BytesIO
+
+    buffer = BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    raw = buffer.getvalue()
+    offset = raw.index(b"DICM") + 4
+    body = raw[offset + 12 + int.from_bytes(raw[offset + 8 : offset + 12], "little") :]
+    spool = Spool(tmp_path / "spool")
+    with pytest.raises(InvalidInstanceError, match="StudyInstanceUID"):
+        spool.store(meta, body, calling_ae="PACS1")
+    full = Spool(tmp_path / "spool2", min_free_bytes=2**62)
+    with pytest.raises(SpoolFullError):
+        full.store(*_body(series.paths[0]), calling_ae="PACS1")
+    assert not any((tmp_path / "spool2").iterdir())
+
+
+def _record(study: str, series: str, sop: str, **kw: object) -> InstanceRecord:
+    fields = dict(
+        sop_instance_uid=sop,
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+        study_instance_uid=study,
+        series_instance_uid=series,
+        path=Path("/nonexistent"),
+        calling_ae="PACS1",
+        received_at=0.0,
+        modality="CT",
+    )
+    fields.update(kw)
+    return InstanceRecord(**fields)  # type: ignore[arg-type]
+
+
+def test_assembler_waits_for_the_quiet_period() -> None:
+    now = [100.0]
+    assembler = StudyAssembler(5.0, clock=lambda: now[0])
+    assembler.add(_record("1.2.3", "1.2.3.1", "1.2.3.1.1"))
+    now[0] = 103.0
+    assembler.add(_record("1.2.3", "1.2.3.2", "1.2.3.2.1"))
+    assembler.add(_record("1.2.3", "1.2.3.1", "1.2.3.1.1"))  # re-sent: replaces, not duplicates
+    now[0] = 107.9
+    assert assembler.pop_complete() == []
+    now[0] = 108.0
+    [study] = assembler.pop_complete()
+    assert study.instance_count == 2
+    assert [s.series_instance_uid for s in study.series] == ["1.2.3.1", "1.2.3.2"]
+    assert assembler.pending_studies() == 0
+
+
+def _study(series: list[Series], description: str = "", priority: str = "") -> Study:
+    return Study(
+        study_instance_uid="1.2.3",
+        calling_ae="PACS1",
+        study_description=description,
+        series=tuple(series),
+        first_received_at=0.0,
+        last_received_at=0.0,
+        requested_priority=priority,
+    )
+
+
+def _series(
+    uid: str, modality: str, body_part: str = "", description: str = "", pixels: bool = True
+) -> Series:
+    return Series(
+        series_instance_uid=uid,
+        modality=modality,
+        body_part=body_part,
+        series_description=description,
+        instances=(_record("1.2.3", uid, uid + ".1", modality=modality, has_pixel_data=pixels),),
+    )
+
+
+def test_router_uses_header_rules_and_explains_skips() -> None:
+    router = Router(load_settings().pipelines)
+    decision = router.route(
+        _study(
+            [
+                _series("1.1", "CT", body_part="HEAD"),
+                _series("1.2", "CT", description="Routine BRAIN axial"),
+                _series("1.3", "CT", body_part="CHEST"),
+                _series("1.4", "MR", body_part="HEAD"),
+                _series("1.5", "SR", pixels=False),
+            ]
+        )
+    )
+    assert [j.series.series_instance_uid for j in decision.jobs] == ["1.1", "1.2"]
+    reasons = {s.series_instance_uid: s.reason for s in decision.skipped}
+    assert "no pipeline for modality CT / body part CHEST" in reasons["1.3"]
+    assert "no pipeline for modality MR" in reasons["1.4"]
+    assert "no image instances" in reasons["1.5"]
+
+
+def test_study_description_also_routes_and_priority_comes_from_the_order() -> None:
+    router = Router(load_settings().pipelines)
+    decision = router.route(_study([_series("1.1", "CT")], description="CT Head w/o", priority="STAT"))
+    [job] = decision.jobs
+    assert job.priority is Priority.STAT
+    assert Priority.parse("high") is Priority.URGENT
+    with pytest.raises(ValueError):
+        Priority.parse("whenever")
+
+
+def test_job_queue_serves_stat_first_then_fifo() -> None:
+    pipeline = load_settings().pipelines[0]
+    series = _series("1.1", "CT")
+
+    def job(priority: Priority, tag: str) -> InferenceJob:
+        return InferenceJob(
+            study=_study([series], description=tag), series=series, pipeline=pipeline, priority=priority
+        )
+
+    async def run() -> list[str]:
+        queue = JobQueue()
+        for p, tag in [
+            (Priority.ROUTINE, "r1"),
+            (Priority.STAT, "s1"),
+            (Priority.URGENT, "u1"),
+            (Priority.ROUTINE, "r2"),
+            (Priority.STAT, "s2"),
+        ]:
+            queue.put(job(p, tag))
+        return [(await queue.get()).study.study_description for _ in range(5)]
+
+    assert asyncio.run(run()) == ["s1", "s2", "u1", "r1", "r2"]
+
+
+def test_domain_objects_validate_their_arguments() -> None:
+    with pytest.raises(ValueError, match="sop_instance_uid"):
+        _record("1.2.3", "1.2.3.1", "not-a-uid")
+    with pytest.raises(ValueError, match="series"):
+        _study([])

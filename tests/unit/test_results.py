@@ -1,0 +1,184 @@
+"""SR (TID 1500) and GSPS built from an analysis: content checked by parsing back, and by dciodvfy."""
+
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from highdicom.sr import Comprehensive3DSR
+
+from benchmarks.phantoms import write_head_ct
+from clients.triton import DetectionOutput
+from gateway.delivery import encode
+from gateway.domain import CodedConcept, Finding
+from gateway.interpret import interpret
+from gateway.results.common import SeriesAnalysis
+from gateway.results.gsps import LAYER_NAME, build_gsps
+from gateway.results.sr import build_sr
+from gateway.settings import load_settings
+from preprocessing.series import load_series
+from tests.support.servers import dciodvfy_errors
+
+HEMORRHAGE = CodedConcept(value="50960005", scheme="SCT", meaning="Hemorrhage")
+
+
+@pytest.fixture(scope="module")
+def loaded(tmp_path_factory: pytest.TempPathFactory):
+    return load_series(write_head_ct(tmp_path_factory.mktemp("ct"), slices=4, rows=128, cols=128).paths)
+
+
+def _analysis(loaded, findings: tuple[Finding, ...], stat: bool) -> SeriesAnalysis:
+    return SeriesAnalysis(
+        pipeline_name="ct_head_hyperdensity",
+        algorithm_name="Head CT Hyperdensity Reference",
+        algorithm_version="0.1.0",
+        model_name="ct_head_hyperdensity",
+        model_version="1",
+        findings=findings,
+        study_score=0.93 if findings else 0.01,
+        stat=stat,
+        stat_threshold=0.7,
+        report_threshold=0.5,
+        display_window=(40.0, 80.0),
+        sources=loaded.headers,
+    )
+
+
+def _finding(loaded, index: int, confidence: float = 0.93) -> Finding:
+    image = loaded.images[index]
+    return Finding(
+        label=HEMORRHAGE,
+        confidence=confidence,
+        sop_instance_uid=image.sop_instance_uid,
+        sop_class_uid=image.sop_class_uid,
+        bbox=(40.0, 50.0, 60.0, 70.0),
+        slice_index=index,
+    )
+
+
+def _content_items(ds: pydicom.Dataset):
+    for item in ds.get("ContentSequence", []):
+        yield item
+        yield from _content_items(item)
+
+
+def test_positive_sr_holds_finding_location_confidence_algorithm_and_stat(loaded, tmp_path: Path) -> None:
+    finding = _finding(loaded, 2)
+    sr = build_sr(_analysis(loaded, (finding,), stat=True))
+    path = tmp_path / "sr.dcm"
+    path.write_bytes(encode(sr))
+    ds = pydicom.dcmread(path)
+    assert ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR
+    assert ds.StudyInstanceUID == loaded.headers[0].StudyInstanceUID
+    assert ds.ContentTemplateSequence[0].TemplateIdentifier == "1500"
+    assert ds.CompletionFlag == "COMPLETE" and ds.VerificationFlag == "UNVERIFIED"
+    items = list(_content_items(ds))
+    codes = {
+        (i.ConceptNameCodeSequence[0].CodeMeaning if "ConceptNameCodeSequence" in i else ""): i for i in items
+    }
+    assert codes["Algorithm Name"].TextValue == "Head CT Hyperdensity Reference"
+    assert codes["Algorithm Version"].TextValue == "0.1.0"
+    finding_types = [
+        i.ConceptCodeSequence[0].CodeValue
+        for i in items
+        if "ConceptCodeSequence" in i and i.ConceptNameCodeSequence[0].CodeValue == "121071"
+    ]
+    assert "50960005" in finding_types
+    scoords = [i for i in items if i.ValueType == "SCOORD"]
+    assert len(scoords) == 1
+    np.testing.assert_allclose(scoords[0].GraphicData, [40, 50, 60, 50, 60, 70, 40, 70, 40, 50])
+    ref = scoords[0].ContentSequence[0].ReferencedSOPSequence[0]
+    assert ref.ReferencedSOPInstanceUID == finding.sop_instance_uid
+    confidences = [
+        float(i.MeasuredValueSequence[0].NumericValue)
+        for i in items
+        if i.ValueType == "NUM" and i.ConceptNameCodeSequence[0].CodeValue == "CONFIDENCE"
+    ]
+    assert confidences == [pytest.approx(0.93)]
+    stat_values = [
+        i.ConceptCodeSequence[0].CodeMeaning
+        for i in items
+        if i.ValueType == "CODE" and i.ConceptNameCodeSequence[0].CodeValue == "STAT"
+    ]
+    assert stat_values and set(stat_values) == {"Yes"}
+    evidence = {
+        r.ReferencedSOPInstanceUID
+        for s in ds.CurrentRequestedProcedureEvidenceSequence
+        for se in s.ReferencedSeriesSequence
+        for r in se.ReferencedSOPSequence
+    }
+    assert evidence == {str(h.SOPInstanceUID) for h in loaded.headers}
+    assert dciodvfy_errors(path) == []
+    parsed = Comprehensive3DSR.from_dataset(ds)
+    assert parsed.SOPInstanceUID == ds.SOPInstanceUID
+
+
+def test_negative_sr_says_the_algorithm_ran_and_found_nothing(loaded, tmp_path: Path) -> None:
+    analysis = _analysis(loaded, (), stat=False)
+    sr = build_sr(analysis)
+    assert build_gsps(analysis) is None
+    path = tmp_path / "sr.dcm"
+    path.write_bytes(encode(sr))
+    items = list(_content_items(pydicom.dcmread(path)))
+    summary = [
+        i.ConceptCodeSequence[0].CodeValue
+        for i in items
+        if i.ValueType == "CODE" and i.ConceptNameCodeSequence[0].CodeValue == "111017"
+    ]
+    assert summary == ["111241"]  # All algorithms succeeded; without findings
+    assert not [i for i in items if i.ValueType == "SCOORD"]
+    assert dciodvfy_errors(path) == []
+
+
+def test_gsps_draws_each_finding_on_its_image_in_a_named_layer(loaded, tmp_path: Path) -> None:
+    findings = (_finding(loaded, 1, 0.8), _finding(loaded, 3, 0.6))
+    gsps = build_gsps(_analysis(loaded, findings, stat=True))
+    assert gsps is not None
+    path = tmp_path / "pr.dcm"
+    path.write_bytes(encode(gsps))
+    ds = pydicom.dcmread(path)
+    assert ds.Modality == "PR" and ds.StudyInstanceUID == loaded.headers[0].StudyInstanceUID
+    assert [layer.GraphicLayer for layer in ds.GraphicLayerSequence] == [LAYER_NAME]
+    referenced = {
+        r.ReferencedSOPInstanceUID for s in ds.ReferencedSeriesSequence for r in s.ReferencedImageSequence
+    }
+    assert referenced == {f.sop_instance_uid for f in findings}
+    assert len(ds.GraphicAnnotationSequence) == 2
+    texts = [t.UnformattedTextValue for a in ds.GraphicAnnotationSequence for t in a.TextObjectSequence]
+    assert sorted(texts) == ["Hemorrhage 60%", "Hemorrhage 80%"]
+    assert ds.SoftcopyVOILUTSequence[0].WindowCenter == 40
+    assert ds.BodyPartExamined == "HEAD"
+    assert dciodvfy_errors(path) == []
+
+
+def test_interpret_maps_boxes_to_source_pixels_and_drops_bad_detections(loaded) -> None:
+    pipeline = load_settings().pipelines[0]
+    rows = np.array(
+        [
+            [1, 0, 0.9, 0.25, 0.5, 0.5, 0.75],  # good
+            [2, 0, float("nan"), 0.1, 0.1, 0.2, 0.2],  # NaN confidence
+            [2, 0, 0.8, 0.9, 0.9, 1.4, 1.2],  # outside the image
+            [2, 7, 0.8, 0.1, 0.1, 0.2, 0.2],  # unknown class
+            [9, 0, 0.8, 0.1, 0.1, 0.2, 0.2],  # slice outside the series
+            [3, 0, 0.3, 0.1, 0.1, 0.2, 0.2],  # below report threshold: not a finding, not an error
+        ],
+        dtype=np.float32,
+    )
+    output = DetectionOutput(
+        detections=rows,
+        slice_scores=np.zeros(4, np.float32),
+        study_score=0.9,
+        model_name="m",
+        model_version="1",
+        requests=1,
+        seconds=0.0,
+    )
+    result = interpret(output, loaded.images, pipeline)
+    [finding] = result.findings
+    assert finding.sop_instance_uid == loaded.images[1].sop_instance_uid
+    assert finding.bbox == pytest.approx((32.0, 64.0, 64.0, 96.0))  # 128x128 source
+    assert result.stat is True
+    assert len(result.dropped) == 4
+    assert any("non-finite" in d for d in result.dropped) and any(
+        "unknown class 7" in d for d in result.dropped
+    )
