@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -7,7 +8,10 @@ import pytest
 
 from gateway.settings import default_model_repository
 
-REAL_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "real"
+# The shared real-data folder sits next to the repository; GATEWAY_REAL_DATA overrides the location.
+REAL_DATA = Path(
+    os.environ.get("GATEWAY_REAL_DATA", Path(__file__).resolve().parents[2] / "shared" / "data" / "real")
+)
 
 
 @pytest.fixture(scope="session")

@@ -26,6 +26,7 @@ from highdicom.sr import (
     SourceImageForRegion,
     TrackingIdentifier,
 )
+from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 
@@ -53,6 +54,17 @@ def _algorithm(analysis: SeriesAnalysis) -> AlgorithmIdentification:
         parameters=analysis.algorithm_parameters(),
         manufacturer=MANUFACTURER,
     )
+
+
+def _library_images(analysis: SeriesAnalysis) -> list[Dataset]:
+    """Image Library (TID 1600) entries: the annotated images, or the first analysed image of a negative series.
+
+    Every analysed instance is referenced in the evidence sequence; listing them all in the library as well
+    multiplies the encoding time by the slice count without adding information a viewer uses.
+    """
+    annotated = {f.sop_instance_uid for f in analysis.findings}
+    images = [ds for ds in analysis.sources if str(ds.SOPInstanceUID) in annotated]
+    return images or [analysis.sources[0]]
 
 
 def _yes_no(flag: bool) -> CodedConcept:
@@ -126,7 +138,7 @@ def build_sr(
         observation_context=ObservationContext(observer_device_context=observer),
         procedure_reported=gw.PROCEDURE_IMAGING,
         imaging_measurements=groups,  # type: ignore[arg-type]
-        referenced_images=list(analysis.sources),
+        referenced_images=_library_images(analysis),
     )
     sr = Comprehensive3DSR(
         evidence=list(analysis.sources),
