@@ -276,7 +276,8 @@ def test_unsupported_and_undecodable_studies_are_kept_but_not_inferred(
         ds = pydicom.dcmread(path)
         ds.PixelData = ds.PixelData[: len(ds.PixelData) // 3 * 2]
         ds.save_as(path)
-    result = storescu([mr, *broken.paths], port=env.gateway.port, calling_ae="STORESCU")
+    good = write_head_ct(tmp_path / "good", slices=8, seed=5)
+    result = storescu([mr, *broken.paths, *good.paths], port=env.gateway.port, calling_ae="STORESCU")
     assert result.returncode == 0, result.stderr  # the PACS is never blocked by the AI
     mr_study = str(pydicom.dcmread(mr, stop_before_pixels=True).StudyInstanceUID)
     env.wait_study_done(mr_study)
@@ -287,7 +288,10 @@ def test_unsupported_and_undecodable_studies_are_kept_but_not_inferred(
     assert "could not be decoded" in failed["reason"]
     assert env.results(mr_study, "SR") == [] and env.results(broken.study_uid, "SR") == []
     assert len(list((env.data_dir / "spool" / broken.study_uid).glob("*/*.dcm"))) == 2  # kept
-    assert _inference_count(env.triton_url) == before
+    # The good study sent in the same association is unaffected, and is the only one that reached Triton.
+    env.wait_study_done(good.study_uid)
+    assert len(env.results(good.study_uid, "SR")) == 1
+    assert _inference_count(env.triton_url) == before + 1
 
 
 def test_unknown_calling_ae_is_rejected_at_association(env: Env, tmp_path: Path) -> None:
@@ -320,3 +324,21 @@ def test_cli_echo_and_send_talk_to_the_running_gateway(env: Env, tmp_path: Path)
         [*cli, "echo", target, "--calling-ae", "NOBODY"], capture_output=True, text=True, timeout=60
     )
     assert refused.returncode == 2 and "FAILED" in refused.stdout
+
+
+def test_gateway_starts_its_own_triton_and_stops_it(tmp_path: Path, model_repository: Path) -> None:
+    config = tmp_path / "gateway.toml"
+    config.write_text(f'data_dir = "{tmp_path / "data"}"\n[receiver]\nport = {free_port()}\n')
+    gateway = Gateway(load_settings(config)).start()
+    try:
+        server = gateway.triton_server
+        assert server is not None and server.process is not None
+        assert gateway.triton_url.startswith("127.0.0.1:")
+        client = grpcclient.InferenceServerClient(gateway.triton_url)
+        assert client.is_model_ready("ct_head_hyperdensity")
+        client.close()
+        process = server.process
+    finally:
+        gateway.stop()
+    assert process.poll() is not None, "tritonserver must exit when the gateway stops"
+    assert gateway.triton_server is None
