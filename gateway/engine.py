@@ -41,7 +41,7 @@ from gateway.results.gsps import build_gsps
 from gateway.results.sr import build_sr
 from gateway.routing import InferenceJob, Router
 from gateway.scheduler import JobQueue
-from gateway.scp import StoreSCP
+from gateway.scp import StoreSCP, check_port_free
 from gateway.settings import Settings
 from gateway.spool import Spool
 from gateway.triton_server import TritonServer
@@ -104,6 +104,7 @@ class Gateway:
         if not self.settings.pipelines:
             logger.warning("no pipelines configured: studies are stored but never analysed")
         try:
+            check_port_free(self.settings.receiver.host, self.settings.receiver.port)
             if not self.triton_url:
                 self.triton_server = TritonServer(
                     self.settings.triton.model_repository,

@@ -16,7 +16,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
 from gateway.domain import InstanceRecord
-from gateway.errors import STATUS_SUCCESS, GatewayError, dimse_status_for
+from gateway.errors import STATUS_SUCCESS, ConfigError, GatewayError, dimse_status_for
 from gateway.settings import ReceiverSettings
 from gateway.spool import Spool
 
@@ -62,6 +62,21 @@ def log_rejection(event: evt.Event) -> None:
     )
 
 
+def check_port_free(host: str, port: int) -> None:
+    """Fail fast, before anything slow starts, when the DICOM port is taken."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot listen on {host}:{port}: {exc.strerror}; "
+                "is another DICOM service using the port? Choose one with --port"
+            ) from exc
+
+
 class StoreSCP:
     """A running C-STORE / C-ECHO server bound to the configured address."""
 
@@ -98,9 +113,13 @@ class StoreSCP:
         self.server: ThreadedAssociationServer | None = None
 
     def start(self) -> None:
-        self.server = self.ae.start_server(
-            (self.settings.host, self.settings.port), block=False, evt_handlers=self.handlers
-        )
+        try:
+            self.server = self.ae.start_server(
+                (self.settings.host, self.settings.port), block=False, evt_handlers=self.handlers
+            )
+        except OSError:
+            check_port_free(self.settings.host, self.settings.port)  # raises the explanatory ConfigError
+            raise
         logger.info(
             "DICOM receiver %s listening on %s:%d", self.settings.ae_title, self.settings.host, self.port
         )

@@ -43,3 +43,17 @@ def test_module_entry_point_runs() -> None:
         [sys.executable, "-m", "gateway", "--help"], capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 0 and "DICOM AI inference gateway" in result.stdout
+
+
+def test_port_in_use_is_a_clear_config_error() -> None:
+    import socket
+
+    from gateway.errors import ConfigError
+    from gateway.scp import check_port_free
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(ConfigError, match=f"cannot listen on 127.0.0.1:{port}.*--port"):
+            check_port_free("127.0.0.1", port)
