@@ -36,6 +36,15 @@ class DetectionOutput:
     model_version: str
     requests: int
     seconds: float
+    mask: np.ndarray | None = None  # [N, H, W] uint8, when requested
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Chunk:
+    detections: np.ndarray
+    slice_scores: np.ndarray
+    study_score: float
+    mask: np.ndarray | None
 
 
 class TritonClient:
@@ -70,11 +79,14 @@ class TritonClient:
             self._versions[model] = versions[-1] if versions else "unknown"
         return self._versions[model]
 
-    async def _infer_chunk(self, model: str, chunk: np.ndarray, priority: Priority) -> tuple[np.ndarray, ...]:
+    async def _infer_chunk(
+        self, model: str, chunk: np.ndarray, priority: Priority, want_mask: bool
+    ) -> _Chunk:
         grpc = self._module
         tensor = grpc.InferInput("HU", list(chunk.shape), "FP32")
         tensor.set_data_from_numpy(np.ascontiguousarray(chunk, dtype=np.float32))
-        outputs = [grpc.InferRequestedOutput(n) for n in ("DETECTIONS", "SLICE_SCORES", "STUDY_SCORE")]
+        names = ["DETECTIONS", "SLICE_SCORES", "STUDY_SCORE"] + (["MASK"] if want_mask else [])
+        outputs = [grpc.InferRequestedOutput(n) for n in names]
         try:
             result = await self._client.infer(
                 model,
@@ -97,19 +109,22 @@ class TritonClient:
         study_score = result.as_numpy("STUDY_SCORE")
         if detections is None or slice_scores is None or study_score is None:
             raise InferenceError(f"model {model!r} answered without DETECTIONS / SLICE_SCORES / STUDY_SCORE")
-        detections = np.asarray(detections, dtype=np.float32).reshape(-1, DETECTION_WIDTH)
         if slice_scores.shape[0] != chunk.shape[0]:
             raise InferenceError(
                 f"model {model!r} returned {slice_scores.shape[0]} slice scores for {chunk.shape[0]} slices"
             )
-        return (
-            detections,
-            np.asarray(slice_scores, dtype=np.float32),
-            np.asarray(study_score, dtype=np.float32),
+        mask = result.as_numpy("MASK") if want_mask else None
+        if want_mask and (mask is None or mask.shape[0] != chunk.shape[0]):
+            raise InferenceError(f"model {model!r} did not return a MASK for every slice")
+        return _Chunk(
+            detections=np.asarray(detections, dtype=np.float32).reshape(-1, DETECTION_WIDTH),
+            slice_scores=np.asarray(slice_scores, dtype=np.float32),
+            study_score=float(np.max(study_score)) if study_score.size else 0.0,
+            mask=mask,
         )
 
     async def detect(
-        self, model: str, stack: np.ndarray, *, priority: Priority = Priority.ROUTINE
+        self, model: str, stack: np.ndarray, *, priority: Priority = Priority.ROUTINE, want_mask: bool = False
     ) -> DetectionOutput:
         """Run a detection ensemble over a [N, H, W] stack of one series."""
         if stack.ndim != 3 or stack.shape[0] == 0:
@@ -119,21 +134,19 @@ class TritonClient:
         step = self.max_slices_per_request
         starts = list(range(0, stack.shape[0], step))
         answers = await asyncio.gather(
-            *(self._infer_chunk(model, stack[s : s + step], priority) for s in starts)
+            *(self._infer_chunk(model, stack[s : s + step], priority, want_mask) for s in starts)
         )
         detections = []
-        for offset, (det, _, _) in zip(starts, answers, strict=True):
-            shifted = det.copy()
+        for offset, chunk in zip(starts, answers, strict=True):
+            shifted = chunk.detections.copy()
             shifted[:, 0] += offset
             detections.append(shifted)
-        slice_scores = np.concatenate([a[1] for a in answers])
-        study_score = float(max(float(a[2].max()) if a[2].size else 0.0 for a in answers))
+        masks = [a.mask for a in answers if a.mask is not None]
         return DetectionOutput(
-            detections=np.concatenate(detections, axis=0)
-            if detections
-            else np.zeros((0, DETECTION_WIDTH), np.float32),
-            slice_scores=slice_scores,
-            study_score=study_score,
+            detections=np.concatenate(detections, axis=0),
+            slice_scores=np.concatenate([a.slice_scores for a in answers]),
+            study_score=max(a.study_score for a in answers),
+            mask=np.concatenate(masks, axis=0) if want_mask else None,
             model_name=model,
             model_version=version,
             requests=len(starts),

@@ -146,6 +146,9 @@ class Finding:
     sop_class_uid: str
     bbox: tuple[float, float, float, float]  # x0, y0, x1, y1 in source pixels
     slice_index: int
+    long_axis_mm: float | None = None  # longest side of the region, when the pixel spacing is known
+    area_mm2: float | None = None
+    mean_hu: float | None = None  # CT only: mean Hounsfield units inside the region
 
     def __post_init__(self) -> None:
         if not (isinstance(self.confidence, float | int) and math.isfinite(self.confidence)):

@@ -21,6 +21,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+import numpy as np
+
 from clients.triton import TritonClient
 from gateway.assembler import StudyAssembler
 from gateway.audit import AuditLog
@@ -38,6 +40,7 @@ from gateway.logs import silence_identifier_warnings
 from gateway.notify import StatEvent, StatNotifier
 from gateway.results.common import SeriesAnalysis
 from gateway.results.gsps import build_gsps
+from gateway.results.seg import build_seg
 from gateway.results.sr import build_sr
 from gateway.routing import InferenceJob, Router
 from gateway.scheduler import JobQueue
@@ -321,7 +324,9 @@ class Gateway:
             ),
         )
         started = time.perf_counter()
-        output = await client.detect(pipeline.model, stack, priority=job.priority)
+        output = await client.detect(
+            pipeline.model, stack, priority=job.priority, want_mask=pipeline.segmentation
+        )
         timings["infer"] = time.perf_counter() - started
         found = interpret(output, loaded.images, pipeline)
         stat = found.stat and pipeline.mode is RolloutMode.TRIAGE
@@ -339,7 +344,7 @@ class Gateway:
             display_window=pipeline.display_window,
             sources=loaded.headers,
         )
-        datasets = await self._timed(timings, "encode", _encode, analysis)
+        datasets = await self._timed(timings, "encode", _encode, analysis, output.mask)
         paths_out = await self._timed(timings, "store", self.results.save, study.study_instance_uid, datasets)
         sr = datasets[0]
         delivered_to = ""
@@ -441,9 +446,14 @@ class Gateway:
         self.audit.record("study_done", **fields)
 
 
-def _encode(analysis: SeriesAnalysis) -> list[Any]:
+def _encode(analysis: SeriesAnalysis, mask: np.ndarray | None) -> list[Any]:
+    """SR always; GSPS when there is something to draw; SEG when the model gave a non-empty mask."""
     datasets: list[Any] = [build_sr(analysis)]
     gsps = build_gsps(analysis)
     if gsps is not None:
         datasets.append(gsps)
+    if mask is not None:
+        seg = build_seg(analysis, mask)
+        if seg is not None:
+            datasets.append(seg)
     return datasets

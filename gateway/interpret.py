@@ -29,6 +29,27 @@ class Interpretation:
     stat: bool
 
 
+def region_measurements(
+    image: DecodedImage, bbox: tuple[float, float, float, float], *, hounsfield: bool
+) -> dict[str, float | None]:
+    """Long axis and area of the region in mm (when the pixel spacing is known) and, for CT, its mean HU."""
+    x0, y0, x1, y1 = bbox
+    out: dict[str, float | None] = {"long_axis_mm": None, "area_mm2": None, "mean_hu": None}
+    if image.pixel_spacing is not None:
+        row_mm, col_mm = image.pixel_spacing
+        width, height = (x1 - x0) * col_mm, (y1 - y0) * row_mm
+        out["long_axis_mm"] = round(max(width, height), 2)
+        out["area_mm2"] = round(width * height, 2)
+    if hounsfield:
+        r0, c0 = math.floor(y0), math.floor(x0)
+        r1, c1 = max(math.ceil(y1), r0 + 1), max(math.ceil(x1), c0 + 1)
+        region = image.pixels[r0:r1, c0:c1]
+        if region.size:
+            mean = float(region.mean()) * image.rescale_slope + image.rescale_intercept
+            out["mean_hu"] = round(mean, 1)
+    return out
+
+
 def interpret(
     output: DetectionOutput, images: Sequence[DecodedImage], pipeline: PipelineSettings
 ) -> Interpretation:
@@ -70,6 +91,7 @@ def interpret(
                 sop_class_uid=image.sop_class_uid,
                 bbox=bbox,
                 slice_index=slice_index,
+                **region_measurements(image, bbox, hounsfield=pipeline.intensity == "hu"),
             )
         )
     for reason in dropped:

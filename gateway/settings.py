@@ -15,6 +15,7 @@ from typing import Any
 
 from gateway.domain import CodedConcept, RolloutMode
 from gateway.errors import ConfigError
+from gateway.results.terminology import finding_type
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -106,6 +107,7 @@ class PipelineSettings:
     display_window: tuple[float, float]
     labels: dict[int, CodedConcept]
     min_slices: int = 1
+    segmentation: bool = False  # the model also returns a MASK: write a DICOM SEG
 
     def __post_init__(self) -> None:
         where = f"pipeline {self.name!r}"
@@ -254,9 +256,14 @@ def _pipeline(raw: Any, index: int) -> PipelineSettings:
         raise ConfigError(f"pipeline {name!r}: labels must be a table of class index -> code")
     labels: dict[int, CodedConcept] = {}
     for key, code in labels_raw.items():
-        if not str(key).isdigit() or not isinstance(code, dict):
+        if not str(key).isdigit():
+            raise ConfigError(f"pipeline {name!r}: labels.{key} must be a class index (0, 1, ...)")
+        if isinstance(code, str):  # a key of the terminology table
+            labels[int(key)] = finding_type(code)
+            continue
+        if not isinstance(code, dict):
             raise ConfigError(
-                f"pipeline {name!r}: labels.{key} must be a class index with value/scheme/meaning"
+                f"pipeline {name!r}: labels.{key} must be a terminology key or value/scheme/meaning"
             )
         lr = _Reader(code, f"pipeline {name!r} labels.{key}.")
         try:
@@ -302,6 +309,7 @@ def _pipeline(raw: Any, index: int) -> PipelineSettings:
         display_window=display,
         labels=labels,
         min_slices=r.get_int("min_slices", 1),
+        segmentation=r.get_bool("segmentation", False),
     )
     r.finish()
     return settings

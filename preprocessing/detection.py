@@ -73,3 +73,11 @@ def heatmap_to_detections(
     detections = np.asarray(rows, dtype=np.float32).reshape(-1, len(DETECTION_COLUMNS))
     study = np.asarray([slice_scores.max() if n else 0.0], dtype=np.float32)
     return detections, slice_scores, study
+
+
+def heatmap_to_mask(heatmap: np.ndarray, threshold: float = 0.5) -> np.ndarray:
+    """[N, 1, H, W] heat maps -> [N, H, W] uint8 binary mask (1 where the heat reaches ``threshold``)."""
+    maps = np.nan_to_num(np.asarray(heatmap, dtype=np.float32), nan=0.0)
+    if maps.ndim == 4:
+        maps = maps[:, 0]
+    return (maps >= threshold).astype(np.uint8)

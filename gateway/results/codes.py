@@ -20,6 +20,12 @@ FINDING = CodedConcept("121071", "DCM", "Finding")
 YES = CodedConcept("373066001", "SCT", "Yes")
 NO = CodedConcept("373067005", "SCT", "No")
 NO_UNITS = CodedConcept("1", "UCUM", "no units")
+LONG_AXIS = CodedConcept("103339001", "SCT", "Long axis")
+AREA = CodedConcept("42798000", "SCT", "Area")
+MEAN = CodedConcept("373098007", "SCT", "Mean")
+MILLIMETER = CodedConcept("mm", "UCUM", "millimeter")
+SQUARE_MILLIMETER = CodedConcept("mm2", "UCUM", "square millimeter")
+HOUNSFIELD_UNIT = CodedConcept("[hnsf'U]", "UCUM", "Hounsfield unit")
 
 AI_CONFIDENCE = CodedConcept("CONFIDENCE", PRIVATE_SCHEME, "AI confidence")
 AI_TRIAGE_SCORE = CodedConcept("TRIAGESCORE", PRIVATE_SCHEME, "AI triage score")
@@ -29,3 +35,8 @@ AI_STUDY_ASSESSMENT = CodedConcept("STUDYASSESS", PRIVATE_SCHEME, "AI study asse
 
 def to_highdicom(code: DomainCode) -> CodedConcept:
     return CodedConcept(code.value, code.scheme, code.meaning)
+
+
+def c(code: CodedConcept) -> DomainCode:
+    """highdicom code -> the gateway's domain code."""
+    return DomainCode(value=str(code.value), scheme=str(code.scheme_designator), meaning=str(code.meaning))

@@ -24,7 +24,7 @@ from pydicom.uid import generate_uid
 
 from gateway.domain import Finding
 from gateway.results.common import MANUFACTURER, SOFTWARE_VERSION, SeriesAnalysis
-from gateway.results.sr import rectangle
+from gateway.results.content import rectangle
 
 GSPS_SERIES_NUMBER = 9902
 LAYER_NAME = "AI_FINDINGS"

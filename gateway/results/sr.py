@@ -1,9 +1,11 @@
 """Comprehensive 3D SR holding a TID 1500 Measurement Report, built with highdicom's typed templates.
 
-Content: one study-level measurement group (TID 1501) with the CAD summary, the triage score and the STAT
-flag; one planar ROI group (TID 1410) per finding with its finding type, the region as SCOORD on the
-referenced image, and the confidence. Every group names the algorithm and its version. A negative series
-still gets a report ("All algorithms succeeded; without findings").
+Content: one study-level measurement group (TID 1501) with the CAD summary, the triage score and the STAT flag;
+one planar ROI group (TID 1410) per finding with a tracking identifier and UID, its finding type and site as
+codes, the region (SCOORD3D in patient coordinates where the series has a frame of reference, SCOORD on the
+image otherwise), confidence, long axis, area and mean HU with UCUM units, and the STAT evaluation. Every group
+names the algorithm, its version and parameters; the device is the observer. A negative series still gets a
+report ("All algorithms succeeded; without findings").
 """
 
 from __future__ import annotations
@@ -14,8 +16,10 @@ from highdicom.sr import (
     CodedConcept,
     Comprehensive3DSR,
     DeviceObserverIdentifyingAttributes,
-    GraphicTypeValues,
+    FindingSite,
     ImageRegion,
+    ImageRegion3D,
+    LanguageOfContentItemAndDescendants,
     Measurement,
     MeasurementReport,
     MeasurementsAndQualitativeEvaluations,
@@ -23,6 +27,7 @@ from highdicom.sr import (
     ObserverContext,
     PlanarROIMeasurementsAndQualitativeEvaluations,
     QualitativeEvaluation,
+    SourceImageForMeasurement,
     SourceImageForRegion,
     TrackingIdentifier,
 )
@@ -30,21 +35,17 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 
-from gateway.domain import Finding
 from gateway.results import codes as gw
 from gateway.results.common import MANUFACTURER, SOFTWARE_VERSION, SeriesAnalysis
+from gateway.results.content import ReportedFinding, reported_findings
 
 SR_SERIES_NUMBER = 9901
+ENGLISH = CodedConcept("en-US", "RFC5646", "English (United States)")
 
 
 def device_uid(analysis: SeriesAnalysis) -> str:
     """A stable UID for the algorithm as an observer device (same name and version -> same UID)."""
     return str(generate_uid(entropy_srcs=["device", analysis.algorithm_name, analysis.algorithm_version]))
-
-
-def rectangle(finding: Finding) -> np.ndarray:
-    x0, y0, x1, y1 = finding.bbox
-    return np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]], dtype=np.float32)
 
 
 def _algorithm(analysis: SeriesAnalysis) -> AlgorithmIdentification:
@@ -67,13 +68,71 @@ def _library_images(analysis: SeriesAnalysis) -> list[Dataset]:
     return images or [analysis.sources[0]]
 
 
-def _yes_no(flag: bool) -> CodedConcept:
-    return gw.YES if flag else gw.NO
+def _roi_group(
+    finding: ReportedFinding, analysis: SeriesAnalysis, algorithm: AlgorithmIdentification
+) -> PlanarROIMeasurementsAndQualitativeEvaluations:
+    headers = {str(ds.SOPInstanceUID): ds for ds in analysis.sources}
+    region = finding.region
+    assert region is not None and finding.source_sop_instance_uid is not None
+    source = headers[finding.source_sop_instance_uid]
+    roi: ImageRegion | ImageRegion3D
+    if region.is_3d:
+        roi = ImageRegion3D(
+            graphic_type=region.graphic_type,
+            graphic_data=np.asarray(region.points, dtype=np.float64),
+            frame_of_reference_uid=str(region.frame_of_reference_uid),
+        )
+    else:
+        roi = ImageRegion(
+            graphic_type=region.graphic_type,
+            graphic_data=np.asarray(region.points, dtype=np.float64),
+            source_image=SourceImageForRegion(
+                referenced_sop_class_uid=str(source.SOPClassUID),
+                referenced_sop_instance_uid=str(source.SOPInstanceUID),
+            ),
+        )
+    image_ref = [
+        SourceImageForMeasurement(
+            referenced_sop_class_uid=str(source.SOPClassUID),
+            referenced_sop_instance_uid=str(source.SOPInstanceUID),
+        )
+    ]
+    measurements = [
+        Measurement(
+            name=gw.to_highdicom(m.name),
+            value=m.value,
+            unit=gw.to_highdicom(m.unit),
+            algorithm_id=algorithm,
+            # The source image travels with the first measurement, so a 3D region stays tied to its image.
+            referenced_images=image_ref if index == 0 else None,
+        )
+        for index, m in enumerate(finding.measurements)
+    ]
+    return PlanarROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=TrackingIdentifier(
+            uid=finding.tracking_uid, identifier=finding.tracking_identifier
+        ),
+        referenced_region=roi,
+        finding_type=gw.to_highdicom(finding.finding_type),
+        finding_sites=[FindingSite(gw.to_highdicom(finding.finding_site))] if finding.finding_site else None,
+        algorithm_id=algorithm,
+        measurements=measurements,
+        qualitative_evaluations=[
+            QualitativeEvaluation(name=gw.to_highdicom(name), value=gw.to_highdicom(value))
+            for name, value in finding.evaluations
+        ],
+    )
 
 
 def build_sr(
-    analysis: SeriesAnalysis, *, series_uid: str | None = None, sop_uid: str | None = None
+    analysis: SeriesAnalysis,
+    *,
+    findings: list[ReportedFinding] | None = None,
+    series_uid: str | None = None,
+    sop_uid: str | None = None,
 ) -> Comprehensive3DSR:
+    """The SR for one analysed series. ``findings`` defaults to ``reported_findings(analysis)``."""
+    findings = reported_findings(analysis) if findings is None else findings
     observer = ObserverContext(
         observer_type=codes.DCM.Device,
         observer_identifying_attributes=DeviceObserverIdentifyingAttributes(
@@ -84,7 +143,7 @@ def build_sr(
         ),
     )
     algorithm = _algorithm(analysis)
-    summary = gw.ALL_SUCCEEDED_WITH_FINDINGS if analysis.findings else gw.ALL_SUCCEEDED_WITHOUT_FINDINGS
+    summary = gw.ALL_SUCCEEDED_WITH_FINDINGS if findings else gw.ALL_SUCCEEDED_WITHOUT_FINDINGS
     groups: list[object] = [
         MeasurementsAndQualitativeEvaluations(
             tracking_identifier=TrackingIdentifier(uid=generate_uid(), identifier="AI study assessment"),
@@ -100,44 +159,16 @@ def build_sr(
             ],
             qualitative_evaluations=[
                 QualitativeEvaluation(name=gw.CAD_SUMMARY, value=summary),
-                QualitativeEvaluation(name=gw.STAT_FLAG, value=_yes_no(analysis.stat)),
+                QualitativeEvaluation(name=gw.STAT_FLAG, value=gw.YES if analysis.stat else gw.NO),
             ],
         )
     ]
-    for number, finding in enumerate(analysis.findings, start=1):
-        region = ImageRegion(
-            graphic_type=GraphicTypeValues.POLYLINE,
-            graphic_data=rectangle(finding),
-            source_image=SourceImageForRegion(
-                referenced_sop_class_uid=finding.sop_class_uid,
-                referenced_sop_instance_uid=finding.sop_instance_uid,
-            ),
-        )
-        groups.append(
-            PlanarROIMeasurementsAndQualitativeEvaluations(
-                tracking_identifier=TrackingIdentifier(uid=generate_uid(), identifier=f"AI finding {number}"),
-                referenced_region=region,
-                finding_type=gw.to_highdicom(finding.label),
-                algorithm_id=algorithm,
-                measurements=[
-                    Measurement(
-                        name=gw.AI_CONFIDENCE,
-                        value=round(float(finding.confidence), 4),
-                        unit=gw.NO_UNITS,
-                        algorithm_id=algorithm,
-                    )
-                ],
-                qualitative_evaluations=[
-                    QualitativeEvaluation(
-                        name=gw.STAT_FLAG, value=_yes_no(finding.confidence >= analysis.stat_threshold)
-                    )
-                ],
-            )
-        )
+    groups += [_roi_group(f, analysis, algorithm) for f in findings]
     report = MeasurementReport(
         observation_context=ObservationContext(observer_device_context=observer),
         procedure_reported=gw.PROCEDURE_IMAGING,
         imaging_measurements=groups,  # type: ignore[arg-type]
+        language_of_content_item_and_descendants=LanguageOfContentItemAndDescendants(ENGLISH),
         referenced_images=_library_images(analysis),
     )
     sr = Comprehensive3DSR(

@@ -168,3 +168,55 @@ def dciodvfy_errors(path: Path) -> list[str]:
     binary = require_tool("dciodvfy")
     result = subprocess.run([binary, str(path)], capture_output=True, text=True, timeout=60)
     return [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("Error")]
+
+
+class MllpListener:
+    """A real MLLP listener that answers each received message per ``script``: "ACK", "NAK" or "SILENT".
+
+    After the script runs out it keeps acknowledging. ``received`` holds every message that arrived.
+    """
+
+    def __init__(self, script: list[str] | None = None) -> None:
+        import socketserver
+
+        from clients.mllp import frame, read_frame
+
+        self.script = list(script or [])
+        self.received: list[str] = []
+        outer = self
+
+        class Handler(socketserver.BaseRequestHandler):
+            def handle(self) -> None:
+                self.request.settimeout(10)
+                try:
+                    message = read_frame(self.request)
+                except (OSError, ConnectionError):
+                    return
+                outer.received.append(message)
+                action = outer.script.pop(0) if outer.script else "ACK"
+                if action == "SILENT":
+                    time.sleep(1.5)  # longer than the client's timeout in the tests
+                    return
+                control = message.split("\r")[0].split("|")[9]
+                code = "AA" if action == "ACK" else "AE"
+                ack = f"MSH|^~\\&|RIS|HOSPITAL|AI_GATEWAY|AI_GATEWAY|20260101000000||ACK|{control}A|P|2.5.1\rMSA|{code}|{control}"
+                self.request.sendall(frame(ack))
+
+        class Server(socketserver.ThreadingTCPServer):
+            allow_reuse_address = True
+            daemon_threads = True
+
+        self.server = Server((LOOPBACK, 0), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    @property
+    def port(self) -> int:
+        return int(self.server.server_address[1])
+
+    def __enter__(self) -> MllpListener:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()

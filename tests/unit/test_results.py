@@ -1,18 +1,20 @@
 """SR (TID 1500) and GSPS built from an analysis: content checked by parsing back, and by dciodvfy."""
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
 import pydicom
 import pytest
-from highdicom.sr import Comprehensive3DSR
 
 from benchmarks.phantoms import write_head_ct
 from clients.triton import DetectionOutput
 from gateway.delivery import encode
 from gateway.domain import CodedConcept, Finding
+from gateway.errors import InvalidInstanceError
 from gateway.interpret import interpret
 from gateway.results.common import SeriesAnalysis
+from gateway.results.content import read_measurement_report, reported_findings
 from gateway.results.gsps import LAYER_NAME, build_gsps
 from gateway.results.sr import build_sr
 from gateway.settings import load_settings
@@ -62,8 +64,16 @@ def _content_items(ds: pydicom.Dataset):
         yield from _content_items(item)
 
 
-def test_positive_sr_holds_finding_location_confidence_algorithm_and_stat(loaded, tmp_path: Path) -> None:
-    finding = _finding(loaded, 2)
+def patient_to_pixel(header: pydicom.Dataset, point: tuple[float, float, float]) -> tuple[float, float]:
+    origin = np.asarray(header.ImagePositionPatient, dtype=float)
+    iop = np.asarray(header.ImageOrientationPatient, dtype=float)
+    row_mm, col_mm = (float(v) for v in header.PixelSpacing)
+    delta = np.asarray(point) - origin
+    return float(delta @ iop[:3] / col_mm), float(delta @ iop[3:] / row_mm)
+
+
+def test_positive_sr_holds_finding_location_measurements_algorithm_and_stat(loaded, tmp_path: Path) -> None:
+    finding = dataclasses.replace(_finding(loaded, 2), long_axis_mm=10.0, area_mm2=100.0, mean_hu=71.5)
     sr = build_sr(_analysis(loaded, (finding,), stat=True))
     path = tmp_path / "sr.dcm"
     path.write_bytes(encode(sr))
@@ -73,28 +83,49 @@ def test_positive_sr_holds_finding_location_confidence_algorithm_and_stat(loaded
     assert ds.ContentTemplateSequence[0].TemplateIdentifier == "1500"
     assert ds.CompletionFlag == "COMPLETE" and ds.VerificationFlag == "UNVERIFIED"
     items = list(_content_items(ds))
-    codes = {
+    by_meaning = {
         (i.ConceptNameCodeSequence[0].CodeMeaning if "ConceptNameCodeSequence" in i else ""): i for i in items
     }
-    assert codes["Algorithm Name"].TextValue == "Head CT Hyperdensity Reference"
-    assert codes["Algorithm Version"].TextValue == "0.1.0"
+    assert by_meaning["Algorithm Name"].TextValue == "Head CT Hyperdensity Reference"
+    assert by_meaning["Algorithm Version"].TextValue == "0.1.0"
+    assert by_meaning["Language of Content Item and Descendants"].ConceptCodeSequence[0].CodeValue == "en-US"
     finding_types = [
         i.ConceptCodeSequence[0].CodeValue
         for i in items
-        if "ConceptCodeSequence" in i and i.ConceptNameCodeSequence[0].CodeValue == "121071"
+        if i.ValueType == "CODE" and i.ConceptNameCodeSequence[0].CodeValue == "121071"
     ]
     assert "50960005" in finding_types
-    scoords = [i for i in items if i.ValueType == "SCOORD"]
-    assert len(scoords) == 1
-    np.testing.assert_allclose(scoords[0].GraphicData, [40, 50, 60, 50, 60, 70, 40, 70, 40, 50])
-    ref = scoords[0].ContentSequence[0].ReferencedSOPSequence[0]
-    assert ref.ReferencedSOPInstanceUID == finding.sop_instance_uid
-    confidences = [
-        float(i.MeasuredValueSequence[0].NumericValue)
+    sites = [
+        i.ConceptCodeSequence[0].CodeValue
         for i in items
-        if i.ValueType == "NUM" and i.ConceptNameCodeSequence[0].CodeValue == "CONFIDENCE"
+        if i.ValueType == "CODE" and i.ConceptNameCodeSequence[0].CodeValue == "363698007"
     ]
-    assert confidences == [pytest.approx(0.93)]
+    assert sites == ["69536005"]  # Head, from BodyPartExamined through the terminology table
+    # The series has a frame of reference: the region is SCOORD3D in patient coordinates ...
+    [scoord3d] = [i for i in items if i.ValueType == "SCOORD3D"]
+    assert scoord3d.ReferencedFrameOfReferenceUID == loaded.headers[2].FrameOfReferenceUID
+    corners = np.asarray(scoord3d.GraphicData, dtype=float).reshape(-1, 3)
+    pixels = [patient_to_pixel(loaded.headers[2], tuple(c)) for c in corners]
+    np.testing.assert_allclose(pixels, [(40, 50), (60, 50), (60, 70), (40, 70), (40, 50)], atol=1e-3)
+    # ... and the source image is still referenced, by the measurement.
+    image_refs = {
+        i.ReferencedSOPSequence[0].ReferencedSOPInstanceUID for i in items if i.ValueType == "IMAGE"
+    }
+    assert finding.sop_instance_uid in image_refs
+    nums = {
+        i.ConceptNameCodeSequence[0].CodeMeaning: (
+            float(i.MeasuredValueSequence[0].NumericValue),
+            i.MeasuredValueSequence[0].MeasurementUnitsCodeSequence[0].CodeValue,
+        )
+        for i in items
+        if i.ValueType == "NUM"
+    }
+    assert nums["AI confidence"] == (pytest.approx(0.93), "1")
+    assert (
+        nums["Long axis"] == (10.0, "mm")
+        and nums["Area"] == (100.0, "mm2")
+        and nums["Mean"] == (71.5, "[hnsf'U]")
+    )
     stat_values = [
         i.ConceptCodeSequence[0].CodeMeaning
         for i in items
@@ -109,8 +140,57 @@ def test_positive_sr_holds_finding_location_confidence_algorithm_and_stat(loaded
     }
     assert evidence == {str(h.SOPInstanceUID) for h in loaded.headers}
     assert dciodvfy_errors(path) == []
-    parsed = Comprehensive3DSR.from_dataset(ds)
-    assert parsed.SOPInstanceUID == ds.SOPInstanceUID
+
+
+def test_series_without_frame_of_reference_gets_scoord_on_the_image(loaded, tmp_path: Path) -> None:
+    headers = []
+    for h in loaded.headers:
+        copy = pydicom.Dataset(h)
+        del copy.FrameOfReferenceUID
+        headers.append(copy)
+    analysis = dataclasses.replace(
+        _analysis(loaded, (_finding(loaded, 1),), stat=False), sources=tuple(headers)
+    )
+    [reported] = reported_findings(analysis)
+    assert reported.region is not None and not reported.region.is_3d
+    assert reported.region.sop_instance_uid == loaded.images[1].sop_instance_uid
+    ds = pydicom.dcmread(_write(build_sr(analysis), tmp_path / "sr.dcm"))
+    [scoord] = [i for i in _content_items(ds) if i.ValueType == "SCOORD"]
+    np.testing.assert_allclose(scoord.GraphicData, [40, 50, 60, 50, 60, 70, 40, 70, 40, 50])
+
+
+def _write(ds: pydicom.Dataset, path: Path) -> Path:
+    path.write_bytes(encode(ds))
+    return path
+
+
+def test_written_report_reads_back_into_the_same_findings(loaded, tmp_path: Path) -> None:
+    findings = (
+        dataclasses.replace(_finding(loaded, 1, 0.81), long_axis_mm=12.5, area_mm2=90.0, mean_hu=68.0),
+        _finding(loaded, 3, 0.66),
+    )
+    analysis = _analysis(loaded, findings, stat=True)
+    written = reported_findings(analysis)
+    path = _write(build_sr(analysis, findings=written), tmp_path / "sr.dcm")
+    read = read_measurement_report(pydicom.dcmread(path))
+    assert read == written
+
+
+def test_third_party_tid1500_report_parses_into_findings(real_data: Path) -> None:
+    findings = read_measurement_report(pydicom.dcmread(real_data / "sr-example" / "sr.dcm"))
+    assert findings
+    seg = pydicom.dcmread(real_data / "sr-example" / "seg.dcm", stop_before_pixels=True)
+    for finding in findings:
+        assert finding.tracking_uid and finding.finding_type.meaning
+        assert finding.segment is not None and finding.segment[0] == seg.SOPInstanceUID
+        assert finding.measurements and all(np.isfinite(m.value) for m in finding.measurements)
+    assert any(f.finding_site is not None for f in findings)
+    assert any(m.unit.scheme == "UCUM" for f in findings for m in f.measurements)
+
+
+def test_non_sr_input_is_refused(real_data: Path) -> None:
+    with pytest.raises(InvalidInstanceError):
+        read_measurement_report(pydicom.dcmread(real_data / "ct-3slice" / "01.dcm", stop_before_pixels=True))
 
 
 def test_negative_sr_says_the_algorithm_ran_and_found_nothing(loaded, tmp_path: Path) -> None:

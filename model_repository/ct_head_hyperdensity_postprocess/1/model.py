@@ -4,7 +4,7 @@ import json
 
 import triton_python_backend_utils as pb_utils
 
-from preprocessing.detection import heatmap_to_detections
+from preprocessing.detection import heatmap_to_detections, heatmap_to_mask
 
 
 class TritonPythonModel:
@@ -12,6 +12,7 @@ class TritonPythonModel:
         config = json.loads(args["model_config"])
         params = config.get("parameters", {})
         self.threshold = float(params.get("threshold", {}).get("string_value", "0.5"))
+        self.mask_threshold = float(params.get("mask_threshold", {}).get("string_value", "0.5"))
 
     def execute(self, requests):
         responses = []
@@ -25,6 +26,7 @@ class TritonPythonModel:
                             pb_utils.Tensor("DETECTIONS", detections),
                             pb_utils.Tensor("SLICE_SCORES", slices),
                             pb_utils.Tensor("STUDY_SCORE", study),
+                            pb_utils.Tensor("MASK", heatmap_to_mask(heat, self.mask_threshold)),
                         ]
                     )
                 )
