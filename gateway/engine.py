@@ -38,7 +38,9 @@ from gateway.errors import (
 from gateway.interpret import interpret
 from gateway.logs import silence_identifier_warnings
 from gateway.notify import StatEvent, StatNotifier
+from gateway.reporting import ReportDispatcher
 from gateway.results.common import SeriesAnalysis
+from gateway.results.content import ReportedFinding, SeriesReport, reported_findings
 from gateway.results.gsps import build_gsps
 from gateway.results.seg import build_seg
 from gateway.results.sr import build_sr
@@ -68,6 +70,7 @@ class _StudyProgress:
     stat: bool = False
     timings: dict[str, float] = field(default_factory=dict)
     results: list[str] = field(default_factory=list)
+    reports: list[SeriesReport] = field(default_factory=list)
 
 
 class Gateway:
@@ -81,6 +84,7 @@ class Gateway:
         self.deliverer = Deliverer(settings)
         self.notifier = StatNotifier(settings.stat_webhook_url)
         self.audit = AuditLog(settings.audit_log)
+        self.reports = ReportDispatcher(settings, self.audit)
         self.backend = select_backend(force_cpu=settings.force_cpu)
         self.executor = ThreadPoolExecutor(
             max_workers=settings.workers + 2, thread_name_prefix="gateway-work"
@@ -144,6 +148,7 @@ class Gateway:
             self._loop_thread.join(timeout=30)
             self._loop_thread = None
         self.executor.shutdown(wait=True, cancel_futures=True)
+        self.reports.close()
         if self.triton_server is not None:
             self.triton_server.stop()
             self.triton_server = None
@@ -344,7 +349,8 @@ class Gateway:
             display_window=pipeline.display_window,
             sources=loaded.headers,
         )
-        datasets = await self._timed(timings, "encode", _encode, analysis, output.mask)
+        reported = reported_findings(analysis)
+        datasets = await self._timed(timings, "encode", _encode, analysis, reported, output.mask)
         paths_out = await self._timed(timings, "store", self.results.save, study.study_instance_uid, datasets)
         sr = datasets[0]
         delivered_to = ""
@@ -415,6 +421,14 @@ class Gateway:
             progress.findings += len(found.findings)
             progress.stat = progress.stat or stat
             progress.results.extend(fields["results"])  # type: ignore[arg-type]
+            if pipeline.mode is not RolloutMode.SILENT:
+                progress.reports.append(
+                    SeriesReport(
+                        analysis=analysis,
+                        findings=tuple(reported),
+                        sr_sop_instance_uid=str(sr.SOPInstanceUID),
+                    )
+                )
             for stage, seconds in timings.items():
                 progress.timings[stage] = progress.timings.get(stage, 0.0) + seconds
 
@@ -429,6 +443,11 @@ class Gateway:
     def _finish_study(self, study_uid: str) -> None:
         progress = self._progress.pop(study_uid)
         study = progress.study
+        if progress.reports:
+            try:
+                self.reports.dispatch(self.results.root / study_uid, progress.reports, stat=progress.stat)
+            except Exception:  # reports for the RIS must never stop the study from completing
+                logger.exception("study %s: FHIR / HL7 reports could not be built", study_uid)
         self.spool.mark_processed(study_uid, (r.sop_instance_uid for s in study.series for r in s.instances))
         total = time.time() - study.last_received_at
         fields = {
@@ -446,9 +465,9 @@ class Gateway:
         self.audit.record("study_done", **fields)
 
 
-def _encode(analysis: SeriesAnalysis, mask: np.ndarray | None) -> list[Any]:
+def _encode(analysis: SeriesAnalysis, reported: list[ReportedFinding], mask: np.ndarray | None) -> list[Any]:
     """SR always; GSPS when there is something to draw; SEG when the model gave a non-empty mask."""
-    datasets: list[Any] = [build_sr(analysis)]
+    datasets: list[Any] = [build_sr(analysis, findings=reported)]
     gsps = build_gsps(analysis)
     if gsps is not None:
         datasets.append(gsps)

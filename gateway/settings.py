@@ -86,6 +86,29 @@ class DeliverySettings:
 
 
 @dataclass(frozen=True, kw_only=True)
+class FhirSettings:
+    url: str = ""  # FHIR base URL that accepts a transaction Bundle; empty: files only
+    timeout_s: float = 10.0
+    attempts: int = 3
+
+
+@dataclass(frozen=True, kw_only=True)
+class Hl7Settings:
+    endpoint: str = ""  # host:port of an MLLP listener; empty: files only
+    sending_facility: str = "AI_GATEWAY"
+    receiving_application: str = "RIS"
+    receiving_facility: str = "HOSPITAL"
+    timeout_s: float = 10.0
+    attempts: int = 3
+
+    def address(self) -> tuple[str, int] | None:
+        if not self.endpoint:
+            return None
+        host, _, port = self.endpoint.rpartition(":")
+        return host, int(port)
+
+
+@dataclass(frozen=True, kw_only=True)
 class PipelineSettings:
     """One AI pipeline: which series it takes, how to prepare them, and what its answers mean."""
 
@@ -136,6 +159,8 @@ class Settings:
     receiver: ReceiverSettings = field(default_factory=ReceiverSettings)
     triton: TritonSettings = field(default_factory=TritonSettings)
     delivery: DeliverySettings = field(default_factory=DeliverySettings)
+    fhir: FhirSettings = field(default_factory=FhirSettings)
+    hl7: Hl7Settings = field(default_factory=Hl7Settings)
     peers: tuple[Peer, ...] = ()
     pipelines: tuple[PipelineSettings, ...] = ()
 
@@ -341,7 +366,9 @@ def load_settings(config_file: Path | None = None, overrides: dict[str, Any] | N
     recv = _Reader(_table(raw, "receiver"), "receiver.")
     tri = _Reader(_table(raw, "triton"), "triton.")
     dlv = _Reader(_table(raw, "delivery"), "delivery.")
-    for key in ("receiver", "triton", "delivery", "peers", "pipelines"):
+    fr = _Reader(_table(raw, "fhir"), "fhir.")
+    hr = _Reader(_table(raw, "hl7"), "hl7.")
+    for key in ("receiver", "triton", "delivery", "fhir", "hl7", "peers", "pipelines"):
         top.used.add(key)
 
     def resolve(path_text: str) -> Path:
@@ -376,6 +403,21 @@ def load_settings(config_file: Path | None = None, overrides: dict[str, Any] | N
         destination=Peer.parse(destination_text) if destination_text else None,
         timeout_s=dlv.get_float("timeout_s"),
     )
+    fhir = FhirSettings(
+        url=fr.get_str("url"), timeout_s=fr.get_float("timeout_s"), attempts=fr.get_int("attempts")
+    )
+    if fhir.url and not fhir.url.startswith(("http://", "https://")):
+        raise ConfigError(f"fhir.url must be an http(s) URL, got {fhir.url!r}")
+    hl7 = Hl7Settings(
+        endpoint=hr.get_str("endpoint"),
+        sending_facility=hr.get_str("sending_facility"),
+        receiving_application=hr.get_str("receiving_application"),
+        receiving_facility=hr.get_str("receiving_facility"),
+        timeout_s=hr.get_float("timeout_s"),
+        attempts=hr.get_int("attempts"),
+    )
+    if hl7.endpoint and not re.match(r"^[^:]+:\d+$", hl7.endpoint):
+        raise ConfigError(f"hl7.endpoint must be host:port, got {hl7.endpoint!r}")
     peers_raw = raw.get("peers", [])
     if not isinstance(peers_raw, list):
         raise ConfigError("[[peers]] must be an array of tables")
@@ -406,10 +448,12 @@ def load_settings(config_file: Path | None = None, overrides: dict[str, Any] | N
         receiver=receiver,
         triton=triton,
         delivery=delivery,
+        fhir=fhir,
+        hl7=hl7,
         peers=tuple(peers),
         pipelines=pipelines,
     )
-    for reader in (top, recv, tri, dlv):
+    for reader in (top, recv, tri, dlv, fr, hr):
         reader.finish()
     if settings.quiet_period_s <= 0:
         raise ConfigError(f"quiet_period_s must be > 0, got {settings.quiet_period_s}")

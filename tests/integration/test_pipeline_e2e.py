@@ -7,7 +7,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -16,106 +15,15 @@ import pytest
 import tritonclient.grpc as grpcclient
 
 from benchmarks.phantoms import Lesion, write_head_ct
-from gateway.audit import AuditLog
 from gateway.engine import Gateway
+from gateway.results.content import read_measurement_report
 from gateway.settings import load_settings
 from gateway.triton_server import free_port
-from tests.support.servers import Orthanc, WebhookReceiver, dciodvfy_errors, storescu, wait_for
+from tests.integration.conftest import Env
+from tests.support.geometry import patient_to_pixel
+from tests.support.servers import dciodvfy_errors, storescu, wait_for
 
 pytestmark = pytest.mark.integration
-
-CONFIG = """
-data_dir = "{data_dir}"
-quiet_period_s = 1.0
-workers = 2
-stat_webhook_url = "{webhook}"
-
-[receiver]
-port = {port}
-
-[triton]
-url = "{triton}"
-
-[[peers]]
-ae_title = "ORTHANC"
-host = "127.0.0.1"
-port = {orthanc_port}
-
-[[peers]]
-ae_title = "STORESCU"
-host = "127.0.0.1"
-port = {orthanc_port}
-
-[[pipelines]]
-name = "ct_hyperdensity"
-model = "ct_head_hyperdensity"
-algorithm_name = "Head CT Hyperdensity Reference"
-algorithm_version = "0.1.0"
-mode = "triage"
-report_threshold = 0.5
-stat_threshold = 0.7
-modalities = ["CT"]
-input_size = [256, 256]
-intensity = "hu"
-display_window = [40.0, 80.0]
-
-[pipelines.labels.0]
-value = "50960005"
-scheme = "SCT"
-meaning = "Hemorrhage"
-"""
-
-
-@dataclass
-class Env:
-    gateway: Gateway
-    orthanc: Orthanc
-    webhook: WebhookReceiver
-    audit: AuditLog
-    data_dir: Path
-    triton_url: str
-
-    def wait_study_done(self, study_uid: str, timeout_s: float = 120.0) -> dict:
-        def done() -> dict | None:
-            for event in self.audit.read():
-                if event["event"] == "study_done" and event["study"] == study_uid:
-                    return event
-            return None
-
-        return wait_for(done, timeout_s=timeout_s, what=f"study {study_uid} to be processed")
-
-    def results(self, study_uid: str, modality: str) -> list[pydicom.Dataset]:
-        return [
-            pydicom.dcmread(p)
-            for p in sorted((self.data_dir / "results" / study_uid).glob(f"{modality}_*.dcm"))
-        ]
-
-    def events(self, name: str, study_uid: str) -> list[dict]:
-        return [e for e in self.audit.read() if e["event"] == name and e.get("study") == study_uid]
-
-
-@pytest.fixture
-def env(tmp_path: Path, triton: str) -> Iterator[Env]:
-    port = free_port()
-    orthanc = Orthanc(tmp_path / "orthanc", modalities={"gateway": ["AI_GATEWAY", "127.0.0.1", port]}).start()
-    with WebhookReceiver() as webhook:
-        config = tmp_path / "gateway.toml"
-        config.write_text(
-            CONFIG.format(
-                data_dir=tmp_path / "data",
-                webhook=webhook.url,
-                port=port,
-                triton=triton,
-                orthanc_port=orthanc.dicom_port,
-            )
-        )
-        settings = load_settings(config)
-        gateway = Gateway(settings).start()
-        try:
-            yield Env(gateway, orthanc, webhook, AuditLog(settings.audit_log), settings.data_dir, triton)
-        finally:
-            gateway.stop()
-            orthanc.stop()
 
 
 def _content_items(ds: pydicom.Dataset) -> Iterator[pydicom.Dataset]:
@@ -204,15 +112,28 @@ def test_synthetic_lesion_is_found_where_it_is_and_flagged_stat(env: Env, tmp_pa
     done = env.wait_study_done(series.study_uid)
     assert done["stat"] is True and done["findings"] >= 1
     [sr] = env.results(series.study_uid, "SR")
-    scoords = _scoords(sr)
-    assert scoords
+    findings = read_measurement_report(sr)
+    assert findings
+    headers = {
+        uid: pydicom.dcmread(p, stop_before_pixels=True)
+        for uid, p in zip(series.sop_uids, series.paths, strict=True)
+    }
     lesion_slices = {series.sop_uids[k] for k in (lesion.slice - 1, lesion.slice, lesion.slice + 1)}
     tolerance_px = 6.0  # 3 mm at 0.5 mm pixels
-    for sop, points in scoords:
-        assert sop in lesion_slices, "every finding must be on a slice the lesion crosses"
-        center = points[:4].mean(axis=0)
+    for finding in findings:
+        assert finding.source_sop_instance_uid in lesion_slices, (
+            "every finding must be on a slice the lesion crosses"
+        )
+        assert finding.region is not None and finding.region.is_3d  # the phantom has a frame of reference
+        corners = [
+            patient_to_pixel(headers[finding.source_sop_instance_uid], p) for p in finding.region.points[:4]
+        ]
+        center = np.mean(corners, axis=0)
         assert abs(center[0] - lesion.x) <= tolerance_px and abs(center[1] - lesion.y) <= tolerance_px, center
-    assert series.sop_uids[lesion.slice] in {sop for sop, _ in scoords}
+        assert finding.finding_type.value == "50960005" and finding.finding_site is not None
+        assert finding.finding_site.meaning == "Head"
+        assert 60.0 <= (finding.measurement("373098007") or 0.0) <= 80.0  # mean HU of the lesion
+    assert series.sop_uids[lesion.slice] in {f.source_sop_instance_uid for f in findings}
     assert _stat_flag(sr) == "Yes"
     [gsps] = env.results(series.study_uid, "PR")
     assert gsps.GraphicLayerSequence[0].GraphicLayer == "AI_FINDINGS"
@@ -245,7 +166,7 @@ def test_normal_series_comes_back_negative(env: Env, tmp_path: Path) -> None:
     done = env.wait_study_done(series.study_uid)
     assert done["findings"] == 0 and done["stat"] is False
     [sr] = env.results(series.study_uid, "SR")
-    assert _scoords(sr) == []
+    assert _scoords(sr) == [] and read_measurement_report(sr) == []
     assert _stat_flag(sr) == "No"
     summary = [
         i.ConceptCodeSequence[0].CodeValue

@@ -19,6 +19,7 @@ from gateway.results.gsps import LAYER_NAME, build_gsps
 from gateway.results.sr import build_sr
 from gateway.settings import load_settings
 from preprocessing.series import load_series
+from tests.support.geometry import patient_to_pixel
 from tests.support.servers import dciodvfy_errors
 
 HEMORRHAGE = CodedConcept(value="50960005", scheme="SCT", meaning="Hemorrhage")
@@ -62,14 +63,6 @@ def _content_items(ds: pydicom.Dataset):
     for item in ds.get("ContentSequence", []):
         yield item
         yield from _content_items(item)
-
-
-def patient_to_pixel(header: pydicom.Dataset, point: tuple[float, float, float]) -> tuple[float, float]:
-    origin = np.asarray(header.ImagePositionPatient, dtype=float)
-    iop = np.asarray(header.ImageOrientationPatient, dtype=float)
-    row_mm, col_mm = (float(v) for v in header.PixelSpacing)
-    delta = np.asarray(point) - origin
-    return float(delta @ iop[:3] / col_mm), float(delta @ iop[3:] / row_mm)
 
 
 def test_positive_sr_holds_finding_location_measurements_algorithm_and_stat(loaded, tmp_path: Path) -> None:
