@@ -6,7 +6,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PYVER := $(shell $(PYTHON) -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')
-APT_PACKAGES := dcmtk dicom3tools orthanc libpython$(PYVER) python3-venv
+APT_PACKAGES := dcmtk dicom3tools orthanc pixelmed-apps default-jre-headless libpython$(PYVER) python3-venv
 ARGS ?=
 PYTEST_ARGS ?=
 
@@ -20,11 +20,12 @@ help:
 
 setup: system-deps venv models
 
-# Debian packages: DCMTK and Orthanc are the PACS peers of the tests, dicom3tools validates results,
+# Debian packages: DCMTK and Orthanc are the PACS peers of the tests, dicom3tools and PixelMed validate results,
 # libpython is what Triton's Python-backend stub links against.
 system-deps:
 	@missing=""; \
-	for c in storescu dciodvfy Orthanc; do command -v $$c >/dev/null || missing=yes; done; \
+	for c in storescu dciodvfy Orthanc java; do command -v $$c >/dev/null || missing=yes; done; \
+	[ -f /usr/share/java/pixelmed.jar ] || missing=yes; \
 	ldconfig -p | grep -q "libpython$(PYVER).so.1.0" || missing=yes; \
 	$(PYTHON) -c 'import ensurepip' 2>/dev/null || missing=yes; \
 	if [ -n "$$missing" ]; then \

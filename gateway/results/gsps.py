@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 
+import numpy as np
 from highdicom.pr import (
     AnnotationUnitsValues,
     GraphicAnnotation,
@@ -20,6 +21,7 @@ from highdicom.pr import (
     TextObject,
 )
 from pydicom.dataset import Dataset
+from pydicom.pixels import pack_bits
 from pydicom.uid import generate_uid
 
 from gateway.domain import Finding
@@ -88,7 +90,48 @@ def build_gsps(
         voi_lut_transformations=[SoftcopyVOILUTTransformation(window_center=center, window_width=width)],
     )
     _copy_from_source(gsps, images[0])
+    _add_box_overlay(gsps, images, per_image)
     return gsps
+
+
+def box_outline(
+    rows: int, cols: int, boxes: list[tuple[float, float, float, float]], width: int = 2
+) -> np.ndarray:
+    """A [rows, cols] bitmap with the outline of every (x0, y0, x1, y1) box, ``width`` pixels thick."""
+    bitmap = np.zeros((rows, cols), dtype=np.uint8)
+    for x0, y0, x1, y1 in boxes:
+        c0, r0 = max(int(np.floor(x0)), 0), max(int(np.floor(y0)), 0)
+        c1, r1 = min(int(np.ceil(x1)), cols - 1), min(int(np.ceil(y1)), rows - 1)
+        bitmap[r0 : r0 + width, c0 : c1 + 1] = 1
+        bitmap[max(r1 - width + 1, 0) : r1 + 1, c0 : c1 + 1] = 1
+        bitmap[r0 : r1 + 1, c0 : c0 + width] = 1
+        bitmap[r0 : r1 + 1, max(c1 - width + 1, 0) : c1 + 1] = 1
+    return bitmap
+
+
+def _add_box_overlay(gsps: Dataset, images: list[Dataset], per_image: dict[str, list[Finding]]) -> None:
+    """Also burn the boxes into a bitmap overlay on the AI layer, for viewers that only render overlays.
+
+    An overlay stored in a presentation state applies to every image it references, so it is added only when
+    it is right for all of them: the referenced images share one size and carry the same boxes (in particular
+    when the findings are on a single image). Otherwise the vector graphics alone carry the findings.
+    """
+    shapes = {(int(ds.Rows), int(ds.Columns)) for ds in images}
+    box_sets = {tuple(sorted(f.bbox for f in per_image[str(ds.SOPInstanceUID)])) for ds in images}
+    if len(shapes) != 1 or len(box_sets) != 1:
+        return
+    (rows, cols), boxes = shapes.pop(), list(box_sets.pop())
+    bitmap = box_outline(rows, cols, boxes)
+    gsps.add_new(0x60000010, "US", rows)
+    gsps.add_new(0x60000011, "US", cols)
+    gsps.add_new(0x60000022, "LO", "AI finding outlines")
+    gsps.add_new(0x60000040, "CS", "G")
+    gsps.add_new(0x60000050, "SS", [1, 1])
+    gsps.add_new(0x60000100, "US", 1)
+    gsps.add_new(0x60000102, "US", 0)
+    gsps.add_new(0x60001001, "CS", LAYER_NAME)
+    gsps.add_new(0x60001500, "LO", "AI_FINDINGS")
+    gsps.add_new(0x60003000, "OW", pack_bits(bitmap.ravel()))
 
 
 def _copy_from_source(gsps: Dataset, source: Dataset) -> None:

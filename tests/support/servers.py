@@ -220,3 +220,35 @@ class MllpListener:
     def __exit__(self, *exc: object) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+PIXELMED_JAR = "/usr/share/java/pixelmed.jar"
+PIXELMED_JVM_FLAGS = [
+    "-Djdk.xml.xpathExprGrpLimit=0",
+    "-Djdk.xml.xpathExprOpLimit=0",
+    "-Djdk.xml.xpathTotalOpLimit=0",
+]
+
+
+def pixelmed_sr_validation(path: Path) -> str:
+    """Output of PixelMed's DicomSRValidator (it exits 0 even on failure, so callers read the text)."""
+    import pytest
+
+    java = require_tool("java")
+    if not Path(PIXELMED_JAR).exists():
+        pytest.skip("PixelMed is not installed (Debian pixelmed-apps; `make test` installs it as root)")
+    cmd = [
+        java,
+        *PIXELMED_JVM_FLAGS,
+        "-cp",
+        PIXELMED_JAR,
+        "com.pixelmed.validate.DicomSRValidator",
+        str(path),
+    ]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    return result.stdout + result.stderr
+
+
+def tool_output(*cmd: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    require_tool(cmd[0])
+    return subprocess.run(list(cmd), capture_output=True, text=True, timeout=120, cwd=cwd)

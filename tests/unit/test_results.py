@@ -255,3 +255,15 @@ def test_interpret_maps_boxes_to_source_pixels_and_drops_bad_detections(loaded) 
     assert any("non-finite" in d for d in result.dropped) and any(
         "unknown class 7" in d for d in result.dropped
     )
+
+
+def test_gsps_overlay_only_when_it_is_right_for_every_referenced_image(loaded) -> None:
+    single = build_gsps(_analysis(loaded, (_finding(loaded, 2),), stat=False))
+    assert single is not None and single[0x60001001].value == LAYER_NAME
+    bits = np.unpackbits(np.frombuffer(single[0x60003000].value, np.uint8), bitorder="little")[: 128 * 128]
+    ys, xs = np.nonzero(bits.reshape(128, 128))
+    assert (xs.min(), xs.max(), ys.min(), ys.max()) == (40, 60, 50, 70)
+    moved = dataclasses.replace(_finding(loaded, 3), bbox=(10.0, 10.0, 20.0, 20.0))
+    double = build_gsps(_analysis(loaded, (_finding(loaded, 2), moved), stat=False))
+    assert double is not None and 0x60003000 not in double  # boxes differ per image: vector graphics only
+    assert len(double.GraphicAnnotationSequence) == 2
