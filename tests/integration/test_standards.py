@@ -148,7 +148,7 @@ def test_positive_study_results_pass_every_validator(env: Env, tmp_path: Path) -
     assert (
         parse_message(messages["OMI"], find_groups=True).omi_o23_order.omi_o23_timing.tq1.tq1_9.value == "S"
     )
-    assert (env.data_dir / "results" / series.study_uid).glob("FHIR_*.json")
+    assert list((env.data_dir / "results" / series.study_uid).glob("FHIR_*.json"))
 
 
 def test_negative_and_real_studies_get_valid_reports_too(env: Env, tmp_path: Path, real_data: Path) -> None:
@@ -175,3 +175,52 @@ def test_negative_and_real_studies_get_valid_reports_too(env: Env, tmp_path: Pat
     [negative_sr] = _result_files(env, normal.study_uid, "SR")
     _pixelmed_ok(negative_sr)
     assert not [t for t in env.mllp.received if normal.study_uid in t and "OMI^O23" in t]
+
+
+def test_unreachable_fhir_and_hl7_endpoints_are_retried_reported_and_never_block(
+    tmp_path: Path, triton: str
+) -> None:
+    from gateway.audit import AuditLog
+    from gateway.engine import Gateway
+    from gateway.settings import load_settings
+    from gateway.triton_server import free_port
+    from tests.support.servers import storescu
+
+    port, dead = free_port(), free_port()
+    config = tmp_path / "gateway.toml"
+    config.write_text(
+        f'data_dir = "{tmp_path / "data"}"\nquiet_period_s = 1.0\n'
+        f'[receiver]\nport = {port}\nallowed_calling_aes = ["STORESCU"]\n[triton]\nurl = "{triton}"\n'
+        f'[fhir]\nurl = "http://127.0.0.1:{dead}/fhir"\ntimeout_s = 1.0\nattempts = 2\n'
+        f'[hl7]\nendpoint = "127.0.0.1:{dead}"\ntimeout_s = 1.0\nattempts = 2\n'
+    )
+    settings = load_settings(config)
+    audit = AuditLog(settings.audit_log)
+    series = write_head_ct(tmp_path / "study", slices=8, rows=256, cols=256, seed=41)
+    gateway = Gateway(settings).start()
+    try:
+        assert storescu(list(series.paths), port=port, calling_ae="STORESCU").returncode == 0
+        done = wait_for(
+            lambda: [e for e in audit.read() if e["event"] == "study_done"], timeout_s=60, what="study done"
+        )
+        assert list((tmp_path / "data" / "results" / series.study_uid).glob("SR_*.dcm"))
+        failures = wait_for(
+            lambda: (
+                (f := {e["event"] for e in audit.read() if e["event"] in ("fhir_failed", "hl7_failed")})
+                == {"fhir_failed", "hl7_failed"}
+                and f
+            ),
+            timeout_s=30,
+            what="FHIR and HL7 failures in the audit trail",
+        )
+        assert failures == {"fhir_failed", "hl7_failed"}
+        reasons = [e["reason"] for e in audit.read() if e["event"] in ("fhir_failed", "hl7_failed")]
+        assert all("after 2 tries" in r for r in reasons)
+        assert done[0]["study"] == series.study_uid
+        # The study completed (DICOM results stored) before the report retries gave up: they never blocked it.
+        events = [e["event"] for e in audit.read()]
+        assert events.index("study_done") < min(events.index("fhir_failed"), events.index("hl7_failed"))
+        assert list((tmp_path / "data" / "results" / series.study_uid).glob("FHIR_*.json"))
+        assert list((tmp_path / "data" / "results" / series.study_uid).glob("HL7_ORU_*.hl7"))
+    finally:
+        gateway.stop()
