@@ -60,30 +60,41 @@ class StudyAssembler:
 
 
 def _build_study(study_uid: str, pending: _Pending) -> Study:
-    by_series: dict[str, list[InstanceRecord]] = {}
-    for record in pending.instances.values():
-        by_series.setdefault(record.series_instance_uid, []).append(record)
+    return assemble_study(
+        list(pending.instances.values()),
+        calling_ae=pending.calling_ae,
+        first_received_at=pending.first_received_at,
+        last_received_at=pending.last_received_at,
+    )
+
+
+def assemble_study(
+    records: list[InstanceRecord], *, calling_ae: str, first_received_at: float, last_received_at: float
+) -> Study:
+    """Group the records of one study into series (ordered by arrival within a series)."""
+    by_series: dict[str, dict[str, InstanceRecord]] = {}
+    for record in records:
+        by_series.setdefault(record.series_instance_uid, {})[record.sop_instance_uid] = record
     series = []
-    for series_uid, records in sorted(by_series.items()):
-        records.sort(key=lambda r: r.received_at)
-        first = records[0]
+    for series_uid, members in sorted(by_series.items()):
+        ordered = sorted(members.values(), key=lambda r: r.received_at)
+        first = ordered[0]
         series.append(
             Series(
                 series_instance_uid=series_uid,
                 modality=first.modality,
                 body_part=first.body_part,
                 series_description=first.series_description,
-                instances=tuple(records),
+                instances=tuple(ordered),
             )
         )
-    any_record = next(iter(pending.instances.values()))
-    priorities = [r.requested_priority for r in pending.instances.values() if r.requested_priority]
+    priorities = [r.requested_priority for r in records if r.requested_priority]
     return Study(
-        study_instance_uid=study_uid,
-        calling_ae=pending.calling_ae,
-        study_description=any_record.study_description,
+        study_instance_uid=records[0].study_instance_uid,
+        calling_ae=calling_ae,
+        study_description=records[0].study_description,
         series=tuple(series),
-        first_received_at=pending.first_received_at,
-        last_received_at=pending.last_received_at,
+        first_received_at=first_received_at,
+        last_received_at=last_received_at,
         requested_priority=priorities[0] if priorities else "",
     )

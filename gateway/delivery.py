@@ -12,6 +12,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import pydicom
 from pydicom.dataset import Dataset
 
 from clients.dicom_scu import store_datasets
@@ -36,6 +37,10 @@ class ResultStore:
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+
+    def load(self, study_uid: str, sop_uid: str) -> Dataset | None:
+        matches = sorted((self.root / study_uid).glob(f"*_{sop_uid}.dcm"))
+        return pydicom.dcmread(matches[0]) if matches else None
 
     def save(self, study_uid: str, datasets: Sequence[Dataset]) -> list[Path]:
         folder = self.root / study_uid

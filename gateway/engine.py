@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from clients.triton import TritonClient
-from gateway.assembler import StudyAssembler
+from gateway.assembler import StudyAssembler, assemble_study
 from gateway.audit import AuditLog
 from gateway.delivery import Deliverer, ResultStore
 from gateway.domain import InstanceRecord, RolloutMode, StageTimings, Study
@@ -71,6 +71,7 @@ class _StudyProgress:
     timings: dict[str, float] = field(default_factory=dict)
     results: list[str] = field(default_factory=list)
     reports: list[SeriesReport] = field(default_factory=list)
+    sr_by_series: dict[str, str] = field(default_factory=dict)  # "<series>/<pipeline>" -> SR SOP Instance UID
 
 
 class Gateway:
@@ -237,6 +238,14 @@ class Gateway:
                 self._route(study, queue)
 
     def _route(self, study: Study, queue: JobQueue) -> None:
+        if self.spool.processed_instances(study.study_instance_uid):
+            # Late instances or a re-send of an analysed study: analyse the whole study again, as it stands now.
+            study = assemble_study(
+                self.spool.study_records(study.study_instance_uid),
+                calling_ae=study.calling_ae,
+                first_received_at=study.first_received_at,
+                last_received_at=study.last_received_at,
+            )
         decision = self.router.route(study)
         for skip in decision.skipped:
             logger.info(
@@ -350,7 +359,14 @@ class Gateway:
             sources=loaded.headers,
         )
         reported = reported_findings(analysis)
-        datasets = await self._timed(timings, "encode", _encode, analysis, reported, output.mask)
+        result_key = f"{series.series_instance_uid}/{pipeline.name}"
+        previous = []
+        previous_uid = self.spool.previous_result(study.study_instance_uid, result_key)
+        if previous_uid and previous_uid != analysis.result_uid("sr"):
+            old = self.results.load(study.study_instance_uid, previous_uid)
+            if old is not None:
+                previous.append(old)  # late instances or a new model: the new SR supersedes this one
+        datasets = await self._timed(timings, "encode", _encode, analysis, reported, output.mask, previous)
         paths_out = await self._timed(timings, "store", self.results.save, study.study_instance_uid, datasets)
         sr = datasets[0]
         delivered_to = ""
@@ -411,6 +427,7 @@ class Gateway:
             "stat": stat,
             "results": [str(ds.SOPInstanceUID) for ds in datasets],
             "delivered_to": delivered_to,
+            "supersedes": [str(ds.SOPInstanceUID) for ds in previous],
             "backend": self.backend.name,
             **StageTimings(values=timings).as_log_fields(),
         }
@@ -421,6 +438,7 @@ class Gateway:
             progress.findings += len(found.findings)
             progress.stat = progress.stat or stat
             progress.results.extend(fields["results"])  # type: ignore[arg-type]
+            progress.sr_by_series[result_key] = str(sr.SOPInstanceUID)
             if pipeline.mode is not RolloutMode.SILENT:
                 progress.reports.append(
                     SeriesReport(
@@ -448,7 +466,9 @@ class Gateway:
                 self.reports.dispatch(self.results.root / study_uid, progress.reports, stat=progress.stat)
             except Exception:  # reports for the RIS must never stop the study from completing
                 logger.exception("study %s: FHIR / HL7 reports could not be built", study_uid)
-        self.spool.mark_processed(study_uid, (r.sop_instance_uid for s in study.series for r in s.instances))
+        self.spool.mark_processed(
+            study_uid, (r.sop_instance_uid for s in study.series for r in s.instances), progress.sr_by_series
+        )
         total = time.time() - study.last_received_at
         fields = {
             "study": study_uid,
@@ -465,9 +485,11 @@ class Gateway:
         self.audit.record("study_done", **fields)
 
 
-def _encode(analysis: SeriesAnalysis, reported: list[ReportedFinding], mask: np.ndarray | None) -> list[Any]:
+def _encode(
+    analysis: SeriesAnalysis, reported: list[ReportedFinding], mask: np.ndarray | None, previous: list[Any]
+) -> list[Any]:
     """SR always; GSPS when there is something to draw; SEG when the model gave a non-empty mask."""
-    datasets: list[Any] = [build_sr(analysis, findings=reported)]
+    datasets: list[Any] = [build_sr(analysis, findings=reported, previous=previous)]
     gsps = build_gsps(analysis)
     if gsps is not None:
         datasets.append(gsps)

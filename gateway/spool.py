@@ -22,6 +22,7 @@ import time
 from collections.abc import Iterable
 from io import BytesIO
 from pathlib import Path
+from typing import Any
 
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -135,18 +136,48 @@ class Spool:
         atomic_write(path, encoded)
         return dataclasses.replace(record, path=path)
 
-    def mark_processed(self, study_uid: str, sop_uids: Iterable[str]) -> None:
-        folder = self.root / study_uid
-        marker = folder / PROCESSED_MARKER
-        done = set(self.processed_instances(study_uid)) | set(sop_uids)
-        atomic_write(marker, json.dumps({"processed_at": time.time(), "instances": sorted(done)}).encode())
+    def _marker(self, study_uid: str) -> dict[str, Any]:
+        try:
+            data = json.loads((self.root / study_uid / PROCESSED_MARKER).read_text())
+            return data if isinstance(data, dict) else {}
+        except (OSError, ValueError):
+            return {}
+
+    def mark_processed(
+        self, study_uid: str, sop_uids: Iterable[str], results: dict[str, str] | None = None
+    ) -> None:
+        """Record that these instances are analysed, and the SR each (series, pipeline) produced."""
+        marker = self._marker(study_uid)
+        done = set(marker.get("instances", [])) | set(sop_uids)
+        known = dict(marker.get("results", {}))
+        known.update(results or {})
+        body = {"processed_at": time.time(), "instances": sorted(done), "results": known}
+        atomic_write(self.root / study_uid / PROCESSED_MARKER, json.dumps(body).encode())
 
     def processed_instances(self, study_uid: str) -> list[str]:
-        marker = self.root / study_uid / PROCESSED_MARKER
-        try:
-            return list(json.loads(marker.read_text())["instances"])
-        except (OSError, ValueError, KeyError):
-            return []
+        return list(self._marker(study_uid).get("instances", []))
+
+    def previous_result(self, study_uid: str, key: str) -> str | None:
+        """The SR SOP Instance UID last written for ``key`` ("<series UID>/<pipeline>") in this study."""
+        value = self._marker(study_uid).get("results", {}).get(key)
+        return str(value) if value else None
+
+    def study_records(self, study_uid: str) -> list[InstanceRecord]:
+        """Records of every instance of one study in the spool (read back from the file headers)."""
+        records = []
+        for path in sorted((self.root / study_uid).glob("*/*.dcm")):
+            try:
+                records.append(self._read_record(path))
+            except Exception as exc:
+                logger.warning(
+                    "spool: skipping unreadable %s: %s", path.relative_to(self.root), type(exc).__name__
+                )
+        return records
+
+    def _read_record(self, path: Path) -> InstanceRecord:
+        header = pydicom.dcmread(path, defer_size=4096)
+        calling_ae = str(header.file_meta.get("SourceApplicationEntityTitle", "")).strip()
+        return record_from_header(header, path, calling_ae, path.stat().st_mtime)
 
     def recover(self) -> list[InstanceRecord]:
         """Records of every spooled instance whose study has not been processed with it yet."""
@@ -157,15 +188,7 @@ class Spool:
                 if path.stem in done:
                     continue
                 try:
-                    header = pydicom.dcmread(path, defer_size=4096)
-                    records.append(
-                        record_from_header(
-                            header,
-                            path,
-                            str(header.file_meta.get("SourceApplicationEntityTitle", "")).strip(),
-                            path.stat().st_mtime,
-                        )
-                    )
+                    records.append(self._read_record(path))
                 except Exception as exc:
                     logger.warning(
                         "spool recovery: skipping unreadable %s: %s", path.relative_to(self.root), exc

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
 
 from gateway.domain import Finding
 
@@ -32,6 +34,20 @@ class SeriesAnalysis:
     def __post_init__(self) -> None:
         if not self.sources:
             raise ValueError("SeriesAnalysis.sources must list the analysed instances")
+
+    def result_uid(self, role: str) -> str:
+        """A deterministic UID for one result object of this analysis.
+
+        The same instances analysed by the same pipeline, algorithm and model version always give the same UIDs,
+        so re-running a study after a crash or a duplicate send re-delivers the same objects (a PACS keeps one
+        copy) instead of silently adding duplicates. A changed instance set or model gives new UIDs.
+        """
+        instances = sorted(str(ds.SOPInstanceUID) for ds in self.sources)
+        key = "|".join(
+            [self.pipeline_name, self.algorithm_version, self.model_name, self.model_version, *instances]
+        )
+        digest = hashlib.sha256(key.encode()).hexdigest()
+        return str(generate_uid(entropy_srcs=[digest, role]))
 
     def algorithm_parameters(self) -> list[str]:
         return [

@@ -22,7 +22,6 @@ from highdicom.pr import (
 )
 from pydicom.dataset import Dataset
 from pydicom.pixels import pack_bits
-from pydicom.uid import generate_uid
 
 from gateway.domain import Finding
 from gateway.results.common import MANUFACTURER, SOFTWARE_VERSION, SeriesAnalysis
@@ -32,9 +31,7 @@ GSPS_SERIES_NUMBER = 9902
 LAYER_NAME = "AI_FINDINGS"
 
 
-def build_gsps(
-    analysis: SeriesAnalysis, *, series_uid: str | None = None, sop_uid: str | None = None
-) -> GrayscaleSoftcopyPresentationState | None:
+def build_gsps(analysis: SeriesAnalysis) -> GrayscaleSoftcopyPresentationState | None:
     """The presentation state for a series, or ``None`` when there is nothing to draw."""
     if not analysis.findings:
         return None
@@ -75,9 +72,9 @@ def build_gsps(
     center, width = analysis.display_window
     gsps = GrayscaleSoftcopyPresentationState(
         referenced_images=images,
-        series_instance_uid=series_uid or generate_uid(),
+        series_instance_uid=analysis.result_uid("gsps-series"),
         series_number=GSPS_SERIES_NUMBER,
-        sop_instance_uid=sop_uid or generate_uid(),
+        sop_instance_uid=analysis.result_uid("gsps"),
         instance_number=1,
         manufacturer=MANUFACTURER,
         manufacturer_model_name=analysis.algorithm_name[:64],

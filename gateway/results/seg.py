@@ -9,7 +9,6 @@ from __future__ import annotations
 import highdicom as hd
 import numpy as np
 from pydicom.sr.codedict import codes
-from pydicom.uid import generate_uid
 
 from gateway.results import codes as gw
 from gateway.results.common import MANUFACTURER, SOFTWARE_VERSION, SeriesAnalysis
@@ -43,7 +42,7 @@ def build_seg(analysis: SeriesAnalysis, mask: np.ndarray) -> hd.seg.Segmentation
             family=codes.cid7162.ArtificialIntelligence,
             version=analysis.algorithm_version[:64],
         ),
-        tracking_uid=str(generate_uid()),
+        tracking_uid=analysis.result_uid("seg-segment-1"),
         tracking_id=f"{analysis.pipeline_name} mask",
     )
     seg = hd.seg.Segmentation(
@@ -51,9 +50,9 @@ def build_seg(analysis: SeriesAnalysis, mask: np.ndarray) -> hd.seg.Segmentation
         pixel_array=full.astype(np.uint8),
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=[description],
-        series_instance_uid=generate_uid(),
+        series_instance_uid=analysis.result_uid("seg-series"),
         series_number=SEG_SERIES_NUMBER,
-        sop_instance_uid=generate_uid(),
+        sop_instance_uid=analysis.result_uid("seg"),
         instance_number=1,
         manufacturer=MANUFACTURER,
         manufacturer_model_name=analysis.algorithm_name[:64],

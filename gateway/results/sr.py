@@ -10,6 +10,8 @@ report ("All algorithms succeeded; without findings").
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 from highdicom.sr import (
     AlgorithmIdentification,
@@ -128,10 +130,13 @@ def build_sr(
     analysis: SeriesAnalysis,
     *,
     findings: list[ReportedFinding] | None = None,
-    series_uid: str | None = None,
-    sop_uid: str | None = None,
+    previous: Sequence[Dataset] = (),
 ) -> Comprehensive3DSR:
-    """The SR for one analysed series. ``findings`` defaults to ``reported_findings(analysis)``."""
+    """The SR for one analysed series. ``findings`` defaults to ``reported_findings(analysis)``.
+
+    ``previous`` lists earlier SRs of the same series and pipeline that this one supersedes (late instances,
+    a new model version): they are referenced as predecessor documents.
+    """
     findings = reported_findings(analysis) if findings is None else findings
     observer = ObserverContext(
         observer_type=codes.DCM.Device,
@@ -174,14 +179,15 @@ def build_sr(
     sr = Comprehensive3DSR(
         evidence=list(analysis.sources),
         content=report,
-        series_instance_uid=series_uid or generate_uid(),
+        series_instance_uid=analysis.result_uid("sr-series"),
         series_number=SR_SERIES_NUMBER,
-        sop_instance_uid=sop_uid or generate_uid(),
+        sop_instance_uid=analysis.result_uid("sr"),
         instance_number=1,
         manufacturer=MANUFACTURER,
         is_complete=True,
         is_final=False,  # preliminary until a radiologist reviews it
         is_verified=False,
+        previous_versions=list(previous) or None,
     )
     sr.SeriesDescription = f"AI results: {analysis.pipeline_name} (preliminary)"[:64]
     sr.SoftwareVersions = SOFTWARE_VERSION
