@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     config.write_text(
         f'data_dir = "{work / "data"}"\nquiet_period_s = {args.quiet_period}\n'
         f'[[peers]]\nae_title = "BENCH"\nhost = "127.0.0.1"\nport = {orthanc.dicom_port}\n'
-        f"[receiver]\nport = {port}\n"
+        f"[receiver]\nport = {port}\n[http]\nport = 0\n"
         # Route every CT (the real 3-slice CT has no body part) to the reference pipeline.
         '[[pipelines]]\nname = "ct"\nmodel = "ct_head_hyperdensity"\nalgorithm_version = "0.1.0"\nmode = "triage"\n'
         'modalities = ["CT"]\ninput_size = [256, 256]\n[pipelines.labels.0]\nvalue = "50960005"\nscheme = "SCT"\n'
@@ -129,8 +129,15 @@ def main(argv: list[str] | None = None) -> int:
                     timeout_s=60,
                 )[0]
                 results[name]["gateway_last_instance_to_done_ms"].append(done["last_instance_to_done_ms"])
+                delivered = wait_for(
+                    lambda uid=study_uid: [
+                        e for e in audit.read() if e["event"] == "results_delivered" and e["study"] == uid
+                    ],
+                    timeout_s=60,
+                )[0]
                 for stage in STAGES:
-                    results[name].setdefault(f"{stage}_ms", []).append(done.get(f"{stage}_ms", 0.0))
+                    value = delivered["deliver_ms"] if stage == "deliver" else done.get(f"{stage}_ms", 0.0)
+                    results[name].setdefault(f"{stage}_ms", []).append(value)
     finally:
         gateway.stop()
         orthanc.stop()

@@ -21,6 +21,15 @@ logger = logging.getLogger(__name__)
 
 TRITON_PRIORITY = {Priority.STAT: 1, Priority.URGENT: 2, Priority.ROUTINE: 3}
 DETECTION_WIDTH = 7
+_MAX_MESSAGE = 2**31 - 1
+# gRPC's default reconnect backoff grows to 2 minutes; a gateway must notice a restarted Triton within seconds.
+CHANNEL_ARGS = [
+    ("grpc.max_send_message_length", _MAX_MESSAGE),
+    ("grpc.max_receive_message_length", _MAX_MESSAGE),
+    ("grpc.initial_reconnect_backoff_ms", 500),
+    ("grpc.min_reconnect_backoff_ms", 500),
+    ("grpc.max_reconnect_backoff_ms", 2000),
+]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -55,7 +64,7 @@ class TritonClient:
         self.url = url
         self.timeout_s = timeout_s
         self.max_slices_per_request = max_slices_per_request
-        self._client = grpcclient.InferenceServerClient(url=url)
+        self._client = grpcclient.InferenceServerClient(url=url, channel_args=CHANNEL_ARGS)
         self._versions: dict[str, str] = {}
 
     async def close(self) -> None:

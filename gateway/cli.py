@@ -29,6 +29,8 @@ examples:
   gateway serve --config site.toml --destination PACS@127.0.0.1:4242
   gateway send study/ --to AI_GATEWAY@127.0.0.1:11112
   gateway echo AI_GATEWAY@127.0.0.1:11112
+  gateway resend --config site.toml               # re-queue deliveries from the dead-letter area
+  gateway token --role operator --name ops         # bearer token for the HTTP admin endpoints
 """
 
 
@@ -107,6 +109,28 @@ def build_parser() -> argparse.ArgumentParser:
     echo.add_argument("peer", type=_peer, metavar="AET@HOST:PORT")
     echo.add_argument("--calling-ae", default="GATEWAY_SCU")
 
+    resend = sub.add_parser(
+        "resend",
+        help="move failed deliveries from the dead-letter area back to their queue",
+        description="Dead-letter jobs are result deliveries that failed max_attempts times. A running gateway picks "
+        "re-queued jobs up within a second; otherwise they go out at the next start.",
+    )
+    resend.add_argument("--config", type=Path, metavar="FILE", help="settings file (for data_dir)")
+    resend.add_argument("--data-dir", type=Path, metavar="DIR", help="the gateway's data directory")
+    resend.add_argument(
+        "--job", action="append", metavar="ID", help="job id to re-send (repeatable); default: all"
+    )
+    resend.add_argument("--list", action="store_true", help="only list the dead-letter jobs")
+
+    token = sub.add_parser(
+        "token",
+        help="create a bearer token for the HTTP admin endpoints",
+        description="Prints a new random token (give it to the client) and the [[http.tokens]] lines to add to the "
+        "settings file. Only the token's SHA-256 is stored.",
+    )
+    token.add_argument("--role", choices=["read-only", "operator", "admin"], required=True)
+    token.add_argument("--name", default="token", help="a label for the token holder")
+
     config = sub.add_parser(
         "config",
         help="print the effective settings and exit",
@@ -159,7 +183,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
             f"Data directory: {settings.data_dir}\n"
             f"Send a study:   .venv/bin/gateway send PATH --to {recv.ae_title}@{recv.host}:{gateway.port}\n"
             f"           or:  storescu -aec {recv.ae_title} {recv.host} {gateway.port} FILE...\n"
-            "Stop with Ctrl-C.\n",
+            + (
+                f"Health:         http://{settings.http.host}:{gateway.api.port}/health (metrics: /metrics)\n"
+                if gateway.api
+                else ""
+            )
+            + "Stop with Ctrl-C.\n",
             flush=True,
         )
         stop.wait()
@@ -209,6 +238,40 @@ def cmd_echo(args: argparse.Namespace) -> int:
     return 0 if ok else 2
 
 
+def cmd_resend(args: argparse.Namespace) -> int:
+    from gateway.outbox import Outbox
+
+    overrides: dict[str, Any] = {"data_dir": str(args.data_dir.resolve())} if args.data_dir else {}
+    settings = load_settings(args.config, overrides)
+    outbox = Outbox(settings.outbox_dir, settings.delivery, calling_ae=settings.receiver.ae_title)
+    dead = outbox.dead_letters()
+    if args.list:
+        for job in dead:
+            print(
+                f"{job.job_id}  {job.destination}  {len(job.paths)} object(s)  tries={job.attempts}  {job.last_error[:80]}"
+            )
+        print(f"{len(dead)} job(s) in the dead-letter area")
+        return 0
+    moved = outbox.resend(args.job)
+    print(f"re-queued {len(moved)} of {len(dead)} dead-letter job(s)")
+    missing = sorted(set(args.job or []) - set(moved))
+    for job_id in missing:
+        print(f"  not found: {job_id}", file=sys.stderr)
+    return 0 if not missing else 2
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    import secrets
+
+    from gateway.http_api import hash_token
+
+    value = secrets.token_urlsafe(32)
+    print(f"token (give to the client, shown once): {value}\n")
+    print("add to the settings file:\n")
+    print(f'[[http.tokens]]\nname = "{args.name}"\nrole = "{args.role}"\nsha256 = "{hash_token(value)}"')
+    return 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     settings: Settings = load_settings(args.config)
     print(f"data_dir          {settings.data_dir}")
@@ -226,7 +289,14 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handlers = {"serve": cmd_serve, "send": cmd_send, "echo": cmd_echo, "config": cmd_config}
+    handlers = {
+        "serve": cmd_serve,
+        "send": cmd_send,
+        "echo": cmd_echo,
+        "resend": cmd_resend,
+        "token": cmd_token,
+        "config": cmd_config,
+    }
     try:
         return handlers[args.command](args)
     except GatewayError as exc:

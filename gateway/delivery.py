@@ -1,26 +1,17 @@
-"""Result delivery: keep every result under the data directory, then C-STORE it to the destination.
+"""The result store: every result object is kept under the data directory before it is sent anywhere.
 
-The destination is ``[delivery].destination`` when set, otherwise the known peer that sent the study. Transient
-failures are retried with exponential backoff; a failure after the last try raises ``DeliveryError`` and the
-results stay on disk.
+Sending is the outbox's job (``gateway/outbox.py``): durable per-destination queues with retries.
 """
 
 from __future__ import annotations
 
-import logging
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import pydicom
 from pydicom.dataset import Dataset
 
-from clients.dicom_scu import store_datasets
-from gateway.errors import DeliveryError
-from gateway.settings import Peer, Settings
 from gateway.spool import atomic_write, fsync_dir
-
-logger = logging.getLogger(__name__)
 
 
 def encode(ds: Dataset) -> bytes:
@@ -53,43 +44,3 @@ class ResultStore:
             atomic_write(path, encode(ds))
             paths.append(path)
         return paths
-
-
-class Deliverer:
-    def __init__(self, settings: Settings, *, attempts: int = 3, backoff_s: float = 1.0) -> None:
-        self.settings = settings
-        self.attempts = attempts
-        self.backoff_s = backoff_s
-
-    def destination_for(self, calling_ae: str) -> Peer | None:
-        return self.settings.delivery.destination or self.settings.peer_for(calling_ae)
-
-    def deliver(self, datasets: Sequence[Dataset], destination: Peer) -> None:
-        last: Exception | None = None
-        for attempt in range(1, self.attempts + 1):
-            try:
-                report = store_datasets(
-                    datasets,
-                    destination,
-                    calling_ae=self.settings.receiver.ae_title,
-                    timeout_s=self.settings.delivery.timeout_s,
-                )
-                if report.ok:
-                    return
-                last = DeliveryError(
-                    f"{destination} refused {len(report.failed)} result(s): {report.failed[0][1]}"
-                )
-            except DeliveryError as exc:
-                last = exc
-            if attempt < self.attempts:
-                delay = self.backoff_s * 2 ** (attempt - 1)
-                logger.warning(
-                    "delivery to %s failed (try %d/%d), retrying in %.1fs: %s",
-                    destination,
-                    attempt,
-                    self.attempts,
-                    delay,
-                    last,
-                )
-                time.sleep(delay)
-        raise DeliveryError(f"delivery to {destination} failed after {self.attempts} tries: {last}")

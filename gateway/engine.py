@@ -14,6 +14,7 @@ import asyncio
 import dataclasses
 import json
 import logging
+import shutil
 import threading
 import time
 from collections.abc import Callable
@@ -26,18 +27,20 @@ import numpy as np
 from clients.triton import TritonClient
 from gateway.assembler import StudyAssembler, assemble_study
 from gateway.audit import AuditLog
-from gateway.delivery import Deliverer, ResultStore
+from gateway.delivery import ResultStore
 from gateway.domain import InstanceRecord, RolloutMode, StageTimings, Study
 from gateway.errors import (
     ConfigError,
-    DeliveryError,
     GatewayError,
     InferenceUnavailable,
     PermanentError,
 )
+from gateway.http_api import AdminApi, ApiBackend
 from gateway.interpret import interpret
 from gateway.logs import silence_identifier_warnings
+from gateway.metrics import Metrics
 from gateway.notify import StatEvent, StatNotifier
+from gateway.outbox import Outbox
 from gateway.reporting import ReportDispatcher
 from gateway.results.common import SeriesAnalysis
 from gateway.results.content import ReportedFinding, SeriesReport, reported_findings
@@ -58,7 +61,7 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 POLL_INTERVAL_S = 0.2
-MAX_RETRY_DELAY_S = 60.0
+TRITON_WATCH_INTERVAL_S = 2.0
 
 
 @dataclass
@@ -82,9 +85,14 @@ class Gateway:
         self.assembler = StudyAssembler(settings.quiet_period_s)
         self.router = Router(settings.pipelines)
         self.results = ResultStore(settings.results_dir)
-        self.deliverer = Deliverer(settings)
         self.notifier = StatNotifier(settings.stat_webhook_url)
         self.audit = AuditLog(settings.audit_log)
+        self.outbox = Outbox(
+            settings.outbox_dir,
+            settings.delivery,
+            calling_ae=settings.receiver.ae_title,
+            on_event=self.audit.record,
+        )
         self.reports = ReportDispatcher(settings, self.audit)
         self.backend = select_backend(force_cpu=settings.force_cpu)
         self.executor = ThreadPoolExecutor(
@@ -99,6 +107,10 @@ class Gateway:
         self._progress: dict[str, _StudyProgress] = {}
         self._ready = threading.Event()
         self._startup_error: BaseException | None = None
+        self._queue: JobQueue | None = None
+        self.metrics = Metrics()
+        self.triton_ready = False
+        self.api: AdminApi | None = None
 
     # -- life cycle -------------------------------------------------------------------------------------------
 
@@ -125,6 +137,7 @@ class Gateway:
             self._ready.wait()
             if self._startup_error is not None:
                 raise self._startup_error
+            self.outbox.start()
             for record in self.spool.recover():
                 self.assembler.add(record)
             self.scp = StoreSCP(
@@ -132,14 +145,29 @@ class Gateway:
                 self.spool,
                 self.on_stored,
                 allowed_calling_aes=self.settings.allowed_calling_aes(),
+                on_refused=lambda status: self.metrics.instances_refused.labels(f"0x{status:04X}").inc(),
             )
             self.scp.start()
+            if self.settings.http.enabled:
+                self.api = AdminApi(
+                    self.settings.http,
+                    ApiBackend(
+                        health=self.health,
+                        metrics=self.render_metrics,
+                        dead_letters=lambda: [dataclasses.asdict(j) for j in self.outbox.dead_letters()],
+                        resend=self.outbox.resend,
+                    ),
+                )
+                self.api.start()
         except BaseException:
             self.stop()
             raise
         return self
 
     def stop(self) -> None:
+        if self.api is not None:
+            self.api.stop()
+            self.api = None
         if self.scp is not None:
             self.scp.stop()
             self.scp = None
@@ -149,6 +177,7 @@ class Gateway:
             self._loop_thread.join(timeout=30)
             self._loop_thread = None
         self.executor.shutdown(wait=True, cancel_futures=True)
+        self.outbox.stop()
         self.reports.close()
         if self.triton_server is not None:
             self.triton_server.stop()
@@ -166,7 +195,48 @@ class Gateway:
 
     def on_stored(self, record: InstanceRecord) -> None:
         """Called on an association thread once an instance is durable."""
+        self.metrics.instances_received.labels(record.calling_ae or "?").inc()
         self.assembler.add(record)
+
+    # -- health and metrics -----------------------------------------------------------------------------------
+
+    def health(self) -> dict[str, Any]:
+        """Status "ok" or "degraded" with the reasons; studies are accepted either way."""
+        reasons = []
+        if not self.triton_ready:
+            reasons.append(f"Triton at {self.triton_url} is not ready: analyses are queued and retried")
+        for destination, error in sorted(self.outbox.failing.items()):
+            reasons.append(f"destination {destination} is failing ({error[:120]}): results are queued")
+        try:
+            self.spool.check_space()
+        except GatewayError as exc:
+            reasons.append(str(exc))
+        dead = len(self.outbox.dead_letters())
+        return {
+            "status": "degraded" if reasons else "ok",
+            "reasons": reasons,
+            "triton": {"url": self.triton_url, "ready": self.triton_ready},
+            "queue": self._queue.depth_by_priority() if self._queue is not None else {},
+            "studies_pending": self.assembler.pending_studies(),
+            "studies_in_flight": len(self._progress),
+            "outbox_pending": self.outbox.pending(),
+            "dead_letters": dead,
+        }
+
+    def render_metrics(self) -> bytes:
+        m = self.metrics
+        health = self.health()
+        m.degraded.set(1 if health["status"] != "ok" else 0)
+        m.triton_up.set(1 if self.triton_ready else 0)
+        for priority, depth in health["queue"].items():
+            m.queue_depth.labels(priority).set(depth)
+        m.studies_pending.set(health["studies_pending"])
+        m.studies_in_flight.set(health["studies_in_flight"])
+        for destination, count in health["outbox_pending"].items():
+            m.outbox_pending.labels(destination).set(count)
+        m.dead_letters.set(health["dead_letters"])
+        m.spool_free_bytes.set(shutil.disk_usage(self.spool.root).free)
+        return m.render()
 
     # -- event loop -------------------------------------------------------------------------------------------
 
@@ -193,9 +263,14 @@ class Gateway:
         )
         try:
             await self._check_models(client)
-            queue = JobQueue()
+            queue = self._queue = JobQueue()
+            self._inference_open = asyncio.Event()
+            self._inference_open.set()
             self._ready.set()
-            tasks = [asyncio.create_task(self._assemble(queue), name="assembler")]
+            tasks = [
+                asyncio.create_task(self._assemble(queue), name="assembler"),
+                asyncio.create_task(self._watch_triton(client), name="triton-watch"),
+            ]
             tasks += [
                 asyncio.create_task(self._work(queue, client), name=f"worker-{i}")
                 for i in range(self.settings.workers)
@@ -231,6 +306,26 @@ class Gateway:
                     self.triton_url,
                 )
 
+    async def _watch_triton(self, client: TritonClient) -> None:
+        """Track Triton's readiness. While it is down, workers hold and the queue keeps every job in priority
+        order, so the backlog is worked off STAT first when it returns; probes back off up to retry_max_s."""
+        delay = TRITON_WATCH_INTERVAL_S
+        while True:
+            ready = await client.is_ready()
+            if ready != self.triton_ready:
+                log = logger.info if ready else logger.error
+                log(
+                    "Triton at %s is %s", self.triton_url, "ready" if ready else "NOT ready: gateway degraded"
+                )
+            self.triton_ready = ready
+            if ready:
+                self._inference_open.set()
+                delay = TRITON_WATCH_INTERVAL_S
+            else:
+                self._inference_open.clear()
+                delay = min(self.settings.triton.retry_max_s, delay * 2)
+            await asyncio.sleep(delay)
+
     async def _assemble(self, queue: JobQueue) -> None:
         while True:
             await asyncio.sleep(POLL_INTERVAL_S)
@@ -248,6 +343,7 @@ class Gateway:
             )
         decision = self.router.route(study)
         for skip in decision.skipped:
+            self.metrics.series_skipped.inc()
             logger.info(
                 "series %s (%s) not analysed: %s", skip.series_instance_uid, skip.modality or "?", skip.reason
             )
@@ -269,47 +365,45 @@ class Gateway:
 
     async def _work(self, queue: JobQueue, client: TritonClient) -> None:
         while True:
+            await self._inference_open.wait()
             job = await queue.get()
             try:
                 await self._process(job, client)
                 self._job_done(job)
             except InferenceUnavailable as exc:
-                delay = min(MAX_RETRY_DELAY_S, 2.0 ** min(job.attempts, 6))
+                self.metrics.inference_retries.inc()
+                self.triton_ready = False
+                self._inference_open.clear()  # hold every worker until the watcher sees Triton ready again
                 logger.warning(
-                    "inference unavailable for series %s (try %d), retrying in %.0fs: %s",
+                    "inference unavailable for series %s (try %d); queued until Triton is back: %s",
                     job.series.series_instance_uid,
                     job.attempts + 1,
-                    delay,
                     exc,
                 )
-                retry = dataclasses.replace(job, attempts=job.attempts + 1)
-                asyncio.get_running_loop().call_later(delay, queue.put, retry)
+                queue.put(dataclasses.replace(job, attempts=job.attempts + 1))
             except PermanentError as exc:
                 logger.warning(
                     "series %s not analysed by %s: %s", job.series.series_instance_uid, job.pipeline.name, exc
                 )
-                self.audit.record(
-                    "series_failed",
-                    study=job.study.study_instance_uid,
-                    series=job.series.series_instance_uid,
-                    pipeline=job.pipeline.name,
-                    reason=str(exc),
-                )
-                self._job_done(job)
+                self._fail(job, str(exc))
             except Exception as exc:
                 logger.exception(
                     "series %s: unexpected error in %s", job.series.series_instance_uid, job.pipeline.name
                 )
-                self.audit.record(
-                    "series_failed",
-                    study=job.study.study_instance_uid,
-                    series=job.series.series_instance_uid,
-                    pipeline=job.pipeline.name,
-                    reason=f"{type(exc).__name__}: {exc}",
-                )
-                self._job_done(job)
+                self._fail(job, f"{type(exc).__name__}: {exc}")
             finally:
                 queue.task_done()
+
+    def _fail(self, job: InferenceJob, reason: str) -> None:
+        self.metrics.series_failed.labels(job.pipeline.name).inc()
+        self.audit.record(
+            "series_failed",
+            study=job.study.study_instance_uid,
+            series=job.series.series_instance_uid,
+            pipeline=job.pipeline.name,
+            reason=reason,
+        )
+        self._job_done(job)
 
     async def _timed(self, timings: dict[str, float], stage: str, fn: Callable[..., T], *args: Any) -> T:
         started = time.perf_counter()
@@ -369,11 +463,11 @@ class Gateway:
         datasets = await self._timed(timings, "encode", _encode, analysis, reported, output.mask, previous)
         paths_out = await self._timed(timings, "store", self.results.save, study.study_instance_uid, datasets)
         sr = datasets[0]
-        delivered_to = ""
+        destination = None
         if pipeline.mode is RolloutMode.SILENT:
             logger.info("pipeline %s is silent: results recorded, not sent", pipeline.name)
         else:
-            destination = self.deliverer.destination_for(study.calling_ae)
+            destination = self.settings.destination_for(study.calling_ae)
             if destination is None:
                 logger.warning(
                     "no destination for results of calling AE %s: kept under %s only",
@@ -381,15 +475,7 @@ class Gateway:
                     paths_out[0].parent,
                 )
             else:
-                try:
-                    await self._timed(timings, "deliver", self.deliverer.deliver, datasets, destination)
-                    delivered_to = str(destination)
-                except DeliveryError as exc:
-                    logger.error(
-                        "results of series %s not delivered (kept on disk): %s",
-                        series.series_instance_uid,
-                        exc,
-                    )
+                self.outbox.enqueue(destination, study.study_instance_uid, paths_out)
         if stat:
             event = StatEvent(
                 study_instance_uid=study.study_instance_uid,
@@ -426,12 +512,18 @@ class Gateway:
             "study_score": round(found.study_score, 4),
             "stat": stat,
             "results": [str(ds.SOPInstanceUID) for ds in datasets],
-            "delivered_to": delivered_to,
+            "destination": str(destination) if destination else "",
             "supersedes": [str(ds.SOPInstanceUID) for ds in previous],
             "backend": self.backend.name,
             **StageTimings(values=timings).as_log_fields(),
         }
         logger.info("series analysed %s", json.dumps(fields))
+        self.metrics.series_analysed.labels(pipeline.name).inc()
+        self.metrics.findings.labels(pipeline.name).inc(len(found.findings))
+        if stat:
+            self.metrics.stat_studies.labels(pipeline.name).inc()
+        for stage, seconds in timings.items():
+            self.metrics.stage_seconds.labels(stage).observe(seconds)
         self.audit.record("series_analysed", **fields)
         progress = self._progress.get(study.study_instance_uid)
         if progress is not None:
@@ -483,6 +575,9 @@ class Gateway:
         }
         logger.info("study done %s", json.dumps(fields))
         self.audit.record("study_done", **fields)
+        self.metrics.studies_completed.inc()
+        for stage in ("receive", "wait_complete"):
+            self.metrics.stage_seconds.labels(stage).observe(progress.timings.get(stage, 0.0))
 
 
 def _encode(

@@ -35,7 +35,12 @@ def handle_echo(event: evt.Event) -> int:
     return STATUS_SUCCESS
 
 
-def handle_store(event: evt.Event, spool: Spool, on_stored: Callable[[InstanceRecord], None]) -> int:
+def handle_store(
+    event: evt.Event,
+    spool: Spool,
+    on_stored: Callable[[InstanceRecord], None],
+    on_refused: Callable[[int], None],
+) -> int:
     calling_ae = event.assoc.requestor.ae_title.strip()
     try:
         record = spool.store(
@@ -44,10 +49,12 @@ def handle_store(event: evt.Event, spool: Spool, on_stored: Callable[[InstanceRe
     except GatewayError as exc:
         status = dimse_status_for(exc)
         logger.warning("C-STORE from %s refused (status 0x%04X): %s", calling_ae, status, exc)
+        on_refused(status)
         return status
     except Exception as exc:  # a broken file must never take the receiver down
         status = dimse_status_for(exc)
         logger.exception("C-STORE from %s failed (status 0x%04X): %s", calling_ae, status, type(exc).__name__)
+        on_refused(status)
         return status
     try:
         on_stored(record)
@@ -87,6 +94,7 @@ class StoreSCP:
         on_stored: Callable[[InstanceRecord], None],
         *,
         allowed_calling_aes: frozenset[str],
+        on_refused: Callable[[int], None] = lambda status: None,
     ) -> None:
         configure_pynetdicom()
         self.settings = settings
@@ -107,7 +115,7 @@ class StoreSCP:
         self.ae = ae
         self.handlers: list[Any] = [
             (evt.EVT_C_ECHO, handle_echo),
-            (evt.EVT_C_STORE, handle_store, [spool, on_stored]),
+            (evt.EVT_C_STORE, handle_store, [spool, on_stored, on_refused]),
             (evt.EVT_REJECTED, log_rejection),
         ]
         self.server: ThreadedAssociationServer | None = None

@@ -77,12 +77,31 @@ class TritonSettings:
     startup_timeout_s: float = 120.0
     request_timeout_s: float = 60.0
     max_slices_per_request: int = 32
+    retry_max_s: float = 60.0  # longest wait between inference retries while Triton is unavailable
 
 
 @dataclass(frozen=True, kw_only=True)
 class DeliverySettings:
     destination: Peer | None = None
     timeout_s: float = 30.0
+    max_attempts: int = 8  # then the job goes to the dead-letter area (gateway resend brings it back)
+    retry_base_s: float = 2.0
+    retry_max_s: float = 300.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class HttpToken:
+    name: str
+    role: str  # read-only | operator | admin
+    sha256: str  # hex digest of the bearer token; the token itself is never stored
+
+
+@dataclass(frozen=True, kw_only=True)
+class HttpSettings:
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = 8080
+    tokens: tuple[HttpToken, ...] = ()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -161,6 +180,7 @@ class Settings:
     delivery: DeliverySettings = field(default_factory=DeliverySettings)
     fhir: FhirSettings = field(default_factory=FhirSettings)
     hl7: Hl7Settings = field(default_factory=Hl7Settings)
+    http: HttpSettings = field(default_factory=HttpSettings)
     peers: tuple[Peer, ...] = ()
     pipelines: tuple[PipelineSettings, ...] = ()
 
@@ -173,11 +193,19 @@ class Settings:
         return self.data_dir / "results"
 
     @property
+    def outbox_dir(self) -> Path:
+        return self.data_dir / "outbox"
+
+    @property
     def audit_log(self) -> Path:
         return self.data_dir / "audit.jsonl"
 
     def allowed_calling_aes(self) -> frozenset[str]:
         return frozenset(self.receiver.allowed_calling_aes) | {p.ae_title for p in self.peers}
+
+    def destination_for(self, calling_ae: str) -> Peer | None:
+        """Where results go: the configured destination, else the known peer that sent the study."""
+        return self.delivery.destination or self.peer_for(calling_ae)
 
     def peer_for(self, ae_title: str) -> Peer | None:
         for peer in self.peers:
@@ -368,7 +396,8 @@ def load_settings(config_file: Path | None = None, overrides: dict[str, Any] | N
     dlv = _Reader(_table(raw, "delivery"), "delivery.")
     fr = _Reader(_table(raw, "fhir"), "fhir.")
     hr = _Reader(_table(raw, "hl7"), "hl7.")
-    for key in ("receiver", "triton", "delivery", "fhir", "hl7", "peers", "pipelines"):
+    htr = _Reader(_table(raw, "http"), "http.")
+    for key in ("receiver", "triton", "delivery", "fhir", "hl7", "http", "peers", "pipelines"):
         top.used.add(key)
 
     def resolve(path_text: str) -> Path:
@@ -397,12 +426,39 @@ def load_settings(config_file: Path | None = None, overrides: dict[str, Any] | N
         startup_timeout_s=tri.get_float("startup_timeout_s"),
         request_timeout_s=tri.get_float("request_timeout_s"),
         max_slices_per_request=tri.get_int("max_slices_per_request"),
+        retry_max_s=tri.get_float("retry_max_s"),
     )
     destination_text = dlv.get_str("destination")
     delivery = DeliverySettings(
         destination=Peer.parse(destination_text) if destination_text else None,
         timeout_s=dlv.get_float("timeout_s"),
+        max_attempts=dlv.get_int("max_attempts"),
+        retry_base_s=dlv.get_float("retry_base_s"),
+        retry_max_s=dlv.get_float("retry_max_s"),
     )
+    if delivery.max_attempts < 1:
+        raise ConfigError("delivery.max_attempts must be >= 1")
+    tokens = []
+    for i, t in enumerate(_table(raw, "http").get("tokens", [])):
+        tr = _Reader(t, f"http.tokens[{i}].")
+        token = HttpToken(
+            name=tr.get_str("name"), role=tr.get_str("role"), sha256=tr.get_str("sha256").lower()
+        )
+        tr.finish()
+        if token.role not in ("read-only", "operator", "admin"):
+            raise ConfigError(
+                f"http.tokens[{i}].role must be read-only, operator or admin, got {token.role!r}"
+            )
+        if not re.match(r"^[0-9a-f]{64}$", token.sha256):
+            raise ConfigError(f"http.tokens[{i}].sha256 must be a 64-character hex SHA-256 digest")
+        tokens.append(token)
+    http = HttpSettings(
+        enabled=htr.get_bool("enabled"),
+        host=htr.get_str("host"),
+        port=htr.get_int("port"),
+        tokens=tuple(tokens),
+    )
+    htr.used.add("tokens")
     fhir = FhirSettings(
         url=fr.get_str("url"), timeout_s=fr.get_float("timeout_s"), attempts=fr.get_int("attempts")
     )
@@ -450,10 +506,11 @@ def load_settings(config_file: Path | None = None, overrides: dict[str, Any] | N
         delivery=delivery,
         fhir=fhir,
         hl7=hl7,
+        http=http,
         peers=tuple(peers),
         pipelines=pipelines,
     )
-    for reader in (top, recv, tri, dlv, fr, hr):
+    for reader in (top, recv, tri, dlv, fr, hr, htr):
         reader.finish()
     if settings.quiet_period_s <= 0:
         raise ConfigError(f"quiet_period_s must be > 0, got {settings.quiet_period_s}")

@@ -75,12 +75,13 @@ class TritonServer:
         *,
         startup_timeout_s: float = 120.0,
         log_verbose: int = 0,
+        grpc_port: int = 0,
     ) -> None:
         self.model_repository = Path(model_repository).resolve()
         self.work_dir = Path(work_dir)
         self.startup_timeout_s = startup_timeout_s
         self.log_verbose = log_verbose
-        self.grpc_port = 0
+        self.grpc_port = grpc_port  # 0: a free port is picked at start
         self.http_port = 0
         self.metrics_port = 0
         self.process: subprocess.Popen[bytes] | None = None
@@ -112,7 +113,8 @@ class TritonServer:
         install = TritonInstallation.from_wheel()
         self.work_dir.mkdir(parents=True, exist_ok=True)
         backends = self._prepare_backends(install)
-        self.grpc_port, self.http_port, self.metrics_port = free_port(), free_port(), free_port()
+        self.grpc_port = self.grpc_port or free_port()
+        self.http_port, self.metrics_port = free_port(), free_port()
         env = dict(os.environ)
         env["LD_LIBRARY_PATH"] = os.pathsep.join(
             filter(None, [str(install.libs), env.get("LD_LIBRARY_PATH", "")])

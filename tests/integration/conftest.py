@@ -32,6 +32,9 @@ timeout_s = 2.0
 [receiver]
 port = {port}
 
+[http]
+port = 0
+
 [triton]
 url = "{triton}"
 

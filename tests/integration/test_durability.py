@@ -103,7 +103,7 @@ def test_sigkill_mid_flight_loses_nothing_and_finishes_every_study_once(tmp_path
         config = tmp_path / "gateway.toml"
         config.write_text(
             f'data_dir = "{tmp_path / "data"}"\nquiet_period_s = 1.0\nworkers = 1\n'
-            f'[receiver]\nport = {port}\n[triton]\nurl = "{triton}"\n'
+            f'[receiver]\nport = {port}\n[http]\nport = 0\n[triton]\nurl = "{triton}"\n'
             f'[[peers]]\nae_title = "STORESCU"\nhost = "127.0.0.1"\nport = {orthanc.dicom_port}\n'
             '[[pipelines]]\nname = "ct"\nmodel = "ct_head_hyperdensity"\nalgorithm_version = "0.1.0"\n'
             'modalities = ["CT"]\ninput_size = [256, 256]\n[pipelines.labels]\n0 = "hemorrhage"\n'

@@ -82,7 +82,7 @@ def test_real_ct_sent_by_orthanc_comes_back_as_sr_and_gsps_in_the_same_study(
     [sr] = env.results(study_uid, "SR")
     [analysed] = env.events("series_analysed", study_uid)
     assert analysed["slices"] == 3 and analysed["slice_order"] == "geometry"
-    assert analysed["model_version"] == "1" and analysed["delivered_to"].startswith("ORTHANC@")
+    assert analysed["model_version"] == "1" and analysed["destination"].startswith("ORTHANC@")
     # The original CT series plus the results, all under the same study.
     assert modalities.count("CT") == 1 and "SR" in modalities
     if analysed["findings"]:
@@ -249,7 +249,9 @@ def test_cli_echo_and_send_talk_to_the_running_gateway(env: Env, tmp_path: Path)
 
 def test_gateway_starts_its_own_triton_and_stops_it(tmp_path: Path, model_repository: Path) -> None:
     config = tmp_path / "gateway.toml"
-    config.write_text(f'data_dir = "{tmp_path / "data"}"\n[receiver]\nport = {free_port()}\n')
+    config.write_text(
+        f'data_dir = "{tmp_path / "data"}"\n[receiver]\nport = {free_port()}\n[http]\nport = 0\n'
+    )
     gateway = Gateway(load_settings(config)).start()
     try:
         server = gateway.triton_server

@@ -190,7 +190,7 @@ def test_unreachable_fhir_and_hl7_endpoints_are_retried_reported_and_never_block
     config = tmp_path / "gateway.toml"
     config.write_text(
         f'data_dir = "{tmp_path / "data"}"\nquiet_period_s = 1.0\n'
-        f'[receiver]\nport = {port}\nallowed_calling_aes = ["STORESCU"]\n[triton]\nurl = "{triton}"\n'
+        f'[receiver]\nport = {port}\nallowed_calling_aes = ["STORESCU"]\n[http]\nport = 0\n[triton]\nurl = "{triton}"\n'
         f'[fhir]\nurl = "http://127.0.0.1:{dead}/fhir"\ntimeout_s = 1.0\nattempts = 2\n'
         f'[hl7]\nendpoint = "127.0.0.1:{dead}"\ntimeout_s = 1.0\nattempts = 2\n'
     )

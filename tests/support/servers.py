@@ -31,11 +31,16 @@ class Orthanc:
     """A real Orthanc PACS on free loopback ports with its own storage folder."""
 
     def __init__(
-        self, work_dir: Path, *, aet: str = "ORTHANC", modalities: dict[str, list[Any]] | None = None
+        self,
+        work_dir: Path,
+        *,
+        aet: str = "ORTHANC",
+        modalities: dict[str, list[Any]] | None = None,
+        dicom_port: int = 0,
     ) -> None:
         self.work_dir = work_dir
         self.aet = aet
-        self.dicom_port = free_port()
+        self.dicom_port = dicom_port or free_port()
         self.http_port = free_port()
         self.modalities = modalities or {}
         self.process: subprocess.Popen[bytes] | None = None
@@ -252,3 +257,23 @@ def pixelmed_sr_validation(path: Path) -> str:
 def tool_output(*cmd: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     require_tool(cmd[0])
     return subprocess.run(list(cmd), capture_output=True, text=True, timeout=120, cwd=cwd)
+
+
+def http_json(url: str, *, method: str = "GET", token: str = "", body: Any = None) -> tuple[int, Any]:
+    """(status, decoded JSON or text) of an HTTP request; error statuses are returned, not raised."""
+    import urllib.error
+
+    headers = {"Content-Type": "application/json"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    data = json.dumps(body).encode() if body is not None else (b"" if method == "POST" else None)
+    request = urllib.request.Request(url, data=data, method=method, headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            raw, status = response.read(), response.status
+    except urllib.error.HTTPError as exc:
+        raw, status = exc.read(), exc.code
+    try:
+        return status, json.loads(raw)
+    except ValueError:
+        return status, raw.decode()

@@ -6,7 +6,7 @@ import pytest
 from gateway.cli import build_parser, main
 
 
-@pytest.mark.parametrize("command", [[], ["serve"], ["send"], ["echo"], ["config"]])
+@pytest.mark.parametrize("command", [[], ["serve"], ["send"], ["echo"], ["resend"], ["token"], ["config"]])
 def test_every_command_explains_itself(command: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:
         build_parser().parse_args([*command, "--help"])

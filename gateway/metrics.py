@@ -1,0 +1,49 @@
+"""Prometheus metrics of one gateway instance (its own registry, so several can live in one process)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+STAGE_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.instances_received = Counter(
+            "gateway_instances_received", "Instances stored durably", ["calling_ae"], registry=r
+        )
+        self.instances_refused = Counter(
+            "gateway_instances_refused", "C-STORE requests refused", ["status"], registry=r
+        )
+        self.studies_completed = Counter("gateway_studies_completed", "Studies fully processed", registry=r)
+        self.series_analysed = Counter("gateway_series_analysed", "Series analysed", ["pipeline"], registry=r)
+        self.series_failed = Counter(
+            "gateway_series_failed", "Series that could not be analysed", ["pipeline"], registry=r
+        )
+        self.series_skipped = Counter("gateway_series_skipped", "Series no pipeline applies to", registry=r)
+        self.findings = Counter("gateway_findings", "Findings reported", ["pipeline"], registry=r)
+        self.stat_studies = Counter("gateway_stat_series", "Series flagged STAT", ["pipeline"], registry=r)
+        self.inference_retries = Counter(
+            "gateway_inference_retries", "Jobs re-queued because Triton was unavailable", registry=r
+        )
+        self.stage_seconds = Histogram(
+            "gateway_stage_seconds", "Time per pipeline stage", ["stage"], buckets=STAGE_BUCKETS, registry=r
+        )
+        self.queue_depth = Gauge("gateway_queue_depth", "Jobs waiting for a worker", ["priority"], registry=r)
+        self.studies_pending = Gauge(
+            "gateway_studies_pending", "Studies receiving or waiting for completion", registry=r
+        )
+        self.studies_in_flight = Gauge("gateway_studies_in_flight", "Studies being analysed", registry=r)
+        self.triton_up = Gauge("gateway_triton_up", "1 when Triton answers as ready", registry=r)
+        self.degraded = Gauge("gateway_degraded", "1 when the gateway reports itself degraded", registry=r)
+        self.outbox_pending = Gauge(
+            "gateway_outbox_pending", "Delivery jobs waiting", ["destination"], registry=r
+        )
+        self.dead_letters = Gauge("gateway_dead_letters", "Delivery jobs in the dead-letter area", registry=r)
+        self.spool_free_bytes = Gauge(
+            "gateway_spool_free_bytes", "Free space on the spool file system", registry=r
+        )
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
