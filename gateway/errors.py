@@ -10,6 +10,7 @@ Split by what the caller does next::
      │    └── DeliveryError          destination PACS / webhook unreachable
      └── PermanentError              retrying cannot help: record the reason and move on
           ├── InvalidInstanceError   an instance we refuse to store (bad UIDs, no SOP class) (DIMSE 0xC000)
+          │    └── DatasetMismatchError   dataset SOP Class differs from the request (DIMSE 0xA900)
           ├── DecodeError            pixel data missing, truncated or in an undecodable syntax
           ├── UnsupportedStudyError  no pipeline applies to the series
           └── InferenceError         the model answered with an error or a malformed result
@@ -52,6 +53,10 @@ class InvalidInstanceError(PermanentError):
     """An instance the gateway refuses to store."""
 
 
+class DatasetMismatchError(InvalidInstanceError):
+    """The dataset's SOP Class differs from the one the C-STORE request announced (DIMSE 0xA900)."""
+
+
 class DecodeError(PermanentError):
     """Pixel data could not be decoded into an image."""
 
@@ -76,6 +81,8 @@ def dimse_status_for(exc: BaseException) -> int:
     """Map an exception raised while storing an instance to the C-STORE status the SCU receives."""
     if isinstance(exc, SpoolFullError):
         return STATUS_OUT_OF_RESOURCES
+    if isinstance(exc, DatasetMismatchError):
+        return STATUS_DATASET_MISMATCH
     if isinstance(exc, InvalidInstanceError):
         return STATUS_CANNOT_UNDERSTAND
     return STATUS_PROCESSING_FAILURE

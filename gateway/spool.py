@@ -29,7 +29,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pynetdicom.dsutils import encode_file_meta
 
 from gateway.domain import InstanceRecord, is_valid_uid
-from gateway.errors import InvalidInstanceError, SpoolFullError
+from gateway.errors import DatasetMismatchError, InvalidInstanceError, SpoolFullError
 
 logger = logging.getLogger(__name__)
 
@@ -123,9 +123,13 @@ class Spool:
         encoded = b"".join((b"\x00" * 128, b"DICM", encode_file_meta(meta), body))
         try:
             header = pydicom.dcmread(BytesIO(encoded), defer_size=4096)
-        except Exception as exc:
+            record = record_from_header(header, Path(), calling_ae, time.time())
+        except InvalidInstanceError:
+            raise
+        except Exception as exc:  # malformed encodings surface as many exception types
             raise InvalidInstanceError(f"dataset cannot be parsed: {type(exc).__name__}: {exc}") from exc
-        record = record_from_header(header, Path(), calling_ae, time.time())
+        if record.sop_class_uid != str(meta.get("MediaStorageSOPClassUID", "")):
+            raise DatasetMismatchError("SOP Class UID in the dataset differs from the C-STORE request")
         if record.sop_instance_uid != str(meta.get("MediaStorageSOPInstanceUID", "")):
             raise InvalidInstanceError("SOP Instance UID in the dataset differs from the C-STORE request")
         path = self.path_for(record.study_instance_uid, record.series_instance_uid, record.sop_instance_uid)

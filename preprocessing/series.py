@@ -42,6 +42,15 @@ def load_series(paths: Sequence[Path]) -> LoadedSeries:
         for keyword in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"):
             if keyword in ds:
                 delattr(ds, keyword)
+        # Result objects copy geometry from these headers: drop what failed validation (NaN, wrong counts).
+        plane_ok = image.image_position is not None and image.image_orientation is not None
+        for keyword, valid in (
+            ("ImagePositionPatient", plane_ok),
+            ("ImageOrientationPatient", plane_ok),
+            ("PixelSpacing", image.pixel_spacing is not None),
+        ):
+            if keyword in ds and not valid:
+                delattr(ds, keyword)
         if "SpecificCharacterSet" in ds and not ds.SpecificCharacterSet:
             del ds.SpecificCharacterSet  # empty means the default repertoire; result builders reject ''
         images.append(image)

@@ -65,9 +65,17 @@ def _library_images(analysis: SeriesAnalysis) -> list[Dataset]:
     Every analysed instance is referenced in the evidence sequence; listing them all in the library as well
     multiplies the encoding time by the slice count without adding information a viewer uses.
     """
+    usable = [ds for ds in analysis.sources if _describable(ds)]
     annotated = {f.sop_instance_uid for f in analysis.findings}
-    images = [ds for ds in analysis.sources if str(ds.SOPInstanceUID) in annotated]
-    return images or [analysis.sources[0]]
+    images = [ds for ds in usable if str(ds.SOPInstanceUID) in annotated]
+    return images or usable[:1]
+
+
+def _describable(ds: Dataset) -> bool:
+    """TID 1604 descriptors of a cross-sectional image need its complete plane geometry."""
+    if ds.get("Modality") not in ("CT", "MR", "PT"):
+        return True
+    return all(k in ds for k in ("PixelSpacing", "ImageOrientationPatient", "ImagePositionPatient"))
 
 
 def _roi_group(
@@ -174,7 +182,7 @@ def build_sr(
         procedure_reported=gw.PROCEDURE_IMAGING,
         imaging_measurements=groups,  # type: ignore[arg-type]
         language_of_content_item_and_descendants=LanguageOfContentItemAndDescendants(ENGLISH),
-        referenced_images=_library_images(analysis),
+        referenced_images=_library_images(analysis) or None,
     )
     sr = Comprehensive3DSR(
         evidence=list(analysis.sources),

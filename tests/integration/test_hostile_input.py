@@ -1,0 +1,95 @@
+"""Hostile and broken input: every case of the generated corpus gets its defined outcome, nothing crashes, and a
+good study sent at the same time still gets its results."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pydicom
+import pytest
+from pynetdicom import AE, build_context
+
+from benchmarks.phantoms import write_head_ct
+from tests.integration.conftest import Env
+from tests.support.hostile import Case, build_corpus
+from tests.support.servers import wait_for
+
+pytestmark = pytest.mark.integration
+
+
+def send_raw(port: int, path: Path) -> str:
+    """C-STORE one file as its bytes are (no re-encoding); returns the outcome as text."""
+    meta = pydicom.filereader.read_file_meta_info(path)
+    ae = AE(ae_title="STORESCU")
+    ae.requested_contexts = [build_context(meta.MediaStorageSOPClassUID, [meta.TransferSyntaxUID])]
+    assoc = ae.associate("127.0.0.1", port, ae_title="AI_GATEWAY")
+    if not assoc.is_established:  # pynetdicom aborts when no proposed presentation context is accepted
+        return "context: no acceptable presentation context"
+    try:
+        if not assoc.accepted_contexts:
+            return "context"
+        status = assoc.send_c_store(path)
+        return f"0x{int(status.Status):04X}" if status and "Status" in status else "no response"
+    except ValueError as exc:  # no accepted presentation context for this transfer syntax
+        return f"context: {exc}"
+    finally:
+        if assoc.is_established:
+            assoc.release()
+
+
+def outcome(env: Env, case: Case, statuses: list[str]) -> tuple[str, str]:
+    if any(s.startswith("context") for s in statuses):
+        return ("context", "")
+    refused = [s for s in statuses if s != "0x0000"]
+    if refused:
+        return ("refused", refused[0])
+    events = {e["event"]: e for e in env.audit.read() if e.get("study") == case.study_uid}
+    for kind, event in (("failed", "series_failed"), ("skipped", "series_skipped")):
+        if event in events:
+            return (kind, events[event]["reason"])
+    if "series_analysed" in events:
+        return ("analysed", "")
+    return ("pending", "")
+
+
+def test_every_hostile_case_has_its_defined_outcome_and_a_good_study_is_unaffected(
+    env: Env, tmp_path: Path
+) -> None:
+    corpus = build_corpus(tmp_path / "corpus")
+    assert len(corpus) >= 30
+    good = write_head_ct(tmp_path / "good", slices=6, rows=256, cols=256, seed=7)
+    statuses: dict[str, list[str]] = {}
+    for index, case in enumerate(corpus):
+        statuses[case.name] = [send_raw(env.gateway.port, path) for path in case.files]
+        if index == len(corpus) // 2:  # a good study in the middle of the hostile traffic
+            statuses["good"] = [send_raw(env.gateway.port, path) for path in good.paths]
+    assert statuses["good"] == ["0x0000"] * 6
+    stored = [c for c in corpus if c.expected[0] in ("failed", "skipped", "analysed")]
+    wait_for(
+        lambda: all(outcome(env, c, statuses[c.name])[0] != "pending" for c in stored),
+        timeout_s=120,
+        what="every stored case to be processed",
+    )
+    mismatches = []
+    for case in corpus:
+        kind, detail = outcome(env, case, statuses[case.name])
+        want_kind, want_detail = case.expected
+        if kind != want_kind or want_detail not in detail:
+            mismatches.append(f"{case.name}: expected {case.expected}, got ({kind!r}, {detail!r})")
+        if kind in ("refused", "context"):
+            for path in case.files:
+                sop = pydicom.filereader.read_file_meta_info(path).MediaStorageSOPInstanceUID
+                assert not list((env.data_dir / "spool").glob(f"**/{sop}.dcm")), (
+                    f"{case.name}: refused but kept"
+                )
+        elif kind != "analysed":
+            assert list((env.data_dir / "spool" / case.study_uid).glob("*/*.dcm")), f"{case.name}: not kept"
+    assert mismatches == [], "\n".join(mismatches)
+    # Nothing escaped the spool through path-like identifiers, and the gateway still works.
+    assert not list((env.data_dir).glob("**/cron.d*"))
+    env.wait_study_done(good.study_uid)
+    assert len(env.results(good.study_uid, "SR")) == 1
+    tally: dict[str, int] = {}
+    for case in corpus:
+        tally[case.expected[0]] = tally.get(case.expected[0], 0) + 1
+    print(f"\nhostile corpus: {len(corpus)} cases, outcomes {tally}; good study analysed")
