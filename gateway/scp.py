@@ -8,6 +8,8 @@ above its disk watermark, stores are answered "out of resources" instead of bein
 from __future__ import annotations
 
 import logging
+import ssl
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -84,6 +86,32 @@ def check_port_free(host: str, port: int) -> None:
             ) from exc
 
 
+class AllowListServer(ThreadedAssociationServer):
+    """The pynetdicom server, closing connections from source addresses that are not allowed."""
+
+    allowed_addresses: frozenset[str] = frozenset()
+
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        if self.allowed_addresses and client_address[0] not in self.allowed_addresses:
+            logger.warning(
+                "connection from %s refused: address not in receiver.allowed_addresses", client_address[0]
+            )
+            return False
+        return True
+
+
+def tls_context(settings: ReceiverSettings) -> ssl.SSLContext | None:
+    if settings.tls_cert_file is None or settings.tls_key_file is None:
+        return None
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(str(settings.tls_cert_file), str(settings.tls_key_file))
+    if settings.tls_ca_file is not None:
+        context.verify_mode = ssl.CERT_REQUIRED
+        context.load_verify_locations(str(settings.tls_ca_file))
+    return context
+
+
 class StoreSCP:
     """A running C-STORE / C-ECHO server bound to the configured address."""
 
@@ -122,12 +150,20 @@ class StoreSCP:
 
     def start(self) -> None:
         try:
-            self.server = self.ae.start_server(
-                (self.settings.host, self.settings.port), block=False, evt_handlers=self.handlers
-            )
+            server: AllowListServer = self.ae.make_server(
+                (self.settings.host, self.settings.port),
+                evt_handlers=self.handlers,
+                ssl_context=tls_context(self.settings),
+                server_class=AllowListServer,
+            )  # type: ignore[assignment]
         except OSError:
             check_port_free(self.settings.host, self.settings.port)  # raises the explanatory ConfigError
             raise
+        server.allowed_addresses = frozenset(self.settings.allowed_addresses)
+        self.ae._servers.append(server)  # as AE.start_server does; server.shutdown() removes it again
+        thread = threading.Thread(target=server.serve_forever, name="dicom-receiver", daemon=True)
+        thread.start()
+        self.server = server
         logger.info(
             "DICOM receiver %s listening on %s:%d", self.settings.ae_title, self.settings.host, self.port
         )

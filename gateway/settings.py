@@ -68,6 +68,10 @@ class ReceiverSettings:
     network_timeout_s: float = 60.0
     max_pdu_size: int = 0
     min_free_disk_mb: int = 512
+    allowed_addresses: tuple[str, ...] = ()  # empty: any source address
+    tls_cert_file: Path | None = None  # DICOM TLS when set (PEM certificate chain of the gateway)
+    tls_key_file: Path | None = None
+    tls_ca_file: Path | None = None  # when set, callers must present a certificate signed by this CA
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -404,6 +408,9 @@ def load_settings(config_file: Path | None = None, overrides: dict[str, Any] | N
         path = Path(path_text).expanduser()
         return path if path.is_absolute() else (base_dir / path).resolve()
 
+    def _optional_path(text: str) -> Path | None:
+        return resolve(text) if text else None
+
     receiver = ReceiverSettings(
         ae_title=_check_ae("receiver.ae_title", recv.get_str("ae_title")),
         host=recv.get_str("host"),
@@ -416,7 +423,16 @@ def load_settings(config_file: Path | None = None, overrides: dict[str, Any] | N
         network_timeout_s=recv.get_float("network_timeout_s"),
         max_pdu_size=recv.get_int("max_pdu_size"),
         min_free_disk_mb=recv.get_int("min_free_disk_mb"),
+        allowed_addresses=recv.get_strs("allowed_addresses", []),
+        tls_cert_file=_optional_path(recv.get_str("tls_cert_file", "")),
+        tls_key_file=_optional_path(recv.get_str("tls_key_file", "")),
+        tls_ca_file=_optional_path(recv.get_str("tls_ca_file", "")),
     )
+    if bool(receiver.tls_cert_file) != bool(receiver.tls_key_file):
+        raise ConfigError("receiver.tls_cert_file and receiver.tls_key_file must be set together")
+    for tls_path in (receiver.tls_cert_file, receiver.tls_key_file, receiver.tls_ca_file):
+        if tls_path is not None and not tls_path.is_file():
+            raise ConfigError(f"TLS file {tls_path} does not exist")
     if not 0 < receiver.port < 65536:
         raise ConfigError(f"receiver.port must be 1-65535, got {receiver.port}")
     repo_text = tri.get_str("model_repository")

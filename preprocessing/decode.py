@@ -59,6 +59,15 @@ def read_dataset(path: Path) -> pydicom.Dataset:
 
 def decode_dataset(ds: pydicom.Dataset) -> DecodedImage:
     """Decode a single-frame image dataset. Raises ``DecodeError`` with the reason on any problem."""
+    try:
+        return _decode(ds)
+    except DecodeError:
+        raise
+    except Exception as exc:  # malformed headers raise from wherever an element is first read
+        raise DecodeError(f"malformed image header: {type(exc).__name__}: {exc}") from exc
+
+
+def _decode(ds: pydicom.Dataset) -> DecodedImage:
     if "PixelData" not in ds:
         raise DecodeError("no pixel data (not an image instance)")
     try:

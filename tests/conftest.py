@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -40,3 +41,62 @@ def triton(model_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> 
         yield server.grpc_url
     finally:
         server.stop()
+
+
+# -- privacy: no patient identifier in any log of the test run ---------------------------------------------------
+
+_LOG_RECORDS: list[str] = []
+
+
+class _Capture(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        _LOG_RECORDS.append(self.format(record))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    handler = _Capture(level=logging.DEBUG)
+    handler.setFormatter(logging.Formatter("%(name)s %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    root.setLevel(min(root.level or logging.INFO, logging.INFO))
+
+
+def _identifiers() -> set[str]:
+    """Patient names, IDs and birth dates of every test input: the phantoms and the shared real data."""
+    from benchmarks.phantoms import PATIENT_BIRTH_DATE, PATIENT_ID, PATIENT_NAME
+
+    values = {PATIENT_NAME, PATIENT_NAME.replace("^", " "), PATIENT_ID, PATIENT_BIRTH_DATE}
+    if REAL_DATA.is_dir():
+        import pydicom
+
+        for path in REAL_DATA.rglob("*.dcm"):
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+            for keyword in ("PatientName", "PatientID", "PatientBirthDate"):
+                value = str(ds.get(keyword, "") or "").strip()
+                if len(value) >= 5:  # shorter values match unrelated text by chance
+                    values.add(value)
+    return values
+
+
+def identifier_leaks(lines: list[str], root: Path | None, identifiers: set[str]) -> list[tuple[str, str]]:
+    """(where, identifier) for every identifier found in the log lines or in log files under ``root``."""
+    leaks = [(f"log record: {line[:160]}", v) for line in lines for v in identifiers if v in line]
+    if root is not None:
+        for path in Path(root).rglob("*"):
+            if path.is_file() and (path.suffix == ".log" or path.name == "audit.jsonl"):
+                text = path.read_text(errors="replace")
+                leaks += [(str(path), v) for v in identifiers if v in text]
+    return leaks
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Fail the run when a patient identifier of the test data appears in any log line or log file."""
+    factory = getattr(session.config, "_tmp_path_factory", None)
+    leaks = identifier_leaks(_LOG_RECORDS, factory.getbasetemp() if factory else None, _identifiers())
+    if leaks:
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is not None:
+            reporter.write_line(f"PRIVACY: {len(leaks)} patient identifier(s) found in logs:", red=True)
+            for where, value in leaks[:20]:
+                reporter.write_line(f"  {value!r} in {where}", red=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED

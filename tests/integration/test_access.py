@@ -1,0 +1,146 @@
+"""Access control on the DICOM port: DICOM TLS with a locally generated CA (mutual TLS), and the source-address
+allow-list."""
+
+from __future__ import annotations
+
+import ssl
+import subprocess
+from pathlib import Path
+
+import pydicom
+import pytest
+from pynetdicom import AE
+from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
+
+from benchmarks.phantoms import write_head_ct
+from gateway.engine import Gateway
+from gateway.settings import load_settings
+from gateway.triton_server import free_port
+from tests.support.servers import require_tool, storescu
+
+pytestmark = pytest.mark.integration
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    subprocess.run([require_tool("openssl"), *args], cwd=cwd, check=True, capture_output=True, timeout=60)
+
+
+def make_pki(folder: Path) -> dict[str, Path]:
+    """A throw-away CA, a server certificate for 127.0.0.1 and a client certificate, all signed by the CA."""
+    folder.mkdir(parents=True, exist_ok=True)
+    _openssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=Test CA",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        cwd=folder,
+    )
+    for name, ext in (("server", "subjectAltName=IP:127.0.0.1"), ("client", "extendedKeyUsage=clientAuth")):
+        _openssl(
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            f"/CN={name}",
+            "-keyout",
+            f"{name}.key",
+            "-out",
+            f"{name}.csr",
+            cwd=folder,
+        )
+        (folder / f"{name}.ext").write_text(ext + "\n")
+        _openssl(
+            "x509",
+            "-req",
+            "-in",
+            f"{name}.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            f"{name}.ext",
+            "-out",
+            f"{name}.pem",
+            cwd=folder,
+        )
+    return {n: folder / n for n in ("ca.pem", "server.pem", "server.key", "client.pem", "client.key")}
+
+
+def _echo(port: int, context: ssl.SSLContext | None) -> bool:
+    ae = AE(ae_title="TLS_SCU")
+    ae.add_requested_context(Verification)
+    ae.add_requested_context(CTImageStorage)
+    assoc = ae.associate(
+        "127.0.0.1", port, ae_title="AI_GATEWAY", tls_args=(context, "127.0.0.1") if context else None
+    )
+    if not assoc.is_established:
+        return False
+    try:
+        status = assoc.send_c_echo()
+        return bool(status) and int(status.Status) == 0
+    finally:
+        assoc.release()
+
+
+def test_dicom_tls_with_client_certificates(tmp_path: Path, triton: str) -> None:
+    pki = make_pki(tmp_path / "pki")
+    port = free_port()
+    config = tmp_path / "gateway.toml"
+    config.write_text(
+        f'data_dir = "{tmp_path / "data"}"\nquiet_period_s = 1.0\n[http]\nport = 0\n[triton]\nurl = "{triton}"\n'
+        f'[receiver]\nport = {port}\ntls_cert_file = "{pki["server.pem"]}"\ntls_key_file = "{pki["server.key"]}"\n'
+        f'tls_ca_file = "{pki["ca.pem"]}"\n'
+    )
+    gateway = Gateway(load_settings(config)).start()
+    try:
+        mutual = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(pki["ca.pem"]))
+        mutual.load_cert_chain(str(pki["client.pem"]), str(pki["client.key"]))
+        assert _echo(port, mutual)
+        # A study over TLS is stored like any other.
+        series = write_head_ct(tmp_path / "s", slices=1, rows=64, cols=64)
+        ae = AE(ae_title="TLS_SCU")
+        ae.add_requested_context(CTImageStorage)
+        assoc = ae.associate("127.0.0.1", port, ae_title="AI_GATEWAY", tls_args=(mutual, "127.0.0.1"))
+        assert assoc.is_established
+        assert int(assoc.send_c_store(pydicom.dcmread(series.paths[0])).Status) == 0
+        assoc.release()
+        assert list((tmp_path / "data" / "spool" / series.study_uid).glob("*/*.dcm"))
+        # Without a client certificate, or without TLS at all, nothing gets through.
+        anonymous = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(pki["ca.pem"]))
+        assert not _echo(port, anonymous)
+        assert not _echo(port, None)
+    finally:
+        gateway.stop()
+
+
+def test_source_address_allow_list(tmp_path: Path, triton: str) -> None:
+    series = write_head_ct(tmp_path / "s", slices=1, rows=64, cols=64)
+    for allowed, accepted in ((["10.9.8.7"], False), (["127.0.0.1"], True)):
+        port = free_port()
+        config = tmp_path / f"gateway-{accepted}.toml"
+        config.write_text(
+            f'data_dir = "{tmp_path / f"data-{accepted}"}"\n[http]\nport = 0\n[triton]\nurl = "{triton}"\n'
+            f"[receiver]\nport = {port}\nallowed_addresses = {allowed!r}\n".replace("'", '"')
+        )
+        gateway = Gateway(load_settings(config)).start()
+        try:
+            result = storescu(list(series.paths), port=port, calling_ae="ANY")
+            assert (result.returncode == 0) is accepted, result.stderr
+            stored = list((tmp_path / f"data-{accepted}" / "spool").glob("*/*/*.dcm"))
+            assert bool(stored) is accepted
+        finally:
+            gateway.stop()
