@@ -34,3 +34,6 @@ def silence_identifier_warnings() -> None:
     warnings.filterwarnings("ignore", message=r".*unlikely to represent the intended person name.*")
     warnings.filterwarnings("ignore", message=r".*(?:Invalid value|is not valid) for VR.*")
     warnings.filterwarnings("ignore", message=r".*value length .* exceeds the maximum length.*")
+    # pydicom also *logs* these notes (warn_and_log), quoting values that, in a corrupt dataset, can run into
+    # the neighbouring Patient's Name or ID. Its warnings carry no operational information the gateway needs.
+    logging.getLogger("pydicom").setLevel(logging.ERROR)

@@ -30,6 +30,7 @@ from pynetdicom.dsutils import encode_file_meta
 
 from gateway.domain import InstanceRecord, is_valid_uid
 from gateway.errors import DatasetMismatchError, InvalidInstanceError, SpoolFullError
+from gateway.logs import silence_identifier_warnings
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +93,7 @@ def record_from_header(ds: Dataset, path: Path, calling_ae: str, received_at: fl
 
 class Spool:
     def __init__(self, root: Path, *, min_free_bytes: int = 0) -> None:
+        silence_identifier_warnings()  # untrusted datasets are parsed here
         self.root = Path(root)
         self.min_free_bytes = min_free_bytes
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
