@@ -59,12 +59,18 @@ def test_port_in_use_is_a_clear_config_error() -> None:
             check_port_free("127.0.0.1", port)
 
 
-def test_privacy_scan_finds_an_identifier_in_a_log_line_or_file(tmp_path) -> None:
+def test_privacy_scan_finds_an_identifier_in_a_log_line_or_file() -> None:
+    import tempfile
+    from pathlib import Path
+
     from benchmarks.phantoms import PATIENT_ID, PATIENT_NAME
     from tests.conftest import identifier_leaks
 
-    (tmp_path / "gateway.log").write_text(f"stored instance of {PATIENT_ID}\n")
-    (tmp_path / "clean.log").write_text("stored instance 1.2.3\n")
-    leaks = identifier_leaks([f"hello {PATIENT_NAME}", "nothing here"], tmp_path, {PATIENT_NAME, PATIENT_ID})
+    # Outside pytest's temporary folders, which the session-wide scan reads: this file leaks on purpose.
+    with tempfile.TemporaryDirectory() as folder:
+        root = Path(folder)
+        (root / "gateway.log").write_text(f"stored instance of {PATIENT_ID}\n")
+        (root / "clean.log").write_text("stored instance 1.2.3\n")
+        leaks = identifier_leaks([f"hello {PATIENT_NAME}", "nothing here"], root, {PATIENT_NAME, PATIENT_ID})
     assert sorted(v for _, v in leaks) == sorted([PATIENT_NAME, PATIENT_ID])
     assert not any("clean.log" in where for where, _ in leaks)
