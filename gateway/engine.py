@@ -39,6 +39,7 @@ from gateway.http_api import AdminApi, ApiBackend
 from gateway.interpret import interpret
 from gateway.logs import silence_identifier_warnings
 from gateway.metrics import Metrics
+from gateway.model_registry import ModelRegistry, local_model_version, model_fingerprint
 from gateway.notify import StatEvent, StatNotifier
 from gateway.outbox import Outbox
 from gateway.reporting import ReportDispatcher
@@ -109,6 +110,7 @@ class Gateway:
         self._startup_error: BaseException | None = None
         self._queue: JobQueue | None = None
         self.metrics = Metrics()
+        self.model_hashes: dict[str, str] = {}
         self.triton_ready = False
         self.api: AdminApi | None = None
 
@@ -125,6 +127,7 @@ class Gateway:
             logger.warning("no pipelines configured: studies are stored but never analysed")
         try:
             check_port_free(self.settings.receiver.host, self.settings.receiver.port)
+            self._fingerprint_models()
             if not self.triton_url:
                 self.triton_server = TritonServer(
                     self.settings.triton.model_repository,
@@ -163,6 +166,28 @@ class Gateway:
             self.stop()
             raise
         return self
+
+    def _fingerprint_models(self) -> None:
+        """Hash every pipeline's model files and refuse changed files under unchanged versions (traceability)."""
+        repository = self.settings.triton.model_repository
+        registry = ModelRegistry(self.settings.data_dir / "model_registry.json")
+        for pipeline in self.settings.pipelines:
+            if not (repository / pipeline.model / "config.pbtxt").is_file():
+                logger.warning(
+                    "model %s is not in %s: its results carry no content hash", pipeline.model, repository
+                )
+                continue
+            fingerprint = model_fingerprint(repository, pipeline.model)
+            version = local_model_version(repository, pipeline.model)
+            registry.check_and_record(pipeline.model, version, pipeline.algorithm_version, fingerprint)
+            self.model_hashes[pipeline.model] = fingerprint
+            logger.info(
+                "model %s version %s (algorithm %s) sha256 %s",
+                pipeline.model,
+                version,
+                pipeline.algorithm_version,
+                fingerprint,
+            )
 
     def stop(self) -> None:
         if self.api is not None:
@@ -451,6 +476,7 @@ class Gateway:
             report_threshold=pipeline.report_threshold,
             display_window=pipeline.display_window,
             sources=loaded.headers,
+            model_sha256=self.model_hashes.get(pipeline.model, ""),
         )
         reported = reported_findings(analysis)
         result_key = f"{series.series_instance_uid}/{pipeline.name}"
@@ -504,6 +530,7 @@ class Gateway:
             "model": output.model_name,
             "model_version": output.model_version,
             "algorithm_version": pipeline.algorithm_version,
+            "model_sha256": analysis.model_sha256,
             "slices": len(loaded.images),
             "slice_order": loaded.order.method,
             "triton_requests": output.requests,

@@ -30,6 +30,7 @@ class SeriesAnalysis:
     report_threshold: float
     display_window: tuple[float, float]
     sources: tuple[Dataset, ...]  # headers (no pixel data) of the analysed instances, in slice order
+    model_sha256: str = ""  # content hash of the model files (gateway/model_registry.py); "" when unknown
 
     def __post_init__(self) -> None:
         if not self.sources:
@@ -53,6 +54,7 @@ class SeriesAnalysis:
         return [
             f"model={self.model_name}",
             f"model_version={self.model_version}",
+            f"model_sha256={self.model_sha256 or 'unknown'}",
             f"report_threshold={self.report_threshold}",
             f"stat_threshold={self.stat_threshold}",
         ]

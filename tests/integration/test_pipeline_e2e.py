@@ -16,8 +16,9 @@ import tritonclient.grpc as grpcclient
 
 from benchmarks.phantoms import Lesion, write_head_ct
 from gateway.engine import Gateway
+from gateway.model_registry import model_fingerprint
 from gateway.results.content import read_measurement_report
-from gateway.settings import load_settings
+from gateway.settings import default_model_repository, load_settings
 from gateway.triton_server import free_port
 from tests.integration.conftest import Env
 from tests.support.geometry import patient_to_pixel
@@ -82,6 +83,13 @@ def test_real_ct_sent_by_orthanc_comes_back_as_sr_and_gsps_in_the_same_study(
     [sr] = env.results(study_uid, "SR")
     [analysed] = env.events("series_analysed", study_uid)
     assert analysed["slices"] == 3 and analysed["slice_order"] == "geometry"
+    # Traceability: the result names the model's content hash, also inside the SR's algorithm parameters.
+    fingerprint = model_fingerprint(default_model_repository(), "ct_head_hyperdensity")
+    assert analysed["model_sha256"] == fingerprint
+    parameters = [
+        i.TextValue for i in _content_items(sr) if i.ConceptNameCodeSequence[0].CodeValue == "111002"
+    ]
+    assert f"model_sha256={fingerprint}" in parameters
     assert analysed["model_version"] == "1" and analysed["destination"].startswith("ORTHANC@")
     # The original CT series plus the results, all under the same study.
     assert modalities.count("CT") == 1 and "SR" in modalities
