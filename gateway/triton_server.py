@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -101,6 +102,29 @@ class TritonServer:
             shutil.copy2(install.stub, target / "python" / "triton_python_backend_stub")
         return target
 
+    def _serving_repository(self) -> Path:
+        """The repository this server loads: the configured one, with native-ONNX folders run by the shim.
+
+        Folders configured for Triton's ONNX Runtime backend get a Python-backend config and the generic runner
+        (``gateway/triton_onnx_runner.py``); every other folder is linked as it is.
+        """
+        target = self.work_dir / "serving_repository"
+        if target.exists():
+            shutil.rmtree(target)
+        target.mkdir(parents=True)
+        runner = Path(__file__).with_name("triton_onnx_runner.py")
+        for folder in sorted(p for p in self.model_repository.iterdir() if (p / "config.pbtxt").is_file()):
+            config = (folder / "config.pbtxt").read_text()
+            if not _NATIVE_ONNX.search(config):
+                (target / folder.name).symlink_to(folder, target_is_directory=True)
+                continue
+            shim = target / folder.name
+            shutil.copytree(folder, shim, symlinks=False, ignore=shutil.ignore_patterns("__pycache__"))
+            (shim / "config.pbtxt").write_text(_NATIVE_ONNX.sub('backend: "python"', config))
+            for version in (p for p in shim.iterdir() if p.is_dir() and p.name.isdigit()):
+                shutil.copy2(runner, version / "model.py")
+        return target
+
     def start(self) -> TritonServer:
         if not self.model_repository.is_dir():
             raise ConfigError(f"model repository {self.model_repository} does not exist")
@@ -122,7 +146,7 @@ class TritonServer:
         env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
         cmd = [
             str(install.binary),
-            f"--model-repository={self.model_repository}",
+            f"--model-repository={self._serving_repository()}",
             f"--backend-directory={backends}",
             f"--grpc-address={LOOPBACK}",
             f"--grpc-port={self.grpc_port}",
@@ -203,9 +227,14 @@ class TritonServer:
         self.stop()
 
 
+_NATIVE_ONNX = re.compile(
+    r'^\s*(?:backend:\s*"onnxruntime"|platform:\s*"onnxruntime_onnx")\s*$', re.MULTILINE
+)
+
+
 def _missing_model_files(model_dir: Path) -> bool:
     """True when a model folder declares an ONNX file in its config that has not been built yet."""
     config = (model_dir / "config.pbtxt").read_text()
-    if '"onnx_file"' not in config:
+    if not (_NATIVE_ONNX.search(config) or '"onnx_file"' in config):
         return False
     return not any(model_dir.glob("*/*.onnx"))
