@@ -11,6 +11,7 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -56,6 +57,20 @@ class _Chunk:
     mask: np.ndarray | None
 
 
+@dataclass(frozen=True, kw_only=True)
+class ScoresOutput:
+    """What a classification model answered for a whole series: one probability row per slice."""
+
+    scores: np.ndarray  # [N, classes]
+    model_name: str
+    model_version: str
+    requests: int
+    seconds: float
+
+
+NUMPY_TO_TRITON = {np.dtype(np.float32): "FP32", np.dtype(np.uint8): "UINT8"}
+
+
 class TritonClient:
     def __init__(self, url: str, *, timeout_s: float = 60.0, max_slices_per_request: int = 32) -> None:
         import tritonclient.grpc.aio as grpcclient
@@ -96,23 +111,7 @@ class TritonClient:
         tensor.set_data_from_numpy(np.ascontiguousarray(chunk, dtype=np.float32))
         names = ["DETECTIONS", "SLICE_SCORES", "STUDY_SCORE"] + (["MASK"] if want_mask else [])
         outputs = [grpc.InferRequestedOutput(n) for n in names]
-        try:
-            result = await self._client.infer(
-                model,
-                [tensor],
-                outputs=outputs,
-                priority=TRITON_PRIORITY[priority],
-                client_timeout=self.timeout_s,
-            )
-        except Exception as exc:
-            text = str(exc)
-            # Unreachable, timed out, or model not loaded are transient; anything else is the model's answer.
-            transient = any(
-                s in text
-                for s in ("UNAVAILABLE", "DEADLINE_EXCEEDED", "not found", "not ready", "unavailable")
-            )
-            error = InferenceUnavailable if transient else InferenceError
-            raise error(f"Triton {self.url} model {model!r}: {text.strip()[:500]}") from exc
+        result = await self._call(model, [tensor], outputs, priority)
         detections = result.as_numpy("DETECTIONS")
         slice_scores = result.as_numpy("SLICE_SCORES")
         study_score = result.as_numpy("STUDY_SCORE")
@@ -131,6 +130,71 @@ class TritonClient:
             study_score=float(np.max(study_score)) if study_score.size else 0.0,
             mask=mask,
         )
+
+    async def classify(
+        self,
+        model: str,
+        tensor: np.ndarray,
+        *,
+        input_name: str,
+        output_name: str,
+        priority: Priority = Priority.ROUTINE,
+    ) -> ScoresOutput:
+        """Run a per-image classifier over [N, ...] images of one series; returns [N, classes] scores."""
+        if tensor.ndim < 3 or tensor.shape[0] == 0:
+            raise InferenceError(f"expected a non-empty batch of images, got shape {tensor.shape}")
+        started = time.perf_counter()
+        version = await self.model_version(model)
+        step = self.max_slices_per_request
+        starts = list(range(0, tensor.shape[0], step))
+        parts = await asyncio.gather(
+            *(
+                self._scores_chunk(model, tensor[s : s + step], input_name, output_name, priority)
+                for s in starts
+            )
+        )
+        return ScoresOutput(
+            scores=np.concatenate(parts, axis=0),
+            model_name=model,
+            model_version=version,
+            requests=len(starts),
+            seconds=time.perf_counter() - started,
+        )
+
+    async def _scores_chunk(
+        self, model: str, chunk: np.ndarray, input_name: str, output_name: str, priority: Priority
+    ) -> np.ndarray:
+        grpc = self._module
+        datatype = NUMPY_TO_TRITON.get(chunk.dtype)
+        if datatype is None:
+            raise InferenceError(f"unsupported input dtype {chunk.dtype} for model {model!r}")
+        tensor = grpc.InferInput(input_name, list(chunk.shape), datatype)
+        tensor.set_data_from_numpy(np.ascontiguousarray(chunk))
+        result = await self._call(model, [tensor], [grpc.InferRequestedOutput(output_name)], priority)
+        scores = result.as_numpy(output_name)
+        if scores is None or scores.ndim != 2 or scores.shape[0] != chunk.shape[0]:
+            shape = None if scores is None else scores.shape
+            raise InferenceError(f"model {model!r} output {output_name!r} must be [N, classes]; got {shape}")
+        return np.asarray(scores, dtype=np.float32)
+
+    async def _call(self, model: str, inputs: list[Any], outputs: list[Any], priority: Priority) -> Any:
+        try:
+            return await self._client.infer(
+                model,
+                inputs,
+                outputs=outputs,
+                priority=TRITON_PRIORITY[priority],
+                client_timeout=self.timeout_s,
+            )
+        except Exception as exc:
+            text = str(exc)
+            # Unreachable, timed out, or model not loaded are transient; anything else is the model's answer.
+            transient = any(
+                s in text
+                for s in ("UNAVAILABLE", "DEADLINE_EXCEEDED", "not found", "not ready", "unavailable")
+            )
+            error = InferenceUnavailable if transient else InferenceError
+            raise error(f"Triton {self.url} model {model!r}: {text.strip()[:500]}") from exc
 
     async def detect(
         self, model: str, stack: np.ndarray, *, priority: Priority = Priority.ROUTINE, want_mask: bool = False

@@ -144,7 +144,7 @@ class Finding:
     confidence: float
     sop_instance_uid: str
     sop_class_uid: str
-    bbox: tuple[float, float, float, float]  # x0, y0, x1, y1 in source pixels
+    bbox: tuple[float, float, float, float] | None  # x0, y0, x1, y1 in source pixels; None: whole image
     slice_index: int
     long_axis_mm: float | None = None  # longest side of the region, when the pixel spacing is known
     area_mm2: float | None = None
@@ -156,14 +156,10 @@ class Finding:
         if not 0.0 <= self.confidence <= 1.0:
             raise ValueError(f"Finding.confidence must be in [0, 1], got {self.confidence}")
         _require_uid("sop_instance_uid", self.sop_instance_uid)
-        x0, y0, x1, y1 = self.bbox
-        if not all(math.isfinite(v) for v in self.bbox) or x1 < x0 or y1 < y0:
-            raise ValueError(f"Finding.bbox must be finite with x0<=x1 and y0<=y1, got {self.bbox}")
-
-    @property
-    def center(self) -> tuple[float, float]:
-        x0, y0, x1, y1 = self.bbox
-        return ((x0 + x1) / 2.0, (y0 + y1) / 2.0)
+        if self.bbox is not None:
+            x0, y0, x1, y1 = self.bbox
+            if not all(math.isfinite(v) for v in self.bbox) or x1 < x0 or y1 < y0:
+                raise ValueError(f"Finding.bbox must be finite with x0<=x1 and y0<=y1, got {self.bbox}")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from clients.triton import TritonClient
+from clients.triton import DetectionOutput, ScoresOutput, TritonClient
 from gateway.assembler import StudyAssembler, assemble_study
 from gateway.audit import AuditLog
 from gateway.delivery import ResultStore
@@ -36,7 +36,7 @@ from gateway.errors import (
     PermanentError,
 )
 from gateway.http_api import AdminApi, ApiBackend
-from gateway.interpret import interpret
+from gateway.interpret import interpret, interpret_scores
 from gateway.logs import silence_identifier_warnings
 from gateway.metrics import Metrics
 from gateway.model_registry import ModelRegistry, local_model_version, model_fingerprint
@@ -56,6 +56,7 @@ from gateway.spool import Spool
 from gateway.triton_server import TritonServer
 from preprocessing.backend import select_backend
 from preprocessing.decode import decoder_availability
+from preprocessing.normalize import to_model_layout
 from preprocessing.series import LoadedSeries, load_series, model_input
 
 logger = logging.getLogger(__name__)
@@ -447,21 +448,41 @@ class Gateway:
         stack = await self._timed(
             timings,
             "preprocess",
-            lambda: model_input(
-                loaded,
-                size=pipeline.input_size,
-                intensity=pipeline.intensity,
-                hu_clip=pipeline.hu_clip,
-                window=pipeline.window,
-                backend=self.backend,
+            lambda: to_model_layout(
+                model_input(
+                    loaded,
+                    size=pipeline.input_size,
+                    intensity=pipeline.intensity,
+                    hu_clip=pipeline.hu_clip,
+                    window=pipeline.window,
+                    backend=self.backend,
+                ),
+                layout=pipeline.input_layout,
+                channels=pipeline.input_channels,
+                dtype=pipeline.input_dtype,
+                scale=pipeline.input_scale,
+                offset=pipeline.input_offset,
             ),
         )
         started = time.perf_counter()
-        output = await client.detect(
-            pipeline.model, stack, priority=job.priority, want_mask=pipeline.segmentation
-        )
+        output: DetectionOutput | ScoresOutput
+        if pipeline.output_kind == "class_scores":
+            output = await client.classify(
+                pipeline.model,
+                stack,
+                input_name=pipeline.input_name,
+                output_name=pipeline.output_name,
+                priority=job.priority,
+            )
+            found = interpret_scores(output.scores, loaded.images, pipeline)
+            mask = None
+        else:
+            output = await client.detect(
+                pipeline.model, stack, priority=job.priority, want_mask=pipeline.segmentation
+            )
+            found = interpret(output, loaded.images, pipeline)
+            mask = output.mask
         timings["infer"] = time.perf_counter() - started
-        found = interpret(output, loaded.images, pipeline)
         stat = found.stat and pipeline.mode is RolloutMode.TRIAGE
         analysis = SeriesAnalysis(
             pipeline_name=pipeline.name,
@@ -486,7 +507,7 @@ class Gateway:
             old = self.results.load(study.study_instance_uid, previous_uid)
             if old is not None:
                 previous.append(old)  # late instances or a new model: the new SR supersedes this one
-        datasets = await self._timed(timings, "encode", _encode, analysis, reported, output.mask, previous)
+        datasets = await self._timed(timings, "encode", _encode, analysis, reported, mask, previous)
         paths_out = await self._timed(timings, "store", self.results.save, study.study_instance_uid, datasets)
         sr = datasets[0]
         destination = None

@@ -11,6 +11,8 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
+
 from clients.triton import DetectionOutput
 from gateway.domain import Finding
 from gateway.settings import PipelineSettings
@@ -27,6 +29,48 @@ class Interpretation:
     dropped: tuple[str, ...]
     study_score: float
     stat: bool
+
+
+def interpret_scores(
+    scores: np.ndarray, images: Sequence[DecodedImage], pipeline: PipelineSettings
+) -> Interpretation:
+    """Per-image class probabilities [N, classes] -> one image-level finding per labelled class that reaches the
+    report threshold, on the image where it scored highest. Columns without a label are ignored."""
+    scores = np.asarray(scores, dtype=np.float64)
+    dropped: list[str] = []
+    findings: list[Finding] = []
+    best = 0.0
+    for class_id, label in sorted(pipeline.labels.items()):
+        if class_id >= scores.shape[1]:
+            dropped.append(f"class {class_id} is not among the model's {scores.shape[1]} outputs")
+            continue
+        column = scores[:, class_id]
+        finite = np.isfinite(column) & (column >= 0.0) & (column <= 1.0)
+        if not finite.all():
+            dropped.append(
+                f"class {class_id}: {int((~finite).sum())} non-finite or out-of-range score(s) ignored"
+            )
+        if not finite.any():
+            continue
+        index = int(np.argmax(np.where(finite, column, -1.0)))
+        confidence = float(column[index])
+        best = max(best, confidence)
+        if confidence >= pipeline.report_threshold:
+            image = images[index]
+            findings.append(
+                Finding(
+                    label=label,
+                    confidence=confidence,
+                    sop_instance_uid=image.sop_instance_uid,
+                    sop_class_uid=image.sop_class_uid,
+                    bbox=None,
+                    slice_index=index,
+                )
+            )
+    for reason in dropped:
+        logger.warning("pipeline %s: %s", pipeline.name, reason)
+    stat = any(f.confidence >= pipeline.stat_threshold for f in findings)
+    return Interpretation(findings=tuple(findings), dropped=tuple(dropped), study_score=best, stat=stat)
 
 
 def region_measurements(

@@ -154,6 +154,15 @@ class PipelineSettings:
     labels: dict[int, CodedConcept]
     min_slices: int = 1
     segmentation: bool = False  # the model also returns a MASK: write a DICOM SEG
+    # Plug-in contract: how the model wants its input and what it answers (see README "Adding a model").
+    output_kind: str = "detections"  # detections (DETECTIONS/SLICE_SCORES/STUDY_SCORE) | class_scores
+    input_name: str = "HU"
+    input_layout: str = "NHW"  # NHW | NCHW | NHWC
+    input_channels: int = 1  # 3: the grey image is repeated into RGB
+    input_dtype: str = "FP32"  # FP32 | UINT8 (UINT8 scales [0, 1] to [0, 255])
+    input_scale: float = 1.0  # applied after intensity normalisation: value * scale + offset
+    input_offset: float = 0.0
+    output_name: str = "SCORES"  # class_scores: the [N, classes] probability output
 
     def __post_init__(self) -> None:
         where = f"pipeline {self.name!r}"
@@ -167,6 +176,18 @@ class PipelineSettings:
             raise ConfigError(f"{where}: input_size must be at least 8x8, got {self.input_size}")
         if not self.labels:
             raise ConfigError(f"{where}: at least one label (pipelines.labels.<class index>) is required")
+        if self.output_kind not in ("detections", "class_scores"):
+            raise ConfigError(
+                f"{where}: output_kind must be detections or class_scores, got {self.output_kind!r}"
+            )
+        if self.input_layout not in ("NHW", "NCHW", "NHWC"):
+            raise ConfigError(f"{where}: input_layout must be NHW, NCHW or NHWC, got {self.input_layout!r}")
+        if self.input_channels not in (1, 3) or (self.input_layout == "NHW" and self.input_channels != 1):
+            raise ConfigError(f"{where}: input_channels must be 1 or 3 (and 1 for layout NHW)")
+        if self.input_dtype not in ("FP32", "UINT8"):
+            raise ConfigError(f"{where}: input_dtype must be FP32 or UINT8, got {self.input_dtype!r}")
+        if self.output_kind == "class_scores" and self.segmentation:
+            raise ConfigError(f"{where}: segmentation needs output_kind = detections")
         if not self.modalities:
             raise ConfigError(f"{where}: modalities must list at least one modality")
 
@@ -367,6 +388,14 @@ def _pipeline(raw: Any, index: int) -> PipelineSettings:
         labels=labels,
         min_slices=r.get_int("min_slices", 1),
         segmentation=r.get_bool("segmentation", False),
+        output_kind=r.get_str("output_kind", "detections"),
+        input_name=r.get_str("input_name", "HU"),
+        input_layout=r.get_str("input_layout", "NHW").upper(),
+        input_channels=r.get_int("input_channels", 1),
+        input_dtype=r.get_str("input_dtype", "FP32").upper(),
+        input_scale=r.get_float("input_scale", 1.0),
+        input_offset=r.get_float("input_offset", 0.0),
+        output_name=r.get_str("output_name", "SCORES"),
     )
     r.finish()
     return settings

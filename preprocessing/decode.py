@@ -34,6 +34,8 @@ class DecodedImage:
     image_orientation: tuple[float, float, float, float, float, float] | None
     pixel_spacing: tuple[float, float] | None
     instance_number: int | None
+    bits_stored: int = 16
+    signed: bool = False
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -114,6 +116,8 @@ def _decode(ds: pydicom.Dataset) -> DecodedImage:
         image_orientation=iop,  # type: ignore[arg-type]
         pixel_spacing=spacing,  # type: ignore[arg-type]
         instance_number=int(number) if number not in (None, "") else None,
+        bits_stored=int(ds.get("BitsStored", ds.get("BitsAllocated", 16)) or 16),
+        signed=int(ds.get("PixelRepresentation", 0) or 0) == 1,
     )
 
 

@@ -19,6 +19,15 @@ def rescale_to_hu(xp: Any, pixels: Any, slope: float, intercept: float) -> Any:
     return pixels.astype(xp.float32) * xp.float32(slope) + xp.float32(intercept)
 
 
+def invert_stored(xp: Any, stored: Any, bits_stored: int, signed: bool) -> Any:
+    """MONOCHROME1 -> MONOCHROME2: mirror stored values over their full range (not the image's own min/max),
+    so that the same anatomy gets the same values whichever photometric interpretation the modality used."""
+    values = stored.astype(xp.int32)
+    if signed:
+        return -1 - values
+    return ((1 << bits_stored) - 1) - values
+
+
 def apply_window(xp: Any, values: Any, center: float, width: float) -> Any:
     """Linear VOI window mapped to [0, 1] (PS3.3 C.11.2.1.2 linear function, continuous form)."""
     if width <= 0:
@@ -71,9 +80,10 @@ def prepare_stack(
     xp = backend.xp
     slices = []
     for img in images:
-        values = rescale_to_hu(xp, xp.asarray(img.pixels), img.rescale_slope, img.rescale_intercept)
+        stored = xp.asarray(img.pixels)
         if img.photometric == "MONOCHROME1":
-            values = xp.max(values) + xp.min(values) - values
+            stored = invert_stored(xp, stored, img.bits_stored, img.signed)
+        values = rescale_to_hu(xp, stored, img.rescale_slope, img.rescale_intercept)
         slices.append(values)
     stack = xp.stack(slices, axis=0)
     stack = xp.clip(stack, xp.float32(hu_clip[0]), xp.float32(hu_clip[1]))
@@ -83,3 +93,24 @@ def prepare_stack(
             raise ValueError("intensity 'window' needs a (center, width) window")
         stack = apply_window(xp, stack, window[0], window[1])
     return backend.to_numpy(stack).astype(np.float32, copy=False)
+
+
+def to_model_layout(
+    stack: np.ndarray, *, layout: str, channels: int, dtype: str, scale: float = 1.0, offset: float = 0.0
+) -> np.ndarray:
+    """[N, H, W] float32 -> the tensor a model declared: NHW, NCHW or NHWC, 1 or 3 channels, FP32 or UINT8.
+
+    ``value * scale + offset`` is applied first; UINT8 then maps [0, 1] to [0, 255] (clipped).
+    """
+    values = stack.astype(np.float32) * np.float32(scale) + np.float32(offset)
+    if dtype == "UINT8":
+        values = np.clip(np.rint(values * 255.0), 0, 255).astype(np.uint8)
+    elif dtype != "FP32":
+        raise ValueError(f"unsupported input dtype {dtype!r}")
+    if layout == "NHW":
+        return np.ascontiguousarray(values)
+    if layout == "NCHW":
+        return np.ascontiguousarray(np.repeat(values[:, None, :, :], channels, axis=1))
+    if layout == "NHWC":
+        return np.ascontiguousarray(np.repeat(values[:, :, :, None], channels, axis=3))
+    raise ValueError(f"unsupported input layout {layout!r}")

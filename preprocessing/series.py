@@ -20,6 +20,19 @@ from preprocessing.normalize import prepare_stack
 logger = logging.getLogger(__name__)
 
 
+TYPE2_RESULT_ATTRIBUTES = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+    "StudyID",
+    "AccessionNumber",
+)
+
+
 @dataclass(frozen=True, kw_only=True)
 class LoadedSeries:
     images: tuple[DecodedImage, ...]  # in slice order
@@ -51,6 +64,11 @@ def load_series(paths: Sequence[Path]) -> LoadedSeries:
         ):
             if keyword in ds and not valid:
                 delattr(ds, keyword)
+        for (
+            keyword
+        ) in TYPE2_RESULT_ATTRIBUTES:  # results copy these; senders sometimes omit Type 2 attributes
+            if keyword not in ds:
+                setattr(ds, keyword, "")
         if "SpecificCharacterSet" in ds and not ds.SpecificCharacterSet:
             del ds.SpecificCharacterSet  # empty means the default repertoire; result builders reject ''
         images.append(image)

@@ -77,6 +77,8 @@ def _code(item: Any) -> CodedConcept:
 
 
 def _rect(finding: Finding) -> list[tuple[float, float]]:
+    if finding.bbox is None:
+        raise ValueError("an image-level finding has no box")
     x0, y0, x1, y1 = finding.bbox
     return [(x0, y0), (x1, y0), (x1, y1), (x0, y1), (x0, y0)]
 
@@ -111,8 +113,12 @@ def reported_findings(analysis: SeriesAnalysis) -> list[ReportedFinding]:
     for number, finding in enumerate(analysis.findings, start=1):
         header = headers[finding.sop_instance_uid]
         frame_of_reference = str(header.get("FrameOfReferenceUID", "")) or None
-        patient = pixel_to_patient(header, _rect(finding)[:4]) if frame_of_reference else None
-        if patient is not None:
+        located = finding.bbox is not None
+        patient = pixel_to_patient(header, _rect(finding)[:4]) if (located and frame_of_reference) else None
+        region: Region | None
+        if not located:
+            region = None  # image-level (classification) finding: the measurement references the image
+        elif patient is not None:
             region = Region(
                 graphic_type="POLYGON",
                 points=tuple([*patient, patient[0]]),
@@ -209,13 +215,19 @@ def read_measurement_report(ds: Dataset) -> list[ReportedFinding]:
     if ds.get("Modality") != "SR" or "1500" not in templates:
         raise InvalidInstanceError("not a TID 1500 Measurement Report")
     report = hd.sr.MeasurementReport.from_sequence([ds])
+    image_level = [
+        g
+        for g in report.get_image_measurement_groups()
+        if g.finding_type is None or str(g.finding_type.value) != gw.AI_STUDY_ASSESSMENT.value
+    ]
     groups: list[Any] = [
         *report.get_planar_roi_measurement_groups(),
         *report.get_volumetric_roi_measurement_groups(),
+        *image_level,
     ]
     findings = []
     for group in groups:
-        region = _region(group.roi)
+        region = _region(getattr(group, "roi", None))
         segment = None
         segment_ref = getattr(group, "referenced_segment", None) or getattr(
             group, "referenced_segmentation_frame", None

@@ -46,16 +46,21 @@ def build_gsps(analysis: SeriesAnalysis) -> GrayscaleSoftcopyPresentationState |
     annotations = []
     for image in images:
         graphics, texts = [], []
+        image_level = 0
         for finding in per_image[str(image.SOPInstanceUID)]:
-            graphics.append(
-                GraphicObject(
-                    graphic_type=GraphicTypeValues.POLYLINE,
-                    graphic_data=rectangle(finding),
-                    units=AnnotationUnitsValues.PIXEL,
+            if finding.bbox is None:  # a classification: a label in the image's top-left corner
+                image_level += 1
+                anchor = (8.0, 8.0 + 16.0 * image_level)
+            else:
+                graphics.append(
+                    GraphicObject(
+                        graphic_type=GraphicTypeValues.POLYLINE,
+                        graphic_data=rectangle(finding),
+                        units=AnnotationUnitsValues.PIXEL,
+                    )
                 )
-            )
-            x0, y0, _, _ = finding.bbox
-            anchor = (float(x0), float(max(y0 - 4.0, 0.0)))
+                x0, y0, _, _ = finding.bbox
+                anchor = (float(x0), float(max(y0 - 4.0, 0.0)))
             texts.append(
                 TextObject(
                     text_value=f"{finding.label.meaning} {finding.confidence:.0%}"[:64],
@@ -66,7 +71,10 @@ def build_gsps(analysis: SeriesAnalysis) -> GrayscaleSoftcopyPresentationState |
             )
         annotations.append(
             GraphicAnnotation(
-                referenced_images=[image], graphic_layer=layer, graphic_objects=graphics, text_objects=texts
+                referenced_images=[image],
+                graphic_layer=layer,
+                graphic_objects=graphics or None,
+                text_objects=texts,
             )
         )
     center, width = analysis.display_window
@@ -114,10 +122,15 @@ def _add_box_overlay(gsps: Dataset, images: list[Dataset], per_image: dict[str, 
     when the findings are on a single image). Otherwise the vector graphics alone carry the findings.
     """
     shapes = {(int(ds.Rows), int(ds.Columns)) for ds in images}
-    box_sets = {tuple(sorted(f.bbox for f in per_image[str(ds.SOPInstanceUID)])) for ds in images}
+    box_sets = {
+        tuple(sorted(f.bbox for f in per_image[str(ds.SOPInstanceUID)] if f.bbox is not None))
+        for ds in images
+    }
     if len(shapes) != 1 or len(box_sets) != 1:
         return
     (rows, cols), boxes = shapes.pop(), list(box_sets.pop())
+    if not boxes:
+        return
     bitmap = box_outline(rows, cols, boxes)
     gsps.add_new(0x60000010, "US", rows)
     gsps.add_new(0x60000011, "US", cols)

@@ -11,6 +11,7 @@ report ("All algorithms succeeded; without findings").
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from highdicom.sr import (
@@ -19,6 +20,7 @@ from highdicom.sr import (
     Comprehensive3DSR,
     DeviceObserverIdentifyingAttributes,
     FindingSite,
+    ImageLibraryEntryDescriptors,
     ImageRegion,
     ImageRegion3D,
     LanguageOfContentItemAndDescendants,
@@ -65,26 +67,66 @@ def _library_images(analysis: SeriesAnalysis) -> list[Dataset]:
     Every analysed instance is referenced in the evidence sequence; listing them all in the library as well
     multiplies the encoding time by the slice count without adding information a viewer uses.
     """
-    usable = [ds for ds in analysis.sources if _describable(ds)]
     annotated = {f.sop_instance_uid for f in analysis.findings}
-    images = [ds for ds in usable if str(ds.SOPInstanceUID) in annotated]
-    return images or usable[:1]
+    images = [ds for ds in analysis.sources if str(ds.SOPInstanceUID) in annotated and _describable(ds)]
+    if images:
+        return images
+    return next(([ds] for ds in analysis.sources if _describable(ds)), [])
 
 
 def _describable(ds: Dataset) -> bool:
-    """TID 1604 descriptors of a cross-sectional image need its complete plane geometry."""
-    if ds.get("Modality") not in ("CT", "MR", "PT"):
-        return True
-    return all(k in ds for k in ("PixelSpacing", "ImageOrientationPatient", "ImagePositionPatient"))
+    """Whether highdicom can describe the image in the library (TID 1601-1604 need modality-specific
+    attributes such as plane geometry or Patient Orientation, which senders do not always include)."""
+    try:
+        ImageLibraryEntryDescriptors(ds)
+    except Exception:
+        return False
+    return True
 
 
-def _roi_group(
+def _finding_group(
     finding: ReportedFinding, analysis: SeriesAnalysis, algorithm: AlgorithmIdentification
-) -> PlanarROIMeasurementsAndQualitativeEvaluations:
+) -> PlanarROIMeasurementsAndQualitativeEvaluations | MeasurementsAndQualitativeEvaluations:
+    """TID 1410 (planar ROI) for a located finding; TID 1501 (image-level) for a classification finding."""
     headers = {str(ds.SOPInstanceUID): ds for ds in analysis.sources}
-    region = finding.region
-    assert region is not None and finding.source_sop_instance_uid is not None
+    assert finding.source_sop_instance_uid is not None
     source = headers[finding.source_sop_instance_uid]
+    image_ref = [
+        SourceImageForMeasurement(
+            referenced_sop_class_uid=str(source.SOPClassUID),
+            referenced_sop_instance_uid=str(source.SOPInstanceUID),
+        )
+    ]
+    measurements = [
+        Measurement(
+            name=gw.to_highdicom(m.name),
+            value=m.value,
+            unit=gw.to_highdicom(m.unit),
+            algorithm_id=algorithm,
+            # The source image travels with the first measurement, so a 3D or image-level finding stays tied
+            # to its image.
+            referenced_images=image_ref if index == 0 else None,
+        )
+        for index, m in enumerate(finding.measurements)
+    ]
+    common: dict[str, Any] = {
+        "tracking_identifier": TrackingIdentifier(
+            uid=finding.tracking_uid, identifier=finding.tracking_identifier
+        ),
+        "finding_type": gw.to_highdicom(finding.finding_type),
+        "finding_sites": [FindingSite(gw.to_highdicom(finding.finding_site))]
+        if finding.finding_site
+        else None,
+        "algorithm_id": algorithm,
+        "measurements": measurements,
+        "qualitative_evaluations": [
+            QualitativeEvaluation(name=gw.to_highdicom(name), value=gw.to_highdicom(value))
+            for name, value in finding.evaluations
+        ],
+    }
+    region = finding.region
+    if region is None:
+        return MeasurementsAndQualitativeEvaluations(**common)
     roi: ImageRegion | ImageRegion3D
     if region.is_3d:
         roi = ImageRegion3D(
@@ -101,37 +143,7 @@ def _roi_group(
                 referenced_sop_instance_uid=str(source.SOPInstanceUID),
             ),
         )
-    image_ref = [
-        SourceImageForMeasurement(
-            referenced_sop_class_uid=str(source.SOPClassUID),
-            referenced_sop_instance_uid=str(source.SOPInstanceUID),
-        )
-    ]
-    measurements = [
-        Measurement(
-            name=gw.to_highdicom(m.name),
-            value=m.value,
-            unit=gw.to_highdicom(m.unit),
-            algorithm_id=algorithm,
-            # The source image travels with the first measurement, so a 3D region stays tied to its image.
-            referenced_images=image_ref if index == 0 else None,
-        )
-        for index, m in enumerate(finding.measurements)
-    ]
-    return PlanarROIMeasurementsAndQualitativeEvaluations(
-        tracking_identifier=TrackingIdentifier(
-            uid=finding.tracking_uid, identifier=finding.tracking_identifier
-        ),
-        referenced_region=roi,
-        finding_type=gw.to_highdicom(finding.finding_type),
-        finding_sites=[FindingSite(gw.to_highdicom(finding.finding_site))] if finding.finding_site else None,
-        algorithm_id=algorithm,
-        measurements=measurements,
-        qualitative_evaluations=[
-            QualitativeEvaluation(name=gw.to_highdicom(name), value=gw.to_highdicom(value))
-            for name, value in finding.evaluations
-        ],
-    )
+    return PlanarROIMeasurementsAndQualitativeEvaluations(referenced_region=roi, **common)
 
 
 def build_sr(
@@ -176,7 +188,7 @@ def build_sr(
             ],
         )
     ]
-    groups += [_roi_group(f, analysis, algorithm) for f in findings]
+    groups += [_finding_group(f, analysis, algorithm) for f in findings]
     report = MeasurementReport(
         observation_context=ObservationContext(observer_device_context=observer),
         procedure_reported=gw.PROCEDURE_IMAGING,

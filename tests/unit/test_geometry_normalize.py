@@ -97,3 +97,26 @@ def test_prepare_stack_hu_and_window(tmp_path: Path) -> None:
         images, size=(32, 32), intensity="window", hu_clip=(-1024.0, 3071.0), window=(40.0, 80.0)
     )
     assert float(win.min()) == 0.0 and float(win.max()) == 1.0
+
+
+def test_model_layouts_channels_and_dtype() -> None:
+    from preprocessing.normalize import to_model_layout
+
+    stack = np.linspace(0, 1, 2 * 4 * 5, dtype=np.float32).reshape(2, 4, 5)
+    assert to_model_layout(stack, layout="NHW", channels=1, dtype="FP32").shape == (2, 4, 5)
+    nchw = to_model_layout(stack, layout="NCHW", channels=3, dtype="FP32")
+    assert nchw.shape == (2, 3, 4, 5) and np.array_equal(nchw[:, 2], stack)
+    nhwc = to_model_layout(stack, layout="NHWC", channels=3, dtype="UINT8", scale=1.0)
+    assert nhwc.shape == (2, 4, 5, 3) and nhwc.dtype == np.uint8 and nhwc.max() == 255 and nhwc.min() == 0
+    shifted = to_model_layout(stack, layout="NHW", channels=1, dtype="FP32", scale=2.0, offset=-1.0)
+    np.testing.assert_allclose(shifted, stack * 2 - 1, atol=1e-6)
+
+
+def test_monochrome1_is_mirrored_over_the_stored_range() -> None:
+    from preprocessing.normalize import invert_stored
+
+    stored = np.array([[0, 100, 4095]], dtype=np.uint16)
+    np.testing.assert_array_equal(invert_stored(np, stored, 12, False), [[4095, 3995, 0]])
+    np.testing.assert_array_equal(
+        invert_stored(np, np.array([[-2048, 0, 2047]]), 12, True), [[2047, -1, -2048]]
+    )

@@ -267,3 +267,23 @@ def test_gsps_overlay_only_when_it_is_right_for_every_referenced_image(loaded) -
     double = build_gsps(_analysis(loaded, (_finding(loaded, 2), moved), stat=False))
     assert double is not None and 0x60003000 not in double  # boxes differ per image: vector graphics only
     assert len(double.GraphicAnnotationSequence) == 2
+
+
+def test_class_scores_become_image_level_findings_on_the_best_image(loaded) -> None:
+    from gateway.interpret import interpret_scores
+    from gateway.settings import load_settings
+
+    pipeline = dataclasses.replace(
+        load_settings().pipelines[0],
+        labels={1: CodedConcept(value="112001", scheme="DCM", meaning="Opacity")},
+        report_threshold=0.5,
+        stat_threshold=0.9,
+    )
+    scores = np.array([[0.9, 0.1], [0.2, 0.8], [0.3, 0.95], [np.nan, 0.4]], dtype=np.float32)
+    result = interpret_scores(scores, loaded.images, pipeline)
+    [finding] = result.findings
+    assert finding.bbox is None and finding.confidence == pytest.approx(0.95)
+    assert finding.sop_instance_uid == loaded.images[2].sop_instance_uid
+    assert result.stat is True and result.study_score == pytest.approx(0.95)
+    quiet = interpret_scores(np.full((4, 2), 0.1, np.float32), loaded.images, pipeline)
+    assert quiet.findings == () and quiet.stat is False
