@@ -79,6 +79,8 @@ def test_real_ct_sent_by_orthanc_comes_back_as_sr_and_gsps_in_the_same_study(
     wait_for(result_series, timeout_s=120, what="the SR in Orthanc")
     elapsed = time.monotonic() - sent
     done = env.wait_study_done(study_uid)
+    # One delivery job carries SR, GSPS and SEG over one association: wait until all of it is stored.
+    wait_for(lambda: env.events("results_delivered", study_uid), timeout_s=60, what="the delivery to finish")
     modalities = sorted(s["MainDicomTags"]["Modality"] for s in env.orthanc.series_of_study(study_uid))
     [sr] = env.results(study_uid, "SR")
     [analysed] = env.events("series_analysed", study_uid)
