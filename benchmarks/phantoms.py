@@ -73,6 +73,7 @@ def write_head_ct(
     study_uid: str | None = None,
     priority: str = "",
     calling_name: str = PATIENT_NAME,
+    noise_hu: float = 4.0,
 ) -> PhantomSeries:
     """Write one series; instance numbers run against the geometry by default (ordering must use positions)."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -81,7 +82,7 @@ def write_head_ct(
     series_uid, frame_uid = generate_uid(), generate_uid()
     paths, sops = [], []
     for k in range(slices):
-        hu = head_slice(rows, cols, k / max(1, slices - 1), rng)
+        hu = head_slice(rows, cols, k / max(1, slices - 1), rng, noise_hu=noise_hu)
         z = k * slice_mm
         yy, xx = np.mgrid[0:rows, 0:cols].astype(np.float32)
         for lesion in lesions:
