@@ -202,3 +202,45 @@ def test_third_party_nhwc_classifier_runs_end_to_end_without_code_changes(
         assert not list((results / dark_uid).glob("PR_*.dcm"))
     finally:
         gateway.stop()
+
+
+def test_silent_mode_records_results_but_sends_nothing(tmp_path: Path, triton: str) -> None:
+    from benchmarks.phantoms import Lesion, write_head_ct
+    from tests.support.servers import Orthanc, WebhookReceiver
+
+    orthanc = Orthanc(tmp_path / "orthanc").start()
+    port = free_port()
+    with WebhookReceiver() as webhook:
+        config = tmp_path / "gateway.toml"
+        config.write_text(
+            f'data_dir = "{tmp_path / "data"}"\nquiet_period_s = 1.0\nstat_webhook_url = "{webhook.url}"\n'
+            f'[http]\nport = 0\n[receiver]\nport = {port}\n[triton]\nurl = "{triton}"\n'
+            f'[[peers]]\nae_title = "STORESCU"\nhost = "127.0.0.1"\nport = {orthanc.dicom_port}\n'
+            '[[pipelines]]\nname = "shadow"\nmodel = "ct_head_hyperdensity"\nalgorithm_version = "0.1.0"\n'
+            'mode = "silent"\nstat_threshold = 0.5\nmodalities = ["CT"]\ninput_size = [256, 256]\n'
+            '[pipelines.labels]\n0 = "hemorrhage"\n'
+        )
+        gateway = Gateway(load_settings(config)).start()
+        try:
+            series = write_head_ct(
+                tmp_path / "s", slices=12, lesions=(Lesion(x=260, y=250, slice=6),), seed=91
+            )
+            assert storescu(list(series.paths), port=port, calling_ae="STORESCU").returncode == 0
+            wait_for(
+                lambda: [e for e in gateway.audit.read() if e["event"] == "study_done"],
+                timeout_s=60,
+                what="analysis",
+            )
+            [analysed] = [e for e in gateway.audit.read() if e["event"] == "series_analysed"]
+            assert analysed["mode"] == "silent" and analysed["findings"] >= 1  # recorded ...
+            assert analysed["destination"] == "" and analysed["stat"] is False  # ... but not sent, no STAT
+            assert list((tmp_path / "data" / "results" / series.study_uid).glob("SR_*.dcm"))
+            assert not list((tmp_path / "data" / "outbox").rglob("*.json"))
+            assert not list((tmp_path / "data" / "results" / series.study_uid).glob("HL7_*"))
+            assert webhook.events == []
+            assert [
+                s for s in orthanc.series_of_study(series.study_uid) if s["MainDicomTags"]["Modality"] == "SR"
+            ] == []
+        finally:
+            gateway.stop()
+            orthanc.stop()
