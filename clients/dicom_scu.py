@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import ssl
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,10 +39,21 @@ def _make_ae(calling_ae: str, timeout_s: float) -> AE:
     return ae
 
 
-def echo(peer: Peer, *, calling_ae: str = "AI_GATEWAY", timeout_s: float = 10.0) -> bool:
+def _tls(ssl_context: ssl.SSLContext | None, peer: Peer) -> tuple[ssl.SSLContext, str] | None:
+    return (ssl_context, peer.host) if ssl_context is not None else None
+
+
+def echo(
+    peer: Peer,
+    *,
+    calling_ae: str = "AI_GATEWAY",
+    timeout_s: float = 10.0,
+    ssl_context: ssl.SSLContext | None = None,
+) -> bool:
+    """C-ECHO; with ``ssl_context`` over DICOM TLS (the server name checked is the peer's host)."""
     ae = _make_ae(calling_ae, timeout_s)
     ae.add_requested_context(Verification)
-    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title)
+    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, tls_args=_tls(ssl_context, peer))
     if not assoc.is_established:
         return False
     try:
@@ -58,6 +70,7 @@ def store_datasets(
     calling_ae: str = "AI_GATEWAY",
     timeout_s: float = 30.0,
     progress: Iterable[int] | None = None,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> SendReport:
     """C-STORE datasets over one association. Raises ``DeliveryError`` when the peer cannot be reached."""
     report = SendReport()
@@ -68,7 +81,7 @@ def store_datasets(
         raise DeliveryError(f"{len(pairs)} SOP class / transfer syntax pairs exceed {MAX_CONTEXTS} contexts")
     ae = _make_ae(calling_ae, timeout_s)
     ae.requested_contexts = [build_context(sop, [ts]) for sop, ts in pairs]
-    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title)
+    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, tls_args=_tls(ssl_context, peer))
     if not assoc.is_established:
         raise DeliveryError(f"association with {peer} was rejected, aborted or never connected")
     ticks = iter(progress) if progress is not None else None

@@ -10,8 +10,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -19,6 +20,8 @@ from gateway.domain import Priority
 from gateway.errors import InferenceError, InferenceUnavailable
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 TRITON_PRIORITY = {Priority.STAT: 1, Priority.URGENT: 2, Priority.ROUTINE: 3}
 DETECTION_WIDTH = 7
@@ -145,13 +148,8 @@ class TritonClient:
             raise InferenceError(f"expected a non-empty batch of images, got shape {tensor.shape}")
         started = time.perf_counter()
         version = await self.model_version(model)
-        step = self.max_slices_per_request
-        starts = list(range(0, tensor.shape[0], step))
-        parts = await asyncio.gather(
-            *(
-                self._scores_chunk(model, tensor[s : s + step], input_name, output_name, priority)
-                for s in starts
-            )
+        starts, parts = await self._in_chunks(
+            tensor, lambda chunk: self._scores_chunk(model, chunk, input_name, output_name, priority)
         )
         return ScoresOutput(
             scores=np.concatenate(parts, axis=0),
@@ -176,6 +174,15 @@ class TritonClient:
             shape = None if scores is None else scores.shape
             raise InferenceError(f"model {model!r} output {output_name!r} must be [N, classes]; got {shape}")
         return np.asarray(scores, dtype=np.float32)
+
+    async def _in_chunks(
+        self, array: np.ndarray, call: Callable[[np.ndarray], Awaitable[T]]
+    ) -> tuple[list[int], list[T]]:
+        """Split along the first axis into requests of at most max_slices_per_request and send them together."""
+        step = self.max_slices_per_request
+        starts = list(range(0, array.shape[0], step))
+        results = await asyncio.gather(*(call(array[s : s + step]) for s in starts))
+        return starts, list(results)
 
     async def _call(self, model: str, inputs: list[Any], outputs: list[Any], priority: Priority) -> Any:
         try:
@@ -204,10 +211,8 @@ class TritonClient:
             raise InferenceError(f"expected a non-empty [N, H, W] stack, got shape {stack.shape}")
         started = time.perf_counter()
         version = await self.model_version(model)
-        step = self.max_slices_per_request
-        starts = list(range(0, stack.shape[0], step))
-        answers = await asyncio.gather(
-            *(self._infer_chunk(model, stack[s : s + step], priority, want_mask) for s in starts)
+        starts, answers = await self._in_chunks(
+            stack, lambda chunk: self._infer_chunk(model, chunk, priority, want_mask)
         )
         detections = []
         for offset, chunk in zip(starts, answers, strict=True):

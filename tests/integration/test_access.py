@@ -9,12 +9,11 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from pynetdicom import AE
-from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
 
 from benchmarks.phantoms import write_head_ct
+from clients.dicom_scu import echo, store_datasets
 from gateway.engine import Gateway
-from gateway.settings import load_settings
+from gateway.settings import Peer, load_settings
 from gateway.triton_server import free_port
 from tests.support.servers import require_tool, storescu
 
@@ -81,19 +80,7 @@ def make_pki(folder: Path) -> dict[str, Path]:
 
 
 def _echo(port: int, context: ssl.SSLContext | None) -> bool:
-    ae = AE(ae_title="TLS_SCU")
-    ae.add_requested_context(Verification)
-    ae.add_requested_context(CTImageStorage)
-    assoc = ae.associate(
-        "127.0.0.1", port, ae_title="AI_GATEWAY", tls_args=(context, "127.0.0.1") if context else None
-    )
-    if not assoc.is_established:
-        return False
-    try:
-        status = assoc.send_c_echo()
-        return bool(status) and int(status.Status) == 0
-    finally:
-        assoc.release()
+    return echo(Peer.parse(f"AI_GATEWAY@127.0.0.1:{port}"), calling_ae="TLS_SCU", ssl_context=context)
 
 
 def test_dicom_tls_with_client_certificates(tmp_path: Path, triton: str) -> None:
@@ -112,12 +99,11 @@ def test_dicom_tls_with_client_certificates(tmp_path: Path, triton: str) -> None
         assert _echo(port, mutual)
         # A study over TLS is stored like any other.
         series = write_head_ct(tmp_path / "s", slices=1, rows=64, cols=64)
-        ae = AE(ae_title="TLS_SCU")
-        ae.add_requested_context(CTImageStorage)
-        assoc = ae.associate("127.0.0.1", port, ae_title="AI_GATEWAY", tls_args=(mutual, "127.0.0.1"))
-        assert assoc.is_established
-        assert int(assoc.send_c_store(pydicom.dcmread(series.paths[0])).Status) == 0
-        assoc.release()
+        peer = Peer.parse(f"AI_GATEWAY@127.0.0.1:{port}")
+        report = store_datasets(
+            [pydicom.dcmread(series.paths[0])], peer, calling_ae="TLS_SCU", ssl_context=mutual
+        )
+        assert report.ok and report.sent == 1
         assert list((tmp_path / "data" / "spool" / series.study_uid).glob("*/*.dcm"))
         # Without a client certificate, or without TLS at all, nothing gets through.
         anonymous = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(pki["ca.pem"]))
