@@ -39,6 +39,17 @@ def _make_ae(calling_ae: str, timeout_s: float) -> AE:
     return ae
 
 
+def client_tls_context(
+    ca_file: Path, cert_file: Path | None = None, key_file: Path | None = None
+) -> ssl.SSLContext:
+    """A DICOM TLS client context trusting ``ca_file``; with a certificate and key for mutual TLS."""
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(ca_file))
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if cert_file is not None:
+        context.load_cert_chain(str(cert_file), str(key_file) if key_file else None)
+    return context
+
+
 def _tls(ssl_context: ssl.SSLContext | None, peer: Peer) -> tuple[ssl.SSLContext, str] | None:
     return (ssl_context, peer.host) if ssl_context is not None else None
 
@@ -116,6 +127,7 @@ def store_files(
     calling_ae: str = "AI_GATEWAY",
     timeout_s: float = 30.0,
     on_progress: object = None,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> SendReport:
     """C-STORE files. Unreadable files are reported, not sent. ``on_progress`` is a tqdm-like object."""
     report = SendReport()
@@ -130,7 +142,9 @@ def store_files(
     for start in range(0, len(datasets), 256):
         chunk = datasets[start : start + 256]
         ticker = _Ticker(on_progress) if on_progress is not None else None
-        sub = store_datasets(chunk, peer, calling_ae=calling_ae, timeout_s=timeout_s, progress=ticker)
+        sub = store_datasets(
+            chunk, peer, calling_ae=calling_ae, timeout_s=timeout_s, progress=ticker, ssl_context=ssl_context
+        )
         report.sent += sub.sent
         report.failed.extend(sub.failed)
     return report

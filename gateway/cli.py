@@ -41,6 +41,25 @@ def _peer(text: str) -> Peer:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _tls_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("DICOM TLS", "use TLS when --tls-ca is given")
+    group.add_argument(
+        "--tls-ca", type=Path, metavar="PEM", help="CA certificate that signed the receiver's certificate"
+    )
+    group.add_argument("--tls-cert", type=Path, metavar="PEM", help="our client certificate (mutual TLS)")
+    group.add_argument("--tls-key", type=Path, metavar="PEM", help="the key of --tls-cert")
+
+
+def _client_tls(args: argparse.Namespace) -> Any:
+    if args.tls_ca is None:
+        if args.tls_cert is not None:
+            raise ConfigError("--tls-cert needs --tls-ca")
+        return None
+    from clients.dicom_scu import client_tls_context
+
+    return client_tls_context(args.tls_ca, args.tls_cert, args.tls_key)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gateway",
@@ -102,12 +121,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--calling-ae", default="GATEWAY_SCU", help="our AE title (must be allowed by the receiver)"
     )
     send.add_argument("--timeout", type=float, default=30.0, help="network and DIMSE timeout in seconds")
+    _tls_arguments(send)
 
     echo = sub.add_parser(
         "echo", help="check that a DICOM node answers (C-ECHO)", description="Send a C-ECHO."
     )
     echo.add_argument("peer", type=_peer, metavar="AET@HOST:PORT")
     echo.add_argument("--calling-ae", default="GATEWAY_SCU")
+    _tls_arguments(echo)
 
     resend = sub.add_parser(
         "resend",
@@ -221,7 +242,12 @@ def cmd_send(args: argparse.Namespace) -> int:
         return 1
     with tqdm(total=len(files), unit="img", desc=f"C-STORE to {args.to.ae_title}") as bar:
         report = store_files(
-            files, args.to, calling_ae=args.calling_ae, timeout_s=args.timeout, on_progress=bar
+            files,
+            args.to,
+            calling_ae=args.calling_ae,
+            timeout_s=args.timeout,
+            on_progress=bar,
+            ssl_context=_client_tls(args),
         )
     print(f"sent {report.sent} of {len(files)} instance(s) to {args.to}")
     for name, reason in report.failed[:20]:
@@ -233,7 +259,7 @@ def cmd_echo(args: argparse.Namespace) -> int:
     from clients.dicom_scu import echo
 
     configure_logging("WARNING")
-    ok = echo(args.peer, calling_ae=args.calling_ae)
+    ok = echo(args.peer, calling_ae=args.calling_ae, ssl_context=_client_tls(args))
     print(f"C-ECHO {args.peer}: {'success' if ok else 'FAILED'}")
     return 0 if ok else 2
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ssl
 import subprocess
+import sys
 from pathlib import Path
 
 import pydicom
@@ -109,6 +110,24 @@ def test_dicom_tls_with_client_certificates(tmp_path: Path, triton: str) -> None
         anonymous = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(pki["ca.pem"]))
         assert not _echo(port, anonymous)
         assert not _echo(port, None)
+        # The command line speaks TLS too.
+        cli = [
+            sys.executable,
+            "-m",
+            "gateway",
+            "echo",
+            f"AI_GATEWAY@127.0.0.1:{port}",
+            "--tls-ca",
+            str(pki["ca.pem"]),
+        ]
+        mutual_cli = subprocess.run(
+            [*cli, "--tls-cert", str(pki["client.pem"]), "--tls-key", str(pki["client.key"])],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert mutual_cli.returncode == 0 and "success" in mutual_cli.stdout
+        assert subprocess.run(cli, capture_output=True, text=True, timeout=60).returncode == 2
     finally:
         gateway.stop()
 
