@@ -19,6 +19,7 @@ from gateway.settings import Peer
 logger = logging.getLogger(__name__)
 
 MAX_CONTEXTS = 128
+FILES_PER_ASSOCIATION = 256
 
 
 @dataclass
@@ -129,18 +130,20 @@ def store_files(
     on_progress: object = None,
     ssl_context: ssl.SSLContext | None = None,
 ) -> SendReport:
-    """C-STORE files. Unreadable files are reported, not sent. ``on_progress`` is a tqdm-like object."""
+    """C-STORE files, FILES_PER_ASSOCIATION at a time (only those are held in memory). Unreadable files are
+    reported, not sent. ``on_progress`` is a tqdm-like object."""
     report = SendReport()
-    datasets = []
-    for path in paths:
-        try:
-            datasets.append(pydicom.dcmread(path))
-        except Exception as exc:
-            report.failed.append((str(path), f"not a readable DICOM file: {exc}"))
-            if on_progress is not None:
-                on_progress.update(1)  # type: ignore[attr-defined]
-    for start in range(0, len(datasets), 256):
-        chunk = datasets[start : start + 256]
+    for start in range(0, len(paths), FILES_PER_ASSOCIATION):
+        chunk = []
+        for path in paths[start : start + FILES_PER_ASSOCIATION]:
+            try:
+                chunk.append(pydicom.dcmread(path))
+            except Exception as exc:
+                report.failed.append((str(path), f"not a readable DICOM file: {exc}"))
+                if on_progress is not None:
+                    on_progress.update(1)  # type: ignore[attr-defined]
+        if not chunk:
+            continue
         ticker = _Ticker(on_progress) if on_progress is not None else None
         sub = store_datasets(
             chunk, peer, calling_ae=calling_ae, timeout_s=timeout_s, progress=ticker, ssl_context=ssl_context

@@ -11,7 +11,7 @@ from __future__ import annotations
 import enum
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 _UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
@@ -162,16 +162,6 @@ class Finding:
                 raise ValueError(f"Finding.bbox must be finite with x0<=x1 and y0<=y1, got {self.bbox}")
 
 
-@dataclass(frozen=True, kw_only=True)
-class StageTimings:
-    """Seconds spent in each stage for one series; reported in the canonical study log line."""
-
-    values: dict[str, float] = field(default_factory=dict)
-
-    def with_stage(self, name: str, seconds: float) -> StageTimings:
-        merged = dict(self.values)
-        merged[name] = merged.get(name, 0.0) + seconds
-        return StageTimings(values=merged)
-
-    def as_log_fields(self) -> dict[str, float]:
-        return {f"{k}_ms": round(v * 1000.0, 1) for k, v in self.values.items()}
+def timing_log_fields(seconds_by_stage: dict[str, float]) -> dict[str, float]:
+    """Stage timings as log / audit fields: ``{"infer": 0.25}`` -> ``{"infer_ms": 250.0}``."""
+    return {f"{k}_ms": round(v * 1000.0, 1) for k, v in seconds_by_stage.items()}

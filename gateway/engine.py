@@ -28,7 +28,7 @@ from clients.triton import DetectionOutput, ScoresOutput, TritonClient
 from gateway.assembler import StudyAssembler, assemble_study
 from gateway.audit import AuditLog
 from gateway.delivery import ResultStore
-from gateway.domain import InstanceRecord, RolloutMode, StageTimings, Study
+from gateway.domain import InstanceRecord, RolloutMode, Study, timing_log_fields
 from gateway.errors import (
     ConfigError,
     GatewayError,
@@ -563,7 +563,7 @@ class Gateway:
             "destination": str(destination) if destination else "",
             "supersedes": [str(ds.SOPInstanceUID) for ds in previous],
             "backend": self.backend.name,
-            **StageTimings(values=timings).as_log_fields(),
+            **timing_log_fields(timings),
         }
         logger.info("series analysed %s", json.dumps(fields))
         self.metrics.series_analysed.labels(pipeline.name).inc()
@@ -619,7 +619,7 @@ class Gateway:
             "stat": progress.stat,
             "results": progress.results,
             "last_instance_to_done_ms": round(total * 1000.0, 1),
-            **StageTimings(values=progress.timings).as_log_fields(),
+            **timing_log_fields(progress.timings),
         }
         logger.info("study done %s", json.dumps(fields))
         self.audit.record("study_done", **fields)

@@ -12,7 +12,6 @@ Split by what the caller does next::
           ├── InvalidInstanceError   an instance we refuse to store (bad UIDs, no SOP class) (DIMSE 0xC000)
           │    └── DatasetMismatchError   dataset SOP Class differs from the request (DIMSE 0xA900)
           ├── DecodeError            pixel data missing, truncated or in an undecodable syntax
-          ├── UnsupportedStudyError  no pipeline applies to the series
           └── InferenceError         the model answered with an error or a malformed result
 
 ``dimse_status_for`` is the single place where exceptions become DIMSE statuses.
@@ -59,10 +58,6 @@ class DatasetMismatchError(InvalidInstanceError):
 
 class DecodeError(PermanentError):
     """Pixel data could not be decoded into an image."""
-
-
-class UnsupportedStudyError(PermanentError):
-    """No configured pipeline can analyse the series."""
 
 
 class InferenceError(PermanentError):

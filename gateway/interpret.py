@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from clients.triton import DetectionOutput
-from gateway.domain import Finding
+from gateway.domain import CodedConcept, Finding
 from gateway.settings import PipelineSettings
 from preprocessing.decode import DecodedImage
 
@@ -29,6 +29,27 @@ class Interpretation:
     dropped: tuple[str, ...]
     study_score: float
     stat: bool
+
+
+def _finding_on(
+    image: DecodedImage,
+    slice_index: int,
+    label: CodedConcept,
+    confidence: float,
+    bbox: tuple[float, float, float, float] | None,
+    pipeline: PipelineSettings,
+) -> Finding:
+    """A finding on one source image: located (with its measurements) when ``bbox`` is given, else image-level."""
+    measurements = region_measurements(image, bbox, hounsfield=pipeline.intensity == "hu") if bbox else {}
+    return Finding(
+        label=label,
+        confidence=confidence,
+        sop_instance_uid=image.sop_instance_uid,
+        sop_class_uid=image.sop_class_uid,
+        bbox=bbox,
+        slice_index=slice_index,
+        **measurements,
+    )
 
 
 def interpret_scores(
@@ -56,17 +77,7 @@ def interpret_scores(
         confidence = float(column[index])
         best = max(best, confidence)
         if confidence >= pipeline.report_threshold:
-            image = images[index]
-            findings.append(
-                Finding(
-                    label=label,
-                    confidence=confidence,
-                    sop_instance_uid=image.sop_instance_uid,
-                    sop_class_uid=image.sop_class_uid,
-                    bbox=None,
-                    slice_index=index,
-                )
-            )
+            findings.append(_finding_on(images[index], index, label, confidence, None, pipeline))
     for reason in dropped:
         logger.warning("pipeline %s: %s", pipeline.name, reason)
     stat = any(f.confidence >= pipeline.stat_threshold for f in findings)
@@ -127,17 +138,7 @@ def interpret(
             min(1.0, x1) * cols,
             min(1.0, y1) * rows,
         )
-        findings.append(
-            Finding(
-                label=pipeline.labels[class_id],
-                confidence=score,
-                sop_instance_uid=image.sop_instance_uid,
-                sop_class_uid=image.sop_class_uid,
-                bbox=bbox,
-                slice_index=slice_index,
-                **region_measurements(image, bbox, hounsfield=pipeline.intensity == "hu"),
-            )
-        )
+        findings.append(_finding_on(image, slice_index, pipeline.labels[class_id], score, bbox, pipeline))
     for reason in dropped:
         logger.warning("pipeline %s: detection dropped: %s", pipeline.name, reason)
     study_score = output.study_score if math.isfinite(output.study_score) else 0.0

@@ -13,49 +13,23 @@ from hl7apy.parser import parse_message
 
 from benchmarks.phantoms import PATIENT_ID, write_head_ct
 from clients.mllp import ack_code, send_mllp
-from gateway.domain import CodedConcept, Finding
 from gateway.errors import DeliveryError
-from gateway.results.common import SeriesAnalysis
 from gateway.results.content import SeriesReport, reported_findings
 from gateway.results.fhir import build_bundle
 from gateway.results.hl7 import build_oru, build_priority_update
 from preprocessing.series import load_series
+from tests.support.analysis import make_analysis, make_finding
 from tests.support.servers import MllpListener
-
-HEMORRHAGE = CodedConcept(value="50960005", scheme="SCT", meaning="Hemorrhage")
 
 
 @pytest.fixture(scope="module")
 def reports(tmp_path_factory: pytest.TempPathFactory) -> list[SeriesReport]:
     loaded = load_series(write_head_ct(tmp_path_factory.mktemp("ct"), slices=4, rows=128, cols=128).paths)
     findings = tuple(
-        Finding(
-            label=HEMORRHAGE,
-            confidence=conf,
-            sop_instance_uid=loaded.images[i].sop_instance_uid,
-            sop_class_uid=loaded.images[i].sop_class_uid,
-            bbox=(40.0, 50.0, 60.0, 70.0),
-            slice_index=i,
-            long_axis_mm=10.0,
-            area_mm2=100.0,
-            mean_hu=70.5,
-        )
+        make_finding(loaded, i, conf, long_axis_mm=10.0, area_mm2=100.0, mean_hu=70.5)
         for i, conf in ((1, 0.91), (2, 0.55))
     )
-    analysis = SeriesAnalysis(
-        pipeline_name="ct_head_hyperdensity",
-        algorithm_name="Head CT Hyperdensity Reference",
-        algorithm_version="0.1.0",
-        model_name="ct_head_hyperdensity",
-        model_version="1",
-        findings=findings,
-        study_score=0.91,
-        stat=True,
-        stat_threshold=0.7,
-        report_threshold=0.5,
-        display_window=(40.0, 80.0),
-        sources=loaded.headers,
-    )
+    analysis = make_analysis(loaded, findings, stat=True, study_score=0.91)
     return [
         SeriesReport(
             analysis=analysis, findings=tuple(reported_findings(analysis)), sr_sop_instance_uid="1.2.3.4.5"

@@ -19,10 +19,9 @@ from gateway.results.gsps import LAYER_NAME, build_gsps
 from gateway.results.sr import build_sr
 from gateway.settings import load_settings
 from preprocessing.series import load_series
+from tests.support.analysis import make_analysis, make_finding
 from tests.support.geometry import patient_to_pixel
 from tests.support.servers import dciodvfy_errors
-
-HEMORRHAGE = CodedConcept(value="50960005", scheme="SCT", meaning="Hemorrhage")
 
 
 @pytest.fixture(scope="module")
@@ -31,32 +30,11 @@ def loaded(tmp_path_factory: pytest.TempPathFactory):
 
 
 def _analysis(loaded, findings: tuple[Finding, ...], stat: bool) -> SeriesAnalysis:
-    return SeriesAnalysis(
-        pipeline_name="ct_head_hyperdensity",
-        algorithm_name="Head CT Hyperdensity Reference",
-        algorithm_version="0.1.0",
-        model_name="ct_head_hyperdensity",
-        model_version="1",
-        findings=findings,
-        study_score=0.93 if findings else 0.01,
-        stat=stat,
-        stat_threshold=0.7,
-        report_threshold=0.5,
-        display_window=(40.0, 80.0),
-        sources=loaded.headers,
-    )
+    return make_analysis(loaded, findings, stat=stat)
 
 
 def _finding(loaded, index: int, confidence: float = 0.93) -> Finding:
-    image = loaded.images[index]
-    return Finding(
-        label=HEMORRHAGE,
-        confidence=confidence,
-        sop_instance_uid=image.sop_instance_uid,
-        sop_class_uid=image.sop_class_uid,
-        bbox=(40.0, 50.0, 60.0, 70.0),
-        slice_index=index,
-    )
+    return make_finding(loaded, index, confidence)
 
 
 def _content_items(ds: pydicom.Dataset):
