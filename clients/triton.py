@@ -24,7 +24,7 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 TRITON_PRIORITY = {Priority.STAT: 1, Priority.URGENT: 2, Priority.ROUTINE: 3}
-DETECTION_WIDTH = 7
+DETECTION_WIDTHS = (7, 10)  # per-slice boxes; boxes of 3D objects with first slice, last slice, voxels
 _MAX_MESSAGE = 2**31 - 1
 # gRPC's default reconnect backoff grows to 2 minutes; a gateway must notice a restarted Triton within seconds.
 CHANNEL_ARGS = [
@@ -40,9 +40,9 @@ CHANNEL_ARGS = [
 class DetectionOutput:
     """What a detection ensemble answered for a whole series."""
 
-    detections: (
-        np.ndarray
-    )  # [K, 7]: slice_index (in the series), class_id, score, x0, y0, x1, y1 (normalised)
+    # [K, 7]: slice_index (in the series), class_id, score, x0, y0, x1, y1 (normalised);
+    # [K, 10] from 3D models: + first slice, last slice, voxel count on the model grid
+    detections: np.ndarray
     slice_scores: np.ndarray  # [N]
     study_score: float
     model_name: str
@@ -107,14 +107,23 @@ class TritonClient:
         return self._versions[model]
 
     async def _infer_chunk(
-        self, model: str, chunk: np.ndarray, priority: Priority, want_mask: bool
+        self,
+        model: str,
+        chunk: np.ndarray,
+        priority: Priority,
+        want_mask: bool,
+        input_name: str,
+        extra: dict[str, np.ndarray],
     ) -> _Chunk:
         grpc = self._module
-        tensor = grpc.InferInput("HU", list(chunk.shape), "FP32")
-        tensor.set_data_from_numpy(np.ascontiguousarray(chunk, dtype=np.float32))
+        tensors = []
+        for name, array in {input_name: chunk, **extra}.items():
+            tensor = grpc.InferInput(name, list(array.shape), "FP32")
+            tensor.set_data_from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+            tensors.append(tensor)
         names = ["DETECTIONS", "SLICE_SCORES", "STUDY_SCORE"] + (["MASK"] if want_mask else [])
         outputs = [grpc.InferRequestedOutput(n) for n in names]
-        result = await self._call(model, [tensor], outputs, priority)
+        result = await self._call(model, tensors, outputs, priority)
         detections = result.as_numpy("DETECTIONS")
         slice_scores = result.as_numpy("SLICE_SCORES")
         study_score = result.as_numpy("STUDY_SCORE")
@@ -127,8 +136,13 @@ class TritonClient:
         mask = result.as_numpy("MASK") if want_mask else None
         if want_mask and (mask is None or mask.shape[0] != chunk.shape[0]):
             raise InferenceError(f"model {model!r} did not return a MASK for every slice")
+        width = detections.shape[-1] if detections.ndim == 2 else 0
+        if width not in DETECTION_WIDTHS:
+            raise InferenceError(
+                f"model {model!r} DETECTIONS must be [K, 7] or [K, 10], got {detections.shape}"
+            )
         return _Chunk(
-            detections=np.asarray(detections, dtype=np.float32).reshape(-1, DETECTION_WIDTH),
+            detections=np.asarray(detections, dtype=np.float32),
             slice_scores=np.asarray(slice_scores, dtype=np.float32),
             study_score=float(np.max(study_score)) if study_score.size else 0.0,
             mask=mask,
@@ -176,10 +190,11 @@ class TritonClient:
         return np.asarray(scores, dtype=np.float32)
 
     async def _in_chunks(
-        self, array: np.ndarray, call: Callable[[np.ndarray], Awaitable[T]]
+        self, array: np.ndarray, call: Callable[[np.ndarray], Awaitable[T]], step: int | None = None
     ) -> tuple[list[int], list[T]]:
-        """Split along the first axis into requests of at most max_slices_per_request and send them together."""
-        step = self.max_slices_per_request
+        """Split along the first axis into requests of at most ``step`` (default max_slices_per_request)
+        and send them together."""
+        step = step or self.max_slices_per_request
         starts = list(range(0, array.shape[0], step))
         results = await asyncio.gather(*(call(array[s : s + step]) for s in starts))
         return starts, list(results)
@@ -204,20 +219,37 @@ class TritonClient:
             raise error(f"Triton {self.url} model {model!r}: {text.strip()[:500]}") from exc
 
     async def detect(
-        self, model: str, stack: np.ndarray, *, priority: Priority = Priority.ROUTINE, want_mask: bool = False
+        self,
+        model: str,
+        stack: np.ndarray,
+        *,
+        priority: Priority = Priority.ROUTINE,
+        want_mask: bool = False,
+        input_name: str = "HU",
+        whole_volume: bool = False,
+        extra_inputs: dict[str, np.ndarray] | None = None,
     ) -> DetectionOutput:
-        """Run a detection ensemble over a [N, H, W] stack of one series."""
+        """Run a detection ensemble over a [N, H, W] stack of one series (in one request when ``whole_volume``;
+        ``extra_inputs`` go with every request)."""
         if stack.ndim != 3 or stack.shape[0] == 0:
             raise InferenceError(f"expected a non-empty [N, H, W] stack, got shape {stack.shape}")
         started = time.perf_counter()
         version = await self.model_version(model)
+        extra = extra_inputs or {}
         starts, answers = await self._in_chunks(
-            stack, lambda chunk: self._infer_chunk(model, chunk, priority, want_mask)
+            stack,
+            lambda chunk: self._infer_chunk(model, chunk, priority, want_mask, input_name, extra),
+            step=stack.shape[0] if whole_volume else None,
         )
+        widths = {a.detections.shape[1] for a in answers}
+        if len(widths) > 1:
+            raise InferenceError(f"model {model!r} answered DETECTIONS of different widths {sorted(widths)}")
         detections = []
         for offset, chunk in zip(starts, answers, strict=True):
             shifted = chunk.detections.copy()
             shifted[:, 0] += offset
+            if shifted.shape[1] == 10:
+                shifted[:, 7:9] += offset
             detections.append(shifted)
         masks = [a.mask for a in answers if a.mask is not None]
         return DetectionOutput(

@@ -149,6 +149,7 @@ class Finding:
     long_axis_mm: float | None = None  # longest side of the region, when the pixel spacing is known
     area_mm2: float | None = None
     mean_hu: float | None = None  # CT only: mean Hounsfield units inside the region
+    volume_mm3: float | None = None  # 3D (per-volume) models: the object's volume over all its slices
 
     def __post_init__(self) -> None:
         if not (isinstance(self.confidence, float | int) and math.isfinite(self.confidence)):

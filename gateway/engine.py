@@ -477,10 +477,20 @@ class Gateway:
             found = interpret_scores(output.scores, loaded.images, pipeline)
             mask = None
         else:
-            output = await client.detect(
-                pipeline.model, stack, priority=job.priority, want_mask=pipeline.segmentation
+            spacing = loaded.grid_spacing_mm(pipeline.input_size)
+            extra = (
+                {pipeline.spacing_input: np.asarray(spacing, np.float32)} if pipeline.spacing_input else {}
             )
-            found = interpret(output, loaded.images, pipeline)
+            output = await client.detect(
+                pipeline.model,
+                stack,
+                priority=job.priority,
+                want_mask=pipeline.segmentation,
+                input_name=pipeline.input_name,
+                whole_volume=pipeline.input_scope == "volume",
+                extra_inputs=extra,
+            )
+            found = interpret(output, loaded.images, pipeline, voxel_mm3=float(np.prod(spacing)))
             mask = output.mask
         timings["infer"] = time.perf_counter() - started
         stat = found.stat and pipeline.mode is RolloutMode.TRIAGE

@@ -6,6 +6,7 @@ is dropped with a logged reason; the rest of the report is still written.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Sequence
@@ -106,13 +107,21 @@ def region_measurements(
 
 
 def interpret(
-    output: DetectionOutput, images: Sequence[DecodedImage], pipeline: PipelineSettings
+    output: DetectionOutput,
+    images: Sequence[DecodedImage],
+    pipeline: PipelineSettings,
+    *,
+    voxel_mm3: float | None = None,
 ) -> Interpretation:
+    """Detections -> findings. Rows of 3D models ([K, 10]) carry a voxel count: with ``voxel_mm3`` (the
+    model-grid voxel volume) the finding gets its volume."""
     findings: list[Finding] = []
     dropped: list[str] = []
     for row in output.detections:
-        slice_f, class_f, score, x0, y0, x1, y1 = (float(v) for v in row)
-        if not all(math.isfinite(v) for v in (slice_f, class_f, score, x0, y0, x1, y1)):
+        values = [float(v) for v in row]
+        slice_f, class_f, score, x0, y0, x1, y1 = values[:7]
+        voxels = values[9] if len(values) >= 10 else None
+        if not all(math.isfinite(v) for v in values):
             dropped.append("non-finite value in detection")
             continue
         slice_index, class_id = int(slice_f), int(class_f)
@@ -138,7 +147,10 @@ def interpret(
             min(1.0, x1) * cols,
             min(1.0, y1) * rows,
         )
-        findings.append(_finding_on(image, slice_index, pipeline.labels[class_id], score, bbox, pipeline))
+        finding = _finding_on(image, slice_index, pipeline.labels[class_id], score, bbox, pipeline)
+        if voxels is not None and voxel_mm3 is not None and voxels > 0:
+            finding = dataclasses.replace(finding, volume_mm3=round(voxels * voxel_mm3, 1))
+        findings.append(finding)
     for reason in dropped:
         logger.warning("pipeline %s: detection dropped: %s", pipeline.name, reason)
     study_score = output.study_score if math.isfinite(output.study_score) else 0.0

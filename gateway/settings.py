@@ -163,13 +163,20 @@ class PipelineSettings:
     input_scale: float = 1.0  # applied after intensity normalisation: value * scale + offset
     input_offset: float = 0.0
     output_name: str = "SCORES"  # class_scores: the [N, classes] probability output
+    # slice: a series may be split into several requests (and merged with other studies' slices by Triton);
+    # volume: the whole series is one request (3D models that look across slices).
+    input_scope: str = "slice"
+    # Name of an extra FP32 [3] input that receives the model-grid spacing in mm (slice, row, column); empty: none.
+    spacing_input: str = ""
 
     def __post_init__(self) -> None:
         where = f"pipeline {self.name!r}"
         if not 0.0 <= self.report_threshold <= 1.0 or not 0.0 <= self.stat_threshold <= 1.0:
             raise ConfigError(f"{where}: report_threshold and stat_threshold must be within [0, 1]")
-        if self.intensity not in ("hu", "window"):
-            raise ConfigError(f"{where}: intensity must be 'hu' or 'window', got {self.intensity!r}")
+        if self.intensity not in ("hu", "window", "percentile"):
+            raise ConfigError(
+                f"{where}: intensity must be 'hu', 'window' or 'percentile', got {self.intensity!r}"
+            )
         if self.intensity == "window" and self.window is None:
             raise ConfigError(f"{where}: intensity = 'window' needs window = [center, width]")
         if min(self.input_size) < 8:
@@ -186,6 +193,8 @@ class PipelineSettings:
             raise ConfigError(f"{where}: input_channels must be 1 or 3 (and 1 for layout NHW)")
         if self.input_dtype not in ("FP32", "UINT8"):
             raise ConfigError(f"{where}: input_dtype must be FP32 or UINT8, got {self.input_dtype!r}")
+        if self.input_scope not in ("slice", "volume"):
+            raise ConfigError(f"{where}: input_scope must be slice or volume, got {self.input_scope!r}")
         if self.output_kind == "class_scores" and self.segmentation:
             raise ConfigError(f"{where}: segmentation needs output_kind = detections")
         if not self.modalities:
@@ -396,6 +405,8 @@ def _pipeline(raw: Any, index: int) -> PipelineSettings:
         input_scale=r.get_float("input_scale", 1.0),
         input_offset=r.get_float("input_offset", 0.0),
         output_name=r.get_str("output_name", "SCORES"),
+        input_scope=r.get_str("input_scope", "slice"),
+        spacing_input=r.get_str("spacing_input", ""),
     )
     r.finish()
     return settings

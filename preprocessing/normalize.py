@@ -36,6 +36,16 @@ def apply_window(xp: Any, values: Any, center: float, width: float) -> Any:
     return xp.clip((values - xp.float32(low)) / xp.float32(width), 0.0, 1.0).astype(xp.float32)
 
 
+def percentile_normalize(xp: Any, stack: Any, low: float = 1.0, high: float = 99.0) -> Any:
+    """Each image mapped to [0, 1] between its own ``low`` and ``high`` percentiles (projection radiography,
+    where stored values have no physical unit and differ between detectors and exposures)."""
+    flat = stack.reshape(stack.shape[0], -1)
+    lo = xp.percentile(flat, low, axis=1).astype(xp.float32)[:, None, None]
+    hi = xp.percentile(flat, high, axis=1).astype(xp.float32)[:, None, None]
+    span = xp.maximum(hi - lo, xp.float32(1e-6))
+    return xp.clip((stack - lo) / span, 0.0, 1.0).astype(xp.float32)
+
+
 def resize_bilinear(xp: Any, stack: Any, size: tuple[int, int]) -> Any:
     """Resize [N, H, W] to [N, h, w] with bilinear interpolation (pixel centres aligned, edge clamped).
 
@@ -75,7 +85,8 @@ def prepare_stack(
     """Ordered decoded slices -> float32 [N, h, w] model input on the host.
 
     ``intensity="hu"`` gives Hounsfield units clipped to ``hu_clip``; ``"window"`` gives [0, 1] after the
-    ``(center, width)`` window. MONOCHROME1 images are inverted so that higher always means denser.
+    ``(center, width)`` window; ``"percentile"`` maps each image's 1st-99th percentile to [0, 1] (no clip).
+    MONOCHROME1 images are inverted so that higher always means denser.
     """
     xp = backend.xp
     slices = []
@@ -86,6 +97,8 @@ def prepare_stack(
         values = rescale_to_hu(xp, stored, img.rescale_slope, img.rescale_intercept)
         slices.append(values)
     stack = xp.stack(slices, axis=0)
+    if intensity == "percentile":
+        return backend.to_numpy(percentile_normalize(xp, resize_bilinear(xp, stack, size)))
     stack = xp.clip(stack, xp.float32(hu_clip[0]), xp.float32(hu_clip[1]))
     stack = resize_bilinear(xp, stack, size)
     if intensity == "window":

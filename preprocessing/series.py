@@ -40,6 +40,20 @@ class LoadedSeries:
     order: SliceOrder
     skipped: tuple[tuple[str, str], ...]  # (file name, reason)
 
+    def grid_spacing_mm(self, size: tuple[int, int]) -> tuple[float, float, float]:
+        """(slice, row, column) spacing in mm of the series resampled to ``size``; 1.0 where unknown.
+
+        The slice spacing is the median distance between ordered slice positions, else SliceThickness."""
+        rows, cols = self.images[0].shape
+        row_mm, col_mm = self.images[0].pixel_spacing or (1.0, 1.0)
+        slice_mm = self.order.spacing_mm
+        if not slice_mm or slice_mm <= 0:
+            try:
+                slice_mm = float(self.headers[0].get("SliceThickness") or 1.0)
+            except (TypeError, ValueError):
+                slice_mm = 1.0
+        return float(slice_mm), row_mm * rows / size[0], col_mm * cols / size[1]
+
 
 def load_series(paths: Sequence[Path]) -> LoadedSeries:
     images: list[DecodedImage] = []

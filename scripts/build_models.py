@@ -17,7 +17,9 @@ from __future__ import annotations
 import argparse
 import hashlib
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -90,8 +92,90 @@ def build_head_ct_detector(kernel: int = 7, bone_kernel: int = 5) -> onnx.ModelP
     return model
 
 
-MODELS = {
+def _mean_kernel(channels: int, channel: int, size: int) -> np.ndarray:
+    weights = np.zeros((1, channels, size, size), dtype=np.float32)
+    weights[0, channel] = 1.0 / (size * size)
+    return weights
+
+
+def _finish(nodes: list, initializers: list, name: str, doc: str, channels: int) -> onnx.ModelProto:
+    graph = helper.make_graph(
+        nodes,
+        name,
+        [helper.make_tensor_value_info("INPUT", TensorProto.FLOAT, ["N", channels, "H", "W"])],
+        [helper.make_tensor_value_info("HEATMAP", TensorProto.FLOAT, ["N", 1, "H", "W"])],
+        initializer=initializers,
+    )
+    model = helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", OPSET)],
+        producer_name="dicom-ai-gateway/scripts/build_models.py",
+        producer_version="1",
+        doc_string=doc + " Fixed weights; not clinically validated.",
+    )
+    model.ir_version = IR_VERSION
+    onnx.checker.check_model(model)
+    return model
+
+
+def _mean_conv(name: str, source: str, channels: int, channel: int, size: int, initializers: list) -> Any:
+    initializers.append(_const(f"{name}_w", _mean_kernel(channels, channel, size)))
+    pad = size // 2
+    return helper.make_node("Conv", [source, f"{name}_w"], [name], pads=[pad] * 4, name=name)
+
+
+def _gate(name: str, source: str, gain: float, centre: float, initializers: list) -> list:
+    """sigmoid(gain * (source - centre))"""
+    initializers += [
+        _const(f"{name}_c", np.array(centre, dtype=np.float32)),
+        _const(f"{name}_g", np.array(gain, dtype=np.float32)),
+    ]
+    return [
+        helper.make_node("Sub", [source, f"{name}_c"], [f"{name}_d"], name=f"{name}_sub"),
+        helper.make_node("Mul", [f"{name}_d", f"{name}_g"], [f"{name}_l"], name=f"{name}_mul"),
+        helper.make_node("Sigmoid", [f"{name}_l"], [name], name=f"{name}_sigmoid"),
+    ]
+
+
+def build_lung_nodule_detector(core: int, context: int) -> onnx.ModelProto:
+    """Chest CT, input [tissue, air] memberships: a tissue blob (mean tissue over core x core) surrounded by
+    aerated lung (mean air over context x context). The two reference detectors differ in scale."""
+    init: list = []
+    nodes = [
+        _mean_conv("core", "INPUT", 2, 0, core, init),
+        _mean_conv("context", "INPUT", 2, 1, context, init),
+        *_gate("blob", "core", 12.0, 0.6, init),
+        *_gate("aerated", "context", 14.0, 0.6, init),
+        helper.make_node("Mul", ["blob", "aerated"], ["HEATMAP"], name="heat"),
+    ]
+    return _finish(
+        nodes, init, f"lung_nodule_detector_{core}_{context}", "Reference lung nodule detector.", 2
+    )
+
+
+def build_opacity_detector(core: int, context: int, threshold: float) -> onnx.ModelProto:
+    """Chest radiograph, input [normalised image, lung field]: local brightness excess (mean over core x core
+    minus mean over context x context) inside the lung field. The two reference detectors differ in scale."""
+    init: list = []
+    nodes = [
+        _mean_conv("core", "INPUT", 2, 0, core, init),
+        _mean_conv("context", "INPUT", 2, 0, context, init),
+        _mean_conv("field", "INPUT", 2, 1, core, init),
+        helper.make_node("Sub", ["core", "context"], ["excess"], name="excess"),
+        *_gate("bright", "excess", 40.0, threshold, init),
+        helper.make_node("Mul", ["bright", "field"], ["HEATMAP"], name="heat"),
+    ]
+    return _finish(
+        nodes, init, f"cxr_opacity_detector_{core}_{context}", "Reference CXR opacity detector.", 2
+    )
+
+
+MODELS: dict[str, Callable[[], onnx.ModelProto]] = {
     "ct_head_hyperdensity_detector/1/model.onnx": build_head_ct_detector,
+    "ct_chest_nodule_detector_small/1/model.onnx": lambda: build_lung_nodule_detector(3, 9),
+    "ct_chest_nodule_detector_large/1/model.onnx": lambda: build_lung_nodule_detector(7, 25),
+    "cxr_opacity_detector_small/1/model.onnx": lambda: build_opacity_detector(5, 21, 0.06),
+    "cxr_opacity_detector_large/1/model.onnx": lambda: build_opacity_detector(11, 41, 0.045),
 }
 
 

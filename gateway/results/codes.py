@@ -24,6 +24,8 @@ AREA = CodedConcept("42798000", "SCT", "Area")
 MEAN = CodedConcept("373098007", "SCT", "Mean")
 MILLIMETER = CodedConcept("mm", "UCUM", "millimeter")
 SQUARE_MILLIMETER = CodedConcept("mm2", "UCUM", "square millimeter")
+VOLUME = CodedConcept("118565006", "SCT", "Volume")
+CUBIC_MILLIMETER = CodedConcept("mm3", "UCUM", "cubic millimeter")
 HOUNSFIELD_UNIT = CodedConcept("[hnsf'U]", "UCUM", "Hounsfield unit")
 
 AI_CONFIDENCE = CodedConcept("CONFIDENCE", PRIVATE_SCHEME, "AI confidence")

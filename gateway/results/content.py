@@ -140,6 +140,10 @@ def reported_findings(analysis: SeriesAnalysis) -> list[ReportedFinding]:
             measurements.append(
                 MeasuredValue(name=gw.c(gw.AREA), value=finding.area_mm2, unit=gw.c(gw.SQUARE_MILLIMETER))
             )
+        if finding.volume_mm3 is not None:
+            measurements.append(
+                MeasuredValue(name=gw.c(gw.VOLUME), value=finding.volume_mm3, unit=gw.c(gw.CUBIC_MILLIMETER))
+            )
         if finding.mean_hu is not None:
             measurements.append(
                 MeasuredValue(name=gw.c(gw.MEAN), value=finding.mean_hu, unit=gw.c(gw.HOUNSFIELD_UNIT))

@@ -19,7 +19,7 @@ def test_backend_probe_never_raises_and_honours_force_cpu() -> None:
     assert backend.name in ("numpy", "cupy") and backend.reason
 
 
-@pytest.mark.parametrize("intensity", ["hu", "window"])
+@pytest.mark.parametrize("intensity", ["hu", "window", "percentile"])
 @pytest.mark.parametrize("size", [(256, 256), (200, 300)])
 def test_cupy_matches_numpy(tmp_path: Path, intensity: str, size: tuple[int, int]) -> None:
     backend = select_backend()

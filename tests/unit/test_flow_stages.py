@@ -131,12 +131,19 @@ def test_router_uses_header_rules_and_explains_skips() -> None:
                 _series("1.3", "CT", body_part="CHEST"),
                 _series("1.4", "MR", body_part="HEAD"),
                 _series("1.5", "SR", pixels=False),
+                _series("1.6", "CR", body_part="CHEST"),
+                _series("1.7", "CT", body_part="ABDOMEN"),
             ]
         )
     )
-    assert [j.series.series_instance_uid for j in decision.jobs] == ["1.1", "1.2"]
+    assert [(j.series.series_instance_uid, j.pipeline.name) for j in decision.jobs] == [
+        ("1.1", "ct_head_hyperdensity"),
+        ("1.2", "ct_head_hyperdensity"),
+        ("1.6", "cxr_opacity"),
+    ]
     reasons = {s.series_instance_uid: s.reason for s in decision.skipped}
-    assert "no pipeline for modality CT / body part CHEST" in reasons["1.3"]
+    assert "ct_chest_nodule needs at least 8 slices, got 1" in reasons["1.3"]
+    assert "no pipeline for modality CT / body part ABDOMEN" in reasons["1.7"]
     assert "no pipeline for modality MR" in reasons["1.4"]
     assert "no image instances" in reasons["1.5"]
 

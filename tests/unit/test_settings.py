@@ -12,10 +12,12 @@ def test_embedded_defaults_load_with_the_reference_pipeline() -> None:
     assert settings.receiver.port == 11112
     assert settings.receiver.ae_title == "AI_GATEWAY"
     assert settings.receiver.host == "127.0.0.1"
-    [pipeline] = settings.pipelines
-    assert pipeline.name == "ct_head_hyperdensity"
-    assert pipeline.mode is RolloutMode.TRIAGE
-    assert pipeline.labels[0].scheme == "SCT"
+    head, chest, cxr = settings.pipelines
+    assert head.name == "ct_head_hyperdensity"
+    assert head.mode is RolloutMode.TRIAGE
+    assert head.labels[0].scheme == "SCT"
+    assert (chest.name, chest.input_scope, chest.spacing_input) == ("ct_chest_nodule", "volume", "SPACING")
+    assert (cxr.name, cxr.intensity, cxr.modalities) == ("cxr_opacity", "percentile", ("CR", "DX"))
 
 
 def test_file_overrides_defaults_and_flags_override_file(tmp_path: Path) -> None:
@@ -31,7 +33,7 @@ def test_file_overrides_defaults_and_flags_override_file(tmp_path: Path) -> None
     assert settings.allowed_calling_aes() == frozenset({"PACS1"})
     assert settings.peer_for("PACS1") == Peer(ae_title="PACS1", host="127.0.0.1", port=4242)
     # Pipelines were not redefined in the file, so the embedded ones remain.
-    assert [p.name for p in settings.pipelines] == ["ct_head_hyperdensity"]
+    assert [p.name for p in settings.pipelines] == ["ct_head_hyperdensity", "ct_chest_nodule", "cxr_opacity"]
 
 
 @pytest.mark.parametrize(
