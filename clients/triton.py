@@ -75,7 +75,15 @@ NUMPY_TO_TRITON = {np.dtype(np.float32): "FP32", np.dtype(np.uint8): "UINT8"}
 
 
 class TritonClient:
-    def __init__(self, url: str, *, timeout_s: float = 60.0, max_slices_per_request: int = 32) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        timeout_s: float = 60.0,
+        max_slices_per_request: int = 32,
+        observe: Callable[[str, float, int], None] | None = None,
+    ) -> None:
+        """``observe(model, seconds, slices)`` is called after every successful request (metrics)."""
         import tritonclient.grpc.aio as grpcclient
 
         self._module = grpcclient
@@ -84,6 +92,7 @@ class TritonClient:
         self.max_slices_per_request = max_slices_per_request
         self._client = grpcclient.InferenceServerClient(url=url, channel_args=CHANNEL_ARGS)
         self._versions: dict[str, str] = {}
+        self._observe = observe
 
     async def close(self) -> None:
         await self._client.close()
@@ -200,14 +209,18 @@ class TritonClient:
         return starts, list(results)
 
     async def _call(self, model: str, inputs: list[Any], outputs: list[Any], priority: Priority) -> Any:
+        started = time.perf_counter()
         try:
-            return await self._client.infer(
+            result = await self._client.infer(
                 model,
                 inputs,
                 outputs=outputs,
                 priority=TRITON_PRIORITY[priority],
                 client_timeout=self.timeout_s,
             )
+            if self._observe is not None:
+                self._observe(model, time.perf_counter() - started, int(inputs[0].shape()[0]))
+            return result
         except Exception as exc:
             text = str(exc)
             # Unreachable, timed out, or model not loaded are transient; anything else is the model's answer.

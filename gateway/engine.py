@@ -243,6 +243,7 @@ class Gateway:
             "reasons": reasons,
             "triton": {"url": self.triton_url, "ready": self.triton_ready},
             "queue": self._queue.depth_by_priority() if self._queue is not None else {},
+            "queue_by_pacs": self._queue.depth_by_pacs() if self._queue is not None else {},
             "studies_pending": self.assembler.pending_studies(),
             "studies_in_flight": len(self._progress),
             "outbox_pending": self.outbox.pending(),
@@ -256,6 +257,9 @@ class Gateway:
         m.triton_up.set(1 if self.triton_ready else 0)
         for priority, depth in health["queue"].items():
             m.queue_depth.labels(priority).set(depth)
+        m.queue_depth_pacs.clear()
+        for pacs, depth in health["queue_by_pacs"].items():
+            m.queue_depth_pacs.labels(pacs).set(depth)
         m.studies_pending.set(health["studies_pending"])
         m.studies_in_flight.set(health["studies_in_flight"])
         for destination, count in health["outbox_pending"].items():
@@ -286,10 +290,11 @@ class Gateway:
             self.triton_url,
             timeout_s=self.settings.triton.request_timeout_s,
             max_slices_per_request=self.settings.triton.max_slices_per_request,
+            observe=self._observe_request,
         )
         try:
             await self._check_models(client)
-            queue = self._queue = JobQueue()
+            queue = self._queue = JobQueue(self.settings.scheduling)
             self._inference_open = asyncio.Event()
             self._inference_open.set()
             self._ready.set()
@@ -331,6 +336,10 @@ class Gateway:
                     pipeline.model,
                     self.triton_url,
                 )
+
+    def _observe_request(self, model: str, seconds: float, slices: int) -> None:
+        self.metrics.triton_request_seconds.labels(model).observe(seconds)
+        self.metrics.triton_request_slices.labels(model).observe(slices)
 
     async def _watch_triton(self, client: TritonClient) -> None:
         """Track Triton's readiness. While it is down, workers hold and the queue keeps every job in priority
@@ -494,6 +503,14 @@ class Gateway:
             mask = output.mask
         timings["infer"] = time.perf_counter() - started
         stat = found.stat and pipeline.mode is RolloutMode.TRIAGE
+        if stat and self._queue is not None:
+            raised = self._queue.mark_stat(study.study_instance_uid)
+            if raised:
+                logger.info(
+                    "study %s has a STAT finding: %d waiting series raised to STAT",
+                    study.study_instance_uid,
+                    raised,
+                )
         analysis = SeriesAnalysis(
             pipeline_name=pipeline.name,
             algorithm_name=pipeline.algorithm_name,

@@ -31,6 +31,26 @@ class Metrics:
             "gateway_stage_seconds", "Time per pipeline stage", ["stage"], buckets=STAGE_BUCKETS, registry=r
         )
         self.queue_depth = Gauge("gateway_queue_depth", "Jobs waiting for a worker", ["priority"], registry=r)
+        self.queue_depth_pacs = Gauge(
+            "gateway_queue_depth_pacs",
+            "Jobs waiting for a worker, per sending PACS (calling AE)",
+            ["pacs"],
+            registry=r,
+        )
+        self.triton_request_seconds = Histogram(
+            "gateway_triton_request_seconds",
+            "Triton inference request latency",
+            ["model"],
+            buckets=STAGE_BUCKETS,
+            registry=r,
+        )
+        self.triton_request_slices = Histogram(
+            "gateway_triton_request_slices",
+            "Slices (batch size) per Triton request",
+            ["model"],
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
+            registry=r,
+        )
         self.studies_pending = Gauge(
             "gateway_studies_pending", "Studies receiving or waiting for completion", registry=r
         )

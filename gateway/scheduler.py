@@ -1,39 +1,130 @@
-"""Scheduling: an asyncio priority queue of inference jobs. STAT before URGENT before ROUTINE; first come,
-first served within a class."""
+"""Scheduling: which waiting inference job gets the next worker.
+
+1. Class first: STAT before URGENT before ROUTINE. A job's class is its study's priority (the order's
+   Requested Procedure Priority), raised to STAT when another series of the same study already produced a STAT
+   finding, and raised one class (never to STAT) once it has waited ``promote_fraction`` of its class
+   deadline - so routine work cannot wait forever behind a stream of urgent studies.
+2. Within a class, a weighted fair share per sending PACS (calling AE): stride scheduling over the PACS with
+   work waiting. Serving a job advances its PACS's "pass" by cost / weight (cost = the series' slice count), and
+   the PACS with the lowest pass goes next; a PACS that was idle joins at the current virtual time, so it
+   cannot bank credit. One site's bulk backfill therefore gets its share, not the whole cluster.
+3. Within one PACS and class: oldest first.
+
+The queue is in-memory; every job in it comes from a spooled, fsynced study and is rebuilt by recovery after a
+restart.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import itertools
-from collections import Counter
+import time
+from collections import Counter, deque
+from collections.abc import Callable
 
 from gateway.domain import Priority
 from gateway.routing import InferenceJob
+from gateway.settings import SchedulingSettings
 
 
 class JobQueue:
-    def __init__(self) -> None:
-        self._queue: asyncio.PriorityQueue[tuple[int, int, InferenceJob]] = asyncio.PriorityQueue()
-        self._seq = itertools.count()
-        self._waiting: Counter[Priority] = Counter()
+    def __init__(
+        self, settings: SchedulingSettings | None = None, *, clock: Callable[[], float] = time.time
+    ) -> None:
+        self.settings = settings or SchedulingSettings()
+        self._clock = clock
+        self._fifo: dict[tuple[Priority, str], deque[InferenceJob]] = {}
+        self._pass: dict[str, float] = {}
+        self._virtual_time = 0.0
+        self._stat_studies: set[str] = set()
+        self._available = asyncio.Event()
+        self._unfinished = 0
+        self._all_done = asyncio.Event()
+        self._all_done.set()
+
+    # -- producer side ---------------------------------------------------------------------------------------
 
     def put(self, job: InferenceJob) -> None:
-        self._waiting[job.priority] += 1
-        self._queue.put_nowait((int(job.priority), next(self._seq), job))
+        pacs = job.study.calling_ae
+        if not any(self._fifo.get((p, pacs)) for p in Priority):
+            # An idle PACS joins at the current virtual time: no credit for the time it sent nothing.
+            self._pass[pacs] = max(self._pass.get(pacs, 0.0), self._virtual_time)
+        self._fifo.setdefault((job.priority, pacs), deque()).append(job)
+        self._unfinished += 1
+        self._all_done.clear()
+        self._available.set()
+
+    def mark_stat(self, study_instance_uid: str) -> int:
+        """A series of this study produced a STAT finding: its waiting series become STAT. Returns how many."""
+        self._stat_studies.add(study_instance_uid)
+        return sum(
+            1
+            for (priority, _), jobs in self._fifo.items()
+            if priority is not Priority.STAT
+            for job in jobs
+            if job.study.study_instance_uid == study_instance_uid
+        )
+
+    # -- consumer side ---------------------------------------------------------------------------------------
 
     async def get(self) -> InferenceJob:
-        _, _, job = await self._queue.get()
-        self._waiting[job.priority] -= 1
+        while True:
+            job = self.pop_next()
+            if job is not None:
+                return job
+            self._available.clear()
+            await self._available.wait()
+
+    def pop_next(self) -> InferenceJob | None:
+        """The next job by class, fair share and age; None when nothing waits."""
+        now = self._clock()
+        best: tuple[int, float, float] | None = None
+        chosen: tuple[Priority, str] | None = None
+        for key, jobs in self._fifo.items():
+            if not jobs:
+                continue
+            head = jobs[0]
+            rank = (int(self.effective_priority(head, now)), self._pass.get(key[1], 0.0), head.created_at)
+            if best is None or rank < best:
+                best, chosen = rank, key
+        if chosen is None:
+            return None
+        job = self._fifo[chosen].popleft()
+        pacs = chosen[1]
+        self._virtual_time = max(self._virtual_time, self._pass.get(pacs, 0.0))
+        cost = max(1, len(job.series.instances))
+        self._pass[pacs] = self._pass.get(pacs, 0.0) + cost / self.settings.weight(pacs)
         return job
 
-    def depth_by_priority(self) -> dict[str, int]:
-        return {p.name: self._waiting[p] for p in Priority}
+    def effective_priority(self, job: InferenceJob, now: float | None = None) -> Priority:
+        if job.priority is Priority.STAT or job.study.study_instance_uid in self._stat_studies:
+            return Priority.STAT
+        waited = (self._clock() if now is None else now) - job.created_at
+        deadline = self.settings.deadline_s.get(job.priority.name, 3600.0)
+        if waited >= self.settings.promote_fraction * deadline:
+            return Priority(max(int(Priority.URGENT), int(job.priority) - 1))
+        return job.priority
 
     def task_done(self) -> None:
-        self._queue.task_done()
+        self._unfinished -= 1
+        if self._unfinished <= 0:
+            self._unfinished = 0
+            self._all_done.set()
 
     async def join(self) -> None:
-        await self._queue.join()
+        await self._all_done.wait()
+
+    # -- observation -----------------------------------------------------------------------------------------
+
+    def waiting(self) -> list[InferenceJob]:
+        return [job for jobs in self._fifo.values() for job in jobs]
+
+    def depth_by_priority(self) -> dict[str, int]:
+        now = self._clock()
+        counts: Counter[str] = Counter(self.effective_priority(j, now).name for j in self.waiting())
+        return {p.name: counts[p.name] for p in Priority}
+
+    def depth_by_pacs(self) -> dict[str, int]:
+        return dict(Counter(j.study.calling_ae for j in self.waiting()))
 
     def qsize(self) -> int:
-        return self._queue.qsize()
+        return sum(len(jobs) for jobs in self._fifo.values())

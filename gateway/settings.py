@@ -94,6 +94,25 @@ class DeliverySettings:
 
 
 @dataclass(frozen=True, kw_only=True)
+class SchedulingSettings:
+    """Who gets the next inference slot: STAT before URGENT before ROUTINE; within a class, a weighted fair
+    share per sending PACS (calling AE); a waiting job moves up one class (never to STAT) once it has waited
+    ``promote_fraction`` of its class deadline."""
+
+    pacs_weights: dict[str, float] = field(
+        default_factory=dict
+    )  # calling AE -> weight; others: default_weight
+    default_weight: float = 1.0
+    deadline_s: dict[str, float] = field(
+        default_factory=lambda: {"STAT": 120.0, "URGENT": 600.0, "ROUTINE": 3600.0}
+    )
+    promote_fraction: float = 0.5
+
+    def weight(self, calling_ae: str) -> float:
+        return self.pacs_weights.get(calling_ae, self.default_weight)
+
+
+@dataclass(frozen=True, kw_only=True)
 class HttpToken:
     name: str
     role: str  # read-only | operator | admin
@@ -215,6 +234,7 @@ class Settings:
     fhir: FhirSettings = field(default_factory=FhirSettings)
     hl7: Hl7Settings = field(default_factory=Hl7Settings)
     http: HttpSettings = field(default_factory=HttpSettings)
+    scheduling: SchedulingSettings = field(default_factory=SchedulingSettings)
     peers: tuple[Peer, ...] = ()
     pipelines: tuple[PipelineSettings, ...] = ()
 
@@ -412,6 +432,36 @@ def _pipeline(raw: Any, index: int) -> PipelineSettings:
     return settings
 
 
+def _scheduling(r: _Reader) -> SchedulingSettings:
+    weights_raw = r._get("pacs_weights", {})
+    deadlines_raw = r._get("deadline_s", {})
+    if not isinstance(weights_raw, dict) or not isinstance(deadlines_raw, dict):
+        raise ConfigError("scheduling.pacs_weights and scheduling.deadline_s must be tables")
+    weights = {}
+    for ae, weight in weights_raw.items():
+        if not isinstance(weight, int | float) or isinstance(weight, bool) or weight <= 0:
+            raise ConfigError(f"scheduling.pacs_weights.{ae} must be a number > 0, got {weight!r}")
+        weights[_check_ae("scheduling.pacs_weights", ae)] = float(weight)
+    deadlines = dict(SchedulingSettings().deadline_s)
+    for name, seconds in deadlines_raw.items():
+        if name.upper() not in deadlines:
+            raise ConfigError(f"scheduling.deadline_s.{name}: the classes are STAT, URGENT and ROUTINE")
+        if not isinstance(seconds, int | float) or isinstance(seconds, bool) or seconds <= 0:
+            raise ConfigError(
+                f"scheduling.deadline_s.{name} must be a number of seconds > 0, got {seconds!r}"
+            )
+        deadlines[name.upper()] = float(seconds)
+    settings = SchedulingSettings(
+        pacs_weights=weights,
+        default_weight=r.get_float("default_weight", 1.0),
+        deadline_s=deadlines,
+        promote_fraction=r.get_float("promote_fraction", 0.5),
+    )
+    if settings.default_weight <= 0 or settings.promote_fraction <= 0:
+        raise ConfigError("scheduling.default_weight and scheduling.promote_fraction must be > 0")
+    return settings
+
+
 def load_settings(config_file: Path | None = None, overrides: dict[str, Any] | None = None) -> Settings:
     """Build ``Settings`` from the embedded defaults, an optional TOML file and flag overrides.
 
@@ -441,7 +491,8 @@ def load_settings(config_file: Path | None = None, overrides: dict[str, Any] | N
     fr = _Reader(_table(raw, "fhir"), "fhir.")
     hr = _Reader(_table(raw, "hl7"), "hl7.")
     htr = _Reader(_table(raw, "http"), "http.")
-    for key in ("receiver", "triton", "delivery", "fhir", "hl7", "http", "peers", "pipelines"):
+    sch = _Reader(_table(raw, "scheduling"), "scheduling.")
+    for key in ("receiver", "triton", "delivery", "fhir", "hl7", "http", "scheduling", "peers", "pipelines"):
         top.used.add(key)
 
     def resolve(path_text: str) -> Path:
@@ -542,6 +593,7 @@ def load_settings(config_file: Path | None = None, overrides: dict[str, Any] | N
             )
         )
         pr.finish()
+    scheduling = _scheduling(sch)
     pipelines_raw = raw.get("pipelines", [])
     if not isinstance(pipelines_raw, list):
         raise ConfigError("[[pipelines]] must be an array of tables")
@@ -563,10 +615,11 @@ def load_settings(config_file: Path | None = None, overrides: dict[str, Any] | N
         fhir=fhir,
         hl7=hl7,
         http=http,
+        scheduling=scheduling,
         peers=tuple(peers),
         pipelines=pipelines,
     )
-    for reader in (top, recv, tri, dlv, fr, hr, htr):
+    for reader in (top, recv, tri, dlv, fr, hr, htr, sch):
         reader.finish()
     if settings.quiet_period_s <= 0:
         raise ConfigError(f"quiet_period_s must be > 0, got {settings.quiet_period_s}")

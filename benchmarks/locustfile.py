@@ -1,0 +1,315 @@
+"""Locust load test of the gateway: simulated PACS send studies over DICOM; the results come back to a receiving
+SCP this file runs; per-study latency (last instance sent -> SR received) is checked against targets.
+
+User classes:
+* ``RoutinePacs`` / ``StatPacs`` - each simulated user is one PACS (its own calling AE title) that sends whole
+  studies with pynetdicom (one association per study; STAT studies carry Requested Procedure Priority STAT).
+  Modality and size: ``BENCH_STUDY`` = ``ct_head`` | ``ct_chest`` | ``cxr`` and ``BENCH_SLICES``.
+* ``TritonUser`` (only when ``BENCH_TRITON_USERS`` > 0) - sends one ensemble request straight to Triton's HTTP
+  endpoint (``BENCH_TRITON_HTTP``), for the model's own latency under the same load.
+
+Locust reports each association as ``DICOM / C-STORE study`` and each study's end-to-end latency as
+``E2E / <priority>``, in its CSV and HTML reports. When the run stops, the file waits for outstanding results
+(``BENCH_DRAIN_S``), prints the SLO table, writes ``slo_report.json`` / ``.md`` and ``latency.svg`` into
+``BENCH_OUT``, and sets the exit code to 1 when a target in ``BENCH_SLO`` (TOML) is missed or a study got no
+result. Run it through ``python -m benchmarks.run_bench`` (``make bench``), which starts Triton and the gateway.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+import logging
+import os
+import statistics
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import gevent
+import numpy as np
+import pydicom
+import tomllib
+from locust import HttpUser, User, between, constant_pacing, events, task
+from pydicom.uid import generate_uid
+from pynetdicom import AE, evt
+
+from benchmarks.phantoms import Lesion, Nodule, Opacity, write_chest_ct, write_cxr, write_head_ct
+
+GATEWAY = os.environ.get("BENCH_GATEWAY", "127.0.0.1:11112")
+GATEWAY_AE = os.environ.get("BENCH_GATEWAY_AE", "AI_GATEWAY")
+SCP_PORT = int(os.environ.get("BENCH_SCP_PORT", "11200"))
+STUDY = os.environ.get("BENCH_STUDY", "ct_head")
+SLICES = int(os.environ.get("BENCH_SLICES", "24"))
+PACING_S = float(os.environ.get("BENCH_PACING_S", "4"))
+DRAIN_S = float(os.environ.get("BENCH_DRAIN_S", "90"))
+SLO_FILE = Path(os.environ.get("BENCH_SLO", Path(__file__).with_name("slo.toml")))
+OUT = Path(os.environ.get("BENCH_OUT", "benchmarks/results"))
+PERCENTILES = (50, 95)
+
+
+def _template() -> list[pydicom.Dataset]:
+    """One phantom study of the configured kind, read into memory once; every send copies it with new UIDs."""
+    with tempfile.TemporaryDirectory() as tmp:
+        if STUDY == "ct_chest":
+            nodules = (Nodule(x_mm=-70.0, y_mm=-20.0, z_mm=SLICES, diameter_mm=10.0),)
+            series = write_chest_ct(Path(tmp), slices=SLICES, nodules=nodules, seed=1)
+        elif STUDY == "cxr":
+            series = write_cxr(
+                Path(tmp), opacities=(Opacity(x_mm=80.0, y_mm=-40.0, diameter_mm=20.0),), seed=1
+            )
+        else:
+            lesion = Lesion(x=300, y=220, slice=SLICES // 2, radius_mm=8.0, hu=72.0)
+            series = write_head_ct(Path(tmp), slices=SLICES, lesions=(lesion,), seed=1)
+        return [pydicom.dcmread(p) for p in series.paths]
+
+
+class Tracker:
+    """Studies sent and results received, shared by every simulated PACS (greenlets) and the SCP (thread)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.sent: dict[str, tuple[float, str]] = {}  # study UID -> (last instance sent at, priority)
+        self.latency_ms: dict[str, list[float]] = {}  # priority -> latencies
+        self.done: set[str] = set()
+        self.environment: Any = None
+
+    def study_sent(self, study_uid: str, priority: str) -> None:
+        with self.lock:
+            self.sent[study_uid] = (time.time(), priority)
+
+    def result_received(self, study_uid: str) -> None:
+        with self.lock:
+            if study_uid not in self.sent or study_uid in self.done:
+                return
+            self.done.add(study_uid)
+            sent_at, priority = self.sent[study_uid]
+            latency = (time.time() - sent_at) * 1000.0
+            self.latency_ms.setdefault(priority, []).append(latency)
+        if self.environment is not None:
+            self.environment.events.request.fire(
+                request_type="E2E", name=priority, response_time=latency, response_length=0, exception=None
+            )
+
+    def outstanding(self) -> int:
+        with self.lock:
+            return len(self.sent) - len(self.done)
+
+
+TRACKER = Tracker()
+logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+_SCP: Any = None
+
+
+def _on_store(event: Any) -> int:
+    ds = event.dataset
+    if str(getattr(ds, "Modality", "")) == "SR":
+        TRACKER.result_received(str(ds.StudyInstanceUID))
+    return 0x0000
+
+
+@events.init.add_listener
+def _start_scp(environment: Any, **_: Any) -> None:
+    global _SCP
+    TRACKER.environment = environment
+    ae = AE(ae_title="BENCH_SCP")
+    ae.maximum_pdu_size = 0
+    from pynetdicom import AllStoragePresentationContexts
+
+    ae.supported_contexts = AllStoragePresentationContexts
+    _SCP = ae.start_server(("127.0.0.1", SCP_PORT), block=False, evt_handlers=[(evt.EVT_C_STORE, _on_store)])
+
+
+class _Pacs(User):
+    abstract = True
+    priority = "ROUTINE"
+    wait_time = constant_pacing(PACING_S)
+    _numbers = itertools.count(1)
+    _template: list[pydicom.Dataset] | None = None
+
+    def on_start(self) -> None:
+        if _Pacs._template is None:
+            _Pacs._template = _template()
+        self.ae_title = f"PACS{next(self._numbers):02d}"[:16]
+        self.ae = AE(ae_title=self.ae_title)
+        self.ae.maximum_pdu_size = 0
+        for sop_class in {str(ds.SOPClassUID) for ds in _Pacs._template}:
+            self.ae.add_requested_context(sop_class, pydicom.uid.ExplicitVRLittleEndian)
+
+    @task
+    def send_study(self) -> None:
+        assert _Pacs._template is not None
+        study, series = generate_uid(), generate_uid()
+        datasets = []
+        for source in _Pacs._template:
+            ds = copy.deepcopy(source)  # a shallow copy would share (and change) the template's elements
+            ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+            ds.SOPInstanceUID = generate_uid()
+            if self.priority != "ROUTINE":
+                ds.RequestedProcedurePriority = self.priority
+            datasets.append(ds)
+        host, port = GATEWAY.rsplit(":", 1)
+        started = time.perf_counter()
+        error: Exception | None = None
+        try:
+            assoc = self.ae.associate(host, int(port), ae_title=GATEWAY_AE)
+            if not assoc.is_established:
+                raise ConnectionError("association rejected or aborted")
+            try:
+                for ds in datasets:
+                    status = assoc.send_c_store(ds)
+                    if not status or status.Status != 0x0000:
+                        raise RuntimeError(f"C-STORE status {getattr(status, 'Status', None)}")
+            finally:
+                assoc.release()
+            TRACKER.study_sent(study, self.priority)
+        except Exception as exc:
+            error = exc
+        self.environment.events.request.fire(
+            request_type="DICOM",
+            name=f"C-STORE study ({len(datasets)} images)",
+            response_time=(time.perf_counter() - started) * 1000.0,
+            response_length=len(datasets),
+            exception=error,
+        )
+
+
+class RoutinePacs(_Pacs):
+    weight = int(os.environ.get("BENCH_ROUTINE_WEIGHT", "3"))
+    priority = "ROUTINE"
+
+
+class StatPacs(_Pacs):
+    weight = int(os.environ.get("BENCH_STAT_WEIGHT", "1"))
+    priority = "STAT"
+
+
+class TritonUser(HttpUser):
+    """One ensemble request over Triton's HTTP/JSON-binary endpoint (geventhttpclient-friendly)."""
+
+    fixed_count = int(os.environ.get("BENCH_TRITON_USERS", "0"))
+    host = "http://" + os.environ.get("BENCH_TRITON_HTTP", "127.0.0.1:8000")
+    wait_time = between(0.5, 1.0)
+
+    def on_start(self) -> None:
+        if self.fixed_count == 0:
+            self.stop()
+        rng = np.random.default_rng(0)
+        self.body = rng.normal(30.0, 10.0, (16, 256, 256)).astype(np.float32)
+
+    @task
+    def infer(self) -> None:
+        import tritonclient.http as httpclient
+
+        tensor = httpclient.InferInput("HU", list(self.body.shape), "FP32")
+        tensor.set_data_from_numpy(self.body, binary_data=True)
+        body, header_length = httpclient.InferenceServerClient.generate_request_body([tensor])
+        headers = {"Inference-Header-Content-Length": str(header_length)}
+        self.client.post(
+            "/v2/models/ct_head_hyperdensity/infer", data=body, headers=headers, name="ct_head ensemble"
+        )
+
+
+# -- SLO gate ------------------------------------------------------------------------------------------------
+
+
+def load_targets(path: Path) -> dict[str, dict[str, float]]:
+    raw = tomllib.loads(path.read_text())
+    targets = raw.get("targets", {})
+    return {str(k).upper(): {m: float(v) for m, v in t.items()} for k, t in targets.items()}
+
+
+def evaluate_slo(
+    latency_ms: dict[str, list[float]], targets: dict[str, dict[str, float]], missing: int
+) -> dict[str, Any]:
+    rows = []
+    passed = missing == 0
+    for priority, target in sorted(targets.items()):
+        values = latency_ms.get(priority, [])
+        row: dict[str, Any] = {"priority": priority, "studies": len(values)}
+        for p in PERCENTILES:
+            key = f"p{p}_ms"
+            measured = float(np.percentile(values, p)) if values else None
+            row[key] = None if measured is None else round(measured, 1)
+            if key in target:
+                row[f"{key}_target"] = target[key]
+                ok = measured is not None and measured <= target[key]
+                row[f"{key}_ok"] = ok
+                passed = passed and ok
+        rows.append(row)
+    return {"passed": passed, "missing_results": missing, "rows": rows}
+
+
+def slo_markdown(report: dict[str, Any]) -> str:
+    lines = [
+        "| priority | studies | p50 ms (target) | p95 ms (target) |",
+        "|---|---|---|---|",
+    ]
+    for r in report["rows"]:
+        cells = []
+        for p in PERCENTILES:
+            key = f"p{p}_ms"
+            target = r.get(f"{key}_target")
+            verdict = "" if target is None else (" ok" if r.get(f"{key}_ok") else " MISSED")
+            cells.append(f"{r[key]} ({target if target is not None else '-'}){verdict}")
+        lines.append(f"| {r['priority']} | {r['studies']} | {cells[0]} | {cells[1]} |")
+    lines.append("")
+    lines.append(
+        f"SLO {'PASSED' if report['passed'] else 'FAILED'}; studies without a result: {report['missing_results']}"
+    )
+    return "\n".join(lines) + "\n"
+
+
+def latency_svg(latency_ms: dict[str, list[float]], width: int = 480, height: int = 300) -> str:
+    """Sorted per-study latencies per priority (a quantile plot)."""
+    colours = {"STAT": "#c00", "URGENT": "#e80", "ROUTINE": "#06c"}
+    top = max([v for values in latency_ms.values() for v in values] + [1.0])
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}">',
+        '<rect width="100%" height="100%" fill="white"/>',
+        f'<line x1="50" y1="{height - 30}" x2="{width - 10}" y2="{height - 30}" stroke="black"/>',
+        f'<line x1="50" y1="10" x2="50" y2="{height - 30}" stroke="black"/>',
+        f'<text x="{width / 2}" y="{height - 8}" font-size="12" text-anchor="middle">study quantile</text>',
+        f'<text x="5" y="20" font-size="11">{top:.0f} ms</text>',
+    ]
+    for row, (priority, values) in enumerate(sorted(latency_ms.items())):
+        ordered = sorted(values)
+        n = len(ordered)
+        pts = " ".join(
+            f"{50 + (i + 0.5) / n * (width - 60):.1f},{height - 30 - v / top * (height - 50):.1f}"
+            for i, v in enumerate(ordered)
+        )
+        colour = colours.get(priority, "#333")
+        parts.append(f'<polyline points="{pts}" fill="none" stroke="{colour}" stroke-width="2"/>')
+        parts.append(
+            f'<text x="{width - 90}" y="{25 + 15 * row}" font-size="12" fill="{colour}">{priority}</text>'
+        )
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+@events.quitting.add_listener
+def _slo_gate(environment: Any, **_: Any) -> None:
+    deadline = time.time() + DRAIN_S
+    while TRACKER.outstanding() and time.time() < deadline:
+        gevent.sleep(0.2)
+    if _SCP is not None:
+        _SCP.shutdown()
+    with TRACKER.lock:
+        latency = {k: list(v) for k, v in TRACKER.latency_ms.items()}
+        missing = len(TRACKER.sent) - len(TRACKER.done)
+    report = evaluate_slo(latency, load_targets(SLO_FILE), missing)
+    report["slo_file"] = str(SLO_FILE)
+    report["study"] = {"kind": STUDY, "slices": SLICES}
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / "slo_report.json").write_text(json.dumps({**report, "latency_ms": latency}, indent=2))
+    (OUT / "slo_report.md").write_text(slo_markdown(report))
+    (OUT / "latency.svg").write_text(latency_svg(latency))
+    print(slo_markdown(report), flush=True)
+    if not report["passed"]:
+        environment.process_exit_code = 1
+    summary = {k: round(statistics.median(v), 1) for k, v in latency.items() if v}
+    print(f"median end-to-end ms by priority: {summary}", flush=True)

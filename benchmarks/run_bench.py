@@ -1,0 +1,102 @@
+"""The standard load benchmark: Triton + the gateway + Locust's simulated PACS, with the SLO gate.
+
+Starts Triton (from the nvidia-pytriton wheel, through the gateway) and the gateway on loopback with a 1 s
+completion quiet period, sends its results to the receiving SCP that the Locust file runs, and runs Locust
+headless. Writes Locust's CSV and HTML reports, the SLO table (slo_report.md / .json) and a latency plot into
+--out; the exit code is Locust's: non-zero when a latency target in --slo is missed, a study got no result,
+or a request failed.
+
+    python -m benchmarks.run_bench                         # = make bench
+    python -m benchmarks.run_bench --pacs 4 --duration 120 --study ct_chest --slices 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from gateway.engine import Gateway
+from gateway.logs import configure_logging
+from gateway.settings import load_settings
+from gateway.triton_server import free_port
+
+HERE = Path(__file__).resolve().parent
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--pacs", type=int, default=4, help="simulated PACS (Locust users): 3 routine to 1 STAT"
+    )
+    parser.add_argument("--duration", default="60s", help="Locust run time (e.g. 60s, 5m)")
+    parser.add_argument("--study", choices=["ct_head", "ct_chest", "cxr"], default="ct_head")
+    parser.add_argument("--slices", type=int, default=24, help="slices per CT study")
+    parser.add_argument("--pacing", type=float, default=6.0, help="seconds between studies of one PACS")
+    parser.add_argument("--slo", type=Path, default=HERE / "slo.toml", help="latency targets (TOML)")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/load"), help="report folder")
+    parser.add_argument("--quiet-period", type=float, default=1.0, help="study completion quiet period, s")
+    parser.add_argument("--drain", type=float, default=90.0, help="seconds to wait for results after the run")
+    parser.add_argument("--triton-url", default="", help="use a running Triton (gRPC host:port) instead")
+    args = parser.parse_args(argv)
+    configure_logging("WARNING")
+    args.out.mkdir(parents=True, exist_ok=True)
+    gateway_port, scp_port = free_port(), free_port()
+    with tempfile.TemporaryDirectory() as tmp:
+        config = Path(tmp) / "gateway.toml"
+        config.write_text(
+            f'data_dir = "{Path(tmp) / "data"}"\nquiet_period_s = {args.quiet_period}\nworkers = 2\n'
+            f"[receiver]\nport = {gateway_port}\n[http]\nport = 0\n"
+            f'[delivery]\ndestination = "BENCH_SCP@127.0.0.1:{scp_port}"\n'
+            f'[triton]\nurl = "{args.triton_url}"\n'
+        )
+        gateway = Gateway(load_settings(config)).start()
+        try:
+            env = dict(
+                os.environ,
+                BENCH_GATEWAY=f"127.0.0.1:{gateway_port}",
+                BENCH_SCP_PORT=str(scp_port),
+                BENCH_STUDY=args.study,
+                BENCH_SLICES=str(args.slices),
+                BENCH_PACING_S=str(args.pacing),
+                BENCH_SLO=str(args.slo.resolve()),
+                BENCH_OUT=str(args.out.resolve()),
+                BENCH_DRAIN_S=str(args.drain),
+            )
+            command = [
+                sys.executable,
+                "-m",
+                "locust",
+                "-f",
+                str(HERE / "locustfile.py"),
+                "--headless",
+                "-u",
+                str(args.pacs),
+                "-r",
+                str(args.pacs),
+                "-t",
+                args.duration,
+                "--csv",
+                str(args.out / "locust"),
+                "--html",
+                str(args.out / "locust.html"),
+                "--only-summary",
+                "RoutinePacs",
+                "StatPacs",
+            ]
+            print(
+                f"locust: {args.pacs} PACS for {args.duration}, {args.study}; reports in {args.out}",
+                flush=True,
+            )
+            return subprocess.run(command, env=env, check=False).returncode
+        finally:
+            gateway.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
