@@ -2,7 +2,7 @@
 
 A head CT phantom series (real DICOM files, decoded by the gateway's decoder) is prepared for the model
 (rescale to HU, clip, resize 512 -> 256, window or percentile normalisation) by each backend: numpy always,
-CuPy where a CUDA device works. Reports slices/s (median and range over repetitions, host arrays in and out,
+the NVIDIA DALI pipeline on the CPU when DALI is installed, CuPy and DALI on the GPU where a CUDA device works. Reports slices/s (median and range over repetitions, host arrays in and out,
 so transfers are included) and the largest absolute difference from numpy.
 
     python -m benchmarks.preprocess_throughput --slices 64 --reps 10 [--out results.json]
@@ -17,13 +17,16 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from benchmarks.phantoms import write_head_ct
-from preprocessing.backend import NUMPY, ArrayBackend, select_backend
+from preprocessing.backend import NUMPY, select_backend
+from preprocessing.dali_pipeline import DaliPreprocessor, supports
+from preprocessing.dali_pipeline import available as dali_available
 from preprocessing.decode import decode_file
 from preprocessing.normalize import prepare_stack
 
@@ -37,10 +40,17 @@ CASES = {
 def measure(slices: int, reps: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         images = [decode_file(p) for p in write_head_ct(Path(tmp), slices=slices, seed=1).paths]
-    backends: list[ArrayBackend] = [NUMPY]
     gpu = select_backend()
+    runners: list[tuple[str, Callable[..., np.ndarray]]] = [
+        ("numpy", lambda **kw: prepare_stack(images, backend=NUMPY, **kw))
+    ]
     if gpu.name != "numpy":
-        backends.append(gpu)
+        runners.append((gpu.name, lambda **kw: prepare_stack(images, backend=gpu, **kw)))
+    if dali_available()[0]:
+        devices = [None] + ([0] if gpu.name == "cupy" else [])
+        for device in devices:
+            dali = DaliPreprocessor(device_id=device)
+            runners.append((dali.name, lambda dali=dali, **kw: dali.prepare_stack(images, **kw)))
     report: dict[str, Any] = {
         "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, Python {platform.python_version()}",
         "gpu_backend": gpu.name,
@@ -50,20 +60,22 @@ def measure(slices: int, reps: int) -> dict[str, Any]:
         "results": [],
     }
     for case, options in CASES.items():
-        kwargs = dict(size=(256, 256), hu_clip=(-1024.0, 3071.0), **options)
-        reference = prepare_stack(images, backend=NUMPY, **kwargs)  # type: ignore[arg-type]
-        for backend in backends:
-            prepare_stack(images, backend=backend, **kwargs)  # type: ignore[arg-type]  # warm-up (kernels, caches)
+        kwargs: dict[str, Any] = dict(size=(256, 256), hu_clip=(-1024.0, 3071.0), **options)
+        reference = prepare_stack(images, backend=NUMPY, **kwargs)
+        for name, run in runners:
+            if name.startswith("dali") and not supports(images, kwargs["size"], kwargs["intensity"]):
+                continue
+            run(**kwargs)  # warm-up (kernels, pipeline build, caches)
             rates = []
             out = reference
             for _ in range(reps):
                 started = time.perf_counter()
-                out = prepare_stack(images, backend=backend, **kwargs)  # type: ignore[arg-type]
+                out = run(**kwargs)
                 rates.append(slices / (time.perf_counter() - started))
             report["results"].append(
                 {
                     "case": case,
-                    "backend": backend.name,
+                    "backend": name,
                     "slices_per_s_median": round(statistics.median(rates), 1),
                     "slices_per_s_min": round(min(rates), 1),
                     "slices_per_s_max": round(max(rates), 1),

@@ -55,6 +55,8 @@ from gateway.settings import Settings
 from gateway.spool import Spool
 from gateway.triton_server import TritonServer
 from preprocessing.backend import select_backend
+from preprocessing.dali_pipeline import DaliPreprocessor
+from preprocessing.dali_pipeline import available as dali_available
 from preprocessing.decode import decoder_availability
 from preprocessing.normalize import to_model_layout
 from preprocessing.series import LoadedSeries, load_series, model_input
@@ -97,6 +99,7 @@ class Gateway:
         )
         self.reports = ReportDispatcher(settings, self.audit)
         self.backend = select_backend(force_cpu=settings.force_cpu)
+        self.dali = self._dali(settings)
         self.executor = ThreadPoolExecutor(
             max_workers=settings.workers + 2, thread_name_prefix="gateway-work"
         )
@@ -117,8 +120,18 @@ class Gateway:
 
     # -- life cycle -------------------------------------------------------------------------------------------
 
+    def _dali(self, settings: Settings) -> DaliPreprocessor | None:
+        if settings.preprocess_backend != "dali":
+            return None
+        usable, reason = dali_available()
+        if not usable:
+            raise ConfigError(f"preprocess_backend = 'dali' but {reason}; install nvidia-dali or use 'auto'")
+        return DaliPreprocessor(device_id=0 if self.backend.name == "cupy" else None)
+
     def start(self) -> Gateway:
         logger.info("array backend: %s (%s)", self.backend.name, self.backend.reason)
+        if self.dali is not None:
+            logger.info("preprocessing through the DALI pipeline (%s)", self.dali.name)
         missing = [name for name, ok in decoder_availability().items() if not ok]
         if missing:
             logger.warning(
@@ -465,6 +478,7 @@ class Gateway:
                     hu_clip=pipeline.hu_clip,
                     window=pipeline.window,
                     backend=self.backend,
+                    dali=self.dali,
                 ),
                 layout=pipeline.input_layout,
                 channels=pipeline.input_channels,

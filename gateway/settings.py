@@ -227,6 +227,9 @@ class Settings:
     quiet_period_s: float = 10.0
     workers: int = 2
     force_cpu: bool = False
+    # auto: CuPy where a CUDA device works, else numpy. dali: the NVIDIA DALI pipeline (on the GPU when CuPy
+    # finds one and force_cpu is off, else on the CPU), numpy / CuPy for what DALI does not implement.
+    preprocess_backend: str = "auto"
     stat_webhook_url: str = ""
     receiver: ReceiverSettings = field(default_factory=ReceiverSettings)
     triton: TritonSettings = field(default_factory=TritonSettings)
@@ -608,6 +611,7 @@ def load_settings(config_file: Path | None = None, overrides: dict[str, Any] | N
         quiet_period_s=top.get_float("quiet_period_s"),
         workers=top.get_int("workers"),
         force_cpu=top.get_bool("force_cpu"),
+        preprocess_backend=top.get_str("preprocess_backend", "auto"),
         stat_webhook_url=top.get_str("stat_webhook_url"),
         receiver=receiver,
         triton=triton,
@@ -623,6 +627,8 @@ def load_settings(config_file: Path | None = None, overrides: dict[str, Any] | N
         reader.finish()
     if settings.quiet_period_s <= 0:
         raise ConfigError(f"quiet_period_s must be > 0, got {settings.quiet_period_s}")
+    if settings.preprocess_backend not in ("auto", "dali"):
+        raise ConfigError(f"preprocess_backend must be auto or dali, got {settings.preprocess_backend!r}")
     if settings.workers < 1:
         raise ConfigError(f"workers must be >= 1, got {settings.workers}")
     if triton.max_slices_per_request < 1:

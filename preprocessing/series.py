@@ -13,6 +13,7 @@ from pydicom.dataset import Dataset
 
 from gateway.errors import DecodeError
 from preprocessing.backend import NUMPY, ArrayBackend
+from preprocessing.dali_pipeline import DaliPreprocessor, supports
 from preprocessing.decode import DecodedImage, decode_dataset, read_dataset
 from preprocessing.geometry import SliceOrder, order_slices
 from preprocessing.normalize import prepare_stack
@@ -107,7 +108,19 @@ def model_input(
     hu_clip: tuple[float, float],
     window: tuple[float, float] | None,
     backend: ArrayBackend = NUMPY,
+    dali: DaliPreprocessor | None = None,
 ) -> np.ndarray:
+    """The model input of a series: through the DALI pipeline when one is given and implements this series'
+    math exactly, else through the array backend. A DALI failure falls back to the array backend."""
+    if dali is not None and supports(series.images, size, intensity):
+        try:
+            return dali.prepare_stack(
+                series.images, size=size, intensity=intensity, hu_clip=hu_clip, window=window
+            )
+        except Exception as exc:
+            logger.warning(
+                "DALI preprocessing failed (%s: %s); using %s", type(exc).__name__, exc, backend.name
+            )
     return prepare_stack(
         series.images, size=size, intensity=intensity, hu_clip=hu_clip, window=window, backend=backend
     )
