@@ -1,0 +1,163 @@
+"""Ingest throughput: the gateway's C-STORE receiver (durable spool on) vs DCMTK storescp vs Orthanc.
+
+One run on the same machine: a series of 512x512 CT slices is sent with DCMTK storescu (TCP_NODELAY=1 on
+every side) to each receiver in turn, with fresh UIDs each repetition; images/s = slices / wall time of the
+storescu run. The gateway side is its own receiver and spool (fsync of file and folder before success), with
+nothing else running.
+
+    python -m benchmarks.ingest --slices 200 --reps 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from benchmarks.e2e_latency import fresh_copy
+from benchmarks.phantoms import write_head_ct
+from gateway.scp import StoreSCP
+from gateway.settings import ReceiverSettings
+from gateway.spool import Spool
+from gateway.triton_server import free_port
+from tests.support.servers import Orthanc, require_tool, storescu, wait_for
+
+Receiver = Callable[[Path], Iterator[tuple[int, str]]]
+
+
+@contextmanager
+def gateway_receiver(work: Path) -> Iterator[tuple[int, str]]:
+    port = free_port()
+    scp = StoreSCP(
+        ReceiverSettings(port=port, min_free_disk_mb=0),
+        Spool(work / "spool"),
+        lambda record: None,
+        allowed_calling_aes=frozenset({"BENCH"}),
+    )
+    scp.start()
+    try:
+        yield port, "AI_GATEWAY"
+    finally:
+        scp.stop()
+
+
+@contextmanager
+def storescp_receiver(work: Path) -> Iterator[tuple[int, str]]:
+    port = free_port()
+    (work / "storescp").mkdir(parents=True)
+    env = dict(os.environ, TCP_NODELAY="1")
+    cmd = [require_tool("storescp"), "-aet", "STORESCP", "-od", str(work / "storescp"), str(port)]
+    process = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(
+            lambda: (
+                subprocess.run(
+                    [require_tool("echoscu"), "-aec", "STORESCP", "127.0.0.1", str(port)], capture_output=True
+                ).returncode
+                == 0
+            ),
+            timeout_s=20,
+            what="storescp",
+        )
+        yield port, "STORESCP"
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+@contextmanager
+def orthanc_receiver(work: Path) -> Iterator[tuple[int, str]]:
+    orthanc = Orthanc(work / "orthanc").start()
+    try:
+        yield orthanc.dicom_port, orthanc.aet
+    finally:
+        orthanc.stop()
+
+
+RECEIVERS: dict[str, Callable[[Path], Any]] = {
+    "gateway (durable spool)": gateway_receiver,
+    "DCMTK storescp": storescp_receiver,
+    "Orthanc": orthanc_receiver,
+}
+
+
+def measure(slices: int, reps: int) -> dict[str, Any]:
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        series = write_head_ct(root / "series", slices=slices, seed=1)
+        copies = [fresh_copy(list(series.paths), root / f"copy{r}")[0] for r in range(reps)]
+        for name, receiver in RECEIVERS.items():
+            rates = []
+            with receiver(root / name.split()[0]) as (port, called):
+                for paths in copies:
+                    started = time.perf_counter()
+                    done = storescu(paths, port=port, calling_ae="BENCH", called_ae=called)
+                    elapsed = time.perf_counter() - started
+                    if done.returncode != 0:
+                        raise RuntimeError(f"storescu to {name} failed: {done.stderr[-500:]}")
+                    rates.append(slices / elapsed)
+            results.append(
+                {
+                    "receiver": name,
+                    "images_per_s_median": round(statistics.median(rates), 1),
+                    "images_per_s_min": round(min(rates), 1),
+                    "images_per_s_max": round(max(rates), 1),
+                }
+            )
+    by_name = {r["receiver"]: r["images_per_s_median"] for r in results}
+    ratio = by_name["gateway (durable spool)"] / by_name["DCMTK storescp"]
+    return {
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
+        "slices": slices,
+        "reps": reps,
+        "results": results,
+        "gateway_vs_storescp": round(ratio, 2),
+        "target_met": ratio >= 0.8,
+    }
+
+
+def markdown(report: dict[str, Any]) -> str:
+    lines = [
+        f"Ingest, {report['slices']} x 512x512 CT slices per run, storescu with TCP_NODELAY=1, "
+        f"{report['reps']} runs ({report['machine']}):",
+        "",
+        "| receiver | images/s median (min-max) |",
+        "|---|---|",
+    ]
+    for r in report["results"]:
+        lines.append(
+            f"| {r['receiver']} | {r['images_per_s_median']} ({r['images_per_s_min']}-{r['images_per_s_max']}) |"
+        )
+    verdict = "met" if report["target_met"] else "MISSED"
+    lines += ["", f"Gateway / storescp = {report['gateway_vs_storescp']} (target >= 0.8: {verdict})."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--slices", type=int, default=200)
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=None, help="also write the report as JSON here")
+    args = parser.parse_args(argv)
+    report = measure(args.slices, args.reps)
+    if args.out:
+        args.out.write_text(json.dumps(report, indent=2))
+    print(markdown(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
