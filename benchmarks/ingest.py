@@ -10,8 +10,6 @@ nothing else running.
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import platform
 import statistics
@@ -24,6 +22,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from benchmarks import cli
 from benchmarks.e2e_latency import fresh_copy
 from benchmarks.phantoms import write_head_ct
 from gateway.scp import StoreSCP
@@ -145,18 +144,7 @@ def markdown(report: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--slices", type=int, default=200)
-    parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--out", type=Path, default=None, help="also write the report as JSON here")
-    args = parser.parse_args(argv)
-    report = measure(args.slices, args.reps)
-    if args.out:
-        args.out.write_text(json.dumps(report, indent=2))
-    print(markdown(report))
-    return 0
+    return cli.run(argv, __doc__, measure, markdown, slices=200, reps=3)
 
 
 if __name__ == "__main__":

@@ -55,7 +55,7 @@ def _template() -> list[pydicom.Dataset]:
     """One phantom study of the configured kind, read into memory once; every send copies it with new UIDs."""
     with tempfile.TemporaryDirectory() as tmp:
         if STUDY == "ct_chest":
-            nodules = (Nodule(x_mm=-70.0, y_mm=-20.0, z_mm=SLICES, diameter_mm=10.0),)
+            nodules = (Nodule(x_mm=-70.0, y_mm=-20.0, z_mm=SLICES * 2.5 / 2, diameter_mm=10.0),)  # mid-volume
             series = write_chest_ct(Path(tmp), slices=SLICES, nodules=nodules, seed=1)
         elif STUDY == "cxr":
             series = write_cxr(
@@ -195,8 +195,6 @@ class TritonUser(HttpUser):
     wait_time = between(0.5, 1.0)
 
     def on_start(self) -> None:
-        if self.fixed_count == 0:
-            self.stop()
         rng = np.random.default_rng(0)
         self.body = rng.normal(30.0, 10.0, (16, 256, 256)).astype(np.float32)
 

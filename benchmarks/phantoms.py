@@ -7,6 +7,8 @@ benchmarks; the identifiers are fixed, recognisable test values (for log-leak ch
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -78,33 +80,75 @@ def write_head_ct(
     """Write one series; instance numbers run against the geometry by default (ordering must use positions)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    study_uid = study_uid or generate_uid()
-    series_uid, frame_uid = generate_uid(), generate_uid()
-    paths, sops = [], []
-    for k in range(slices):
+    yy, xx = np.mgrid[0:rows, 0:cols].astype(np.float32)
+
+    def hu_at(k: int) -> np.ndarray:
         hu = head_slice(rows, cols, k / max(1, slices - 1), rng, noise_hu=noise_hu)
-        z = k * slice_mm
-        yy, xx = np.mgrid[0:rows, 0:cols].astype(np.float32)
         for lesion in lesions:
-            dz = (k - lesion.slice) * slice_mm
-            radius2 = lesion.radius_mm**2 - dz**2
+            radius2 = lesion.radius_mm**2 - ((k - lesion.slice) * slice_mm) ** 2
             if radius2 <= 0:
                 continue
             d2 = ((yy - lesion.y) * pixel_mm) ** 2 + ((xx - lesion.x) * pixel_mm) ** 2
             hu[d2 <= radius2] = lesion.hu + rng.normal(0.0, 3.0, size=int((d2 <= radius2).sum()))
-        stored = np.clip(np.round(hu + 1024.0), 0, 4095).astype(np.uint16)
+        return hu
+
+    series = _write_ct_series(
+        out_dir,
+        hu_at,
+        slices=slices,
+        pixel_mm=pixel_mm,
+        slice_mm=slice_mm,
+        study_uid=study_uid,
+        priority=priority,
+        patient_name=calling_name,
+        reverse_instance_numbers=reverse_instance_numbers,
+    )
+    return dataclasses.replace(series, lesions=lesions)
+
+
+def _write_ct_series(
+    out_dir: Path,
+    hu_at: Callable[[int], np.ndarray],
+    *,
+    slices: int,
+    pixel_mm: float,
+    slice_mm: float,
+    study_uid: str | None,
+    priority: str = "",
+    patient_name: str = PATIENT_NAME,
+    reverse_instance_numbers: bool = True,
+    study_description: str = "CT HEAD WO CONTRAST",
+    body_part: str = "HEAD",
+    series_description: str = "Axial 5mm phantom",
+) -> PhantomSeries:
+    """Write slices ``hu_at(0..slices-1)`` (HU, ascending z) as one CT series."""
+    study_uid = study_uid or generate_uid()
+    series_uid, frame_uid = generate_uid(), generate_uid()
+    paths, sops = [], []
+    for k in range(slices):
+        stored = np.clip(np.round(hu_at(k) + 1024.0), 0, 4095).astype(np.uint16)
         sop = generate_uid()
         ds = _ct_dataset(
-            study_uid, series_uid, frame_uid, sop, stored, z, pixel_mm, slice_mm, priority, calling_name
+            study_uid,
+            series_uid,
+            frame_uid,
+            sop,
+            stored,
+            k * slice_mm,
+            pixel_mm,
+            slice_mm,
+            priority,
+            patient_name,
+            study_description=study_description,
+            body_part=body_part,
         )
+        ds.SeriesDescription = series_description
         ds.InstanceNumber = slices - k if reverse_instance_numbers else k + 1
         path = out_dir / f"slice_{k:04d}.dcm"
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)
         sops.append(sop)
-    return PhantomSeries(
-        paths=tuple(paths), study_uid=study_uid, series_uid=series_uid, sop_uids=tuple(sops), lesions=lesions
-    )
+    return PhantomSeries(paths=tuple(paths), study_uid=study_uid, series_uid=series_uid, sop_uids=tuple(sops))
 
 
 def _ct_dataset(
@@ -143,7 +187,6 @@ def _ct_dataset(
     ds.ReferringPhysicianName = ""
     ds.StudyID = "1"
     ds.StudyDescription = study_description
-    ds.SeriesDescription = "Axial 5mm phantom"
     ds.Modality = "CT"
     ds.BodyPartExamined = body_part
     ds.Manufacturer = "Phantom"
@@ -271,35 +314,19 @@ def write_chest_ct(
     out_dir.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     vessels = random_vessels(rng) if vessels is None else vessels
-    study_uid = study_uid or generate_uid()
-    series_uid, frame_uid = generate_uid(), generate_uid()
-    paths, sops = [], []
-    for k in range(slices):
-        z = k * slice_mm
-        hu = chest_slice(rows, cols, pixel_mm, z, rng, nodules=nodules, vessels=vessels, noise_hu=noise_hu)
-        stored = np.clip(np.round(hu + 1024.0), 0, 4095).astype(np.uint16)
-        sop = generate_uid()
-        ds = _ct_dataset(
-            study_uid,
-            series_uid,
-            frame_uid,
-            sop,
-            stored,
-            z,
-            pixel_mm,
-            slice_mm,
-            "",
-            PATIENT_NAME,
-            study_description="CT CHEST WO CONTRAST",
-            body_part="CHEST",
-        )
-        ds.SeriesDescription = "Axial lung 2.5mm phantom"
-        ds.InstanceNumber = slices - k
-        path = out_dir / f"slice_{k:04d}.dcm"
-        ds.save_as(path, enforce_file_format=True)
-        paths.append(path)
-        sops.append(sop)
-    return PhantomSeries(paths=tuple(paths), study_uid=study_uid, series_uid=series_uid, sop_uids=tuple(sops))
+    return _write_ct_series(
+        out_dir,
+        lambda k: chest_slice(
+            rows, cols, pixel_mm, k * slice_mm, rng, nodules=nodules, vessels=vessels, noise_hu=noise_hu
+        ),
+        slices=slices,
+        pixel_mm=pixel_mm,
+        slice_mm=slice_mm,
+        study_uid=study_uid,
+        study_description="CT CHEST WO CONTRAST",
+        body_part="CHEST",
+        series_description="Axial lung 2.5mm phantom",
+    )
 
 
 # -- chest radiograph ----------------------------------------------------------------------------------------

@@ -10,8 +10,6 @@ so transfers are included) and the largest absolute difference from numpy.
 
 from __future__ import annotations
 
-import argparse
-import json
 import platform
 import statistics
 import sys
@@ -23,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks import cli
 from benchmarks.phantoms import write_head_ct
 from preprocessing.backend import NUMPY, select_backend
 from preprocessing.dali_pipeline import DaliPreprocessor, supports
@@ -102,18 +101,7 @@ def markdown(report: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--slices", type=int, default=64)
-    parser.add_argument("--reps", type=int, default=10)
-    parser.add_argument("--out", type=Path, default=None, help="also write the report as JSON here")
-    args = parser.parse_args(argv)
-    report = measure(args.slices, args.reps)
-    if args.out:
-        args.out.write_text(json.dumps(report, indent=2))
-    print(markdown(report))
-    return 0
+    return cli.run(argv, __doc__, measure, markdown, slices=64, reps=10)
 
 
 if __name__ == "__main__":

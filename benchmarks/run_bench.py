@@ -43,6 +43,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quiet-period", type=float, default=1.0, help="study completion quiet period, s")
     parser.add_argument("--drain", type=float, default=90.0, help="seconds to wait for results after the run")
     parser.add_argument("--triton-url", default="", help="use a running Triton (gRPC host:port) instead")
+    parser.add_argument(
+        "--triton-users",
+        type=int,
+        default=0,
+        help="also send ensemble requests straight to Triton (own Triton only)",
+    )
     args = parser.parse_args(argv)
     configure_logging("WARNING")
     args.out.mkdir(parents=True, exist_ok=True)
@@ -57,6 +63,14 @@ def main(argv: list[str] | None = None) -> int:
         )
         gateway = Gateway(load_settings(config)).start()
         try:
+            classes = ["RoutinePacs", "StatPacs"]
+            triton_http = ""
+            if args.triton_users:
+                if gateway.triton_server is None:
+                    parser.error("--triton-users needs the gateway's own Triton (no --triton-url)")
+                triton_http = f"127.0.0.1:{gateway.triton_server.http_port}"
+                classes.append("TritonUser")
+            users = args.pacs + args.triton_users
             env = dict(
                 os.environ,
                 BENCH_GATEWAY=f"127.0.0.1:{gateway_port}",
@@ -67,28 +81,18 @@ def main(argv: list[str] | None = None) -> int:
                 BENCH_SLO=str(args.slo.resolve()),
                 BENCH_OUT=str(args.out.resolve()),
                 BENCH_DRAIN_S=str(args.drain),
+                BENCH_TRITON_USERS=str(args.triton_users),
+                BENCH_TRITON_HTTP=triton_http,
             )
-            command = [
-                sys.executable,
-                "-m",
-                "locust",
-                "-f",
-                str(HERE / "locustfile.py"),
-                "--headless",
-                "-u",
-                str(args.pacs),
-                "-r",
-                str(args.pacs),
-                "-t",
-                args.duration,
+            locust = [sys.executable, "-m", "locust", "-f", str(HERE / "locustfile.py"), "--headless"]
+            reports = [
                 "--csv",
                 str(args.out / "locust"),
                 "--html",
                 str(args.out / "locust.html"),
                 "--only-summary",
-                "RoutinePacs",
-                "StatPacs",
             ]
+            command = [*locust, "-u", str(users), "-r", str(users), "-t", args.duration, *reports, *classes]
             print(
                 f"locust: {args.pacs} PACS for {args.duration}, {args.study}; reports in {args.out}",
                 flush=True,

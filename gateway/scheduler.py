@@ -1,7 +1,7 @@
 """Scheduling: which waiting inference job gets the next worker.
 
 1. Class first: STAT before URGENT before ROUTINE. A job's class is its study's priority (the order's
-   Requested Procedure Priority), raised to STAT when another series of the same study already produced a STAT
+   Requested Procedure Priority), raised to STAT when another series of the same study produced a STAT
    finding, and raised one class (never to STAT) once it has waited ``promote_fraction`` of its class
    deadline - so routine work cannot wait forever behind a stream of urgent studies.
 2. Within a class, a weighted fair share per sending PACS (calling AE): stride scheduling over the PACS with
@@ -17,6 +17,7 @@ restart.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections import Counter, deque
 from collections.abc import Callable
@@ -35,7 +36,6 @@ class JobQueue:
         self._fifo: dict[tuple[Priority, str], deque[InferenceJob]] = {}
         self._pass: dict[str, float] = {}
         self._virtual_time = 0.0
-        self._stat_studies: set[str] = set()
         self._available = asyncio.Event()
         self._unfinished = 0
         self._all_done = asyncio.Event()
@@ -54,15 +54,22 @@ class JobQueue:
         self._available.set()
 
     def mark_stat(self, study_instance_uid: str) -> int:
-        """A series of this study produced a STAT finding: its waiting series become STAT. Returns how many."""
-        self._stat_studies.add(study_instance_uid)
-        return sum(
-            1
-            for (priority, _), jobs in self._fifo.items()
-            if priority is not Priority.STAT
-            for job in jobs
-            if job.study.study_instance_uid == study_instance_uid
-        )
+        """A series of this study produced a STAT finding: its waiting series become STAT jobs (also towards
+        Triton). Returns how many were raised."""
+        raised = 0
+        for (priority, pacs), jobs in list(self._fifo.items()):
+            if priority is Priority.STAT:
+                continue
+            keep = deque(j for j in jobs if j.study.study_instance_uid != study_instance_uid)
+            moved = [j for j in jobs if j.study.study_instance_uid == study_instance_uid]
+            if not moved:
+                continue
+            self._fifo[(priority, pacs)] = keep
+            stat = self._fifo.setdefault((Priority.STAT, pacs), deque())
+            stat.extend(dataclasses.replace(j, priority=Priority.STAT) for j in moved)
+            self._fifo[(Priority.STAT, pacs)] = deque(sorted(stat, key=lambda j: j.created_at))
+            raised += len(moved)
+        return raised
 
     # -- consumer side ---------------------------------------------------------------------------------------
 
@@ -96,7 +103,7 @@ class JobQueue:
         return job
 
     def effective_priority(self, job: InferenceJob, now: float | None = None) -> Priority:
-        if job.priority is Priority.STAT or job.study.study_instance_uid in self._stat_studies:
+        if job.priority is Priority.STAT:
             return Priority.STAT
         waited = (self._clock() if now is None else now) - job.created_at
         deadline = self.settings.deadline_s.get(job.priority.name, 3600.0)

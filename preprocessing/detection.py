@@ -13,6 +13,8 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
+from preprocessing.fusion import Box
+
 # Acute extravascular blood is roughly 50-90 HU; brain parenchyma 20-45 HU; bone > 300 HU.
 BLOOD_LOW_HU = 50.0
 BLOOD_HIGH_HU = 95.0
@@ -81,3 +83,12 @@ def heatmap_to_mask(heatmap: np.ndarray, threshold: float = 0.5) -> np.ndarray:
     if maps.ndim == 4:
         maps = maps[:, 0]
     return (maps >= threshold).astype(np.uint8)
+
+
+def slice_boxes(heatmap: np.ndarray, threshold: float) -> list[list[Box]]:
+    """[N, 1, H, W] heat -> the boxes of each slice (normalised coordinates), for fusion across detectors."""
+    detections, _, _ = heatmap_to_detections(heatmap, threshold=threshold, max_per_slice=32, min_area=1)
+    per_slice: list[list[Box]] = [[] for _ in range(np.asarray(heatmap).shape[0])]
+    for k, _, score, x0, y0, x1, y1 in detections.tolist():
+        per_slice[int(k)].append(Box(x0, y0, x1, y1, score))
+    return per_slice

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from preprocessing.detection import heatmap_to_detections
+from preprocessing.detection import slice_boxes
 from preprocessing.fusion import Box, link_slices, weighted_box_fusion
 
 TISSUE_HU = -450.0  # lung parenchyma is about -850 HU, solid nodules and vessels about 0-60 HU
@@ -29,15 +29,6 @@ def lung_channels(hu: np.ndarray) -> np.ndarray:
         raise ValueError(f"expected [N, H, W] HU slices, got shape {hu.shape}")
     tissue = np.clip((hu - TISSUE_HU) / TISSUE_RAMP_HU + 0.5, 0.0, 1.0)
     return np.stack([tissue, 1.0 - tissue], axis=1).astype(np.float32)
-
-
-def slice_boxes(heatmap: np.ndarray, threshold: float) -> list[list[Box]]:
-    """[N, 1, H, W] heat -> boxes per slice (normalised coordinates)."""
-    detections, _, _ = heatmap_to_detections(heatmap, threshold=threshold, max_per_slice=32, min_area=1)
-    per_slice: list[list[Box]] = [[] for _ in range(np.asarray(heatmap).shape[0])]
-    for k, _, score, x0, y0, x1, y1 in detections.tolist():
-        per_slice[int(k)].append(Box(x0, y0, x1, y1, score))
-    return per_slice
 
 
 def nodules(

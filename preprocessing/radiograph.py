@@ -16,8 +16,8 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
+from preprocessing.detection import slice_boxes
 from preprocessing.fusion import Box, weighted_box_fusion
-from preprocessing.lung import slice_boxes
 
 LUNG_LOW, LUNG_HIGH = 0.12, 0.45  # normalised intensity of aerated lung: darker than soft tissue, not air
 

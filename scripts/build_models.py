@@ -73,23 +73,13 @@ def build_head_ct_detector(kernel: int = 7, bone_kernel: int = 5) -> onnx.ModelP
         helper.make_node("Sub", ["density_logit", "bone_logit"], ["logit"], name="suppress_bone"),
         helper.make_node("Sigmoid", ["logit"], ["HEATMAP"], name="heat"),
     ]
-    graph = helper.make_graph(
+    return _finish(
         nodes,
+        initializers,
         "head_ct_hyperdensity_detector",
-        [helper.make_tensor_value_info("INPUT", TensorProto.FLOAT, ["N", 2, "H", "W"])],
-        [helper.make_tensor_value_info("HEATMAP", TensorProto.FLOAT, ["N", 1, "H", "W"])],
-        initializer=initializers,
+        "Reference head CT hyperdensity detector (fixed weights). Not clinically validated.",
+        channels=2,
     )
-    model = helper.make_model(
-        graph,
-        opset_imports=[helper.make_opsetid("", OPSET)],
-        producer_name="dicom-ai-gateway/scripts/build_models.py",
-        producer_version="1",
-        doc_string="Reference head CT hyperdensity detector (fixed weights). Not clinically validated.",
-    )
-    model.ir_version = IR_VERSION
-    onnx.checker.check_model(model)
-    return model
 
 
 def _mean_kernel(channels: int, channel: int, size: int) -> np.ndarray:
@@ -99,6 +89,7 @@ def _mean_kernel(channels: int, channel: int, size: int) -> np.ndarray:
 
 
 def _finish(nodes: list, initializers: list, name: str, doc: str, channels: int) -> onnx.ModelProto:
+    """[N, channels, H, W] INPUT -> [N, 1, H, W] HEATMAP graph of fixed weights, checked."""
     graph = helper.make_graph(
         nodes,
         name,
@@ -111,7 +102,7 @@ def _finish(nodes: list, initializers: list, name: str, doc: str, channels: int)
         opset_imports=[helper.make_opsetid("", OPSET)],
         producer_name="dicom-ai-gateway/scripts/build_models.py",
         producer_version="1",
-        doc_string=doc + " Fixed weights; not clinically validated.",
+        doc_string=doc,
     )
     model.ir_version = IR_VERSION
     onnx.checker.check_model(model)
@@ -149,7 +140,11 @@ def build_lung_nodule_detector(core: int, context: int) -> onnx.ModelProto:
         helper.make_node("Mul", ["blob", "aerated"], ["HEATMAP"], name="heat"),
     ]
     return _finish(
-        nodes, init, f"lung_nodule_detector_{core}_{context}", "Reference lung nodule detector.", 2
+        nodes,
+        init,
+        f"lung_nodule_detector_{core}_{context}",
+        "Reference lung nodule detector. Fixed weights; not clinically validated.",
+        2,
     )
 
 
@@ -166,7 +161,11 @@ def build_opacity_detector(core: int, context: int, threshold: float) -> onnx.Mo
         helper.make_node("Mul", ["bright", "field"], ["HEATMAP"], name="heat"),
     ]
     return _finish(
-        nodes, init, f"cxr_opacity_detector_{core}_{context}", "Reference CXR opacity detector.", 2
+        nodes,
+        init,
+        f"cxr_opacity_detector_{core}_{context}",
+        "Reference CXR opacity detector. Fixed weights; not clinically validated.",
+        2,
     )
 
 
