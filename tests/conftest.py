@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -78,14 +79,30 @@ def _identifiers() -> set[str]:
     return values
 
 
+def _token_pattern(identifiers: set[str]) -> re.Pattern[str] | None:
+    """One regex matching any identifier as a whole token.
+
+    A token boundary is anything but a letter, digit or dot, so a numeric patient ID such as ``99000`` is found in
+    ``patient 99000`` but not inside a UID (``1.2.840.99000123``), a timing (``0.99000``) or a longer number, which
+    would otherwise fail the run by chance.
+    """
+    if not identifiers:
+        return None
+    alternatives = "|".join(re.escape(v) for v in sorted(identifiers, key=len, reverse=True))
+    return re.compile(rf"(?<![A-Za-z0-9.])(?:{alternatives})(?![A-Za-z0-9])")
+
+
 def identifier_leaks(lines: list[str], root: Path | None, identifiers: set[str]) -> list[tuple[str, str]]:
-    """(where, identifier) for every identifier found in the log lines or in log files under ``root``."""
-    leaks = [(f"log record: {line[:160]}", v) for line in lines for v in identifiers if v in line]
+    """(where, identifier) for every identifier found, as a token, in the log lines or in log files under ``root``."""
+    pattern = _token_pattern(identifiers)
+    if pattern is None:
+        return []
+    leaks = [(f"log record: {line[:160]}", m) for line in lines for m in set(pattern.findall(line))]
     if root is not None:
         for path in Path(root).rglob("*"):
             if path.is_file() and (path.suffix == ".log" or path.name == "audit.jsonl"):
                 text = path.read_text(errors="replace")
-                leaks += [(str(path), v) for v in identifiers if v in text]
+                leaks += [(str(path), m) for m in set(pattern.findall(text))]
     return leaks
 
 

@@ -74,3 +74,18 @@ def test_privacy_scan_finds_an_identifier_in_a_log_line_or_file() -> None:
         leaks = identifier_leaks([f"hello {PATIENT_NAME}", "nothing here"], root, {PATIENT_NAME, PATIENT_ID})
     assert sorted(v for _, v in leaks) == sorted([PATIENT_NAME, PATIENT_ID])
     assert not any("clean.log" in where for where, _ in leaks)
+
+
+def test_privacy_scan_matches_whole_tokens_not_digits_inside_uids_or_numbers() -> None:
+    from tests.conftest import identifier_leaks
+
+    ids = {"99000", "19010101"}
+    clean = [
+        "study 1.2.826.0.1.3680043.8.498.990001234 stored",  # inside a UID
+        "series 2.25.1901010155 done",
+        "infer took 0.99000 s",  # a timing
+        "queued 1990001 bytes",  # a longer number
+    ]
+    assert identifier_leaks(clean, None, ids) == []
+    leaky = ["patient 99000 arrived", "born=19010101", "id:99000."]
+    assert sorted(v for _, v in identifier_leaks(leaky, None, ids)) == ["19010101", "99000", "99000"]
