@@ -10,12 +10,13 @@ APT_PACKAGES := dcmtk dicom3tools orthanc pixelmed-apps default-jre-headless lib
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: help setup system-deps venv models lint typecheck unit integration test run bench bench-stages clean
+.PHONY: help setup system-deps venv models lint typecheck unit integration test run bench bench-report bench-stages clean
 
 help:
 	@echo "make run    - install what is needed, start Triton and the gateway on 127.0.0.1:11112"
 	@echo "make test   - install what is needed, run ruff, mypy and the whole test suite"
 	@echo "make bench  - Locust load benchmark with the SLO gate (fails when a latency target is missed)"
+	@echo "make bench-report - every throughput figure in one run, rewrites benchmarks/README.md (~10 min)"
 	@echo "make bench-stages - per-stage latency of single studies through Orthanc"
 	@echo "make models - (re)build the reference ONNX models deterministically"
 
@@ -72,6 +73,9 @@ run: setup
 
 bench: setup
 	$(PY) -m benchmarks.run_bench $(ARGS)
+
+bench-report: setup
+	$(PY) -m benchmarks.report $(ARGS)
 
 bench-stages: setup
 	$(PY) -m benchmarks.e2e_latency $(ARGS)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -28,3 +30,9 @@ def run(
         args.out.write_text(json.dumps(report, indent=2))
     print(markdown(report))
     return 0
+
+
+def machine() -> str:
+    """The machine a figure was measured on, for the report."""
+    cpu = platform.processor() or platform.machine()
+    return f"{cpu}, {os.cpu_count()} CPUs, Python {platform.python_version()}"

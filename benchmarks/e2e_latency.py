@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import shutil
 import statistics
 import sys
@@ -22,6 +21,7 @@ from pathlib import Path
 import pydicom
 from pydicom.uid import generate_uid
 
+from benchmarks import cli
 from benchmarks.phantoms import Lesion, write_head_ct
 from gateway.audit import AuditLog
 from gateway.engine import Gateway
@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         gateway.stop()
         orthanc.stop()
-    machine = f"{platform.node()} {platform.machine()}, {__import__('os').cpu_count()} CPUs, Python {platform.python_version()}"
+    machine = cli.machine()
     print(
         f"\nEnd-to-end latency, median (min-max) over {args.reps} runs, ms; quiet period {args.quiet_period}s; {machine}\n"
     )

@@ -11,7 +11,6 @@ nothing else running.
 from __future__ import annotations
 
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -25,6 +24,7 @@ from typing import Any
 from benchmarks import cli
 from benchmarks.e2e_latency import fresh_copy
 from benchmarks.phantoms import write_head_ct
+from gateway.domain import InstanceRecord
 from gateway.scp import StoreSCP
 from gateway.settings import ReceiverSettings
 from gateway.spool import Spool
@@ -35,11 +35,11 @@ Receiver = Callable[[Path], Iterator[tuple[int, str]]]
 
 
 @contextmanager
-def gateway_receiver(work: Path) -> Iterator[tuple[int, str]]:
+def _gateway_scp(spool: Spool) -> Iterator[tuple[int, str]]:
     port = free_port()
     scp = StoreSCP(
         ReceiverSettings(port=port, min_free_disk_mb=0),
-        Spool(work / "spool"),
+        spool,
         lambda record: None,
         allowed_calling_aes=frozenset({"BENCH"}),
     )
@@ -48,6 +48,29 @@ def gateway_receiver(work: Path) -> Iterator[tuple[int, str]]:
         yield port, "AI_GATEWAY"
     finally:
         scp.stop()
+
+
+def gateway_receiver(work: Path) -> Any:
+    return _gateway_scp(Spool(work / "spool"))
+
+
+class _DiscardingSpool(Spool):
+    """Acknowledges without parsing or writing: the pynetdicom receiver's own ceiling (a profile, not a mode)."""
+
+    def store(self, file_meta: Any, body: bytes, *, calling_ae: str) -> InstanceRecord:
+        return InstanceRecord(
+            sop_instance_uid="",
+            sop_class_uid="",
+            study_instance_uid="",
+            series_instance_uid="",
+            path=Path(),
+            calling_ae=calling_ae,
+            received_at=0.0,
+        )
+
+
+def pynetdicom_only_receiver(work: Path) -> Any:
+    return _gateway_scp(_DiscardingSpool(work / "spool"))
 
 
 @contextmanager
@@ -87,6 +110,7 @@ RECEIVERS: dict[str, Callable[[Path], Any]] = {
     "gateway (durable spool)": gateway_receiver,
     "DCMTK storescp": storescp_receiver,
     "Orthanc": orthanc_receiver,
+    "profile: gateway receiver, spool discarded": pynetdicom_only_receiver,
 }
 
 
@@ -117,7 +141,7 @@ def measure(slices: int, reps: int) -> dict[str, Any]:
     by_name = {r["receiver"]: r["images_per_s_median"] for r in results}
     ratio = by_name["gateway (durable spool)"] / by_name["DCMTK storescp"]
     return {
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
+        "machine": cli.machine(),
         "slices": slices,
         "reps": reps,
         "results": results,

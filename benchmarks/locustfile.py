@@ -3,7 +3,9 @@ SCP this file runs; per-study latency (last instance sent -> SR received) is che
 
 User classes:
 * ``RoutinePacs`` / ``StatPacs`` - each simulated user is one PACS (its own calling AE title) that sends whole
-  studies with pynetdicom (one association per study; STAT studies carry Requested Procedure Priority STAT).
+  studies with pynetdicom (one association per study; STAT studies carry Requested Procedure Priority STAT);
+  ``BENCH_ROUTINE_USERS`` / ``BENCH_STAT_USERS`` of each, one study per ``BENCH_PACING_S`` seconds
+  (``BENCH_ROUTINE_PACING_S`` for routine PACS).
   Modality and size: ``BENCH_STUDY`` = ``ct_head`` | ``ct_chest`` | ``cxr`` and ``BENCH_SLICES``.
 * ``TritonUser`` (only when ``BENCH_TRITON_USERS`` > 0) - sends one ensemble request straight to Triton's HTTP
   endpoint (``BENCH_TRITON_HTTP``), for the model's own latency under the same load.
@@ -76,16 +78,20 @@ class Tracker:
         self.latency_ms: dict[str, list[float]] = {}  # priority -> latencies
         self.done: set[str] = set()
         self.environment: Any = None
+        self.first_sent_at = 0.0
+        self.last_result_at = 0.0
 
     def study_sent(self, study_uid: str, priority: str) -> None:
         with self.lock:
             self.sent[study_uid] = (time.time(), priority)
+            self.first_sent_at = self.first_sent_at or time.time()
 
     def result_received(self, study_uid: str) -> None:
         with self.lock:
             if study_uid not in self.sent or study_uid in self.done:
                 return
             self.done.add(study_uid)
+            self.last_result_at = time.time()
             sent_at, priority = self.sent[study_uid]
             latency = (time.time() - sent_at) * 1000.0
             self.latency_ms.setdefault(priority, []).append(latency)
@@ -178,12 +184,13 @@ class _Pacs(User):
 
 
 class RoutinePacs(_Pacs):
-    weight = int(os.environ.get("BENCH_ROUTINE_WEIGHT", "3"))
+    fixed_count = int(os.environ.get("BENCH_ROUTINE_USERS", "3"))
     priority = "ROUTINE"
+    wait_time = constant_pacing(float(os.environ.get("BENCH_ROUTINE_PACING_S", PACING_S)))
 
 
 class StatPacs(_Pacs):
-    weight = int(os.environ.get("BENCH_STAT_WEIGHT", "1"))
+    fixed_count = int(os.environ.get("BENCH_STAT_USERS", "1"))
     priority = "STAT"
 
 
@@ -301,6 +308,9 @@ def _slo_gate(environment: Any, **_: Any) -> None:
         missing = len(TRACKER.sent) - len(TRACKER.done)
     report = evaluate_slo(latency, load_targets(SLO_FILE), missing)
     report["slo_file"] = str(SLO_FILE)
+    with TRACKER.lock:
+        span = TRACKER.last_result_at - TRACKER.first_sent_at
+        report["studies_per_min"] = round(len(TRACKER.done) / span * 60.0, 2) if span > 0 else None
     report["study"] = {"kind": STUDY, "slices": SLICES}
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "slo_report.json").write_text(json.dumps({**report, "latency_ms": latency}, indent=2))

@@ -10,7 +10,6 @@ so transfers are included) and the largest absolute difference from numpy.
 
 from __future__ import annotations
 
-import platform
 import statistics
 import sys
 import tempfile
@@ -51,7 +50,7 @@ def measure(slices: int, reps: int) -> dict[str, Any]:
             dali = DaliPreprocessor(device_id=device)
             runners.append((dali.name, lambda dali=dali, **kw: dali.prepare_stack(images, **kw)))
     report: dict[str, Any] = {
-        "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, Python {platform.python_version()}",
+        "machine": cli.machine(),
         "gpu_backend": gpu.name,
         "gpu_reason": gpu.reason,
         "slices": slices,

@@ -31,13 +31,23 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    parser.add_argument("--pacs", type=int, default=4, help="simulated PACS (Locust users)")
     parser.add_argument(
-        "--pacs", type=int, default=4, help="simulated PACS (Locust users): 3 routine to 1 STAT"
+        "--stat-pacs",
+        type=int,
+        default=None,
+        help="how many of them send STAT studies (default: one in four)",
     )
     parser.add_argument("--duration", default="60s", help="Locust run time (e.g. 60s, 5m)")
     parser.add_argument("--study", choices=["ct_head", "ct_chest", "cxr"], default="ct_head")
     parser.add_argument("--slices", type=int, default=24, help="slices per CT study")
     parser.add_argument("--pacing", type=float, default=6.0, help="seconds between studies of one PACS")
+    parser.add_argument(
+        "--routine-pacing",
+        type=float,
+        default=None,
+        help="seconds between studies of a routine PACS (default: --pacing)",
+    )
     parser.add_argument("--slo", type=Path, default=HERE / "slo.toml", help="latency targets (TOML)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/load"), help="report folder")
     parser.add_argument("--quiet-period", type=float, default=1.0, help="study completion quiet period, s")
@@ -63,7 +73,9 @@ def main(argv: list[str] | None = None) -> int:
         )
         gateway = Gateway(load_settings(config)).start()
         try:
-            classes = ["RoutinePacs", "StatPacs"]
+            stat = args.pacs // 4 if args.stat_pacs is None else min(args.stat_pacs, args.pacs)
+            routine = args.pacs - stat
+            classes = [name for name, n in (("RoutinePacs", routine), ("StatPacs", stat)) if n > 0]
             triton_http = ""
             if args.triton_users:
                 if gateway.triton_server is None:
@@ -78,6 +90,9 @@ def main(argv: list[str] | None = None) -> int:
                 BENCH_STUDY=args.study,
                 BENCH_SLICES=str(args.slices),
                 BENCH_PACING_S=str(args.pacing),
+                BENCH_ROUTINE_PACING_S=str(args.routine_pacing or args.pacing),
+                BENCH_ROUTINE_USERS=str(routine),
+                BENCH_STAT_USERS=str(stat),
                 BENCH_SLO=str(args.slo.resolve()),
                 BENCH_OUT=str(args.out.resolve()),
                 BENCH_DRAIN_S=str(args.drain),
@@ -94,10 +109,13 @@ def main(argv: list[str] | None = None) -> int:
             ]
             command = [*locust, "-u", str(users), "-r", str(users), "-t", args.duration, *reports, *classes]
             print(
-                f"locust: {args.pacs} PACS for {args.duration}, {args.study}; reports in {args.out}",
+                f"locust: {routine} routine + {stat} STAT PACS for {args.duration}, {args.study}; "
+                f"reports in {args.out}",
                 flush=True,
             )
-            return subprocess.run(command, env=env, check=False).returncode
+            code = subprocess.run(command, env=env, check=False).returncode
+            (args.out / "gateway_metrics.txt").write_bytes(gateway.render_metrics())
+            return code
         finally:
             gateway.stop()
 

@@ -3,6 +3,11 @@
 A series is split into requests of at most ``max_slices_per_request`` slices; the chunks go out together so
 Triton's dynamic batcher can merge them (and chunks of other studies) into large detector batches.
 The gateway's priority is passed on every request; Triton's priority 1 is the highest.
+
+Several endpoints may be given (a cluster of Triton servers with the same models): each request goes to the
+ready endpoint with the fewest requests in flight, and a request that finds its endpoint unavailable is tried
+once on another. Input tensors travel in system shared memory when the endpoint is on this host
+(``transport = "auto"`` or ``"shared_memory"``), in the gRPC message otherwise.
 """
 
 from __future__ import annotations
@@ -10,12 +15,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import numpy as np
 
+from clients.triton_shm import SharedMemoryPool
 from gateway.domain import Priority
 from gateway.errors import InferenceError, InferenceUnavailable
 
@@ -53,7 +59,9 @@ class DetectionOutput:
 
 
 @dataclass(frozen=True, kw_only=True)
-class _Chunk:
+class DetectionChunk:
+    """One request's answer from a detection ensemble."""
+
     detections: np.ndarray
     slice_scores: np.ndarray
     study_score: float
@@ -72,50 +80,121 @@ class ScoresOutput:
 
 
 NUMPY_TO_TRITON = {np.dtype(np.float32): "FP32", np.dtype(np.uint8): "UINT8"}
+TRANSPORTS = ("auto", "shared_memory", "grpc")
+_LOCAL_HOSTS = ("127.0.0.1", "localhost", "[::1]")
+
+
+def split_urls(text: str | Sequence[str]) -> tuple[str, ...]:
+    """``"a:8001, b:8001"`` or a list -> the endpoint URLs, in order, without blanks."""
+    parts = text.split(",") if isinstance(text, str) else list(text)
+    return tuple(p.strip() for p in parts if p.strip())
+
+
+@dataclass(eq=False)
+class _Endpoint:
+    url: str
+    client: Any  # tritonclient.grpc.aio.InferenceServerClient
+    shm: SharedMemoryPool | None  # None: tensors go in the gRPC message
+    in_flight: int = 0
+    ready: bool = True
+    requests: int = 0
+    shm_failed: bool = field(default=False)
 
 
 class TritonClient:
     def __init__(
         self,
-        url: str,
+        url: str | Sequence[str],
         *,
         timeout_s: float = 60.0,
         max_slices_per_request: int = 32,
         observe: Callable[[str, float, int], None] | None = None,
+        transport: str = "auto",
     ) -> None:
-        """``observe(model, seconds, slices)`` is called after every successful request (metrics)."""
+        """``url``: one endpoint or several (comma-separated or a list) serving the same models.
+        ``observe(model, seconds, slices)`` is called after every successful request (metrics)."""
         import tritonclient.grpc.aio as grpcclient
 
+        if transport not in TRANSPORTS:
+            raise ValueError(f"transport must be one of {', '.join(TRANSPORTS)}, got {transport!r}")
+        urls = split_urls(url)
+        if not urls:
+            raise ValueError("no Triton endpoint given")
         self._module = grpcclient
-        self.url = url
+        self.url = ",".join(urls)
         self.timeout_s = timeout_s
         self.max_slices_per_request = max_slices_per_request
-        self._client = grpcclient.InferenceServerClient(url=url, channel_args=CHANNEL_ARGS)
+        self._endpoints = []
+        for i, u in enumerate(urls):
+            client = grpcclient.InferenceServerClient(url=u, channel_args=CHANNEL_ARGS)
+            local = u.rsplit(":", 1)[0] in _LOCAL_HOSTS
+            use_shm = transport == "shared_memory" or (transport == "auto" and local)
+            shm = SharedMemoryPool(client, tag=str(i)) if use_shm else None
+            self._endpoints.append(_Endpoint(url=u, client=client, shm=shm))
         self._versions: dict[str, str] = {}
         self._observe = observe
 
+    @property
+    def endpoints(self) -> list[dict[str, Any]]:
+        """Per endpoint: url, ready, requests sent, requests in flight, transport in use."""
+        return [
+            {
+                "url": e.url,
+                "ready": e.ready,
+                "requests": e.requests,
+                "in_flight": e.in_flight,
+                "transport": "shared_memory" if e.shm is not None and not e.shm_failed else "grpc",
+            }
+            for e in self._endpoints
+        ]
+
     async def close(self) -> None:
-        await self._client.close()
+        for endpoint in self._endpoints:
+            if endpoint.shm is not None:
+                await endpoint.shm.close()
+            await endpoint.client.close()
 
     async def is_ready(self, model: str | None = None) -> bool:
-        try:
+        """Probe every endpoint (and remember which are ready); True when at least one is."""
+
+        async def probe(endpoint: _Endpoint) -> bool:
+            try:
+                if model is None:
+                    ok = bool(await endpoint.client.is_server_ready(client_timeout=5.0))
+                else:
+                    ok = bool(await endpoint.client.is_model_ready(model, client_timeout=5.0))
+            except Exception:
+                ok = False
             if model is None:
-                return bool(await self._client.is_server_ready(client_timeout=5.0))
-            return bool(await self._client.is_model_ready(model, client_timeout=5.0))
-        except Exception:
-            return False
+                endpoint.ready = ok
+            return ok
+
+        return any(await asyncio.gather(*(probe(e) for e in self._endpoints)))
+
+    def _pick(self, exclude: _Endpoint | None = None) -> _Endpoint:
+        """The ready endpoint with the fewest requests in flight (any endpoint when none is known ready)."""
+        candidates = [e for e in self._endpoints if e is not exclude] or self._endpoints
+        ready = [e for e in candidates if e.ready] or candidates
+        return min(ready, key=lambda e: (e.in_flight, e.requests))
 
     async def model_version(self, model: str) -> str:
         if model not in self._versions:
-            try:
-                meta = await self._client.get_model_metadata(model, client_timeout=self.timeout_s)
-            except Exception as exc:
-                raise InferenceUnavailable(f"Triton at {self.url}: model {model!r} metadata: {exc}") from exc
+            errors = []
+            # Ready endpoints first; one that does not answer is marked down and the next asked.
+            for endpoint in sorted(self._endpoints, key=lambda e: not e.ready):
+                try:
+                    meta = await endpoint.client.get_model_metadata(model, client_timeout=self.timeout_s)
+                    break
+                except Exception as exc:
+                    endpoint.ready = False
+                    errors.append(f"{endpoint.url}: {str(exc).strip()[:200]}")
+            else:
+                raise InferenceUnavailable(f"Triton model {model!r} metadata: {'; '.join(errors)}")
             versions = sorted(meta.versions, key=lambda v: int(v) if v.isdigit() else 0)
             self._versions[model] = versions[-1] if versions else "unknown"
         return self._versions[model]
 
-    async def _infer_chunk(
+    async def infer_detections(
         self,
         model: str,
         chunk: np.ndarray,
@@ -123,16 +202,13 @@ class TritonClient:
         want_mask: bool,
         input_name: str,
         extra: dict[str, np.ndarray],
-    ) -> _Chunk:
-        grpc = self._module
-        tensors = []
-        for name, array in {input_name: chunk, **extra}.items():
-            tensor = grpc.InferInput(name, list(array.shape), "FP32")
-            tensor.set_data_from_numpy(np.ascontiguousarray(array, dtype=np.float32))
-            tensors.append(tensor)
+    ) -> DetectionChunk:
+        inputs = {
+            name: np.ascontiguousarray(array, dtype=np.float32)
+            for name, array in {input_name: chunk, **extra}.items()
+        }
         names = ["DETECTIONS", "SLICE_SCORES", "STUDY_SCORE"] + (["MASK"] if want_mask else [])
-        outputs = [grpc.InferRequestedOutput(n) for n in names]
-        result = await self._call(model, tensors, outputs, priority)
+        result = await self.infer(model, inputs, names, priority)
         detections = result.as_numpy("DETECTIONS")
         slice_scores = result.as_numpy("SLICE_SCORES")
         study_score = result.as_numpy("STUDY_SCORE")
@@ -150,7 +226,7 @@ class TritonClient:
             raise InferenceError(
                 f"model {model!r} DETECTIONS must be [K, 7] or [K, 10], got {detections.shape}"
             )
-        return _Chunk(
+        return DetectionChunk(
             detections=np.asarray(detections, dtype=np.float32),
             slice_scores=np.asarray(slice_scores, dtype=np.float32),
             study_score=float(np.max(study_score)) if study_score.size else 0.0,
@@ -172,7 +248,7 @@ class TritonClient:
         started = time.perf_counter()
         version = await self.model_version(model)
         starts, parts = await self._in_chunks(
-            tensor, lambda chunk: self._scores_chunk(model, chunk, input_name, output_name, priority)
+            tensor, lambda chunk: self.infer_scores(model, chunk, input_name, output_name, priority)
         )
         return ScoresOutput(
             scores=np.concatenate(parts, axis=0),
@@ -182,16 +258,12 @@ class TritonClient:
             seconds=time.perf_counter() - started,
         )
 
-    async def _scores_chunk(
+    async def infer_scores(
         self, model: str, chunk: np.ndarray, input_name: str, output_name: str, priority: Priority
     ) -> np.ndarray:
-        grpc = self._module
-        datatype = NUMPY_TO_TRITON.get(chunk.dtype)
-        if datatype is None:
+        if chunk.dtype not in NUMPY_TO_TRITON:
             raise InferenceError(f"unsupported input dtype {chunk.dtype} for model {model!r}")
-        tensor = grpc.InferInput(input_name, list(chunk.shape), datatype)
-        tensor.set_data_from_numpy(np.ascontiguousarray(chunk))
-        result = await self._call(model, [tensor], [grpc.InferRequestedOutput(output_name)], priority)
+        result = await self.infer(model, {input_name: np.ascontiguousarray(chunk)}, [output_name], priority)
         scores = result.as_numpy(output_name)
         if scores is None or scores.ndim != 2 or scores.shape[0] != chunk.shape[0]:
             shape = None if scores is None else scores.shape
@@ -208,18 +280,55 @@ class TritonClient:
         results = await asyncio.gather(*(call(array[s : s + step]) for s in starts))
         return starts, list(results)
 
-    async def _call(self, model: str, inputs: list[Any], outputs: list[Any], priority: Priority) -> Any:
-        started = time.perf_counter()
+    async def infer(
+        self, model: str, inputs: dict[str, np.ndarray], outputs: list[str], priority: Priority
+    ) -> Any:
+        """One request on the least busy ready endpoint; an unavailable endpoint is marked down and the request
+        tried once on another."""
+        endpoint = self._pick()
         try:
-            result = await self._client.infer(
+            return await self._call_on(endpoint, model, inputs, outputs, priority)
+        except InferenceUnavailable as first:
+            endpoint.ready = False  # the watcher's probe brings it back
+            other = self._pick(exclude=endpoint)
+            if other is endpoint or not other.ready:
+                raise
+            logger.warning("Triton %s unavailable (%s); request sent to %s", endpoint.url, first, other.url)
+            return await self._call_on(other, model, inputs, outputs, priority)
+
+    async def _call_on(
+        self,
+        endpoint: _Endpoint,
+        model: str,
+        inputs: dict[str, np.ndarray],
+        outputs: list[str],
+        priority: Priority,
+    ) -> Any:
+        grpc = self._module
+        started = time.perf_counter()
+        endpoint.in_flight += 1
+        endpoint.requests += 1
+        region = None
+        try:
+            tensors = [grpc.InferInput(n, list(a.shape), NUMPY_TO_TRITON[a.dtype]) for n, a in inputs.items()]
+            if endpoint.shm is not None and not endpoint.shm_failed:
+                region = await self._shm_region(endpoint, sum(a.nbytes for a in inputs.values()))
+            if region is not None and endpoint.shm is not None:
+                places = endpoint.shm.write(region, list(inputs.values()))
+                for tensor, (offset, nbytes) in zip(tensors, places, strict=True):
+                    tensor.set_shared_memory(region.name, nbytes, offset)
+            else:
+                for tensor, array in zip(tensors, inputs.values(), strict=True):
+                    tensor.set_data_from_numpy(array)
+            result = await endpoint.client.infer(
                 model,
-                inputs,
-                outputs=outputs,
+                tensors,
+                outputs=[grpc.InferRequestedOutput(n) for n in outputs],
                 priority=TRITON_PRIORITY[priority],
                 client_timeout=self.timeout_s,
             )
             if self._observe is not None:
-                self._observe(model, time.perf_counter() - started, int(inputs[0].shape()[0]))
+                self._observe(model, time.perf_counter() - started, int(next(iter(inputs.values())).shape[0]))
             return result
         except Exception as exc:
             text = str(exc)
@@ -229,7 +338,25 @@ class TritonClient:
                 for s in ("UNAVAILABLE", "DEADLINE_EXCEEDED", "not found", "not ready", "unavailable")
             )
             error = InferenceUnavailable if transient else InferenceError
-            raise error(f"Triton {self.url} model {model!r}: {text.strip()[:500]}") from exc
+            raise error(f"Triton {endpoint.url} model {model!r}: {text.strip()[:500]}") from exc
+        finally:
+            endpoint.in_flight -= 1
+            if region is not None and endpoint.shm is not None:
+                endpoint.shm.release(region)
+
+    async def _shm_region(self, endpoint: _Endpoint, nbytes: int) -> Any:
+        """A shared-memory region for this request, or None after the endpoint refused one (then the payload)."""
+        assert endpoint.shm is not None
+        try:
+            return await endpoint.shm.acquire(nbytes)
+        except Exception as exc:
+            endpoint.shm_failed = True
+            logger.warning(
+                "Triton %s cannot map this host's shared memory (%s); sending tensors in the gRPC message",
+                endpoint.url,
+                str(exc).strip()[:200],
+            )
+            return None
 
     async def detect(
         self,
@@ -251,27 +378,40 @@ class TritonClient:
         extra = extra_inputs or {}
         starts, answers = await self._in_chunks(
             stack,
-            lambda chunk: self._infer_chunk(model, chunk, priority, want_mask, input_name, extra),
+            lambda chunk: self.infer_detections(model, chunk, priority, want_mask, input_name, extra),
             step=stack.shape[0] if whole_volume else None,
         )
-        widths = {a.detections.shape[1] for a in answers}
-        if len(widths) > 1:
-            raise InferenceError(f"model {model!r} answered DETECTIONS of different widths {sorted(widths)}")
-        detections = []
-        for offset, chunk in zip(starts, answers, strict=True):
-            shifted = chunk.detections.copy()
-            shifted[:, 0] += offset
-            if shifted.shape[1] == 10:
-                shifted[:, 7:9] += offset
-            detections.append(shifted)
-        masks = [a.mask for a in answers if a.mask is not None]
+        detections, slice_scores, mask = stitch_detections(model, starts, answers, want_mask)
         return DetectionOutput(
-            detections=np.concatenate(detections, axis=0),
-            slice_scores=np.concatenate([a.slice_scores for a in answers]),
+            detections=detections,
+            slice_scores=slice_scores,
             study_score=max(a.study_score for a in answers),
-            mask=np.concatenate(masks, axis=0) if want_mask else None,
+            mask=mask,
             model_name=model,
             model_version=version,
             requests=len(starts),
             seconds=time.perf_counter() - started,
         )
+
+
+def stitch_detections(
+    model: str, starts: list[int], answers: list[DetectionChunk], want_mask: bool
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Answers for consecutive parts of a series (part i begins at slice ``starts[i]``) -> detections with
+    series slice numbers, the series' slice scores, and its mask."""
+    widths = {a.detections.shape[1] for a in answers}
+    if len(widths) > 1:
+        raise InferenceError(f"model {model!r} answered DETECTIONS of different widths {sorted(widths)}")
+    detections = []
+    for offset, chunk in zip(starts, answers, strict=True):
+        shifted = chunk.detections.copy()
+        shifted[:, 0] += offset
+        if shifted.shape[1] == 10:
+            shifted[:, 7:9] += offset
+        detections.append(shifted)
+    masks = [a.mask for a in answers if a.mask is not None]
+    return (
+        np.concatenate(detections, axis=0),
+        np.concatenate([a.slice_scores for a in answers]),
+        np.concatenate(masks, axis=0) if want_mask else None,
+    )

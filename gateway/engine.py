@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from clients.triton import DetectionOutput, ScoresOutput, TritonClient
+from clients.triton_batcher import CrossStudyBatcher
 from gateway.assembler import StudyAssembler, assemble_study
 from gateway.audit import AuditLog
 from gateway.delivery import ResultStore
@@ -116,6 +117,8 @@ class Gateway:
         self.metrics = Metrics()
         self.model_hashes: dict[str, str] = {}
         self.triton_ready = False
+        self.triton: TritonClient | None = None
+        self.batcher: CrossStudyBatcher | None = None
         self.api: AdminApi | None = None
 
     # -- life cycle -------------------------------------------------------------------------------------------
@@ -254,7 +257,11 @@ class Gateway:
         return {
             "status": "degraded" if reasons else "ok",
             "reasons": reasons,
-            "triton": {"url": self.triton_url, "ready": self.triton_ready},
+            "triton": {
+                "url": self.triton_url,
+                "ready": self.triton_ready,
+                "endpoints": self.triton.endpoints if self.triton is not None else [],
+            },
             "queue": self._queue.depth_by_priority() if self._queue is not None else {},
             "queue_by_pacs": self._queue.depth_by_pacs() if self._queue is not None else {},
             "studies_pending": self.assembler.pending_studies(),
@@ -299,12 +306,23 @@ class Gateway:
 
     async def _main(self) -> None:
         self._stop = asyncio.Event()
-        client = TritonClient(
+        tri = self.settings.triton
+        client = self.triton = TritonClient(
             self.triton_url,
-            timeout_s=self.settings.triton.request_timeout_s,
-            max_slices_per_request=self.settings.triton.max_slices_per_request,
+            timeout_s=tri.request_timeout_s,
+            max_slices_per_request=tri.max_slices_per_request,
             observe=self._observe_request,
+            transport=tri.transport,
         )
+        if tri.cross_study_batching:
+            self.batcher = CrossStudyBatcher(
+                client,
+                max_slices=tri.max_slices_per_request,
+                max_delay_s=tri.batch_delay_ms / 1000.0,
+                observe=lambda model, studies: self.metrics.triton_request_studies.labels(model).observe(
+                    studies
+                ),
+            )
         try:
             await self._check_models(client)
             queue = self._queue = JobQueue(self.settings.scheduling)
@@ -489,8 +507,9 @@ class Gateway:
         )
         started = time.perf_counter()
         output: DetectionOutput | ScoresOutput
+        shared = self.batcher if self.batcher is not None and pipeline.batchable else None
         if pipeline.output_kind == "class_scores":
-            output = await client.classify(
+            output = await (shared or client).classify(
                 pipeline.model,
                 stack,
                 input_name=pipeline.input_name,
@@ -504,15 +523,24 @@ class Gateway:
             extra = (
                 {pipeline.spacing_input: np.asarray(spacing, np.float32)} if pipeline.spacing_input else {}
             )
-            output = await client.detect(
-                pipeline.model,
-                stack,
-                priority=job.priority,
-                want_mask=pipeline.segmentation,
-                input_name=pipeline.input_name,
-                whole_volume=pipeline.input_scope == "volume",
-                extra_inputs=extra,
-            )
+            if shared is not None:
+                output = await shared.detect(
+                    pipeline.model,
+                    stack,
+                    priority=job.priority,
+                    want_mask=pipeline.segmentation,
+                    input_name=pipeline.input_name,
+                )
+            else:
+                output = await client.detect(
+                    pipeline.model,
+                    stack,
+                    priority=job.priority,
+                    want_mask=pipeline.segmentation,
+                    input_name=pipeline.input_name,
+                    whole_volume=pipeline.input_scope == "volume",
+                    extra_inputs=extra,
+                )
             found = interpret(output, loaded.images, pipeline, voxel_mm3=float(np.prod(spacing)))
             mask = output.mask
         timings["infer"] = time.perf_counter() - started

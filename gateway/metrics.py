@@ -51,6 +51,13 @@ class Metrics:
             buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
             registry=r,
         )
+        self.triton_request_studies = Histogram(
+            "gateway_triton_request_studies",
+            "Studies sharing one Triton request (cross-study batching of per-slice models)",
+            ["model"],
+            buckets=(1, 2, 3, 4, 6, 8, 16, 32),
+            registry=r,
+        )
         self.studies_pending = Gauge(
             "gateway_studies_pending", "Studies receiving or waiting for completion", registry=r
         )

@@ -82,6 +82,11 @@ class TritonSettings:
     request_timeout_s: float = 60.0
     max_slices_per_request: int = 32
     retry_max_s: float = 60.0  # longest wait between inference retries while Triton is unavailable
+    transport: str = "auto"  # auto (shared memory to a Triton on this host) | shared_memory | grpc
+    # Cross-study batching: a request of a per-slice model is sent when it holds max_slices_per_request slices
+    # (of any studies) or when its first slice has waited this long; STAT does not wait. 0: never wait.
+    batch_delay_ms: float = 5.0
+    cross_study_batching: bool = True
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -187,6 +192,14 @@ class PipelineSettings:
     input_scope: str = "slice"
     # Name of an extra FP32 [3] input that receives the model-grid spacing in mm (slice, row, column); empty: none.
     spacing_input: str = ""
+    # Per-slice models only: a request may carry slices of several studies ([triton] batch_delay_ms); the study
+    # score is then the maximum of the study's SLICE_SCORES. Set false for a model whose STUDY_SCORE is not that.
+    cross_study_batching: bool = True
+
+    @property
+    def batchable(self) -> bool:
+        """May this pipeline's slices share Triton requests with other studies?"""
+        return self.cross_study_batching and self.input_scope == "slice" and not self.spacing_input
 
     def __post_init__(self) -> None:
         where = f"pipeline {self.name!r}"
@@ -430,6 +443,7 @@ def _pipeline(raw: Any, index: int) -> PipelineSettings:
         output_name=r.get_str("output_name", "SCORES"),
         input_scope=r.get_str("input_scope", "slice"),
         spacing_input=r.get_str("spacing_input", ""),
+        cross_study_batching=r.get_bool("cross_study_batching", True),
     )
     r.finish()
     return settings
@@ -537,7 +551,14 @@ def load_settings(config_file: Path | None = None, overrides: dict[str, Any] | N
         request_timeout_s=tri.get_float("request_timeout_s"),
         max_slices_per_request=tri.get_int("max_slices_per_request"),
         retry_max_s=tri.get_float("retry_max_s"),
+        transport=tri.get_str("transport", "auto"),
+        batch_delay_ms=tri.get_float("batch_delay_ms", 5.0),
+        cross_study_batching=tri.get_bool("cross_study_batching", True),
     )
+    if triton.transport not in ("auto", "shared_memory", "grpc"):
+        raise ConfigError(f"triton.transport must be auto, shared_memory or grpc, got {triton.transport!r}")
+    if triton.batch_delay_ms < 0:
+        raise ConfigError("triton.batch_delay_ms must be >= 0")
     destination_text = dlv.get_str("destination")
     delivery = DeliverySettings(
         destination=Peer.parse(destination_text) if destination_text else None,

@@ -1,0 +1,375 @@
+"""The benchmark report: every throughput figure of the gateway measured in one run, written to
+``benchmarks/README.md`` (and ``results/report/report.json``).
+
+Sections, each against its target:
+  ingest      images/s of the gateway's receiver (durable spool) vs DCMTK storescp vs Orthanc
+  preprocess  slices/s numpy vs DALI on CPU (CuPy / DALI on GPU when present), with parity
+  transport   one batch through the gateway's Triton path (shared memory, gRPC) vs the model in-process
+  infer       the Triton ensemble alone: studies/min with the gateway's two workers' concurrency
+  load        end-to-end p50 / p95 per study at 1, 2 and 4 concurrent PACS (Locust, make bench's harness)
+  stat        STAT p95 on an idle gateway vs while routine traffic saturates it
+  efficiency  studies/min at saturation vs the slowest stage's standalone rate
+
+    python -m benchmarks.report                 # all sections, about 10 minutes on 2 cores
+    python -m benchmarks.report --quick         # short runs, a smoke test of the command
+    python -m benchmarks.report --only ingest transport --no-readme
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from benchmarks import cli, ingest, preprocess_throughput, run_bench, transport
+from benchmarks.phantoms import Lesion, write_head_ct
+from clients.triton import TritonClient
+from gateway.settings import default_model_repository
+from gateway.triton_server import TritonServer
+from preprocessing.series import load_series, model_input
+
+HERE = Path(__file__).resolve().parent
+SECTIONS = ("ingest", "preprocess", "transport", "infer", "load", "stat")
+STUDY_SLICES = 24  # the head CT every load run sends
+STAT_RATIO_TARGET = 1.5
+EFFICIENCY_TARGET = 0.8
+
+
+def _load_run(
+    out: Path, *, pacs: int, stat_pacs: int, duration: str, routine_pacing: float, drain: float
+) -> dict:
+    """One Locust run through run_bench (its own Triton and gateway); returns its SLO report and figures."""
+    out.mkdir(parents=True, exist_ok=True)
+    argv = [
+        "--pacs",
+        str(pacs),
+        "--stat-pacs",
+        str(stat_pacs),
+        "--duration",
+        duration,
+        "--slices",
+        str(STUDY_SLICES),
+        "--pacing",
+        "6",
+        "--routine-pacing",
+        str(routine_pacing),
+        "--drain",
+        str(drain),
+        "--out",
+        str(out),
+    ]
+    code = run_bench.main(argv)
+    report = json.loads((out / "slo_report.json").read_text())
+    every = [v for values in report["latency_ms"].values() for v in values]
+    report["exit_code"] = code
+    report["all"] = {
+        "studies": len(every),
+        "p50_ms": round(float(np.percentile(every, 50)), 1) if every else None,
+        "p95_ms": round(float(np.percentile(every, 95)), 1) if every else None,
+    }
+    return report
+
+
+def _p95(report: dict, priority: str) -> float | None:
+    values = report["latency_ms"].get(priority, [])
+    return round(float(np.percentile(values, 95)), 1) if values else None
+
+
+def measure_infer(studies: int) -> dict[str, Any]:
+    """The head CT ensemble alone: ``studies`` 24-slice studies, two at a time (the gateway's workers)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        series = write_head_ct(
+            Path(tmp) / "s", slices=STUDY_SLICES, lesions=(Lesion(x=300, y=220, slice=12),), seed=1
+        )
+        stack = model_input(
+            load_series(list(series.paths)),
+            size=(256, 256),
+            intensity="hu",
+            hu_clip=(-1024.0, 3071.0),
+            window=None,
+        )
+        with TritonServer(default_model_repository(), Path(tmp) / "triton") as server:
+
+            async def run() -> float:
+                client = TritonClient(server.grpc_url)
+                try:
+                    await client.detect("ct_head_hyperdensity", stack)  # warm-up
+                    started = time.perf_counter()
+                    for _ in range(studies // 2):
+                        await asyncio.gather(
+                            *(client.detect("ct_head_hyperdensity", stack) for _ in range(2))
+                        )
+                    return time.perf_counter() - started
+                finally:
+                    await client.close()
+
+            seconds = asyncio.run(run())
+    done = studies // 2 * 2
+    return {"studies": done, "seconds": round(seconds, 2), "studies_per_min": round(done / seconds * 60, 1)}
+
+
+def measure_all(sections: tuple[str, ...], quick: bool, out: Path) -> dict[str, Any]:
+    report: dict[str, Any] = {
+        "machine": cli.machine(),
+        "date": datetime.date.today().isoformat(),
+        "quick": quick,
+    }
+    duration = "20s" if quick else "45s"
+    steps = tqdm(sections, desc="benchmark report", unit="section")
+    for section in steps:
+        steps.set_postfix_str(section)
+        if section == "ingest":
+            report["ingest"] = ingest.measure(50 if quick else 200, 1 if quick else 3)
+        elif section == "preprocess":
+            report["preprocess"] = preprocess_throughput.measure(16 if quick else 64, 2 if quick else 10)
+        elif section == "transport":
+            report["transport"] = transport.measure(32, 3 if quick else 20)
+        elif section == "infer":
+            report["infer"] = measure_infer(4 if quick else 20)
+        elif section == "load":
+            report["load"] = {
+                str(n): _load_run(
+                    out / f"load_{n}", pacs=n, stat_pacs=0, duration=duration, routine_pacing=6.0, drain=60
+                )
+                for n in ((1, 2) if quick else (1, 2, 4))
+            }
+        elif section == "stat":
+            idle = _load_run(
+                out / "stat_idle", pacs=1, stat_pacs=1, duration=duration, routine_pacing=6.0, drain=60
+            )
+            # Four routine PACS sending a study every 1.5 s each (160 studies/min offered) saturate the gateway.
+            busy = _load_run(
+                out / "stat_saturated", pacs=5, stat_pacs=1, duration=duration, routine_pacing=1.5, drain=20
+            )
+            report["stat"] = {"idle": idle, "saturated": busy}
+    return report
+
+
+# -- the README -----------------------------------------------------------------------------------------------
+
+INTRO = """# Benchmarks
+
+Generated by `python -m benchmarks.report` (`make bench-report`) on {machine}, {date}{quick}. Every figure
+below comes from that one run on that machine; re-run the command to regenerate this file. GPU figures (CuPy,
+DALI on GPU, Triton on GPU) appear only when the machine has a CUDA device.
+
+| command | what it measures |
+|---|---|
+| `make bench` (`python -m benchmarks.run_bench`) | Locust load test with the SLO gate: simulated PACS -> gateway -> Triton -> SR back; per-study latency per priority against `slo.toml`, exit code 1 on a miss |
+| `make bench-report` (`python -m benchmarks.report`) | this file |
+| `python -m benchmarks.ingest` | C-STORE images/s: gateway vs DCMTK storescp vs Orthanc |
+| `python -m benchmarks.preprocess_throughput` | preprocessing slices/s per backend, difference from numpy |
+| `python -m benchmarks.transport` | one batch through the Triton path (shared memory, gRPC) vs in-process |
+| `make bench-stages` (`python -m benchmarks.e2e_latency`) | single studies through Orthanc, time per stage |
+| `python -m benchmarks.evaluate` | detection quality (FROC) of the reference pipelines, in `froc/` |
+
+## Targets
+
+| target | measured | verdict |
+|---|---|---|
+{targets}
+"""
+
+
+def _verdict(ok: bool | None) -> str:
+    return "not measured" if ok is None else ("met" if ok else "**MISSED**")
+
+
+def _targets(report: dict[str, Any]) -> tuple[list[str], dict[str, Any]]:
+    rows = []
+    derived: dict[str, Any] = {}
+    if "ingest" in report:
+        r = report["ingest"]["gateway_vs_storescp"]
+        rows.append(f"| ingest >= 0.8x storescp images/s | {r}x | {_verdict(r >= 0.8)} |")
+    if "transport" in report:
+        triton = [r for r in report["transport"]["results"] if r["path"].startswith("Triton")]
+        best = min(triton, key=lambda r: r["ratio"])
+        rows.append(
+            f"| Triton path <= 1.25x in-process | {best['ratio']}x ({best['path']}) "
+            f"| {_verdict(best['ratio'] <= transport.TARGET_RATIO)} |"
+        )
+    if "stat" in report:
+        idle = _p95(report["stat"]["idle"], "STAT")
+        busy = _p95(report["stat"]["saturated"], "STAT")
+        ratio = round(busy / idle, 2) if idle and busy else None
+        derived["stat_ratio"] = ratio
+        rows.append(
+            f"| STAT p95 saturated <= 1.5x idle | {busy} / {idle} ms = {ratio}x "
+            f"| {_verdict(None if ratio is None else ratio <= STAT_RATIO_TARGET)} |"
+        )
+    stages = _stage_rates(report)
+    if stages and "stat" in report:
+        slowest = min(stages, key=lambda s: s[1])
+        achieved = report["stat"]["saturated"].get("studies_per_min")
+        ratio = round(achieved / slowest[1], 2) if achieved else None
+        derived.update(stages=stages, slowest=slowest, achieved=achieved, efficiency=ratio)
+        rows.append(
+            f"| studies/min at saturation >= 0.8x slowest stage | {achieved} / {slowest[1]} ({slowest[0]}) "
+            f"= {ratio}x | {_verdict(None if ratio is None else ratio >= EFFICIENCY_TARGET)} |"
+        )
+    return rows, derived
+
+
+def _stage_rates(report: dict[str, Any]) -> list[tuple[str, float]]:
+    """Each stage's standalone rate in studies/min of the load test's 24-slice head CT."""
+    stages = []
+    if "ingest" in report:
+        gw = next(r for r in report["ingest"]["results"] if r["receiver"].startswith("gateway"))
+        stages.append(("receive + spool", round(gw["images_per_s_median"] / STUDY_SLICES * 60, 1)))
+    if "preprocess" in report:
+        hu = next(r for r in report["preprocess"]["results"] if r["case"] == "hu" and r["backend"] == "numpy")
+        stages.append(
+            ("preprocess (numpy, one thread)", round(hu["slices_per_s_median"] / STUDY_SLICES * 60, 1))
+        )
+    if "infer" in report:
+        stages.append(("Triton ensemble", report["infer"]["studies_per_min"]))
+    return stages
+
+
+def _load_table(runs: dict[str, dict]) -> str:
+    lines = [
+        "| PACS | studies | p50 ms | p95 ms | studies/min | studies without result |",
+        "|---|---|---|---|---|---|",
+    ]
+    for n, r in runs.items():
+        a = r["all"]
+        lines.append(
+            f"| {n} | {a['studies']} | {a['p50_ms']} | {a['p95_ms']} | {r.get('studies_per_min')} "
+            f"| {r['missing_results']} |"
+        )
+    return "\n".join(lines)
+
+
+def readme(report: dict[str, Any]) -> str:
+    rows, derived = _targets(report)
+    text = INTRO.format(
+        machine=report["machine"],
+        date=report["date"],
+        quick=" (**--quick**: short smoke-test runs, not for comparison)" if report["quick"] else "",
+        targets="\n".join(rows) or "| (no section run) | | |",
+    )
+    if "ingest" in report:
+        rates = {r["receiver"]: r["images_per_s_median"] for r in report["ingest"]["results"]}
+        text += "\n## Ingest\n\n" + ingest.markdown(report["ingest"])
+        text += "\n" + INGEST_NOTE.format(
+            alone=rates.get("profile: gateway receiver, spool discarded"),
+            storescp=rates.get("DCMTK storescp"),
+            gateway=rates.get("gateway (durable spool)"),
+        )
+    if "preprocess" in report:
+        text += "\n## Preprocessing backends\n\n" + preprocess_throughput.markdown(report["preprocess"])
+    if "transport" in report:
+        text += (
+            "\n## Transport to Triton\n\n" + transport.markdown(report["transport"]) + "\n" + TRANSPORT_NOTE
+        )
+    if "infer" in report:
+        i = report["infer"]
+        text += (
+            "\n## Triton ensemble alone\n\n"
+            f"`ct_head_hyperdensity`, {i['studies']} studies of {STUDY_SLICES} slices at 256x256, two at a time "
+            f"(as the gateway's two workers): {i['studies_per_min']} studies/min ({i['seconds']} s).\n"
+        )
+    if "load" in report:
+        text += (
+            "\n## End to end at 1, 2 and 4 concurrent PACS\n\n"
+            f"Each PACS sends one {STUDY_SLICES}-slice 512x512 head CT every 6 s (routine); latency = last "
+            "instance sent -> SR received by the PACS's SCP; 1 s completion quiet period (production default "
+            "10 s, which adds to every figure).\n\n" + _load_table(report["load"]) + "\n"
+        )
+    if "stat" in report:
+        idle, busy = report["stat"]["idle"], report["stat"]["saturated"]
+        text += (
+            "\n## STAT under routine saturation\n\n"
+            "Idle: one PACS sends a STAT head CT every 6 s, nothing else. Saturated: the same STAT PACS while "
+            "four routine PACS each send a study every 1.5 s (160 studies/min offered, more than the gateway "
+            "completes, so the routine queue grows for the whole run).\n\n"
+            "| run | STAT studies | STAT p50 ms | STAT p95 ms | routine studies done | routine p50 ms "
+            "| studies/min |\n|---|---|---|---|---|---|---|\n"
+        )
+        for name, r in (("idle", idle), ("saturated", busy)):
+            stat = r["latency_ms"].get("STAT", [])
+            routine = r["latency_ms"].get("ROUTINE", [])
+            text += (
+                f"| {name} | {len(stat)} | {_pct(stat, 50)} | {_pct(stat, 95)} | {len(routine)} "
+                f"| {_pct(routine, 50)} | {r.get('studies_per_min')} |\n"
+            )
+        text += "\n" + STAT_NOTE
+    if "stages" in derived:
+        text += "\n## Pipeline efficiency\n\n| stage (standalone) | studies/min |\n|---|---|\n"
+        for name, rate in derived["stages"]:
+            text += f"| {name} | {rate} |\n"
+        text += (
+            f"\nAt saturation the gateway completed {derived['achieved']} studies/min = {derived['efficiency']}x "
+            f"the slowest stage ({derived['slowest'][0]}, {derived['slowest'][1]}).\n\n" + EFFICIENCY_NOTE
+        )
+    return text
+
+
+def _pct(values: list[float], p: int) -> float | None:
+    return round(float(np.percentile(values, p)), 1) if values else None
+
+
+INGEST_NOTE = """Why the gateway is behind storescp (the profile row): the gateway's receiver is pynetdicom,
+pure-Python DICOM networking. Acknowledging without parsing or writing anything, it reaches {alone} images/s
+against storescp's {storescp}, so 0.8x storescp is beyond a pynetdicom receiver on this machine whatever the
+spool does. The spool's durable store takes the rest ({alone} -> {gateway} images/s): about 2-4 ms per
+instance for the file meta encode, the header parse that validates the instance, and write + fsync of file
+and folder (`cProfile` of `Spool.store`). Meeting the target needs a native receiver in front of the spool
+(e.g. storescp writing into an intake folder, the gateway validating and fsyncing on pickup), which weakens
+"acknowledged = durable" unless the native side fsyncs before it answers; left as an open design decision.
+"""
+
+TRANSPORT_NOTE = """The Triton path pays for the tensor copy into shared memory (or protobuf serialisation for
+gRPC), Triton's copy into the Python backend's shared memory (the CPU server of the nvidia-pytriton wheel runs
+ONNX inside the Python backend; the official container's native onnxruntime / TensorRT backends skip that
+hop), and the output's way back. The reference detectors are small (a few convolutions), so this fixed cost
+is a large share; for a real detector the model time dominates and the ratio tends to 1.
+"""
+
+STAT_NOTE = """STAT jobs go to the head of the inference queue (`gateway/scheduler.py`), so they wait at most for
+the jobs already running on the two workers. What they cannot skip on a 2-core machine is CPU contention:
+receiving, decoding and preprocessing the routine flood use the same two cores as the STAT study's own
+decode, preprocess and the CPU Triton. On a GPU host, inference leaves the CPUs and the gap narrows.
+"""
+
+EFFICIENCY_NOTE = """On this 2-core machine each standalone rate uses both cores by itself; in the pipeline the
+receiver, the decode / preprocess workers and the CPU Triton share them, so the end-to-end rate is bounded
+by the sum of the stages' CPU time, not by the slowest stage. The target assumes stages on separate resources
+(inference on GPUs), which this machine does not have.
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--only", nargs="+", choices=SECTIONS, default=list(SECTIONS), help="sections to run")
+    parser.add_argument(
+        "--quick", action="store_true", help="short runs: checks the command, not the machine"
+    )
+    parser.add_argument("--out", type=Path, default=HERE / "results" / "report", help="raw results folder")
+    parser.add_argument("--readme", type=Path, default=HERE / "README.md", help="the report file to write")
+    parser.add_argument("--no-readme", action="store_true", help="print the report, leave the README alone")
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    report = measure_all(tuple(s for s in SECTIONS if s in args.only), args.quick, args.out)
+    (args.out / "report.json").write_text(json.dumps(report, indent=2, default=str))
+    text = readme(report)
+    if not args.no_readme:
+        args.readme.write_text(text)
+        print(f"wrote {args.readme}")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
