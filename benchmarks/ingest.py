@@ -59,10 +59,10 @@ class _DiscardingSpool(Spool):
 
     def store(self, file_meta: Any, body: bytes, *, calling_ae: str) -> InstanceRecord:
         return InstanceRecord(
-            sop_instance_uid="",
-            sop_class_uid="",
-            study_instance_uid="",
-            series_instance_uid="",
+            sop_instance_uid="1.2.3",
+            sop_class_uid="1.2.3",
+            study_instance_uid="1.2.3",
+            series_instance_uid="1.2.3",
             path=Path(),
             calling_ae=calling_ae,
             received_at=0.0,

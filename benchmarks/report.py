@@ -38,26 +38,32 @@ from gateway.triton_server import TritonServer
 from preprocessing.series import load_series, model_input
 
 HERE = Path(__file__).resolve().parent
-SECTIONS = ("ingest", "preprocess", "transport", "infer", "load", "stat")
+SECTIONS = ("ingest", "preprocess", "transport", "infer", "load", "stat", "batching")
 STUDY_SLICES = 24  # the head CT every load run sends
 STAT_RATIO_TARGET = 1.5
 EFFICIENCY_TARGET = 0.8
 
 
 def _load_run(
-    out: Path, *, pacs: int, stat_pacs: int, duration: str, routine_pacing: float, drain: float
+    out: Path,
+    *,
+    pacs: int,
+    stat_pacs: int,
+    duration: str,
+    routine_pacing: float,
+    drain: float,
+    extra: tuple[str, ...] = ("--slices", str(STUDY_SLICES)),
 ) -> dict:
     """One Locust run through run_bench (its own Triton and gateway); returns its SLO report and figures."""
     out.mkdir(parents=True, exist_ok=True)
     argv = [
+        *extra,
         "--pacs",
         str(pacs),
         "--stat-pacs",
         str(stat_pacs),
         "--duration",
         duration,
-        "--slices",
-        str(STUDY_SLICES),
         "--pacing",
         "6",
         "--routine-pacing",
@@ -71,12 +77,26 @@ def _load_run(
     report = json.loads((out / "slo_report.json").read_text())
     every = [v for values in report["latency_ms"].values() for v in values]
     report["exit_code"] = code
+    report["metrics"] = _triton_metrics((out / "gateway_metrics.txt").read_text())
     report["all"] = {
         "studies": len(every),
         "p50_ms": round(float(np.percentile(every, 50)), 1) if every else None,
         "p95_ms": round(float(np.percentile(every, 95)), 1) if every else None,
     }
     return report
+
+
+def _triton_metrics(text: str) -> dict[str, dict[str, float]]:
+    """Per model: Triton requests, slices and studies per request, from the gateway's /metrics text."""
+    values: dict[str, dict[str, float]] = {}
+    for line in text.splitlines():
+        for name in ("gateway_triton_request_slices", "gateway_triton_request_studies"):
+            for suffix in ("_sum", "_count"):
+                prefix = f'{name}{suffix}{{model="'
+                if line.startswith(prefix):
+                    model, _, number = line[len(prefix) :].partition('"} ')
+                    values.setdefault(model, {})[f"{name.rsplit('_', 1)[1]}{suffix}"] = float(number)
+    return values
 
 
 def _p95(report: dict, priority: str) -> float | None:
@@ -151,6 +171,20 @@ def measure_all(sections: tuple[str, ...], quick: bool, out: Path) -> dict[str, 
                 out / "stat_saturated", pacs=5, stat_pacs=1, duration=duration, routine_pacing=1.5, drain=20
             )
             report["stat"] = {"idle": idle, "saturated": busy}
+        elif section == "batching":
+            # One-image radiographs from four PACS, each every 0.5 s, with 8 workers so studies meet at inference.
+            runs = {}
+            for label, flag in (("on", ()), ("off", ("--no-cross-study-batching",))):
+                runs[label] = _load_run(
+                    out / f"batching_{label}",
+                    pacs=4,
+                    stat_pacs=0,
+                    duration=duration,
+                    routine_pacing=0.5,
+                    drain=60,
+                    extra=("--study", "cxr", "--workers", "8", *flag),
+                )
+            report["batching"] = runs
     return report
 
 
@@ -303,6 +337,26 @@ def readme(report: dict[str, Any]) -> str:
                 f"| {_pct(routine, 50)} | {r.get('studies_per_min')} |\n"
             )
         text += "\n" + STAT_NOTE
+    if "batching" in report:
+        text += (
+            "\n## Cross-study batching\n\n"
+            "Four PACS each send a one-image chest radiograph every 0.5 s (480 studies/min offered); the gateway "
+            "runs 8 workers so that studies reach inference together; `[triton] cross_study_batching` on vs off "
+            "(requests of up to 32 images, 5 ms wait):\n\n"
+            "| batching | studies | p50 ms | p95 ms | studies/min | Triton requests | images per request "
+            "| studies per request |\n|---|---|---|---|---|---|---|---|\n"
+        )
+        for label, r in report["batching"].items():
+            m = r["metrics"].get("cxr_opacity", {})
+            requests = m.get("slices_count", 0.0)
+            per_request = round(m.get("slices_sum", 0.0) / requests, 2) if requests else None
+            studies = m.get("studies_count", 0.0)
+            mixed = round(m.get("studies_sum", 0.0) / studies, 2) if studies else "-"
+            a = r["all"]
+            text += (
+                f"| {label} | {a['studies']} | {a['p50_ms']} | {a['p95_ms']} | {r.get('studies_per_min')} "
+                f"| {int(requests)} | {per_request} | {mixed} |\n"
+            )
     if "stages" in derived:
         text += "\n## Pipeline efficiency\n\n| stage (standalone) | studies/min |\n|---|---|\n"
         for name, rate in derived["stages"]:

@@ -53,6 +53,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quiet-period", type=float, default=1.0, help="study completion quiet period, s")
     parser.add_argument("--drain", type=float, default=90.0, help="seconds to wait for results after the run")
     parser.add_argument("--triton-url", default="", help="use a running Triton (gRPC host:port) instead")
+    parser.add_argument("--workers", type=int, default=2, help="the gateway's concurrent series (workers)")
+    parser.add_argument(
+        "--no-cross-study-batching",
+        action="store_true",
+        help="send each study's slices in requests of their own ([triton] cross_study_batching = false)",
+    )
     parser.add_argument(
         "--triton-users",
         type=int,
@@ -66,10 +72,11 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         config = Path(tmp) / "gateway.toml"
         config.write_text(
-            f'data_dir = "{Path(tmp) / "data"}"\nquiet_period_s = {args.quiet_period}\nworkers = 2\n'
+            f'data_dir = "{Path(tmp) / "data"}"\nquiet_period_s = {args.quiet_period}\nworkers = {args.workers}\n'
             f"[receiver]\nport = {gateway_port}\n[http]\nport = 0\n"
             f'[delivery]\ndestination = "BENCH_SCP@127.0.0.1:{scp_port}"\n'
             f'[triton]\nurl = "{args.triton_url}"\n'
+            f"cross_study_batching = {'false' if args.no_cross_study_batching else 'true'}\n"
         )
         gateway = Gateway(load_settings(config)).start()
         try:

@@ -56,6 +56,7 @@ from gateway.settings import Settings
 from gateway.spool import Spool
 from gateway.triton_server import TritonServer
 from preprocessing.backend import select_backend
+from preprocessing.codec import select_decoder
 from preprocessing.dali_pipeline import DaliPreprocessor
 from preprocessing.dali_pipeline import available as dali_available
 from preprocessing.decode import decoder_availability
@@ -101,6 +102,14 @@ class Gateway:
         self.reports = ReportDispatcher(settings, self.audit)
         self.backend = select_backend(force_cpu=settings.force_cpu)
         self.dali = self._dali(settings)
+        try:
+            self.decoder, self.decoder_reason = select_decoder(
+                settings.decode_backend, gpu=self.backend.name == "cupy"
+            )
+        except RuntimeError as exc:
+            raise ConfigError(
+                f"{exc}; install nvidia-nvimgcodec-cu12 or use decode_backend = 'auto'"
+            ) from exc
         self.executor = ThreadPoolExecutor(
             max_workers=settings.workers + 2, thread_name_prefix="gateway-work"
         )
@@ -133,6 +142,7 @@ class Gateway:
 
     def start(self) -> Gateway:
         logger.info("array backend: %s (%s)", self.backend.name, self.backend.reason)
+        logger.info("image decode: %s", self.decoder_reason)
         if self.dali is not None:
             logger.info("preprocessing through the DALI pipeline (%s)", self.dali.name)
         missing = [name for name, ok in decoder_availability().items() if not ok]
@@ -482,7 +492,7 @@ class Gateway:
         pipeline, study, series = job.pipeline, job.study, job.series
         timings: dict[str, float] = {"queue": time.time() - job.created_at}
         paths = [r.path for r in series.instances if r.has_pixel_data]
-        loaded: LoadedSeries = await self._timed(timings, "decode", load_series, paths)
+        loaded: LoadedSeries = await self._timed(timings, "decode", load_series, paths, self.decoder)
         for name, reason in loaded.skipped:
             logger.info("series %s: instance %s skipped: %s", series.series_instance_uid, name, reason)
         stack = await self._timed(
@@ -632,6 +642,7 @@ class Gateway:
             "destination": str(destination) if destination else "",
             "supersedes": [str(ds.SOPInstanceUID) for ds in previous],
             "backend": self.backend.name,
+            "decoders": sorted({image.decoder for image in loaded.images}),
             **timing_log_fields(timings),
         }
         logger.info("series analysed %s", json.dumps(fields))

@@ -243,6 +243,9 @@ class Settings:
     # auto: CuPy where a CUDA device works, else numpy. dali: the NVIDIA DALI pipeline (on the GPU when CuPy
     # finds one and force_cpu is off, else on the CPU), numpy / CuPy for what DALI does not implement.
     preprocess_backend: str = "auto"
+    # Image decode: auto (nvImageCodec on a GPU for the JPEG / JPEG 2000 transfer syntaxes when installed, pydicom
+    # otherwise) | pydicom | nvimgcodec (also on the CPU). pydicom takes over any frame nvImageCodec fails on.
+    decode_backend: str = "auto"
     stat_webhook_url: str = ""
     receiver: ReceiverSettings = field(default_factory=ReceiverSettings)
     triton: TritonSettings = field(default_factory=TritonSettings)
@@ -633,6 +636,7 @@ def load_settings(config_file: Path | None = None, overrides: dict[str, Any] | N
         workers=top.get_int("workers"),
         force_cpu=top.get_bool("force_cpu"),
         preprocess_backend=top.get_str("preprocess_backend", "auto"),
+        decode_backend=top.get_str("decode_backend", "auto"),
         stat_webhook_url=top.get_str("stat_webhook_url"),
         receiver=receiver,
         triton=triton,
@@ -648,6 +652,10 @@ def load_settings(config_file: Path | None = None, overrides: dict[str, Any] | N
         reader.finish()
     if settings.quiet_period_s <= 0:
         raise ConfigError(f"quiet_period_s must be > 0, got {settings.quiet_period_s}")
+    if settings.decode_backend not in ("auto", "pydicom", "nvimgcodec"):
+        raise ConfigError(
+            f"decode_backend must be auto, pydicom or nvimgcodec, got {settings.decode_backend!r}"
+        )
     if settings.preprocess_backend not in ("auto", "dali"):
         raise ConfigError(f"preprocess_backend must be auto or dali, got {settings.preprocess_backend!r}")
     if settings.workers < 1:

@@ -1,20 +1,25 @@
 """Decode one DICOM instance into pixels plus the geometry and rescale needed downstream.
 
 pydicom decodes with its pixel-data plugins: uncompressed (any endianness), RLE, JPEG baseline/extended/lossless
-(pylibjpeg-libjpeg), JPEG-LS (pyjpegls) and JPEG 2000 (pylibjpeg-openjpeg). Every failure becomes a
-``DecodeError`` that says why, and sizes are checked before any pixel is decoded.
+(pylibjpeg-libjpeg), JPEG-LS (pyjpegls) and JPEG 2000 (pylibjpeg-openjpeg). Given an nvImageCodec decoder
+(``preprocessing/codec.py``), the transfer syntaxes it handles go to it first, pydicom taking over on any
+failure. Every failure becomes a ``DecodeError`` that says why, and sizes are checked before any pixel is decoded.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
 
 from gateway.errors import DecodeError
+
+if TYPE_CHECKING:
+    from preprocessing.codec import NvImageDecoder
 
 # Refuse to allocate more than this for one instance (decompression-bomb guard).
 MAX_PIXELS_PER_INSTANCE = 64 * 1024 * 1024
@@ -36,6 +41,7 @@ class DecodedImage:
     instance_number: int | None
     bits_stored: int = 16
     signed: bool = False
+    decoder: str = "pydicom"  # which decoder produced the pixels
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -59,17 +65,17 @@ def read_dataset(path: Path) -> pydicom.Dataset:
         raise DecodeError(f"not a readable DICOM file: {type(exc).__name__}: {exc}") from exc
 
 
-def decode_dataset(ds: pydicom.Dataset) -> DecodedImage:
+def decode_dataset(ds: pydicom.Dataset, decoder: NvImageDecoder | None = None) -> DecodedImage:
     """Decode a single-frame image dataset. Raises ``DecodeError`` with the reason on any problem."""
     try:
-        return _decode(ds)
+        return _decode(ds, decoder)
     except DecodeError:
         raise
     except Exception as exc:  # malformed headers raise from wherever an element is first read
         raise DecodeError(f"malformed image header: {type(exc).__name__}: {exc}") from exc
 
 
-def _decode(ds: pydicom.Dataset) -> DecodedImage:
+def _decode(ds: pydicom.Dataset, decoder: NvImageDecoder | None) -> DecodedImage:
     if "PixelData" not in ds:
         raise DecodeError("no pixel data (not an image instance)")
     try:
@@ -88,8 +94,11 @@ def _decode(ds: pydicom.Dataset) -> DecodedImage:
         raise DecodeError(
             f"colour images (SamplesPerPixel={samples}) are not supported by grayscale pipelines"
         )
+    pixels = decoder.decode(ds) if decoder is not None else None
+    used = decoder.name if decoder is not None and pixels is not None else "pydicom"
     try:
-        pixels = ds.pixel_array
+        if pixels is None:
+            pixels = ds.pixel_array
     except Exception as exc:  # plugins raise many types: RuntimeError, ValueError, NotImplementedError...
         syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "unknown")
         name = getattr(syntax, "name", str(syntax))
@@ -118,11 +127,12 @@ def _decode(ds: pydicom.Dataset) -> DecodedImage:
         instance_number=int(number) if number not in (None, "") else None,
         bits_stored=int(ds.get("BitsStored", ds.get("BitsAllocated", 16)) or 16),
         signed=int(ds.get("PixelRepresentation", 0) or 0) == 1,
+        decoder=used,
     )
 
 
-def decode_file(path: Path) -> DecodedImage:
-    return decode_dataset(read_dataset(path))
+def decode_file(path: Path, decoder: NvImageDecoder | None = None) -> DecodedImage:
+    return decode_dataset(read_dataset(path), decoder)
 
 
 def decoder_availability() -> dict[str, bool]:

@@ -7,6 +7,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from pydicom.dataset import Dataset
@@ -17,6 +18,9 @@ from preprocessing.dali_pipeline import DaliPreprocessor, supports
 from preprocessing.decode import DecodedImage, decode_dataset, read_dataset
 from preprocessing.geometry import SliceOrder, order_slices
 from preprocessing.normalize import prepare_stack
+
+if TYPE_CHECKING:
+    from preprocessing.codec import NvImageDecoder
 
 logger = logging.getLogger(__name__)
 
@@ -56,14 +60,15 @@ class LoadedSeries:
         return float(slice_mm), row_mm * rows / size[0], col_mm * cols / size[1]
 
 
-def load_series(paths: Sequence[Path]) -> LoadedSeries:
+def load_series(paths: Sequence[Path], decoder: NvImageDecoder | None = None) -> LoadedSeries:
+    """Read and decode the instances of one series (``decoder``: nvImageCodec for the syntaxes it handles)."""
     images: list[DecodedImage] = []
     headers: list[Dataset] = []
     skipped: list[tuple[str, str]] = []
     for path in paths:
         try:
             ds = read_dataset(path)
-            image = decode_dataset(ds)
+            image = decode_dataset(ds, decoder)
         except DecodeError as exc:
             skipped.append((Path(path).name, str(exc)))
             continue
