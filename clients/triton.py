@@ -90,6 +90,20 @@ def split_urls(text: str | Sequence[str]) -> tuple[str, ...]:
     return tuple(p.strip() for p in parts if p.strip())
 
 
+class Answer:
+    """Triton's answer to one request; outputs received in shared memory were copied out already."""
+
+    def __init__(self, result: Any, received: dict[str, np.ndarray]) -> None:
+        self._result = result
+        self._received = received
+
+    def as_numpy(self, name: str) -> np.ndarray | None:
+        if name in self._received:
+            return self._received[name]
+        array = self._result.as_numpy(name)
+        return None if array is None else np.asarray(array)
+
+
 @dataclass(eq=False)
 class _Endpoint:
     url: str
@@ -121,6 +135,9 @@ class TritonClient:
         if not urls:
             raise ValueError("no Triton endpoint given")
         self._module = grpcclient
+        from tritonclient.utils import triton_to_np_dtype
+
+        self._triton_to_np = triton_to_np_dtype
         self.url = ",".join(urls)
         self.timeout_s = timeout_s
         self.max_slices_per_request = max_slices_per_request
@@ -281,20 +298,27 @@ class TritonClient:
         return starts, list(results)
 
     async def infer(
-        self, model: str, inputs: dict[str, np.ndarray], outputs: list[str], priority: Priority
-    ) -> Any:
+        self,
+        model: str,
+        inputs: dict[str, np.ndarray],
+        outputs: list[str],
+        priority: Priority,
+        *,
+        output_bytes: dict[str, int] | None = None,
+    ) -> Answer:
         """One request on the least busy ready endpoint; an unavailable endpoint is marked down and the request
-        tried once on another."""
+        tried once on another. ``output_bytes``: outputs whose size is known in advance, received in shared
+        memory too when the inputs go that way."""
         endpoint = self._pick()
         try:
-            return await self._call_on(endpoint, model, inputs, outputs, priority)
+            return await self._call_on(endpoint, model, inputs, outputs, priority, output_bytes or {})
         except InferenceUnavailable as first:
             endpoint.ready = False  # the watcher's probe brings it back
             other = self._pick(exclude=endpoint)
             if other is endpoint or not other.ready:
                 raise
             logger.warning("Triton %s unavailable (%s); request sent to %s", endpoint.url, first, other.url)
-            return await self._call_on(other, model, inputs, outputs, priority)
+            return await self._call_on(other, model, inputs, outputs, priority, output_bytes or {})
 
     async def _call_on(
         self,
@@ -303,7 +327,8 @@ class TritonClient:
         inputs: dict[str, np.ndarray],
         outputs: list[str],
         priority: Priority,
-    ) -> Any:
+        output_bytes: dict[str, int],
+    ) -> Answer:
         grpc = self._module
         started = time.perf_counter()
         endpoint.in_flight += 1
@@ -311,25 +336,45 @@ class TritonClient:
         region = None
         try:
             tensors = [grpc.InferInput(n, list(a.shape), NUMPY_TO_TRITON[a.dtype]) for n, a in inputs.items()]
+            requested = {n: grpc.InferRequestedOutput(n) for n in outputs}
+            in_bytes = sum(a.nbytes for a in inputs.values())
+            out_places: dict[str, int] = {}
             if endpoint.shm is not None and not endpoint.shm_failed:
-                region = await self._shm_region(endpoint, sum(a.nbytes for a in inputs.values()))
+                offset = -(-in_bytes // 64) * 64
+                for name in outputs:
+                    if name in output_bytes:
+                        out_places[name] = offset
+                        offset += -(-output_bytes[name] // 64) * 64
+                region = await self._shm_region(endpoint, offset)
             if region is not None and endpoint.shm is not None:
                 places = endpoint.shm.write(region, list(inputs.values()))
                 for tensor, (offset, nbytes) in zip(tensors, places, strict=True):
                     tensor.set_shared_memory(region.name, nbytes, offset)
+                for name, offset in out_places.items():
+                    requested[name].set_shared_memory(region.name, output_bytes[name], offset)
             else:
+                out_places = {}
                 for tensor, array in zip(tensors, inputs.values(), strict=True):
                     tensor.set_data_from_numpy(array)
             result = await endpoint.client.infer(
                 model,
                 tensors,
-                outputs=[grpc.InferRequestedOutput(n) for n in outputs],
+                outputs=list(requested.values()),
                 priority=TRITON_PRIORITY[priority],
                 client_timeout=self.timeout_s,
             )
+            copies = {}
+            if region is not None:
+                for name, offset in out_places.items():
+                    meta = result.get_output(name)
+                    dtype = np.dtype(self._triton_to_np(meta.datatype))
+                    view: np.ndarray = np.ndarray(
+                        tuple(meta.shape), dtype, buffer=region.memory.buf, offset=offset
+                    )
+                    copies[name] = view.copy()  # the region is reused as soon as this request ends
             if self._observe is not None:
                 self._observe(model, time.perf_counter() - started, int(next(iter(inputs.values())).shape[0]))
-            return result
+            return Answer(result, copies)
         except Exception as exc:
             text = str(exc)
             # Unreachable, timed out, or model not loaded are transient; anything else is the model's answer.

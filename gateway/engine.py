@@ -111,7 +111,8 @@ class Gateway:
                 f"{exc}; install nvidia-nvimgcodec-cu12 or use decode_backend = 'auto'"
             ) from exc
         self.executor = ThreadPoolExecutor(
-            max_workers=settings.workers + 2, thread_name_prefix="gateway-work"
+            max_workers=settings.workers + settings.scheduling.stat_workers + 2,
+            thread_name_prefix="gateway-work",
         )
         self.triton_server: TritonServer | None = None
         self.triton_url = settings.triton.url
@@ -347,6 +348,10 @@ class Gateway:
                 asyncio.create_task(self._work(queue, client), name=f"worker-{i}")
                 for i in range(self.settings.workers)
             ]
+            tasks += [
+                asyncio.create_task(self._work(queue, client, stat_only=True), name=f"stat-worker-{i}")
+                for i in range(self.settings.scheduling.stat_workers)
+            ]
             await self._stop.wait()
             for task in tasks:
                 task.cancel()
@@ -439,10 +444,10 @@ class Gateway:
         for job in decision.jobs:
             queue.put(job)
 
-    async def _work(self, queue: JobQueue, client: TritonClient) -> None:
+    async def _work(self, queue: JobQueue, client: TritonClient, *, stat_only: bool = False) -> None:
         while True:
             await self._inference_open.wait()
-            job = await queue.get()
+            job = await queue.get(stat_only=stat_only)
             try:
                 await self._process(job, client)
                 self._job_done(job)

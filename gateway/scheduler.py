@@ -73,21 +73,22 @@ class JobQueue:
 
     # -- consumer side ---------------------------------------------------------------------------------------
 
-    async def get(self) -> InferenceJob:
+    async def get(self, *, stat_only: bool = False) -> InferenceJob:
+        """The next job; ``stat_only``: wait for a STAT job (a worker held in reserve for STAT work)."""
         while True:
-            job = self.pop_next()
+            job = self.pop_next(stat_only=stat_only)
             if job is not None:
                 return job
             self._available.clear()
             await self._available.wait()
 
-    def pop_next(self) -> InferenceJob | None:
-        """The next job by class, fair share and age; None when nothing waits."""
+    def pop_next(self, *, stat_only: bool = False) -> InferenceJob | None:
+        """The next job by class, fair share and age (only STAT jobs when ``stat_only``); None when none waits."""
         now = self._clock()
         best: tuple[int, float, float] | None = None
         chosen: tuple[Priority, str] | None = None
         for key, jobs in self._fifo.items():
-            if not jobs:
+            if not jobs or (stat_only and key[0] is not Priority.STAT):
                 continue
             head = jobs[0]
             rank = (int(self.effective_priority(head, now)), self._pass.get(key[1], 0.0), head.created_at)

@@ -112,6 +112,8 @@ class SchedulingSettings:
         default_factory=lambda: {"STAT": 120.0, "URGENT": 600.0, "ROUTINE": 3600.0}
     )
     promote_fraction: float = 0.5
+    # Workers that take only STAT jobs, on top of ``workers``: a STAT study never waits for a routine job to end.
+    stat_workers: int = 1
 
     def weight(self, calling_ae: str) -> float:
         return self.pacs_weights.get(calling_ae, self.default_weight)
@@ -476,9 +478,12 @@ def _scheduling(r: _Reader) -> SchedulingSettings:
         default_weight=r.get_float("default_weight", 1.0),
         deadline_s=deadlines,
         promote_fraction=r.get_float("promote_fraction", 0.5),
+        stat_workers=r.get_int("stat_workers", 1),
     )
     if settings.default_weight <= 0 or settings.promote_fraction <= 0:
         raise ConfigError("scheduling.default_weight and scheduling.promote_fraction must be > 0")
+    if settings.stat_workers < 0:
+        raise ConfigError("scheduling.stat_workers must be >= 0")
     return settings
 
 

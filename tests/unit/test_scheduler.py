@@ -157,3 +157,44 @@ def test_get_waits_for_work_and_join_waits_for_task_done() -> None:
         return events
 
     assert asyncio.run(run()) == ["SITE"]
+
+
+def test_a_reserved_stat_worker_takes_only_stat_work_and_general_workers_still_get_routine() -> None:
+    async def run() -> tuple[list[str], list[str]]:
+        queue = JobQueue(clock=Clock())
+        stat_taken: list[str] = []
+        general_taken: list[str] = []
+
+        async def worker(stat_only: bool, taken: list[str]) -> None:
+            while True:
+                j = await queue.get(stat_only=stat_only)
+                taken.append(j.priority.name)
+                queue.task_done()
+
+        tasks = [
+            asyncio.create_task(worker(True, stat_taken)),
+            asyncio.create_task(worker(False, general_taken)),
+        ]
+        queue.put(job("BACKFILL"))
+        queue.put(job("BACKFILL"))
+        await asyncio.wait_for(queue.join(), timeout=2.0)
+        queue.put(job("CLINIC", Priority.STAT))
+        await asyncio.wait_for(queue.join(), timeout=2.0)
+        for t in tasks:
+            t.cancel()
+        return stat_taken, general_taken
+
+    stat_taken, general_taken = asyncio.run(run())
+    assert "ROUTINE" not in stat_taken  # the reserve never serves routine work
+    assert general_taken.count("ROUTINE") == 2
+    assert stat_taken.count("STAT") + general_taken.count("STAT") == 1  # the STAT job was served once
+
+
+def test_pop_next_stat_only_leaves_routine_work_waiting() -> None:
+    queue = JobQueue(clock=Clock())
+    queue.put(job("BACKFILL"))
+    assert queue.pop_next(stat_only=True) is None
+    stat = job("CLINIC", Priority.STAT)
+    queue.put(stat)
+    assert queue.pop_next(stat_only=True) is stat
+    assert queue.qsize() == 1
