@@ -7,8 +7,8 @@ User classes:
   ``BENCH_ROUTINE_USERS`` / ``BENCH_STAT_USERS`` of each, one study per ``BENCH_PACING_S`` seconds
   (``BENCH_ROUTINE_PACING_S`` for routine PACS).
   Modality and size: ``BENCH_STUDY`` = ``ct_head`` | ``ct_chest`` | ``cxr`` and ``BENCH_SLICES``.
-* ``TritonUser`` (only when ``BENCH_TRITON_USERS`` > 0) - sends one ensemble request straight to Triton's HTTP
-  endpoint (``BENCH_TRITON_HTTP``), for the model's own latency under the same load.
+* ``TritonUser`` (only when ``BENCH_TRITON_USERS`` > 0) - sends one ensemble request straight to Triton's gRPC
+  endpoint (``BENCH_TRITON_GRPC``, through gevent-aware gRPC), for the model's own latency under the same load.
 
 Locust reports each association as ``DICOM / C-STORE study`` and each study's end-to-end latency as
 ``E2E / <priority>``, in its CSV and HTML reports. When the run stops, the file waits for outstanding results
@@ -35,7 +35,7 @@ import gevent
 import numpy as np
 import pydicom
 import tomllib
-from locust import HttpUser, User, between, constant_pacing, events, task
+from locust import User, between, constant_pacing, events, task
 from pydicom.uid import generate_uid
 from pynetdicom import AE, evt
 
@@ -194,27 +194,47 @@ class StatPacs(_Pacs):
     priority = "STAT"
 
 
-class TritonUser(HttpUser):
-    """One ensemble request over Triton's HTTP/JSON-binary endpoint (geventhttpclient-friendly)."""
+TRITON_USERS = int(os.environ.get("BENCH_TRITON_USERS", "0"))
+if TRITON_USERS:
+    # gRPC's own threads would block Locust's gevent loop; this makes them cooperate (before any channel exists).
+    import grpc.experimental.gevent as grpc_gevent
 
-    fixed_count = int(os.environ.get("BENCH_TRITON_USERS", "0"))
-    host = "http://" + os.environ.get("BENCH_TRITON_HTTP", "127.0.0.1:8000")
+    grpc_gevent.init_gevent()
+
+
+class TritonUser(User):
+    """One 16-slice request to the head CT ensemble over Triton's gRPC endpoint, reported as ``gRPC / ...``."""
+
+    fixed_count = TRITON_USERS
     wait_time = between(0.5, 1.0)
 
     def on_start(self) -> None:
+        import tritonclient.grpc as grpcclient
+
+        self.grpc = grpcclient
+        self.triton = grpcclient.InferenceServerClient(os.environ.get("BENCH_TRITON_GRPC", "127.0.0.1:8001"))
         rng = np.random.default_rng(0)
         self.body = rng.normal(30.0, 10.0, (16, 256, 256)).astype(np.float32)
 
+    def on_stop(self) -> None:
+        self.triton.close()
+
     @task
     def infer(self) -> None:
-        import tritonclient.http as httpclient
-
-        tensor = httpclient.InferInput("HU", list(self.body.shape), "FP32")
-        tensor.set_data_from_numpy(self.body, binary_data=True)
-        body, header_length = httpclient.InferenceServerClient.generate_request_body([tensor])
-        headers = {"Inference-Header-Content-Length": str(header_length)}
-        self.client.post(
-            "/v2/models/ct_head_hyperdensity/infer", data=body, headers=headers, name="ct_head ensemble"
+        tensor = self.grpc.InferInput("HU", list(self.body.shape), "FP32")
+        tensor.set_data_from_numpy(self.body)
+        started = time.perf_counter()
+        error: Exception | None = None
+        try:
+            self.triton.infer("ct_head_hyperdensity", [tensor], client_timeout=60.0)
+        except Exception as exc:
+            error = exc
+        self.environment.events.request.fire(
+            request_type="gRPC",
+            name="ct_head ensemble (16 slices)",
+            response_time=(time.perf_counter() - started) * 1000.0,
+            response_length=int(self.body.nbytes),
+            exception=error,
         )
 
 

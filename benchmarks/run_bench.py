@@ -13,10 +13,13 @@ or a request failed.
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from gateway.engine import Gateway
@@ -25,6 +28,47 @@ from gateway.settings import load_settings
 from gateway.triton_server import free_port
 
 HERE = Path(__file__).resolve().parent
+
+
+def _cpu_seconds(gateway: Gateway) -> dict[str, float]:
+    """CPU seconds (user + system) used so far by the gateway (this process), its Triton server and the finished
+    child processes (Locust, the simulated PACS) - where the machine's cores went during a run."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    process = gateway.triton_server.process if gateway.triton_server is not None else None
+    running = _process_tree_cpu(
+        os.getpid()
+    )  # the gateway's live children: Triton + its backend stubs, encoders
+    triton = _process_tree_cpu(process.pid) if process is not None else {}
+    return {
+        "gateway_cpu_s": own.ru_utime + own.ru_stime + sum(v for p, v in running.items() if p not in triton),
+        "triton_cpu_s": sum(triton.values()),
+        "locust_cpu_s": children.ru_utime + children.ru_stime,
+    }
+
+
+def _process_tree_cpu(root: int) -> dict[int, float]:
+    """CPU seconds (utime + stime) of each live process below ``root`` (and of root itself unless it is us)."""
+    parents: dict[int, int] = {}
+    used: dict[int, float] = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # gone meanwhile
+        pid = int(stat.parent.name)
+        parents[pid] = int(fields[1])
+        used[pid] = (int(fields[11]) + int(fields[12])) / tick
+    tree, frontier = {root}, [root]
+    while frontier:
+        parent = frontier.pop()
+        children = [p for p, pp in parents.items() if pp == parent and p not in tree]
+        tree.update(children)
+        frontier.extend(children)
+    if root == os.getpid():
+        tree.discard(root)  # our own time comes from getrusage
+    return {p: used.get(p, 0.0) for p in tree}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         "--stat-pacs",
         type=int,
         default=None,
-        help="how many of them send STAT studies (default: one in four)",
+        help="how many of them send STAT studies (default: one in four, at least one of two or more)",
     )
     parser.add_argument("--duration", default="60s", help="Locust run time (e.g. 60s, 5m)")
     parser.add_argument("--study", choices=["ct_head", "ct_chest", "cxr"], default="ct_head")
@@ -63,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         "--triton-users",
         type=int,
         default=0,
-        help="also send ensemble requests straight to Triton (own Triton only)",
+        help="also send ensemble requests straight to Triton over gRPC (the model's own latency under the load)",
     )
     args = parser.parse_args(argv)
     configure_logging("WARNING")
@@ -80,14 +124,11 @@ def main(argv: list[str] | None = None) -> int:
         )
         gateway = Gateway(load_settings(config)).start()
         try:
-            stat = args.pacs // 4 if args.stat_pacs is None else min(args.stat_pacs, args.pacs)
+            default_stat = 0 if args.pacs < 2 else max(1, round(args.pacs / 4))
+            stat = default_stat if args.stat_pacs is None else min(args.stat_pacs, args.pacs)
             routine = args.pacs - stat
             classes = [name for name, n in (("RoutinePacs", routine), ("StatPacs", stat)) if n > 0]
-            triton_http = ""
             if args.triton_users:
-                if gateway.triton_server is None:
-                    parser.error("--triton-users needs the gateway's own Triton (no --triton-url)")
-                triton_http = f"127.0.0.1:{gateway.triton_server.http_port}"
                 classes.append("TritonUser")
             users = args.pacs + args.triton_users
             env = dict(
@@ -104,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
                 BENCH_OUT=str(args.out.resolve()),
                 BENCH_DRAIN_S=str(args.drain),
                 BENCH_TRITON_USERS=str(args.triton_users),
-                BENCH_TRITON_HTTP=triton_http,
+                BENCH_TRITON_GRPC=gateway.triton_url.split(",")[0],
             )
             locust = [sys.executable, "-m", "locust", "-f", str(HERE / "locustfile.py"), "--headless"]
             reports = [
@@ -120,7 +161,14 @@ def main(argv: list[str] | None = None) -> int:
                 f"reports in {args.out}",
                 flush=True,
             )
+            before = _cpu_seconds(gateway)
+            started = time.monotonic()
             code = subprocess.run(command, env=env, check=False).returncode
+            after = _cpu_seconds(gateway)
+            profile = {name: round(after[name] - before[name], 1) for name in after}
+            profile["wall_s"] = round(time.monotonic() - started, 1)
+            profile["cpus"] = os.cpu_count() or 1
+            (args.out / "cpu_profile.json").write_text(json.dumps(profile, indent=2))
             (args.out / "gateway_metrics.txt").write_bytes(gateway.render_metrics())
             return code
         finally:

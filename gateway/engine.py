@@ -45,11 +45,9 @@ from gateway.notify import StatEvent, StatNotifier
 from gateway.outbox import Outbox
 from gateway.reporting import ReportDispatcher
 from gateway.results.common import SeriesAnalysis
-from gateway.results.content import ReportedFinding, SeriesReport, reported_findings
-from gateway.results.gsps import build_gsps
-from gateway.results.seg import build_seg
-from gateway.results.sr import build_sr
-from gateway.routing import InferenceJob, Router
+from gateway.results.content import SeriesReport, reported_findings
+from gateway.results.encode import ResultEncoder
+from gateway.routing import InferenceJob, Router, study_priority
 from gateway.scheduler import JobQueue
 from gateway.scp import StoreSCP, check_port_free
 from gateway.settings import Settings
@@ -102,6 +100,7 @@ class Gateway:
         self.reports = ReportDispatcher(settings, self.audit)
         self.backend = select_backend(force_cpu=settings.force_cpu)
         self.dali = self._dali(settings)
+        self.encoder = ResultEncoder(settings.encode_processes)
         try:
             self.decoder, self.decoder_reason = select_decoder(
                 settings.decode_backend, gpu=self.backend.name == "cupy"
@@ -230,6 +229,7 @@ class Gateway:
             self._loop_thread.join(timeout=30)
             self._loop_thread = None
         self.executor.shutdown(wait=True, cancel_futures=True)
+        self.encoder.close()
         self.outbox.stop()
         self.reports.close()
         if self.triton_server is not None:
@@ -591,7 +591,9 @@ class Gateway:
             old = self.results.load(study.study_instance_uid, previous_uid)
             if old is not None:
                 previous.append(old)  # late instances or a new model: the new SR supersedes this one
-        datasets = await self._timed(timings, "encode", _encode, analysis, reported, mask, previous)
+        datasets = await self._timed(
+            timings, "encode", self.encoder.encode, analysis, reported, mask, previous
+        )
         paths_out = await self._timed(timings, "store", self.results.save, study.study_instance_uid, datasets)
         sr = datasets[0]
         destination = None
@@ -656,7 +658,7 @@ class Gateway:
         if stat:
             self.metrics.stat_studies.labels(pipeline.name).inc()
         for stage, seconds in timings.items():
-            self.metrics.stage_seconds.labels(stage).observe(seconds)
+            self.metrics.stage_seconds.labels(stage, job.priority.name).observe(seconds)
         self.audit.record("series_analysed", **fields)
         progress = self._progress.get(study.study_instance_uid)
         if progress is not None:
@@ -709,20 +711,6 @@ class Gateway:
         logger.info("study done %s", json.dumps(fields))
         self.audit.record("study_done", **fields)
         self.metrics.studies_completed.inc()
+        priority = study_priority(progress.study).name
         for stage in ("receive", "wait_complete"):
-            self.metrics.stage_seconds.labels(stage).observe(progress.timings.get(stage, 0.0))
-
-
-def _encode(
-    analysis: SeriesAnalysis, reported: list[ReportedFinding], mask: np.ndarray | None, previous: list[Any]
-) -> list[Any]:
-    """SR always; GSPS when there is something to draw; SEG when the model gave a non-empty mask."""
-    datasets: list[Any] = [build_sr(analysis, findings=reported, previous=previous)]
-    gsps = build_gsps(analysis)
-    if gsps is not None:
-        datasets.append(gsps)
-    if mask is not None:
-        seg = build_seg(analysis, mask)
-        if seg is not None:
-            datasets.append(seg)
-    return datasets
+            self.metrics.stage_seconds.labels(stage, priority).observe(progress.timings.get(stage, 0.0))

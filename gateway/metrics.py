@@ -28,7 +28,11 @@ class Metrics:
             "gateway_inference_retries", "Jobs re-queued because Triton was unavailable", registry=r
         )
         self.stage_seconds = Histogram(
-            "gateway_stage_seconds", "Time per pipeline stage", ["stage"], buckets=STAGE_BUCKETS, registry=r
+            "gateway_stage_seconds",
+            "Time per pipeline stage, by the study's priority class",
+            ["stage", "priority"],
+            buckets=STAGE_BUCKETS,
+            registry=r,
         )
         self.queue_depth = Gauge("gateway_queue_depth", "Jobs waiting for a worker", ["priority"], registry=r)
         self.queue_depth_pacs = Gauge(

@@ -241,6 +241,9 @@ class Settings:
     log_level: str = "INFO"
     quiet_period_s: float = 10.0
     workers: int = 2
+    # Results (SR, GSPS, SEG) are encoded in this many worker processes, off the interpreter lock that the
+    # receiver and the workers share; 0: in the worker threads.
+    encode_processes: int = 2
     force_cpu: bool = False
     # auto: CuPy where a CUDA device works, else numpy. dali: the NVIDIA DALI pipeline (on the GPU when CuPy
     # finds one and force_cpu is off, else on the CPU), numpy / CuPy for what DALI does not implement.
@@ -639,6 +642,7 @@ def load_settings(config_file: Path | None = None, overrides: dict[str, Any] | N
         log_level=top.get_str("log_level").upper(),
         quiet_period_s=top.get_float("quiet_period_s"),
         workers=top.get_int("workers"),
+        encode_processes=top.get_int("encode_processes", 2),
         force_cpu=top.get_bool("force_cpu"),
         preprocess_backend=top.get_str("preprocess_backend", "auto"),
         decode_backend=top.get_str("decode_backend", "auto"),
@@ -663,6 +667,8 @@ def load_settings(config_file: Path | None = None, overrides: dict[str, Any] | N
         )
     if settings.preprocess_backend not in ("auto", "dali"):
         raise ConfigError(f"preprocess_backend must be auto or dali, got {settings.preprocess_backend!r}")
+    if settings.encode_processes < 0:
+        raise ConfigError(f"encode_processes must be >= 0, got {settings.encode_processes}")
     if settings.workers < 1:
         raise ConfigError(f"workers must be >= 1, got {settings.workers}")
     if triton.max_slices_per_request < 1:

@@ -265,3 +265,32 @@ def test_class_scores_become_image_level_findings_on_the_best_image(loaded) -> N
     assert result.stat is True and result.study_score == pytest.approx(0.95)
     quiet = interpret_scores(np.full((4, 2), 0.1, np.float32), loaded.images, pipeline)
     assert quiet.findings == () and quiet.stat is False
+
+
+def test_encoder_processes_give_the_same_results_and_survive_a_killed_worker(loaded) -> None:
+    """Results built in a worker process equal those built in-process (bar fresh UIDs and times); when the pool
+    breaks, the series is still encoded and a new pool serves the next one."""
+    import os
+    import signal
+
+    from gateway.results.encode import ResultEncoder, encode_results
+
+    analysis = _analysis(loaded, (_finding(loaded, 1), _finding(loaded, 2)), stat=True)
+    reported = reported_findings(analysis)
+    local = encode_results(analysis, reported, None, [])
+    encoder = ResultEncoder(1)
+    try:
+        remote = encoder.encode(analysis, reported, None, [])
+        assert [ds.SOPClassUID for ds in remote] == [ds.SOPClassUID for ds in local]
+        assert [str(ds.SOPInstanceUID) for ds in remote] == [str(ds.SOPInstanceUID) for ds in local]
+        again = read_measurement_report(remote[0])
+        assert len(again) == 2
+        pool = encoder._executor()
+        for pid in list(pool._processes):  # kill the worker: the next call finds the pool broken
+            os.kill(pid, signal.SIGKILL)
+        after_kill = encoder.encode(analysis, reported, None, [])
+        assert [str(ds.SOPInstanceUID) for ds in after_kill] == [str(ds.SOPInstanceUID) for ds in local]
+        assert encoder._executor() is not pool  # replaced
+        assert len(encoder.encode(analysis, reported, None, [])) == len(local)
+    finally:
+        encoder.close()
