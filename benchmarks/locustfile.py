@@ -316,8 +316,10 @@ def latency_svg(latency_ms: dict[str, list[float]], width: int = 480, height: in
     return "".join(parts)
 
 
-@events.quitting.add_listener
+@events.test_stop.add_listener
 def _slo_gate(environment: Any, **_: Any) -> None:
+    """When the run time is up: wait for outstanding results, then judge the targets (before Locust closes its
+    reports, so its CSV writer is still alive during the wait)."""
     deadline = time.time() + DRAIN_S
     while TRACKER.outstanding() and time.time() < deadline:
         gevent.sleep(0.2)
