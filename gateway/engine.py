@@ -608,7 +608,12 @@ class Gateway:
                     paths_out[0].parent,
                 )
             else:
-                self.outbox.enqueue(destination, study.study_instance_uid, paths_out)
+                self.outbox.enqueue(
+                    destination,
+                    study.study_instance_uid,
+                    paths_out,
+                    priority="STAT" if stat else job.priority.name,
+                )
         if stat:
             event = StatEvent(
                 study_instance_uid=study.study_instance_uid,

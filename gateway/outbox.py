@@ -2,9 +2,11 @@
 
 A delivery job (destination + result files) is a JSON file under ``<data_dir>/outbox/pending/<destination>/``,
 written durably before the study is reported done, so results are sent even across a crash. One worker thread
-per destination sends its jobs in order; a failing destination waits with exponential backoff and never holds
-up the others. After ``max_attempts`` a job moves to ``outbox/dead/`` and is reported; ``gateway resend`` (or
-POST /admin/resend) moves dead jobs back to pending.
+per destination sends up to ``MAX_JOBS_PER_ASSOCIATION`` jobs per association, STAT results first, otherwise
+oldest first - and never a job before an earlier job of the same study (a superseding SR stays behind the one it
+replaces). A failing destination waits with exponential backoff and never holds up the others. After
+``max_attempts`` a job moves to ``outbox/dead/`` and is reported; ``gateway resend`` (or POST /admin/resend)
+moves dead jobs back to pending.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ from gateway.spool import atomic_write
 logger = logging.getLogger(__name__)
 
 SCAN_INTERVAL_S = 0.2
+MAX_JOBS_PER_ASSOCIATION = 16
+_RANK = {"STAT": 0, "URGENT": 1, "ROUTINE": 2}
 
 
 @dataclass
@@ -41,6 +45,7 @@ class DeliveryJob:
     attempts: int = 0
     next_try_at: float = 0.0
     last_error: str = ""
+    priority: str = "ROUTINE"  # STAT | URGENT | ROUTINE: STAT results overtake other studies' results
 
     @property
     def peer(self) -> Peer:
@@ -76,13 +81,16 @@ class Outbox:
 
     # -- queue --------------------------------------------------------------------------------------------
 
-    def enqueue(self, destination: Peer, study_uid: str, paths: list[Path]) -> DeliveryJob:
+    def enqueue(
+        self, destination: Peer, study_uid: str, paths: list[Path], *, priority: str = "ROUTINE"
+    ) -> DeliveryJob:
         job = DeliveryJob(
             job_id=f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:12]}",
             study_uid=study_uid,
             destination=str(destination),
             paths=[str(p) for p in paths],
             created_at=time.time(),
+            priority=priority if priority in _RANK else "ROUTINE",
         )
         self._write(self.pending_dir / _folder_name(job.destination), job)
         return job
@@ -143,62 +151,79 @@ class Outbox:
     def _work(self, folder: Path) -> None:
         while not self._stop.is_set():
             jobs = [j for p in sorted(folder.glob("*.json")) if (j := self._read(p)) is not None]
-            jobs.sort(key=lambda j: j.created_at)
             if not jobs:
                 self._stop.wait(SCAN_INTERVAL_S)
                 continue
-            job = jobs[0]  # in order: a later job never overtakes an earlier one to the same destination
-            wait = job.next_try_at - time.time()
-            if wait > 0:
+            wait = max(j.next_try_at for j in jobs) - time.time()
+            if wait > 0:  # the destination is backing off after a failure
                 self._stop.wait(min(wait, 1.0))
                 continue
-            self._attempt(folder, job)
+            self._attempt(folder, next_batch(jobs))
 
-    def _attempt(self, folder: Path, job: DeliveryJob) -> None:
+    def _attempt(self, folder: Path, batch: list[DeliveryJob]) -> None:
+        """Send the jobs over one association; each job succeeds or fails on its own objects."""
         started = time.perf_counter()
+        failed: dict[str, str] = {}  # job id -> reason
         try:
-            datasets = [pydicom.dcmread(p) for p in job.paths]
+            datasets = {job.job_id: [pydicom.dcmread(p) for p in job.paths] for job in batch}
             report = store_datasets(
-                datasets, job.peer, calling_ae=self.calling_ae, timeout_s=self.settings.timeout_s
+                [ds for group in datasets.values() for ds in group],
+                batch[0].peer,
+                calling_ae=self.calling_ae,
+                timeout_s=self.settings.timeout_s,
             )
-            if not report.ok:
-                raise DeliveryError(
-                    f"{job.destination} refused {len(report.failed)} object(s): {report.failed[0][1]}"
-                )
+            refused = dict(report.failed)
+            for job in batch:
+                reasons = [
+                    refused[str(ds.SOPInstanceUID)]
+                    for ds in datasets[job.job_id]
+                    if str(ds.SOPInstanceUID) in refused
+                ]
+                if reasons:
+                    failed[job.job_id] = f"{job.destination} refused {len(reasons)} object(s): {reasons[0]}"
         except (DeliveryError, OSError, ValueError) as exc:
-            job.attempts += 1
-            job.last_error = str(exc)[:500]
-            self.failing[job.destination] = job.last_error
-            if job.attempts >= self.settings.max_attempts:
-                self._write(self.dead_dir, job)
-                (folder / f"{job.job_id}.json").unlink(missing_ok=True)
-                logger.error(
-                    "delivery job %s to %s moved to dead letters after %d tries: %s",
-                    job.job_id,
-                    job.destination,
-                    job.attempts,
-                    job.last_error,
-                )
-                self.on_event(
-                    "delivery_dead_letter",
-                    study=job.study_uid,
-                    job=job.job_id,
-                    destination=job.destination,
-                    reason=job.last_error,
-                )
-                return
-            delay = min(self.settings.retry_max_s, self.settings.retry_base_s * 2 ** (job.attempts - 1))
-            job.next_try_at = time.time() + delay
-            self._write(folder, job)
-            logger.warning(
-                "delivery to %s failed (try %d/%d), next in %.0fs: %s",
+            failed = {job.job_id: str(exc) for job in batch}
+        for job in batch:
+            if job.job_id in failed:
+                self._failed(folder, job, failed[job.job_id])
+            else:
+                self._delivered(folder, job, started)
+
+    def _failed(self, folder: Path, job: DeliveryJob, error: str) -> None:
+        job.attempts += 1
+        job.last_error = error[:500]
+        self.failing[job.destination] = job.last_error
+        if job.attempts >= self.settings.max_attempts:
+            self._write(self.dead_dir, job)
+            (folder / f"{job.job_id}.json").unlink(missing_ok=True)
+            logger.error(
+                "delivery job %s to %s moved to dead letters after %d tries: %s",
+                job.job_id,
                 job.destination,
                 job.attempts,
-                self.settings.max_attempts,
-                delay,
                 job.last_error,
             )
+            self.on_event(
+                "delivery_dead_letter",
+                study=job.study_uid,
+                job=job.job_id,
+                destination=job.destination,
+                reason=job.last_error,
+            )
             return
+        delay = min(self.settings.retry_max_s, self.settings.retry_base_s * 2 ** (job.attempts - 1))
+        job.next_try_at = time.time() + delay
+        self._write(folder, job)
+        logger.warning(
+            "delivery to %s failed (try %d/%d), next in %.0fs: %s",
+            job.destination,
+            job.attempts,
+            self.settings.max_attempts,
+            delay,
+            job.last_error,
+        )
+
+    def _delivered(self, folder: Path, job: DeliveryJob, started: float) -> None:
         (folder / f"{job.job_id}.json").unlink(missing_ok=True)
         self.failing.pop(job.destination, None)
         self.on_event(
@@ -210,4 +235,27 @@ class Outbox:
             attempts=job.attempts + 1,
             deliver_ms=round((time.perf_counter() - started) * 1000.0, 1),
             queued_ms=round((time.time() - job.created_at) * 1000.0, 1),
+            priority=job.priority,
         )
+
+
+def next_batch(jobs: list[DeliveryJob], limit: int = MAX_JOBS_PER_ASSOCIATION) -> list[DeliveryJob]:
+    """The jobs to send next over one association: STAT before URGENT before ROUTINE, oldest first within a
+    class, and a job only together with or after every earlier job of its study."""
+    earlier: dict[str, list[DeliveryJob]] = {}
+    for job in sorted(jobs, key=lambda j: j.created_at):
+        earlier.setdefault(job.study_uid, []).append(job)
+    chosen: list[DeliveryJob] = []
+    taken: set[str] = set()
+    for job in sorted(jobs, key=lambda j: (_RANK.get(j.priority, 2), j.created_at)):
+        if len(chosen) >= limit:
+            break
+        for prior in earlier[
+            job.study_uid
+        ]:  # the study's jobs in arrival order, up to and including this one
+            if prior.job_id not in taken and len(chosen) < limit:
+                chosen.append(prior)
+                taken.add(prior.job_id)
+            if prior is job:
+                break
+    return chosen
