@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
 import threading
+import time
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
@@ -48,6 +50,14 @@ def _worker_init(level: int) -> None:
 
     logging.basicConfig(level=level, format=FORMAT)
     silence_identifier_warnings()
+    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), name="parent-watch", daemon=True).start()
+
+
+def _exit_with_parent(parent: int) -> None:
+    """An encoder outlives nothing: when the gateway dies (even by SIGKILL) its worker processes follow."""
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(0)
 
 
 class ResultEncoder:

@@ -96,6 +96,17 @@ def _wait_listening(port: int, process: subprocess.Popen[bytes]) -> None:
     wait_for(up, timeout_s=120, what="gateway to listen")
 
 
+def _children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(stat.parent.name))
+        except (OSError, ValueError, IndexError):
+            continue
+    return found
+
+
 def test_sigkill_mid_flight_loses_nothing_and_finishes_every_study_once(tmp_path: Path, triton: str) -> None:
     port = free_port()
     orthanc = Orthanc(tmp_path / "orthanc").start()
@@ -116,11 +127,17 @@ def test_sigkill_mid_flight_loses_nothing_and_finishes_every_study_once(tmp_path
             for study in studies:
                 assert storescu(list(study.paths), port=port, calling_ae="STORESCU").returncode == 0
             time.sleep(1.5)  # some studies complete, others are queued or being analysed
+            helpers = _children(gateway.pid)  # its result encoder processes, among others
             gateway.send_signal(signal.SIGKILL)
             gateway.wait(timeout=10)
         finally:
             if gateway.poll() is None:
                 gateway.kill()
+        # Nothing the killed gateway started lives on (the encoders watch their parent; Triton is external here).
+        deadline = time.time() + 10
+        while any(Path(f"/proc/{pid}").exists() for pid in helpers) and time.time() < deadline:
+            time.sleep(0.2)
+        assert not [pid for pid in helpers if Path(f"/proc/{pid}").exists()]
         done_before = {e["study"] for e in audit.read() if e["event"] == "study_done"}
         in_flight = [s.study_uid for s in studies if s.study_uid not in done_before]
         # Every acknowledged instance is on disk, complete and readable.
