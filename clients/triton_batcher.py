@@ -69,8 +69,21 @@ class CrossStudyBatcher:
         priority: Priority = Priority.ROUTINE,
         want_mask: bool = False,
         input_name: str = "HU",
+        whole_volume: bool = False,
+        extra_inputs: dict[str, np.ndarray] | None = None,
     ) -> DetectionOutput:
-        """Like ``TritonClient.detect`` for a per-slice model, sharing requests with other studies."""
+        """Like ``TritonClient.detect``, sharing requests with other studies; a whole volume or extra inputs
+        (3D models) go straight to the client, unshared."""
+        if whole_volume or extra_inputs:
+            return await self.client.detect(
+                model,
+                stack,
+                priority=priority,
+                want_mask=want_mask,
+                input_name=input_name,
+                whole_volume=whole_volume,
+                extra_inputs=extra_inputs,
+            )
         started = time.perf_counter()
         version = await self.client.model_version(model)
         stack = np.ascontiguousarray(stack, dtype=np.float32)

@@ -538,24 +538,15 @@ class Gateway:
             extra = (
                 {pipeline.spacing_input: np.asarray(spacing, np.float32)} if pipeline.spacing_input else {}
             )
-            if shared is not None:
-                output = await shared.detect(
-                    pipeline.model,
-                    stack,
-                    priority=job.priority,
-                    want_mask=pipeline.segmentation,
-                    input_name=pipeline.input_name,
-                )
-            else:
-                output = await client.detect(
-                    pipeline.model,
-                    stack,
-                    priority=job.priority,
-                    want_mask=pipeline.segmentation,
-                    input_name=pipeline.input_name,
-                    whole_volume=pipeline.input_scope == "volume",
-                    extra_inputs=extra,
-                )
+            output = await (shared or client).detect(
+                pipeline.model,
+                stack,
+                priority=job.priority,
+                want_mask=pipeline.segmentation,
+                input_name=pipeline.input_name,
+                whole_volume=pipeline.input_scope == "volume",
+                extra_inputs=extra,
+            )
             found = interpret(output, loaded.images, pipeline, voxel_mm3=float(np.prod(spacing)))
             mask = output.mask
         timings["infer"] = time.perf_counter() - started
