@@ -16,7 +16,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import numpy as np
@@ -112,7 +112,7 @@ class _Endpoint:
     in_flight: int = 0
     ready: bool = True
     requests: int = 0
-    shm_failed: bool = field(default=False)
+    shm_failed: bool = False
 
 
 class TritonClient:
