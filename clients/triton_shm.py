@@ -52,10 +52,6 @@ class SharedMemoryPool:
         self._free: list[Region] = []
         self._all: list[Region] = []
 
-    @property
-    def registered_bytes(self) -> int:
-        return sum(r.size for r in self._all)
-
     async def acquire(self, nbytes: int) -> Region:
         """A registered region of at least ``nbytes``; raises if Triton cannot map it (then use the payload)."""
         fitting = [r for r in self._free if r.size >= nbytes]

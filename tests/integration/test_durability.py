@@ -126,8 +126,14 @@ def test_sigkill_mid_flight_loses_nothing_and_finishes_every_study_once(tmp_path
             _wait_listening(port, gateway)
             for study in studies:
                 assert storescu(list(study.paths), port=port, calling_ae="STORESCU").returncode == 0
-            time.sleep(1.5)  # some studies complete, others are queued or being analysed
-            helpers = _children(gateway.pid)  # its result encoder processes, among others
+            # Kill once the first series is analysed: its results were encoded in a worker process, and the
+            # other studies are queued or being analysed.
+            deadline = time.time() + 60
+            while not any(e["event"] == "series_analysed" for e in audit.read()) and time.time() < deadline:
+                time.sleep(0.1)
+            helpers = _children(gateway.pid)
+            encoders = [p for p in helpers if b"spawn_main" in Path(f"/proc/{p}/cmdline").read_bytes()]
+            assert encoders, "no result encoder process to watch"
             gateway.send_signal(signal.SIGKILL)
             gateway.wait(timeout=10)
         finally:
