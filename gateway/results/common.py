@@ -13,6 +13,16 @@ from gateway.domain import Finding
 MANUFACTURER = "DICOM AI Gateway"
 SOFTWARE_VERSION = "0.1.0"
 
+# The study, series and patient context that makes a result UID unique to one study of one patient.
+IDENTITY_KEYWORDS = (
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    "PatientID",
+    "IssuerOfPatientID",
+    "PatientName",
+    "PatientBirthDate",
+)
+
 
 @dataclass(frozen=True, kw_only=True)
 class SeriesAnalysis:
@@ -39,13 +49,25 @@ class SeriesAnalysis:
     def result_uid(self, role: str) -> str:
         """A deterministic UID for one result object of this analysis.
 
-        The same instances analysed by the same pipeline, algorithm and model version always give the same UIDs,
-        so re-running a study after a crash or a duplicate send re-delivers the same objects (a PACS keeps one
-        copy) instead of silently adding duplicates. A changed instance set or model gives new UIDs.
+        The same instances of the same study and patient, analysed by the same pipeline, algorithm and model
+        version, always give the same UIDs, so re-running a study after a crash or a duplicate send re-delivers
+        the same objects (a PACS keeps one copy) instead of silently adding duplicates. The study, series and
+        patient context is part of the key: two studies or two patients whose instances carry the same SOP
+        Instance UIDs (a split or merged study, a sender that reuses UIDs, a re-identified copy) never share a
+        result UID, so a PACS can never replace one patient's result with another's. Only a hash of the key
+        leaves this function (the patient fields are never logged).
         """
         instances = sorted(str(ds.SOPInstanceUID) for ds in self.sources)
+        context = [str(self.sources[0].get(keyword, "") or "").strip() for keyword in IDENTITY_KEYWORDS]
         key = "|".join(
-            [self.pipeline_name, self.algorithm_version, self.model_name, self.model_version, *instances]
+            [
+                self.pipeline_name,
+                self.algorithm_version,
+                self.model_name,
+                self.model_version,
+                *context,
+                *instances,
+            ]
         )
         digest = hashlib.sha256(key.encode()).hexdigest()
         return str(generate_uid(entropy_srcs=[digest, role]))
