@@ -3,18 +3,57 @@
 from __future__ import annotations
 
 import logging
+import re
 import sys
 import warnings
 
 FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
+CONTINUATION = "    | "  # prefix of a record's further lines (traceback): never mistaken for a new record
+
+# C0 controls, DEL, C1 controls and the Unicode line / paragraph separators: a newline forges a log line, ESC
+# drives the operator's terminal.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+_NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def neutralise(text: str) -> str:
+    """``text`` with every control character shown escaped (``\\n``, ``\\x1b``): safe to write on one line."""
+    return _CONTROL.sub(
+        lambda m: _NAMED.get(
+            m.group(), f"\\u{ord(m.group()):04x}" if ord(m.group()) > 0xFF else f"\\x{ord(m.group()):02x}"
+        ),
+        text,
+    )
+
+
+class SafeFormatter(logging.Formatter):
+    """A formatter whose every record is one line: header text that reaches a message (a body part with a
+    newline, an ANSI escape in a description) is shown escaped, and a traceback's lines carry a prefix."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = neutralise(record.message)
+        return super().formatMessage(record)
+
+    def formatException(self, ei: object) -> str:
+        text = super().formatException(ei)  # type: ignore[arg-type]
+        return CONTINUATION + f"\n{CONTINUATION}".join(neutralise(line) for line in text.split("\n"))
+
+    def formatStack(self, stack_info: str) -> str:
+        return CONTINUATION + f"\n{CONTINUATION}".join(neutralise(line) for line in stack_info.split("\n"))
+
+
+def handler_for(stream: object) -> logging.Handler:
+    """A stream handler with the gateway's one-line-per-record format."""
+    handler = logging.StreamHandler(stream)  # type: ignore[arg-type]
+    handler.setFormatter(SafeFormatter(FORMAT))
+    return handler
 
 
 def configure_logging(level: str = "INFO") -> None:
     numeric = logging.getLevelName(level.upper())
     if not isinstance(numeric, int):
         numeric = logging.INFO
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(FORMAT))
+    handler = handler_for(sys.stderr)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(numeric)

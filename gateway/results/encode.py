@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import sys
 import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -46,9 +47,11 @@ def encode_results(
 
 
 def _worker_init(level: int) -> None:
-    from gateway.logs import FORMAT, silence_identifier_warnings
+    from gateway.logs import handler_for, silence_identifier_warnings
 
-    logging.basicConfig(level=level, format=FORMAT)
+    root = logging.getLogger()
+    root.handlers[:] = [handler_for(sys.stderr)]
+    root.setLevel(level)
     silence_identifier_warnings()
     threading.Thread(target=_exit_with_parent, args=(os.getppid(),), name="parent-watch", daemon=True).start()
 

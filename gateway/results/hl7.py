@@ -10,6 +10,7 @@ Results are preliminary (OBR-25 / OBX-11 "P") until a radiologist signs them.
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -32,15 +33,24 @@ class Hl7Parties:
     receiving_facility: str = "HOSPITAL"
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
 def _escape(text: str) -> str:
-    """Escape HL7 delimiters inside a component value."""
-    return (
+    """Escape a header-derived value for one HL7 field component (HL7 v2.5.1 section 2.7).
+
+    The delimiters become ``\\F\\ \\S\\ \\T\\ \\R\\ \\E\\``; CR, LF and every other control character
+    become the hexadecimal escape ``\\Xhh\\``, so a CR in a Patient's Name can never start a new segment and
+    MLLP's framing bytes (0x0B, 0x1C) can never end a message early.
+    """
+    escaped = (
         text.replace("\\", "\\E\\")
         .replace("|", "\\F\\")
         .replace("^", "\\S\\")
         .replace("&", "\\T\\")
         .replace("~", "\\R\\")
     )
+    return _CONTROL.sub(lambda m: f"\\X{ord(m.group()):02X}\\", escaped)
 
 
 def _ce(code: CodedConcept) -> str:
@@ -72,7 +82,7 @@ def _pid(pid: object, header: object) -> None:
         pid.pid_3 = f"{_escape(patient_id)}^^^^PI"  # type: ignore[attr-defined]
     if name:
         pid.pid_5 = "^".join(_escape(part) for part in name.split("^"))  # type: ignore[attr-defined]
-    if birth:
+    if re.fullmatch(r"\d{8}", birth):  # a DA value; anything else is not a date and is left out
         pid.pid_7 = birth  # type: ignore[attr-defined]
     if sex in ("M", "F", "O", "U"):
         pid.pid_8 = sex  # type: ignore[attr-defined]
