@@ -6,6 +6,7 @@ import logging
 import re
 import sys
 import warnings
+from typing import TextIO
 
 FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
 CONTINUATION = "    | "  # prefix of a record's further lines (traceback): never mistaken for a new record
@@ -42,9 +43,9 @@ class SafeFormatter(logging.Formatter):
         return CONTINUATION + f"\n{CONTINUATION}".join(neutralise(line) for line in stack_info.split("\n"))
 
 
-def handler_for(stream: object) -> logging.Handler:
+def handler_for(stream: TextIO) -> logging.Handler:
     """A stream handler with the gateway's one-line-per-record format."""
-    handler = logging.StreamHandler(stream)  # type: ignore[arg-type]
+    handler = logging.StreamHandler(stream)
     handler.setFormatter(SafeFormatter(FORMAT))
     return handler
 
