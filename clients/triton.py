@@ -382,6 +382,11 @@ class TritonClient:
                 s in text
                 for s in ("UNAVAILABLE", "DEADLINE_EXCEEDED", "not found", "not ready", "unavailable")
             )
+            if region is not None and endpoint.shm is not None and "shared memory" in text.lower():
+                # A restarted server has none of this client's registrations: register afresh, try again.
+                endpoint.shm.forget()
+                region = None
+                transient = True
             error = InferenceUnavailable if transient else InferenceError
             raise error(f"Triton {endpoint.url} model {model!r}: {text.strip()[:500]}") from exc
         finally:

@@ -89,6 +89,14 @@ class SharedMemoryPool:
     def release(self, region: Region) -> None:
         self._free.append(region)
 
+    def forget(self) -> None:
+        """Drop every region after the server lost its registrations (it restarted); new ones are registered on
+        the next request."""
+        for region in self._all:
+            _destroy(region.memory)
+        self._all.clear()
+        self._free.clear()
+
     async def close(self) -> None:
         for region in self._all:
             try:

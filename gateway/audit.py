@@ -7,28 +7,67 @@ names, IDs or birth dates.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
+logger = logging.getLogger(__name__)
+
+
+MAX_BACKLOG = 100_000
+
 
 class AuditLog:
+    """Append-only, fsynced. A write that fails (a full disk) never raises into the caller: the event is kept in
+    memory and written, in order, before the next event once the disk takes writes again."""
+
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
+        self._backlog: list[bytes] = []
+        self.last_error = ""
+
+    @property
+    def backlog(self) -> int:
+        return len(self._backlog)
 
     def record(self, event: str, **fields: Any) -> None:
         line = json.dumps({"time": time.time(), "event": event, **fields}, sort_keys=True, default=str)
         with self._lock:
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            self._backlog.append((line + "\n").encode())
             try:
-                os.write(fd, (line + "\n").encode())
+                self._write(b"".join(self._backlog))
+            except OSError as exc:
+                if not self.last_error:
+                    logger.error(
+                        "audit trail %s cannot be written (%s): events kept in memory", self.path, exc
+                    )
+                self.last_error = str(exc)
+                del self._backlog[:-MAX_BACKLOG]
+                return
+            if self.last_error:
+                logger.info("audit trail writable again: %d held event(s) written", len(self._backlog))
+            self._backlog.clear()
+            self.last_error = ""
+
+    def _write(self, data: bytes) -> None:
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            size = os.fstat(fd).st_size
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
                 os.fsync(fd)
-            finally:
-                os.close(fd)
+            except OSError:
+                os.ftruncate(fd, size)  # never leave half a line: the held events are written whole later
+                raise
+        finally:
+            os.close(fd)
 
     def read(self) -> list[dict[str, Any]]:
         if not self.path.exists():

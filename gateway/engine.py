@@ -11,6 +11,7 @@ C-STORE) run in a thread pool, inference is awaited on Triton's async gRPC clien
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import logging
@@ -35,6 +36,8 @@ from gateway.errors import (
     GatewayError,
     InferenceUnavailable,
     PermanentError,
+    ResourceExhausted,
+    as_resource_error,
 )
 from gateway.http_api import AdminApi, ApiBackend
 from gateway.interpret import interpret, interpret_scores
@@ -51,7 +54,7 @@ from gateway.routing import InferenceJob, Router, study_priority
 from gateway.scheduler import JobQueue
 from gateway.scp import StoreSCP, check_port_free
 from gateway.settings import Settings
-from gateway.spool import Spool
+from gateway.spool import Spool, remove_temporary_files
 from gateway.triton_server import TritonServer
 from preprocessing.backend import select_backend
 from preprocessing.codec import select_decoder
@@ -66,6 +69,7 @@ T = TypeVar("T")
 
 POLL_INTERVAL_S = 0.2
 TRITON_WATCH_INTERVAL_S = 2.0
+RESOURCE_RETRY_S = (1.0, 10.0)  # first and longest wait before a job deferred by a full disk runs again
 
 
 @dataclass
@@ -79,6 +83,7 @@ class _StudyProgress:
     results: list[str] = field(default_factory=list)
     reports: list[SeriesReport] = field(default_factory=list)
     sr_by_series: dict[str, str] = field(default_factory=dict)  # "<series>/<pipeline>" -> SR SOP Instance UID
+    notified: set[str] = field(default_factory=set)  # "<series>/<pipeline>" whose STAT event went out
 
 
 class Gateway:
@@ -129,6 +134,9 @@ class Gateway:
         self.triton: TritonClient | None = None
         self.batcher: CrossStudyBatcher | None = None
         self.api: AdminApi | None = None
+        self._workers: dict[str, asyncio.Task[None]] = {}
+        self._triton_wake: asyncio.Event | None = None
+        self.resource_error = ""  # set while a job is deferred by a full disk / no file descriptors / memory
 
     # -- life cycle -------------------------------------------------------------------------------------------
 
@@ -154,13 +162,20 @@ class Gateway:
             logger.warning("no pipelines configured: studies are stored but never analysed")
         try:
             check_port_free(self.settings.receiver.host, self.settings.receiver.port)
+            for folder in (self.settings.spool_dir, self.settings.results_dir, self.settings.outbox_dir):
+                removed = remove_temporary_files(folder)
+                if removed:
+                    logger.info(
+                        "removed %d temporary file(s) left by an interrupted write in %s", removed, folder
+                    )
             self._fingerprint_models()
             if not self.triton_url:
                 self.triton_server = TritonServer(
                     self.settings.triton.model_repository,
                     self.settings.data_dir / "triton",
                     startup_timeout_s=self.settings.triton.startup_timeout_s,
-                ).start()
+                ).start(supervise=True)
+                self.triton_server.on_restart = self._triton_restarted
                 self.triton_url = self.triton_server.grpc_url
             self._loop_thread = threading.Thread(target=self._run_loop, name="gateway-engine", daemon=True)
             self._loop_thread.start()
@@ -264,6 +279,16 @@ class Gateway:
             self.spool.check_space()
         except GatewayError as exc:
             reasons.append(str(exc))
+        if self.resource_error:
+            reasons.append(f"results cannot be written: {self.resource_error}; analyses are retried")
+        if self.audit.last_error:
+            reasons.append(
+                f"audit trail cannot be written ({self.audit.last_error}): {self.audit.backlog} event(s) held"
+            )
+        alive = sum(1 for task in list(self._workers.values()) if not task.done())
+        configured = self.settings.workers + self.settings.scheduling.stat_workers
+        if self._workers and alive < configured:
+            reasons.append(f"only {alive} of {configured} analysis workers alive")
         dead = len(self.outbox.dead_letters())
         return {
             "status": "degraded" if reasons else "ok",
@@ -279,7 +304,32 @@ class Gateway:
             "studies_in_flight": len(self._progress),
             "outbox_pending": self.outbox.pending(),
             "dead_letters": dead,
+            "workers": {
+                "alive": alive,
+                "configured": configured,
+                "restarts": int(self.metrics.worker_restarts._value.get()),
+            },
+            "children": self._children(),
         }
+
+    def _children(self) -> dict[str, Any]:
+        """The supervised child processes: restarts and state (Triton only when the gateway started it)."""
+        children: dict[str, Any] = {"encoders": {"restarts": self.encoder.restarts}}
+        server = self.triton_server
+        if server is not None:
+            children["tritonserver"] = {
+                "running": server.running,
+                "pid": server.server_pid,
+                "restarts": server.restarts,
+                "last_exit": server.last_exit,
+            }
+        return children
+
+    def _triton_restarted(self) -> None:
+        """Called by the Triton supervisor once a restarted server is ready: probe now, not after the backoff."""
+        loop, wake = self._loop, self._triton_wake
+        if loop is not None and wake is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(wake.set)
 
     def render_metrics(self) -> bytes:
         m = self.metrics
@@ -296,6 +346,9 @@ class Gateway:
         for destination, count in health["outbox_pending"].items():
             m.outbox_pending.labels(destination).set(count)
         m.dead_letters.set(health["dead_letters"])
+        m.workers_alive.set(health["workers"]["alive"])
+        for child, state in health["children"].items():
+            m.child_restarts.labels(child).set(state["restarts"])
         m.spool_free_bytes.set(shutil.disk_usage(self.spool.root).free)
         return m.render()
 
@@ -317,6 +370,7 @@ class Gateway:
 
     async def _main(self) -> None:
         self._stop = asyncio.Event()
+        self._triton_wake = asyncio.Event()
         tri = self.settings.triton
         client = self.triton = TritonClient(
             self.triton_url,
@@ -344,18 +398,15 @@ class Gateway:
                 asyncio.create_task(self._assemble(queue), name="assembler"),
                 asyncio.create_task(self._watch_triton(client), name="triton-watch"),
             ]
-            tasks += [
-                asyncio.create_task(self._work(queue, client), name=f"worker-{i}")
-                for i in range(self.settings.workers)
-            ]
-            tasks += [
-                asyncio.create_task(self._work(queue, client, stat_only=True), name=f"stat-worker-{i}")
-                for i in range(self.settings.scheduling.stat_workers)
-            ]
+            for i in range(self.settings.workers):
+                self._spawn_worker(f"worker-{i}", queue, client, stat_only=False)
+            for i in range(self.settings.scheduling.stat_workers):
+                self._spawn_worker(f"stat-worker-{i}", queue, client, stat_only=True)
             await self._stop.wait()
-            for task in tasks:
+            workers, self._workers = list(self._workers.values()), {}
+            for task in [*tasks, *workers]:
                 task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await asyncio.gather(*tasks, *workers, return_exceptions=True)
         finally:
             await client.close()
 
@@ -405,7 +456,15 @@ class Gateway:
             else:
                 self._inference_open.clear()
                 delay = min(self.settings.triton.retry_max_s, delay * 2)
-            await asyncio.sleep(delay)
+            wake = self._triton_wake
+            if wake is None:
+                await asyncio.sleep(delay)
+                continue
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(wake.wait(), delay)  # a restarted local server wakes the probe at once
+            if wake.is_set():
+                wake.clear()
+                delay = TRITON_WATCH_INTERVAL_S
 
     async def _assemble(self, queue: JobQueue) -> None:
         while True:
@@ -444,36 +503,82 @@ class Gateway:
         for job in decision.jobs:
             queue.put(job)
 
+    def _spawn_worker(self, name: str, queue: JobQueue, client: TritonClient, *, stat_only: bool) -> None:
+        """Start one analysis worker; one that dies is logged, counted and replaced (the loop never loses one)."""
+        task = asyncio.create_task(self._work(queue, client, stat_only=stat_only), name=name)
+        self._workers[name] = task
+
+        def died(done: asyncio.Task[None]) -> None:
+            if (
+                done.cancelled()
+                or self._workers.get(name) is not done
+                or self._stop is None
+                or self._stop.is_set()
+            ):
+                return
+            exc = done.exception()
+            logger.error("analysis %s died (%s); starting a new one", name, f"{type(exc).__name__}: {exc}")
+            self.metrics.worker_restarts.inc()
+            self._spawn_worker(name, queue, client, stat_only=stat_only)
+
+        task.add_done_callback(died)
+
     async def _work(self, queue: JobQueue, client: TritonClient, *, stat_only: bool = False) -> None:
         while True:
             await self._inference_open.wait()
             job = await queue.get(stat_only=stat_only)
             try:
-                await self._process(job, client)
-                self._job_done(job)
-            except InferenceUnavailable as exc:
-                self.metrics.inference_retries.inc()
-                self.triton_ready = False
-                self._inference_open.clear()  # hold every worker until the watcher sees Triton ready again
-                logger.warning(
-                    "inference unavailable for series %s (try %d); queued until Triton is back: %s",
-                    job.series.series_instance_uid,
-                    job.attempts + 1,
-                    exc,
-                )
-                queue.put(dataclasses.replace(job, attempts=job.attempts + 1))
-            except PermanentError as exc:
-                logger.warning(
-                    "series %s not analysed by %s: %s", job.series.series_instance_uid, job.pipeline.name, exc
-                )
-                self._fail(job, str(exc))
-            except Exception as exc:
-                logger.exception(
-                    "series %s: unexpected error in %s", job.series.series_instance_uid, job.pipeline.name
-                )
-                self._fail(job, f"{type(exc).__name__}: {exc}")
+                await self._run(job, queue, client)
             finally:
                 queue.task_done()
+
+    async def _run(self, job: InferenceJob, queue: JobQueue, client: TritonClient) -> None:
+        """One job, with every outcome contained: nothing it raises (a full disk included) ends the worker."""
+        try:
+            await self._process(job, client)
+            self.resource_error = ""
+            self._job_done(job)
+        except InferenceUnavailable as exc:
+            self.metrics.inference_retries.inc()
+            self.triton_ready = False
+            self._inference_open.clear()  # hold every worker until the watcher sees Triton ready again
+            logger.warning(
+                "inference unavailable for series %s (try %d); queued until Triton is back: %s",
+                job.series.series_instance_uid,
+                job.attempts + 1,
+                exc,
+            )
+            queue.put(dataclasses.replace(job, attempts=job.attempts + 1))
+        except PermanentError as exc:
+            logger.warning(
+                "series %s not analysed by %s: %s", job.series.series_instance_uid, job.pipeline.name, exc
+            )
+            self._fail(job, str(exc))
+        except Exception as exc:
+            resource = as_resource_error(exc)
+            if resource is not None:
+                self._defer(job, queue, resource)
+                return
+            logger.exception(
+                "series %s: unexpected error in %s", job.series.series_instance_uid, job.pipeline.name
+            )
+            self._fail(job, f"{type(exc).__name__}: {exc}")
+
+    def _defer(self, job: InferenceJob, queue: JobQueue, exc: ResourceExhausted) -> None:
+        """A resource ran out (results disk full, no file descriptors, memory): run the job again later."""
+        first, longest = RESOURCE_RETRY_S
+        delay = min(longest, first * 2**job.attempts)
+        self.resource_error = str(exc)
+        self.metrics.resource_errors.labels(str(exc).split(" (")[0]).inc()
+        logger.error(
+            "series %s: %s; analysis deferred %.0f s (try %d), the gateway reports itself degraded",
+            job.series.series_instance_uid,
+            exc,
+            delay,
+            job.attempts + 1,
+        )
+        retry = dataclasses.replace(job, attempts=job.attempts + 1)
+        asyncio.get_running_loop().call_later(delay, queue.put, retry)
 
     def _fail(self, job: InferenceJob, reason: str) -> None:
         self.metrics.series_failed.labels(job.pipeline.name).inc()
@@ -484,7 +589,10 @@ class Gateway:
             pipeline=job.pipeline.name,
             reason=reason,
         )
-        self._job_done(job)
+        try:
+            self._job_done(job)
+        except Exception:  # the failure path itself must never take the worker down
+            logger.exception("study %s could not be completed after a failure", job.study.study_instance_uid)
 
     async def _timed(self, timings: dict[str, float], stage: str, fn: Callable[..., T], *args: Any) -> T:
         started = time.perf_counter()
@@ -576,21 +684,48 @@ class Gateway:
         )
         reported = reported_findings(analysis)
         result_key = f"{series.series_instance_uid}/{pipeline.name}"
+        progress = self._progress.get(study.study_instance_uid)
+        if progress is not None:
+            progress.stat = progress.stat or stat
+        if stat and (progress is None or result_key not in progress.notified):
+            # The STAT decision is the analysis's, not the encoders': it is notified before any result object is
+            # built, so no encoding or storage failure can hold back or cancel it.
+            await self._notify_stat(job, analysis, output, found, timings)
+            if progress is not None:
+                progress.notified.add(result_key)
         previous = []
         previous_uid = self.spool.previous_result(study.study_instance_uid, result_key)
         if previous_uid and previous_uid != analysis.result_uid("sr"):
             old = self.results.load(study.study_instance_uid, previous_uid)
             if old is not None:
                 previous.append(old)  # late instances or a new model: the new SR supersedes this one
-        datasets = await self._timed(
+        encoded = await self._timed(
             timings, "encode", self.encoder.encode, analysis, reported, mask, previous
         )
+        for kind, reason in encoded.failures.items():
+            self.metrics.output_failures.labels(kind, pipeline.name).inc()
+            logger.error(
+                "series %s: %s of %s could not be built, the other results go out: %s",
+                series.series_instance_uid,
+                kind,
+                pipeline.name,
+                reason,
+            )
+            self.audit.record(
+                "output_failed",
+                study=study.study_instance_uid,
+                series=series.series_instance_uid,
+                pipeline=pipeline.name,
+                output=kind,
+                reason=reason,
+            )
+        datasets = encoded.datasets
+        sr = encoded.get("SR")
         paths_out = await self._timed(timings, "store", self.results.save, study.study_instance_uid, datasets)
-        sr = datasets[0]
         destination = None
         if pipeline.mode is RolloutMode.SILENT:
             logger.info("pipeline %s is silent: results recorded, not sent", pipeline.name)
-        else:
+        elif paths_out:
             destination = self.settings.destination_for(study.calling_ae)
             if destination is None:
                 logger.warning(
@@ -605,26 +740,6 @@ class Gateway:
                     paths_out,
                     priority="STAT" if stat else job.priority.name,
                 )
-        if stat:
-            event = StatEvent(
-                study_instance_uid=study.study_instance_uid,
-                series_instance_uid=series.series_instance_uid,
-                pipeline=pipeline.name,
-                algorithm_name=pipeline.algorithm_name,
-                algorithm_version=pipeline.algorithm_version,
-                model_name=output.model_name,
-                model_version=output.model_version,
-                study_score=round(found.study_score, 4),
-                max_confidence=round(max(f.confidence for f in found.findings), 4),
-                findings=len(found.findings),
-                sr_sop_instance_uid=str(sr.SOPInstanceUID),
-                calling_ae=study.calling_ae,
-                created_at=time.time(),
-            )
-            try:
-                await self._timed(timings, "notify", self.notifier.emit, event)
-            except GatewayError as exc:
-                logger.error("STAT notification failed: %s", exc)
         fields = {
             "study": study.study_instance_uid,
             "series": series.series_instance_uid,
@@ -644,6 +759,7 @@ class Gateway:
             "results": [str(ds.SOPInstanceUID) for ds in datasets],
             "destination": str(destination) if destination else "",
             "supersedes": [str(ds.SOPInstanceUID) for ds in previous],
+            "output_failures": sorted(encoded.failures),
             "backend": self.backend.name,
             "decoders": sorted({image.decoder for image in loaded.images}),
             **timing_log_fields(timings),
@@ -656,13 +772,12 @@ class Gateway:
         for stage, seconds in timings.items():
             self.metrics.stage_seconds.labels(stage, job.priority.name).observe(seconds)
         self.audit.record("series_analysed", **fields)
-        progress = self._progress.get(study.study_instance_uid)
         if progress is not None:
             progress.findings += len(found.findings)
-            progress.stat = progress.stat or stat
             progress.results.extend(fields["results"])  # type: ignore[arg-type]
-            progress.sr_by_series[result_key] = str(sr.SOPInstanceUID)
-            if pipeline.mode is not RolloutMode.SILENT:
+            if sr is not None:
+                progress.sr_by_series[result_key] = str(sr.SOPInstanceUID)
+            if pipeline.mode is not RolloutMode.SILENT and sr is not None:
                 progress.reports.append(
                     SeriesReport(
                         analysis=analysis,
@@ -672,6 +787,37 @@ class Gateway:
                 )
             for stage, seconds in timings.items():
                 progress.timings[stage] = progress.timings.get(stage, 0.0) + seconds
+
+    async def _notify_stat(
+        self,
+        job: InferenceJob,
+        analysis: SeriesAnalysis,
+        output: DetectionOutput | ScoresOutput,
+        found: Any,
+        timings: dict[str, float],
+    ) -> None:
+        event = StatEvent(
+            study_instance_uid=job.study.study_instance_uid,
+            series_instance_uid=job.series.series_instance_uid,
+            pipeline=job.pipeline.name,
+            algorithm_name=job.pipeline.algorithm_name,
+            algorithm_version=job.pipeline.algorithm_version,
+            model_name=output.model_name,
+            model_version=output.model_version,
+            study_score=round(found.study_score, 4),
+            max_confidence=round(max(f.confidence for f in found.findings), 4),
+            findings=len(found.findings),
+            sr_sop_instance_uid=analysis.result_uid("sr"),  # deterministic: the SR that is encoded next
+            calling_ae=job.study.calling_ae,
+            created_at=time.time(),
+        )
+        try:
+            await self._timed(timings, "notify", self.notifier.emit, event)
+        except Exception as exc:  # a failed notification is reported; the analysis goes on
+            logger.error("STAT notification failed: %s", exc)
+            self.audit.record(
+                "stat_notification_failed", study=job.study.study_instance_uid, reason=str(exc)[:300]
+            )
 
     def _job_done(self, job: InferenceJob) -> None:
         progress = self._progress.get(job.study.study_instance_uid)
@@ -689,9 +835,16 @@ class Gateway:
                 self.reports.dispatch(self.results.root / study_uid, progress.reports, stat=progress.stat)
             except Exception:  # reports for the RIS must never stop the study from completing
                 logger.exception("study %s: FHIR / HL7 reports could not be built", study_uid)
-        self.spool.mark_processed(
-            study_uid, (r.sop_instance_uid for s in study.series for r in s.instances), progress.sr_by_series
-        )
+        try:
+            self.spool.mark_processed(
+                study_uid,
+                (r.sop_instance_uid for s in study.series for r in s.instances),
+                progress.sr_by_series,
+            )
+        except OSError as exc:  # results are stored and queued; only a restart would analyse the study again
+            logger.error(
+                "study %s: processed marker not written (%s); a restart re-analyses it", study_uid, exc
+            )
         total = time.time() - study.last_received_at
         fields = {
             "study": study_uid,

@@ -7,6 +7,7 @@ Split by what the caller does next::
      ├── RetryableError              try again later (backoff), nothing is lost
      │    ├── SpoolFullError         disk watermark reached: refuse new data (DIMSE 0xA700)
      │    ├── InferenceUnavailable   Triton down, not ready or timed out
+     │    ├── ResourceExhausted      disk full, out of file descriptors or memory: retried when it returns
      │    └── DeliveryError          destination PACS / webhook unreachable
      └── PermanentError              retrying cannot help: record the reason and move on
           ├── InvalidInstanceError   an instance we refuse to store (bad UIDs, no SOP class) (DIMSE 0xC000)
@@ -18,6 +19,9 @@ Split by what the caller does next::
 """
 
 from __future__ import annotations
+
+import errno
+import os
 
 
 class GatewayError(Exception):
@@ -42,6 +46,24 @@ class SpoolFullError(RetryableError):
 
 class InferenceUnavailable(RetryableError):
     """Triton is not reachable, not ready, or did not answer in time."""
+
+
+class ResourceExhausted(RetryableError):
+    """A resource the gateway needs ran out (ENOSPC, EDQUOT, EMFILE, ENFILE, ENOMEM, MemoryError)."""
+
+
+RESOURCE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EMFILE, errno.ENFILE, errno.ENOMEM})
+
+
+def as_resource_error(exc: BaseException) -> ResourceExhausted | None:
+    """``exc`` as a ``ResourceExhausted`` when it is one (an OSError of a resource errno, a MemoryError)."""
+    if isinstance(exc, ResourceExhausted):
+        return exc
+    if isinstance(exc, MemoryError):
+        return ResourceExhausted("out of memory")
+    if isinstance(exc, OSError) and exc.errno in RESOURCE_ERRNOS:
+        return ResourceExhausted(f"{os.strerror(exc.errno)} (errno {errno.errorcode[exc.errno]})")
+    return None
 
 
 class DeliveryError(RetryableError):
@@ -74,7 +96,7 @@ STATUS_PROCESSING_FAILURE = 0x0110
 
 def dimse_status_for(exc: BaseException) -> int:
     """Map an exception raised while storing an instance to the C-STORE status the SCU receives."""
-    if isinstance(exc, SpoolFullError):
+    if isinstance(exc, SpoolFullError) or as_resource_error(exc) is not None:
         return STATUS_OUT_OF_RESOURCES
     if isinstance(exc, DatasetMismatchError):
         return STATUS_DATASET_MISMATCH

@@ -27,6 +27,25 @@ class Metrics:
         self.inference_retries = Counter(
             "gateway_inference_retries", "Jobs re-queued because Triton was unavailable", registry=r
         )
+        self.output_failures = Counter(
+            "gateway_output_failures",
+            "Result objects of an analysed series that could not be built (the others were kept)",
+            ["output", "pipeline"],
+            registry=r,
+        )
+        self.resource_errors = Counter(
+            "gateway_resource_errors",
+            "Jobs deferred because a resource ran out (disk full, file descriptors, memory)",
+            ["reason"],
+            registry=r,
+        )
+        self.worker_restarts = Counter(
+            "gateway_worker_restarts", "Analysis workers that died and were replaced", registry=r
+        )
+        self.workers_alive = Gauge("gateway_workers_alive", "Analysis workers running", registry=r)
+        self.child_restarts = Gauge(
+            "gateway_child_restarts", "Restarts of supervised child processes", ["child"], registry=r
+        )
         self.stage_seconds = Histogram(
             "gateway_stage_seconds",
             "Time per pipeline stage, by the study's priority class",

@@ -11,7 +11,7 @@ import logging
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -70,22 +70,43 @@ class ReportDispatcher:
         if not reports:
             return []
         study_uid = str(reports[0].header.StudyInstanceUID)
-        bundle = build_bundle(reports, stat=stat).model_dump_json(indent=2).encode()
-        messages = [("ORU", build_oru(reports, stat=stat, parties=self.parties).to_er7())]
-        if stat:
-            messages.append(("OMI", build_priority_update(reports, parties=self.parties).to_er7()))
         stamp = time.strftime("%Y%m%dT%H%M%S")
-        written = [folder / f"FHIR_{stamp}_{study_uid}.json"]
-        atomic_write(written[0], bundle)
-        for kind, text in messages:
-            path = folder / f"HL7_{kind}_{stamp}_{study_uid}.hl7"
-            atomic_write(path, text.encode())
-            written.append(path)
+        documents: list[tuple[str, Callable[[], bytes]]] = [
+            ("FHIR", lambda: build_bundle(reports, stat=stat).model_dump_json(indent=2).encode()),
+            ("ORU", lambda: build_oru(reports, stat=stat, parties=self.parties).to_er7().encode()),
+        ]
+        if stat:
+            documents.append(
+                ("OMI", lambda: build_priority_update(reports, parties=self.parties).to_er7().encode())
+            )
+        built: dict[str, bytes] = {}
+        for kind, build in documents:  # each on its own: one that cannot be built never costs the others
+            try:
+                built[kind] = build()
+            except Exception as exc:
+                logger.error(
+                    "study %s: %s report could not be built: %s", study_uid, kind, type(exc).__name__
+                )
+                self.audit.record(
+                    "report_failed",
+                    study=study_uid,
+                    message=kind,
+                    reason=f"{type(exc).__name__}: {exc}"[:300],
+                )
+        written = []
+        for kind, body in built.items():
+            name = (
+                f"FHIR_{stamp}_{study_uid}.json" if kind == "FHIR" else f"HL7_{kind}_{stamp}_{study_uid}.hl7"
+            )
+            atomic_write(folder / name, body)
+            written.append(folder / name)
+        bundle = built.get("FHIR")
+        messages = [(kind, body.decode()) for kind, body in built.items() if kind != "FHIR"]
         self.pending = [f for f in self.pending if not f.done()]
-        if self.settings.fhir.url:
+        if self.settings.fhir.url and bundle is not None:
             self.pending.append(self._pool.submit(self._send_fhir, study_uid, bundle))
         address = self.settings.hl7.address()
-        if address is not None:
+        if address is not None and messages:
             self.pending.append(self._pool.submit(self._send_hl7, study_uid, address, messages))
         return written
 

@@ -1,12 +1,18 @@
-"""Start, probe and stop a real ``tritonserver`` from the ``nvidia-pytriton`` wheel, on loopback.
+"""Start, probe, supervise and stop a real ``tritonserver`` from the ``nvidia-pytriton`` wheel, on loopback.
 
 Used when no external Triton URL is configured. The wheel ships the server binary, the Python backend and one
 backend stub per Python version; the stub finds ``python3`` on ``PATH`` and runs the models in that
 environment, so this process's virtualenv ``bin/`` goes first on ``PATH``.
+
+The server runs under ``gateway.child_guard``, which ties it (and its backend stubs) to this process's life: a
+gateway that dies, even by SIGKILL, leaves no server behind for the next start to collide with. With
+``supervise=True`` a server that exits unexpectedly is restarted on the same gRPC port with backoff (1 s,
+doubling to 30 s; back to 1 s after a minute of good running), and each restart is logged and counted.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -15,7 +21,9 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -26,6 +34,8 @@ from gateway.errors import ConfigError, InferenceUnavailable
 logger = logging.getLogger(__name__)
 
 LOOPBACK = "127.0.0.1"
+RESTART_BACKOFF_S = (1.0, 30.0)
+STABLE_AFTER_S = 60.0
 
 
 def free_port() -> int:
@@ -85,9 +95,20 @@ class TritonServer:
         self.grpc_port = grpc_port  # 0: a free port is picked at start
         self.http_port = 0
         self.metrics_port = 0
-        self.process: subprocess.Popen[bytes] | None = None
+        self.process: subprocess.Popen[bytes] | None = (
+            None  # the guard (gateway.child_guard) around the server
+        )
         self.log_path = self.work_dir / "tritonserver.log"
         self._log_file: IO[bytes] | None = None
+        self._lifeline: int | None = None  # write end of the guard's pipe: closed when this process dies
+        self._stopping = threading.Event()
+        self._supervisor: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self.restarts = 0
+        self.last_exit = ""  # why the server last stopped unexpectedly
+        self.on_restart: Callable[[], None] | None = (
+            None  # called (supervisor thread) once a restart is ready
+        )
 
     @property
     def grpc_url(self) -> str:
@@ -125,7 +146,7 @@ class TritonServer:
                 shutil.copy2(runner, version / "model.py")
         return target
 
-    def start(self) -> TritonServer:
+    def start(self, *, supervise: bool = False) -> TritonServer:
         if not self.model_repository.is_dir():
             raise ConfigError(f"model repository {self.model_repository} does not exist")
         missing = [p for p in self.model_repository.glob("*/config.pbtxt") if _missing_model_files(p.parent)]
@@ -136,8 +157,24 @@ class TritonServer:
             )
         install = TritonInstallation.from_wheel()
         self.work_dir.mkdir(parents=True, exist_ok=True)
-        backends = self._prepare_backends(install)
+        self._install = install
+        self._backends = self._prepare_backends(install)
+        self._repository = self._serving_repository()
         self.grpc_port = self.grpc_port or free_port()
+        self._stopping.clear()
+        self._launch()
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        if supervise:
+            self._supervisor = threading.Thread(target=self._supervise, name="triton-supervisor", daemon=True)
+            self._supervisor.start()
+        return self
+
+    def _launch(self) -> None:
+        install = self._install
         self.http_port, self.metrics_port = free_port(), free_port()
         env = dict(os.environ)
         env["LD_LIBRARY_PATH"] = os.pathsep.join(
@@ -146,8 +183,8 @@ class TritonServer:
         env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
         cmd = [
             str(install.binary),
-            f"--model-repository={self._serving_repository()}",
-            f"--backend-directory={backends}",
+            f"--model-repository={self._repository}",
+            f"--backend-directory={self._backends}",
             f"--grpc-address={LOOPBACK}",
             f"--grpc-port={self.grpc_port}",
             f"--http-address={LOOPBACK}",
@@ -160,17 +197,89 @@ class TritonServer:
             f"--log-verbose={self.log_verbose}",
         ]
         logger.info("starting tritonserver (grpc %s, log %s)", self.grpc_url, self.log_path)
-        log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child, closed in stop()
-        self._log_file = log
-        self.process = subprocess.Popen(
-            cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
+        if self._log_file is None:
+            self._log_file = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child, closed in stop()
+        read_end, write_end = os.pipe()  # both non-inheritable; the guard gets the read end explicitly
+        guard = [sys.executable, "-m", "gateway.child_guard", str(read_end), "--", *cmd]
         try:
-            self.wait_ready()
-        except BaseException:
-            self.stop()
-            raise
-        return self
+            self.process = subprocess.Popen(
+                guard,
+                env=env,
+                stdout=self._log_file,
+                stderr=subprocess.STDOUT,
+                pass_fds=(read_end,),
+                start_new_session=True,
+                cwd=Path(__file__).resolve().parents[1],
+            )
+        finally:
+            os.close(read_end)
+        self._close_lifeline()
+        self._lifeline = write_end
+
+    def _close_lifeline(self) -> None:
+        if self._lifeline is not None:
+            os.close(self._lifeline)
+            self._lifeline = None
+
+    @property
+    def server_pid(self) -> int | None:
+        """The tritonserver process itself (the guard's child), when it runs."""
+        guard = self.process
+        if guard is None or guard.poll() is not None:
+            return None
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == guard.pid:
+                    return int(stat.parent.name)
+            except (OSError, ValueError, IndexError):
+                continue
+        return None
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def _supervise(self) -> None:
+        """Restart the server whenever it exits without being asked to, with backoff; reap every exit."""
+        first, longest = RESTART_BACKOFF_S
+        delay = first
+        started = time.monotonic()
+        while not self._stopping.is_set():
+            process = self.process
+            if process is None:
+                return
+            code = process.wait()  # reaps the guard, which reaped the server: no zombie is left
+            if self._stopping.is_set():
+                return
+            if time.monotonic() - started >= STABLE_AFTER_S:
+                delay = first
+            with self._lock:
+                self.restarts += 1
+                self.last_exit = f"exit code {code}"
+            logger.error(
+                "tritonserver exited unexpectedly (%s); restart %d in %.0f s; log tail:\n%s",
+                self.last_exit,
+                self.restarts,
+                delay,
+                self.log_tail(10),
+            )
+            if self._stopping.wait(delay):
+                return
+            delay = min(longest, delay * 2)
+            started = time.monotonic()
+            try:
+                with self._lock:
+                    if self._stopping.is_set():
+                        return
+                    self._launch()
+                self.wait_ready()
+            except Exception as exc:
+                logger.error("tritonserver restart failed: %s", str(exc).splitlines()[0])
+                self._terminate(5.0)
+                continue
+            logger.info("tritonserver restarted on %s (restart %d)", self.grpc_url, self.restarts)
+            if self.on_restart is not None:
+                self.on_restart()
 
     def wait_ready(self) -> None:
         import tritonclient.grpc as grpcclient
@@ -203,17 +312,31 @@ class TritonServer:
         except OSError:
             return ""
 
-    def stop(self, timeout_s: float = 20.0) -> None:
-        proc, self.process = self.process, None
+    def _terminate(self, timeout_s: float) -> None:
+        proc = self.process
         if proc is not None and proc.poll() is None:
-            logger.info("stopping tritonserver (pid %d)", proc.pid)
-            proc.send_signal(signal.SIGTERM)
+            server = self.server_pid
+            logger.info("stopping tritonserver (pid %s)", server)
+            proc.send_signal(signal.SIGTERM)  # the guard passes it on to the server's process group
             try:
                 proc.wait(timeout=timeout_s)
             except subprocess.TimeoutExpired:
                 logger.warning("tritonserver did not stop in %.0fs; killing it", timeout_s)
-                os.killpg(proc.pid, signal.SIGKILL)
+                for group in (server, proc.pid):
+                    if group is not None:
+                        with contextlib.suppress(ProcessLookupError, PermissionError):
+                            os.killpg(group, signal.SIGKILL)
                 proc.wait(timeout=5)
+        self._close_lifeline()  # a guard that is still alive now sees end-of-file and takes the group down
+
+    def stop(self, timeout_s: float = 20.0) -> None:
+        self._stopping.set()
+        with self._lock:
+            self._terminate(timeout_s)
+            self.process = None
+        if self._supervisor is not None and self._supervisor is not threading.current_thread():
+            self._supervisor.join(timeout=timeout_s)
+            self._supervisor = None
         if self._log_file is not None:
             self._log_file.close()
             self._log_file = None

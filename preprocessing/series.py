@@ -64,6 +64,7 @@ def load_series(paths: Sequence[Path], decoder: NvImageDecoder | None = None) ->
     """Read and decode the instances of one series (``decoder``: nvImageCodec for the syntaxes it handles)."""
     images: list[DecodedImage] = []
     headers: list[Dataset] = []
+    names: list[str] = []
     skipped: list[tuple[str, str]] = []
     for path in paths:
         try:
@@ -93,10 +94,15 @@ def load_series(paths: Sequence[Path], decoder: NvImageDecoder | None = None) ->
             del ds.SpecificCharacterSet  # empty means the default repertoire; result builders reject ''
         images.append(image)
         headers.append(ds)
+        names.append(Path(path).name)
     if not images:
         reasons = "; ".join(sorted({reason for _, reason in skipped}))
         raise DecodeError(f"no instance of the series could be decoded: {reasons}")
     order = order_slices(images)
+    for index in order.duplicates:
+        skipped.append(
+            (names[index], "duplicate slice position: a later instance at this position is analysed")
+        )
     return LoadedSeries(
         images=tuple(images[i] for i in order.indices),
         headers=tuple(headers[i] for i in order.indices),

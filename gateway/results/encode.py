@@ -16,8 +16,10 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -31,19 +33,43 @@ from gateway.results.sr import build_sr
 logger = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True, kw_only=True)
+class EncodedResults:
+    """The result objects of one series that could be built, and why each of the others could not."""
+
+    datasets: list[Any]  # SR first when it was built
+    failures: dict[str, str]  # output ("SR", "GSPS", "SEG") -> reason, for each that raised
+
+    def get(self, modality: str) -> Any | None:
+        return next((ds for ds in self.datasets if ds.Modality == modality), None)
+
+
 def encode_results(
     analysis: SeriesAnalysis, reported: list[ReportedFinding], mask: np.ndarray | None, previous: list[Any]
-) -> list[Any]:
-    """SR always; GSPS when there is something to draw; SEG when the model gave a non-empty mask."""
-    datasets: list[Any] = [build_sr(analysis, findings=reported, previous=previous)]
-    gsps = build_gsps(analysis)
-    if gsps is not None:
-        datasets.append(gsps)
+) -> EncodedResults:
+    """SR always; GSPS when there is something to draw; SEG when the model gave a non-empty mask.
+
+    Each output is built on its own: one that raises (a highdicom constraint a source header breaks) is
+    reported in ``failures`` and never prevents the others, so a SEG problem cannot cost the SR, the GSPS or
+    the STAT flag of the series.
+    """
+    builders: list[tuple[str, Callable[[], Any]]] = [
+        ("SR", lambda: build_sr(analysis, findings=reported, previous=previous)),
+        ("GSPS", lambda: build_gsps(analysis)),
+    ]
     if mask is not None:
-        seg = build_seg(analysis, mask)
-        if seg is not None:
-            datasets.append(seg)
-    return datasets
+        builders.append(("SEG", lambda: build_seg(analysis, mask)))
+    datasets: list[Any] = []
+    failures: dict[str, str] = {}
+    for output, build in builders:
+        try:
+            dataset = build()
+        except Exception as exc:  # any builder error is contained and reported per output
+            failures[output] = f"{type(exc).__name__}: {exc}"[:300]
+            continue
+        if dataset is not None:
+            datasets.append(dataset)
+    return EncodedResults(datasets=datasets, failures=failures)
 
 
 def _worker_init(level: int) -> None:
@@ -68,6 +94,7 @@ class ResultEncoder:
         self.processes = processes
         self._lock = threading.Lock()
         self._pool: ProcessPoolExecutor | None = None
+        self.restarts = 0  # pools replaced after a worker process died
 
     def _executor(self) -> ProcessPoolExecutor:
         with self._lock:
@@ -87,7 +114,7 @@ class ResultEncoder:
         reported: list[ReportedFinding],
         mask: np.ndarray | None,
         previous: list[Any],
-    ) -> list[Any]:
+    ) -> EncodedResults:
         """The result datasets of one series; blocks the calling (worker) thread, not the interpreter."""
         if self.processes <= 0:
             return encode_results(analysis, reported, mask, previous)
@@ -101,6 +128,7 @@ class ResultEncoder:
             with self._lock:
                 if self._pool is pool:
                     self._pool = None
+                    self.restarts += 1
             pool.shutdown(wait=False, cancel_futures=True)
             return encode_results(analysis, reported, mask, previous)
 

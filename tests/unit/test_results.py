@@ -277,10 +277,10 @@ def test_encoder_processes_give_the_same_results_and_survive_a_killed_worker(loa
 
     analysis = _analysis(loaded, (_finding(loaded, 1), _finding(loaded, 2)), stat=True)
     reported = reported_findings(analysis)
-    local = encode_results(analysis, reported, None, [])
+    local = encode_results(analysis, reported, None, []).datasets
     encoder = ResultEncoder(1)
     try:
-        remote = encoder.encode(analysis, reported, None, [])
+        remote = encoder.encode(analysis, reported, None, []).datasets
         assert [ds.SOPClassUID for ds in remote] == [ds.SOPClassUID for ds in local]
         assert [str(ds.SOPInstanceUID) for ds in remote] == [str(ds.SOPInstanceUID) for ds in local]
         again = read_measurement_report(remote[0])
@@ -288,9 +288,9 @@ def test_encoder_processes_give_the_same_results_and_survive_a_killed_worker(loa
         pool = encoder._executor()
         for pid in list(pool._processes):  # kill the worker: the next call finds the pool broken
             os.kill(pid, signal.SIGKILL)
-        after_kill = encoder.encode(analysis, reported, None, [])
+        after_kill = encoder.encode(analysis, reported, None, []).datasets
         assert [str(ds.SOPInstanceUID) for ds in after_kill] == [str(ds.SOPInstanceUID) for ds in local]
         assert encoder._executor() is not pool  # replaced
-        assert len(encoder.encode(analysis, reported, None, [])) == len(local)
+        assert len(encoder.encode(analysis, reported, None, []).datasets) == len(local)
     finally:
         encoder.close()

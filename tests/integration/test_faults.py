@@ -1,0 +1,149 @@
+"""Faults and safety on real components (gateway, Triton, DCMTK storescu, Orthanc): one output never sinks the
+others, a full disk never kills a worker, and work resumes by itself."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.uid import generate_uid
+
+from benchmarks.phantoms import Lesion, write_head_ct
+from gateway.audit import AuditLog
+from gateway.engine import Gateway
+from gateway.settings import load_settings
+from gateway.triton_server import free_port
+from tests.integration.conftest import Env
+from tests.support.servers import http_json, storescu, wait_for
+
+pytestmark = pytest.mark.integration
+
+
+def test_duplicate_slice_position_keeps_sr_gsps_seg_and_the_stat_flag(env: Env, tmp_path: Path) -> None:
+    """A series with one slice sent twice under two SOP Instance UIDs gives the same STAT result as without it."""
+    lesion = Lesion(x=130.0, y=120.0, slice=6, radius_mm=8.0, hu=70.0)
+    series = write_head_ct(
+        tmp_path / "ct", slices=12, rows=256, cols=256, pixel_mm=1.0, lesions=(lesion,), seed=5
+    )
+    ds = pydicom.dcmread(series.paths[0])
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    duplicate = tmp_path / "duplicate.dcm"
+    ds.save_as(duplicate)
+    assert storescu([*series.paths, duplicate], port=env.gateway.port, calling_ae="STORESCU").returncode == 0
+    done = env.wait_study_done(series.study_uid)
+    assert done["stat"] is True and done["findings"] >= 1
+    [analysed] = env.events("series_analysed", series.study_uid)
+    assert analysed["slices"] == 12 and analysed["output_failures"] == []
+    for modality in ("SR", "PR", "SEG"):
+        assert len(env.results(series.study_uid, modality)) == 1, f"{modality} missing"
+    wait_for(
+        lambda: [e for e in env.webhook.events if e["study_instance_uid"] == series.study_uid],
+        timeout_s=10,
+        what="STAT webhook",
+    )
+
+
+def _mount_tmpfs(path: Path, size_mb: int) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs to fill needs root (CI runs `make test` as root)")
+    path.mkdir(parents=True, exist_ok=True)
+    result = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size_mb}m", "tmpfs", str(path)], capture_output=True
+    )
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {result.stderr.decode().strip()}")
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    disk = tmp_path / "disk"
+    _mount_tmpfs(disk, 64)
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def _fill(path: Path) -> None:
+    """Write until the file system is full, as another program on the same disk would."""
+    with open(path, "wb", buffering=0) as out:
+        for size in (2**20, 4096):  # then the last few KiB
+            with contextlib.suppress(OSError):
+                while True:
+                    out.write(b"\0" * size)
+
+
+def _metric(text: str, name: str) -> float:
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name))
+
+
+def test_disk_filled_mid_run_loses_no_worker_reports_degraded_and_resumes(
+    small_disk: Path, triton: str
+) -> None:
+    port = free_port()
+    config = small_disk.parent / "gateway.toml"
+    config.write_text(
+        f'data_dir = "{small_disk / "data"}"\nquiet_period_s = 1.0\nworkers = 2\n'
+        f"[receiver]\nport = {port}\nmin_free_disk_mb = 4\n[http]\nport = 0\n"
+        f'[triton]\nurl = "{triton}"\n'
+        '[[pipelines]]\nname = "ct"\nmodel = "ct_head_hyperdensity"\nalgorithm_version = "0.1.0"\n'
+        'modalities = ["CT"]\ninput_size = [256, 256]\n[pipelines.labels]\n0 = "hemorrhage"\n'
+    )
+    settings = load_settings(config)
+    studies = [
+        write_head_ct(small_disk.parent / f"s{i}", slices=8, rows=256, cols=256, seed=80 + i)
+        for i in range(4)
+    ]
+    gateway = Gateway(settings).start()
+    try:
+        assert gateway.api is not None
+        base = f"http://127.0.0.1:{gateway.api.port}"
+        configured = http_json(f"{base}/health")[1]["workers"]["configured"]
+        for study in studies:  # acknowledged while there is space
+            assert storescu(list(study.paths), port=port, calling_ae="STORESCU").returncode == 0
+        filler = small_disk / "filler.bin"
+        filled_at = time.monotonic()
+        _fill(filler)
+        status, health = wait_for(
+            lambda: (r := http_json(f"{base}/health"))[0] == 503 and r, timeout_s=5, what="degraded health"
+        )
+        degraded_s = time.monotonic() - filled_at
+        # The analyses run into the full disk: each is deferred, no worker dies.
+        wait_for(
+            lambda: _metric(http_json(f"{base}/metrics")[1], "gateway_resource_errors_total") >= 2,
+            timeout_s=60,
+            what="analyses deferred by the full disk",
+        )
+        status, health = http_json(f"{base}/health")
+        assert status == 503
+        assert health["workers"] == {"alive": configured, "configured": configured, "restarts": 0}
+        assert any("No space left on device" in reason for reason in health["reasons"]), health["reasons"]
+        assert not [p for p in small_disk.rglob(".*.tmp")], "a temporary file was left behind"
+        filler.unlink()
+        freed_at = time.monotonic()
+        audit = AuditLog(settings.audit_log)
+        wait_for(
+            lambda: (
+                {s.study_uid for s in studies}
+                <= {e["study"] for e in audit.read() if e["event"] == "study_done"}
+            ),
+            timeout_s=90,
+            what="every study to be finished once space returned",
+        )
+        resumed_s = time.monotonic() - freed_at
+        wait_for(lambda: http_json(f"{base}/health")[0] == 200, timeout_s=15, what="health back to ok")
+        for study in studies:
+            assert len(list((settings.results_dir / study.study_uid).glob("SR_*.dcm"))) == 1
+        assert not [p for p in small_disk.rglob(".*.tmp")]
+        print(
+            f"\ndisk full: degraded after {degraded_s:.2f}s, {configured} of {configured} workers alive, "
+            f"{len(studies)} studies finished {resumed_s:.1f}s after space returned"
+        )
+    finally:
+        gateway.stop()
