@@ -65,6 +65,29 @@ def handle_store(
     return STATUS_SUCCESS
 
 
+def abort_malformed_request(event: evt.Event) -> None:
+    """Abort an association at once when a request's command set lacks what its service needs (a C-STORE-RQ
+    without its Affected SOP Instance UID, say). pynetdicom would only log such a request and leave the
+    association open until the network timeout, holding a slot and the sender; DCMTK aborts. The abort goes
+    through the association's own state machine (event 19, "invalid PDU"), as pynetdicom does for a DIMSE
+    message it cannot convert."""
+    message = event.message
+    if not type(message).__name__.endswith("_RQ"):
+        return
+    try:
+        valid = bool(message.message_to_primitive().is_valid_request)
+    except Exception:
+        valid = False
+    if not valid:
+        logger.warning(
+            "malformed %s from %s (AE %s): required command elements missing; association aborted",
+            type(message).__name__.replace("_", "-"),
+            event.assoc.requestor.address,
+            event.assoc.requestor.ae_title,
+        )
+        event.assoc.dul.event_queue.put("Evt19")
+
+
 def log_rejection(event: evt.Event) -> None:
     logger.warning(
         "association from %s (AE %s) rejected", event.assoc.requestor.address, event.assoc.requestor.ae_title
@@ -145,6 +168,7 @@ class StoreSCP:
             (evt.EVT_C_ECHO, handle_echo),
             (evt.EVT_C_STORE, handle_store, [spool, on_stored, on_refused]),
             (evt.EVT_REJECTED, log_rejection),
+            (evt.EVT_DIMSE_RECV, abort_malformed_request),
         ]
         self.server: ThreadedAssociationServer | None = None
 

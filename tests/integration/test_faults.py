@@ -12,12 +12,20 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from pydicom.dataset import Dataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_dataset
 from pydicom.uid import generate_uid
+from pynetdicom import AE
+from pynetdicom.pdu_primitives import P_DATA
+from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 
 from benchmarks.phantoms import Lesion, write_head_ct
 from gateway.audit import AuditLog
 from gateway.engine import Gateway
+from gateway.scp import StoreSCP
 from gateway.settings import load_settings
+from gateway.spool import Spool
 from gateway.triton_server import free_port
 from tests.integration.conftest import Env
 from tests.support.servers import http_json, storescu, wait_for
@@ -147,3 +155,63 @@ def test_disk_filled_mid_run_loses_no_worker_reports_degraded_and_resumes(
         )
     finally:
         gateway.stop()
+
+
+def _send_raw_command(port: int, command: Dataset, *, with_dataset: bool) -> tuple[bool, float]:
+    """Associate, send one hand-built command set (and a tiny data set), and time until the gateway ends it."""
+    ae = AE(ae_title="STORESCU")
+    ae.add_requested_context(CTImageStorage)
+    ae.network_timeout = ae.dimse_timeout = 120
+    assoc = ae.associate("127.0.0.1", port, ae_title="AI_GATEWAY")
+    assert assoc.is_established
+    context = assoc.accepted_contexts[0].context_id
+    encoded = DicomBytesIO()
+    encoded.is_little_endian, encoded.is_implicit_VR = True, True
+    write_dataset(encoded, command)
+    pdus = [(context, b"\x03" + encoded.getvalue())]
+    if with_dataset:
+        pdus.append((context, b"\x02" + b"\x08\x00\x16\x00\x00\x00\x00\x00"))
+    started = time.monotonic()
+    for pdv in pdus:
+        primitive = P_DATA()
+        primitive.presentation_data_value_list = [list(pdv)]
+        assoc.dul.send_pdu(primitive)
+    while assoc.is_alive() and not assoc.is_aborted and time.monotonic() - started < 90:
+        time.sleep(0.02)
+    ended = time.monotonic() - started
+    aborted = assoc.is_aborted
+    assoc.abort()
+    return aborted, ended
+
+
+def test_malformed_c_store_command_is_aborted_at_once(tmp_path: Path) -> None:
+    """A C-STORE-RQ without its Affected SOP Instance UID ends the association at once, not after the network
+    timeout; the receiver keeps serving well-formed senders."""
+    port = free_port()
+    config = tmp_path / "gateway.toml"
+    config.write_text(
+        f'data_dir = "{tmp_path / "data"}"\n[receiver]\nport = {port}\nnetwork_timeout_s = 60\n'
+    )
+    settings = load_settings(config)
+    stored: list[object] = []
+    scp = StoreSCP(
+        settings.receiver, Spool(settings.spool_dir), stored.append, allowed_calling_aes=frozenset()
+    )
+    scp.start()
+    try:
+        command = Dataset()
+        command.CommandGroupLength = 0
+        command.CommandField = 0x0001  # C-STORE-RQ
+        command.AffectedSOPClassUID = CTImageStorage
+        command.MessageID = 1
+        command.Priority = 0
+        command.CommandDataSetType = 0x0000
+        aborted, seconds = _send_raw_command(port, command, with_dataset=True)
+        assert aborted, "the gateway must abort, not release or wait"
+        assert seconds < 5.0, f"association held {seconds:.1f}s (network timeout 60 s)"
+        series = write_head_ct(tmp_path / "ok", slices=2, rows=64, cols=64)
+        assert storescu(list(series.paths), port=port, calling_ae="STORESCU").returncode == 0
+        assert len(stored) == 2
+        print(f"\nmalformed C-STORE-RQ: aborted after {seconds * 1000:.0f} ms")
+    finally:
+        scp.stop()
