@@ -75,7 +75,7 @@ def abort_malformed_request(event: evt.Event) -> None:
     if not type(message).__name__.endswith("_RQ"):
         return
     try:
-        valid = bool(message.message_to_primitive().is_valid_request)
+        valid = bool(getattr(message.message_to_primitive(), "is_valid_request", True))
     except Exception:
         valid = False
     if not valid:
