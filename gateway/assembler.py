@@ -1,8 +1,14 @@
 """Study assembly: group spooled instances by study and series, and declare a study complete once no instance
-has arrived for the quiet period. Thread-safe: association threads add, the engine pops."""
+has arrived for the quiet period. Thread-safe: association threads add, the engine pops.
+
+A study whose last association ended badly (aborted, dropped, or with refused instances) waits for the longer
+``incomplete_guard_s`` instead: the sender is likely to retry, and a partial study analysed early would send a
+partial clinical result. A later association that delivers instances of the study and ends in a normal release
+clears the mark. A study analysed with the mark still set carries it as ``Study.incomplete_reason``."""
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections.abc import Callable
@@ -18,13 +24,21 @@ class _Pending:
     last_received_at: float
     calling_ae: str
     instances: dict[str, InstanceRecord] = field(default_factory=dict)
+    incomplete_reason: str = ""
 
 
 class StudyAssembler:
-    def __init__(self, quiet_period_s: float, *, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        quiet_period_s: float,
+        *,
+        incomplete_guard_s: float | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         if quiet_period_s <= 0:
             raise ValueError(f"quiet_period_s must be > 0, got {quiet_period_s}")
         self.quiet_period_s = quiet_period_s
+        self.incomplete_guard_s = max(quiet_period_s, incomplete_guard_s or quiet_period_s)
         self._clock = clock
         self._lock = threading.Lock()
         self._pending: dict[str, _Pending] = {}
@@ -46,6 +60,14 @@ class StudyAssembler:
             # A re-sent instance replaces the earlier copy (same SOP Instance UID, same spool file).
             pending.instances[record.sop_instance_uid] = record
 
+    def association_ended(self, study_uids: set[str], problem: str) -> None:
+        """An association that stored instances of these studies ended: cleanly (``problem`` empty) or not."""
+        with self._lock:
+            for uid in study_uids:
+                pending = self._pending.get(uid)
+                if pending is not None:
+                    pending.incomplete_reason = problem
+
     def pending_studies(self) -> int:
         with self._lock:
             return len(self._pending)
@@ -54,18 +76,24 @@ class StudyAssembler:
         """Remove and return the studies that have been quiet for at least the quiet period."""
         now = self._clock() if now is None else now
         with self._lock:
-            ready = [uid for uid, p in self._pending.items() if now - p.last_arrival >= self.quiet_period_s]
+            ready = [
+                uid
+                for uid, p in self._pending.items()
+                if now - p.last_arrival
+                >= (self.incomplete_guard_s if p.incomplete_reason else self.quiet_period_s)
+            ]
             popped = [(uid, self._pending.pop(uid)) for uid in ready]
         return [_build_study(uid, pending) for uid, pending in popped]
 
 
 def _build_study(study_uid: str, pending: _Pending) -> Study:
-    return assemble_study(
+    study = assemble_study(
         list(pending.instances.values()),
         calling_ae=pending.calling_ae,
         first_received_at=pending.first_received_at,
         last_received_at=pending.last_received_at,
     )
+    return dataclasses.replace(study, incomplete_reason=pending.incomplete_reason)
 
 
 def assemble_study(

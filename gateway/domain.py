@@ -125,6 +125,7 @@ class Study:
     first_received_at: float
     last_received_at: float
     requested_priority: str = ""
+    incomplete_reason: str = ""  # set when the study's last association was aborted or had refusals
 
     def __post_init__(self) -> None:
         _require_uid("study_instance_uid", self.study_instance_uid)

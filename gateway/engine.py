@@ -91,7 +91,9 @@ class Gateway:
         silence_identifier_warnings()
         self.settings = settings
         self.spool = Spool(settings.spool_dir, min_free_bytes=settings.receiver.min_free_disk_mb * 2**20)
-        self.assembler = StudyAssembler(settings.quiet_period_s)
+        self.assembler = StudyAssembler(
+            settings.quiet_period_s, incomplete_guard_s=settings.incomplete_guard_s
+        )
         self.router = Router(settings.pipelines)
         self.results = ResultStore(settings.results_dir)
         self.notifier = StatNotifier(settings.stat_webhook_url)
@@ -191,6 +193,7 @@ class Gateway:
                 self.on_stored,
                 allowed_calling_aes=self.settings.allowed_calling_aes(),
                 on_refused=lambda status: self.metrics.instances_refused.labels(f"0x{status:04X}").inc(),
+                on_association_end=self.assembler.association_ended,
             )
             self.scp.start()
             if self.settings.http.enabled:
@@ -475,11 +478,14 @@ class Gateway:
     def _route(self, study: Study, queue: JobQueue) -> None:
         if self.spool.processed_instances(study.study_instance_uid):
             # Late instances or a re-send of an analysed study: analyse the whole study again, as it stands now.
-            study = assemble_study(
-                self.spool.study_records(study.study_instance_uid),
-                calling_ae=study.calling_ae,
-                first_received_at=study.first_received_at,
-                last_received_at=study.last_received_at,
+            study = dataclasses.replace(
+                assemble_study(
+                    self.spool.study_records(study.study_instance_uid),
+                    calling_ae=study.calling_ae,
+                    first_received_at=study.first_received_at,
+                    last_received_at=study.last_received_at,
+                ),
+                incomplete_reason=study.incomplete_reason,
             )
         decision = self.router.route(study)
         for skip in decision.skipped:
@@ -681,6 +687,7 @@ class Gateway:
             display_window=pipeline.display_window,
             sources=loaded.headers,
             model_sha256=self.model_hashes.get(pipeline.model, ""),
+            incomplete_reason=study.incomplete_reason,
         )
         reported = reported_findings(analysis)
         result_key = f"{series.series_instance_uid}/{pipeline.name}"
@@ -760,6 +767,7 @@ class Gateway:
             "destination": str(destination) if destination else "",
             "supersedes": [str(ds.SOPInstanceUID) for ds in previous],
             "output_failures": sorted(encoded.failures),
+            "possibly_incomplete": study.incomplete_reason,
             "backend": self.backend.name,
             "decoders": sorted({image.decoder for image in loaded.images}),
             **timing_log_fields(timings),
@@ -853,6 +861,7 @@ class Gateway:
             "instances": study.instance_count,
             "findings": progress.findings,
             "stat": progress.stat,
+            "possibly_incomplete": study.incomplete_reason,
             "results": progress.results,
             "last_instance_to_done_ms": round(total * 1000.0, 1),
             **timing_log_fields(progress.timings),

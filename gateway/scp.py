@@ -33,6 +33,54 @@ def configure_pynetdicom() -> None:
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
 
 
+class AssociationTracker:
+    """Which studies each open association stored, and how the association ended.
+
+    When the connection closes, ``on_end(study_uids, problem)`` is called with ``problem`` empty for a normal
+    release without refusals, else "association aborted" (an A-ABORT or a dropped connection) or "instances
+    refused": the
+    assembler then holds those studies for the incomplete-study guard time.
+    """
+
+    def __init__(self, on_end: Callable[[set[str], str], None]) -> None:
+        self._on_end = on_end
+        self._lock = threading.Lock()
+        self._studies: dict[int, set[str]] = {}
+        self._refused: set[int] = set()
+
+    def stored(self, assoc: Any, study_uid: str) -> None:
+        with self._lock:
+            self._studies.setdefault(id(assoc), set()).add(study_uid)
+
+    def refused(self, assoc: Any) -> None:
+        with self._lock:
+            self._refused.add(id(assoc))
+
+    def closed(self, event: evt.Event) -> None:
+        assoc = event.assoc
+        with self._lock:
+            studies = self._studies.pop(id(assoc), set())
+            refused = id(assoc) in self._refused
+            self._refused.discard(id(assoc))
+        if not studies:
+            return
+        if not assoc.is_released:  # an A-ABORT from either side, or a connection that dropped
+            problem = "association aborted"
+        elif refused:
+            problem = "instances refused"
+        else:
+            problem = ""
+        if problem:
+            logger.warning(
+                "association from %s (AE %s) ended badly (%s): %d study(ies) wait for the incomplete-study guard",
+                assoc.requestor.address,
+                assoc.requestor.ae_title,
+                problem,
+                len(studies),
+            )
+        self._on_end(studies, problem)
+
+
 def handle_echo(event: evt.Event) -> int:
     return STATUS_SUCCESS
 
@@ -42,6 +90,7 @@ def handle_store(
     spool: Spool,
     on_stored: Callable[[InstanceRecord], None],
     on_refused: Callable[[int], None],
+    tracker: AssociationTracker | None = None,
 ) -> int:
     calling_ae = event.assoc.requestor.ae_title.strip()
     try:
@@ -52,12 +101,18 @@ def handle_store(
         status = dimse_status_for(exc)
         logger.warning("C-STORE from %s refused (status 0x%04X): %s", calling_ae, status, exc)
         on_refused(status)
+        if tracker is not None:
+            tracker.refused(event.assoc)
         return status
     except Exception as exc:  # a broken file must never take the receiver down
         status = dimse_status_for(exc)
         logger.exception("C-STORE from %s failed (status 0x%04X): %s", calling_ae, status, type(exc).__name__)
         on_refused(status)
+        if tracker is not None:
+            tracker.refused(event.assoc)
         return status
+    if tracker is not None:
+        tracker.stored(event.assoc, record.study_instance_uid)
     try:
         on_stored(record)
     except Exception:  # durable already: recovery will pick it up
@@ -146,6 +201,7 @@ class StoreSCP:
         *,
         allowed_calling_aes: frozenset[str],
         on_refused: Callable[[int], None] = lambda status: None,
+        on_association_end: Callable[[set[str], str], None] = lambda studies, problem: None,
     ) -> None:
         configure_pynetdicom()
         self.settings = settings
@@ -164,9 +220,11 @@ class StoreSCP:
         else:
             logger.warning("no calling AE allow-list configured: any AE on the network may send studies")
         self.ae = ae
+        self.tracker = AssociationTracker(on_association_end)
         self.handlers: list[Any] = [
             (evt.EVT_C_ECHO, handle_echo),
-            (evt.EVT_C_STORE, handle_store, [spool, on_stored, on_refused]),
+            (evt.EVT_C_STORE, handle_store, [spool, on_stored, on_refused, self.tracker]),
+            (evt.EVT_CONN_CLOSE, self.tracker.closed),
             (evt.EVT_REJECTED, log_rejection),
             (evt.EVT_DIMSE_RECV, abort_malformed_request),
         ]

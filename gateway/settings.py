@@ -240,6 +240,9 @@ class Settings:
     data_dir: Path
     log_level: str = "INFO"
     quiet_period_s: float = 10.0
+    # A study whose last association was aborted or had instances refused waits this long for more instances
+    # before it is analysed (and its results then say the study may be incomplete).
+    incomplete_guard_s: float = 300.0
     workers: int = 2
     # Results (SR, GSPS, SEG) are encoded in this many worker processes, off the interpreter lock that the
     # receiver and the workers share; 0: in the worker threads.
@@ -641,6 +644,7 @@ def load_settings(config_file: Path | None = None, overrides: dict[str, Any] | N
         data_dir=resolve(top.get_str("data_dir")),
         log_level=top.get_str("log_level").upper(),
         quiet_period_s=top.get_float("quiet_period_s"),
+        incomplete_guard_s=top.get_float("incomplete_guard_s", 300.0),
         workers=top.get_int("workers"),
         encode_processes=top.get_int("encode_processes", 2),
         force_cpu=top.get_bool("force_cpu"),
@@ -661,6 +665,10 @@ def load_settings(config_file: Path | None = None, overrides: dict[str, Any] | N
         reader.finish()
     if settings.quiet_period_s <= 0:
         raise ConfigError(f"quiet_period_s must be > 0, got {settings.quiet_period_s}")
+    if settings.incomplete_guard_s < settings.quiet_period_s:
+        raise ConfigError(
+            f"incomplete_guard_s ({settings.incomplete_guard_s}) must be >= quiet_period_s ({settings.quiet_period_s})"
+        )
     if settings.decode_backend not in ("auto", "pydicom", "nvimgcodec"):
         raise ConfigError(
             f"decode_backend must be auto, pydicom or nvimgcodec, got {settings.decode_backend!r}"

@@ -41,6 +41,8 @@ class SeriesAnalysis:
     display_window: tuple[float, float]
     sources: tuple[Dataset, ...]  # headers (no pixel data) of the analysed instances, in slice order
     model_sha256: str = ""  # content hash of the model files (gateway/model_registry.py); "" when unknown
+    # Why the analysed study may be incomplete (its last association was aborted or had refusals); "" when not.
+    incomplete_reason: str = ""
 
     def __post_init__(self) -> None:
         if not self.sources:

@@ -204,11 +204,12 @@ def build_sr(
         sop_instance_uid=analysis.result_uid("sr"),
         instance_number=1,
         manufacturer=MANUFACTURER,
-        is_complete=True,
+        is_complete=not analysis.incomplete_reason,  # PARTIAL: the study it analysed may be incomplete
         is_final=False,  # preliminary until a radiologist reviews it
         is_verified=False,
         previous_versions=list(previous) or None,
     )
-    sr.SeriesDescription = f"AI results: {analysis.pipeline_name} (preliminary)"[:64]
+    caveat = "; study may be incomplete" if analysis.incomplete_reason else ""
+    sr.SeriesDescription = f"AI results: {analysis.pipeline_name} (preliminary{caveat})"[:64]
     sr.SoftwareVersions = SOFTWARE_VERSION
     return sr

@@ -215,3 +215,60 @@ def test_malformed_c_store_command_is_aborted_at_once(tmp_path: Path) -> None:
         print(f"\nmalformed C-STORE-RQ: aborted after {seconds * 1000:.0f} ms")
     finally:
         scp.stop()
+
+
+def _send_then_abort(paths: list[Path], port: int) -> None:
+    """A sender that stores some instances and then aborts the association (a crash, a cancelled send)."""
+    ae = AE(ae_title="STORESCU")
+    ae.add_requested_context(CTImageStorage)
+    assoc = ae.associate("127.0.0.1", port, ae_title="AI_GATEWAY")
+    assert assoc.is_established
+    for path in paths:
+        assert assoc.send_c_store(pydicom.dcmread(path)).Status == 0
+    assoc.abort()
+
+
+def test_aborted_association_holds_the_study_and_its_late_result_says_it_may_be_incomplete(
+    tmp_path: Path, triton: str
+) -> None:
+    port = free_port()
+    config = tmp_path / "gateway.toml"
+    config.write_text(
+        f'data_dir = "{tmp_path / "data"}"\nquiet_period_s = 1.0\nincomplete_guard_s = 10.0\n'
+        f'[receiver]\nport = {port}\n[http]\nport = 0\n[triton]\nurl = "{triton}"\n'
+        '[[pipelines]]\nname = "ct"\nmodel = "ct_head_hyperdensity"\nalgorithm_version = "0.1.0"\n'
+        'modalities = ["CT"]\ninput_size = [256, 256]\n[pipelines.labels]\n0 = "hemorrhage"\n'
+    )
+    settings = load_settings(config)
+    audit = AuditLog(settings.audit_log)
+    resent = write_head_ct(tmp_path / "a", slices=8, rows=256, cols=256, seed=21)
+    abandoned = write_head_ct(tmp_path / "b", slices=8, rows=256, cols=256, seed=22)
+
+    def done(study_uid: str) -> list[dict]:
+        return [e for e in audit.read() if e["event"] == "study_done" and e["study"] == study_uid]
+
+    gateway = Gateway(settings).start()
+    try:
+        aborted_at = time.monotonic()
+        _send_then_abort(list(resent.paths[:4]), port)
+        _send_then_abort(list(abandoned.paths[:4]), port)
+        time.sleep(4.0)  # well past the 1 s quiet period
+        assert not done(resent.study_uid) and not done(abandoned.study_uid), "a partial study was analysed"
+        # The sender retries in a clean association: the study is analysed whole after the normal quiet period.
+        assert storescu(list(resent.paths), port=port, calling_ae="STORESCU").returncode == 0
+        [whole] = wait_for(lambda: done(resent.study_uid), timeout_s=60, what="the re-sent study")
+        assert whole["instances"] == 8 and whole["possibly_incomplete"] == ""
+        [sr] = [pydicom.dcmread(p) for p in (settings.results_dir / resent.study_uid).glob("SR_*.dcm")]
+        assert sr.CompletionFlag == "COMPLETE"
+        # The abandoned study is analysed after the guard time, and says so.
+        [partial] = wait_for(lambda: done(abandoned.study_uid), timeout_s=60, what="the abandoned study")
+        waited = time.monotonic() - aborted_at
+        assert waited >= 10.0
+        assert partial["instances"] == 4 and partial["possibly_incomplete"] == "association aborted"
+        [sr] = [pydicom.dcmread(p) for p in (settings.results_dir / abandoned.study_uid).glob("SR_*.dcm")]
+        assert sr.CompletionFlag == "PARTIAL" and "may be incomplete" in sr.SeriesDescription
+        print(
+            f"\naborted association: partial study held {waited:.1f}s (guard 10 s), re-sent study analysed whole"
+        )
+    finally:
+        gateway.stop()

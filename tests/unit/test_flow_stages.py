@@ -81,6 +81,28 @@ def _record(study: str, series: str, sop: str, **kw: object) -> InstanceRecord:
     return InstanceRecord(**fields)  # type: ignore[arg-type]
 
 
+def test_assembler_holds_a_study_whose_association_ended_badly_until_the_guard_time() -> None:
+    now = [100.0]
+    assembler = StudyAssembler(5.0, incomplete_guard_s=60.0, clock=lambda: now[0])
+    assembler.add(_record("1.2.3", "1.2.3.1", "1.2.3.1.1"))
+    assembler.add(_record("1.2.4", "1.2.4.1", "1.2.4.1.1"))
+    assembler.association_ended({"1.2.3", "1.2.4"}, "association aborted")
+    now[0] = 110.0
+    assert assembler.pop_complete() == [], (
+        "a study whose sender aborted is not analysed after the quiet period"
+    )
+    assembler.add(_record("1.2.4", "1.2.4.1", "1.2.4.1.2"))  # the sender retries study 1.2.4 ...
+    assembler.association_ended({"1.2.4"}, "")  # ... in an association that ends in a normal release
+    now[0] = 115.0
+    [retried] = assembler.pop_complete()
+    assert retried.study_instance_uid == "1.2.4" and retried.incomplete_reason == ""
+    now[0] = 159.9
+    assert assembler.pop_complete() == []
+    now[0] = 160.0
+    [abandoned] = assembler.pop_complete()
+    assert abandoned.study_instance_uid == "1.2.3" and abandoned.incomplete_reason == "association aborted"
+
+
 def test_assembler_waits_for_the_quiet_period() -> None:
     now = [100.0]
     assembler = StudyAssembler(5.0, clock=lambda: now[0])
