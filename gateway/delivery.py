@@ -29,9 +29,11 @@ class ResultStore:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
 
-    def load(self, study_uid: str, sop_uid: str) -> Dataset | None:
+    def load(self, study_uid: str, sop_uid: str, *, header_only: bool = False) -> Dataset | None:
         matches = sorted((self.root / study_uid).glob(f"*_{sop_uid}.dcm"))
-        return pydicom.dcmread(matches[0]) if matches else None
+        if not matches:
+            return None
+        return pydicom.dcmread(matches[0], stop_before_pixels=header_only)
 
     def save(self, study_uid: str, datasets: Sequence[Dataset]) -> list[Path]:
         folder = self.root / study_uid

@@ -84,6 +84,7 @@ class _StudyProgress:
     reports: list[SeriesReport] = field(default_factory=list)
     sr_by_series: dict[str, str] = field(default_factory=dict)  # "<series>/<pipeline>" -> SR SOP Instance UID
     notified: set[str] = field(default_factory=set)  # "<series>/<pipeline>" whose STAT event went out
+    objects_by_series: dict[str, list[str]] = field(default_factory=dict)  # every result UID per key
 
 
 class Gateway:
@@ -700,14 +701,9 @@ class Gateway:
             await self._notify_stat(job, analysis, output, found, timings)
             if progress is not None:
                 progress.notified.add(result_key)
-        previous = []
-        previous_uid = self.spool.previous_result(study.study_instance_uid, result_key)
-        if previous_uid and previous_uid != analysis.result_uid("sr"):
-            old = self.results.load(study.study_instance_uid, previous_uid)
-            if old is not None:
-                previous.append(old)  # late instances or a new model: the new SR supersedes this one
+        previous, withdrawn = self._superseded(study.study_instance_uid, result_key, analysis)
         encoded = await self._timed(
-            timings, "encode", self.encoder.encode, analysis, reported, mask, previous
+            timings, "encode", self.encoder.encode, analysis, reported, mask, previous, withdrawn
         )
         for kind, reason in encoded.failures.items():
             self.metrics.output_failures.labels(kind, pipeline.name).inc()
@@ -766,6 +762,9 @@ class Gateway:
             "results": [str(ds.SOPInstanceUID) for ds in datasets],
             "destination": str(destination) if destination else "",
             "supersedes": [str(ds.SOPInstanceUID) for ds in previous],
+            "withdrawn": [str(ds.SOPInstanceUID) for ds in withdrawn]
+            if encoded.get("KO") is not None
+            else [],
             "output_failures": sorted(encoded.failures),
             "possibly_incomplete": study.incomplete_reason,
             "backend": self.backend.name,
@@ -785,6 +784,9 @@ class Gateway:
             progress.results.extend(fields["results"])  # type: ignore[arg-type]
             if sr is not None:
                 progress.sr_by_series[result_key] = str(sr.SOPInstanceUID)
+            progress.objects_by_series[result_key] = [
+                str(ds.SOPInstanceUID) for ds in datasets if ds.Modality != "KO"
+            ]
             if pipeline.mode is not RolloutMode.SILENT and sr is not None:
                 progress.reports.append(
                     SeriesReport(
@@ -795,6 +797,25 @@ class Gateway:
                 )
             for stage, seconds in timings.items():
                 progress.timings[stage] = progress.timings.get(stage, 0.0) + seconds
+
+    def _superseded(
+        self, study_uid: str, result_key: str, analysis: SeriesAnalysis
+    ) -> tuple[list[Any], list[Any]]:
+        """What an analysis replaces: the earlier SR (a predecessor document of the new one) and the headers of
+        every earlier result object the new analysis does not re-issue (withdrawn by an IOCM rejection note)."""
+        previous_uid = self.spool.previous_result(study_uid, result_key)
+        if not previous_uid or previous_uid == analysis.result_uid("sr"):
+            return [], []  # first analysis, or the same analysis again (a re-send): nothing is replaced
+        old = self.results.load(study_uid, previous_uid)
+        previous = [old] if old is not None else []
+        reissued = {analysis.result_uid(role) for role in ("sr", "gsps", "seg")}
+        withdrawn = []
+        for uid in self.spool.previous_objects(study_uid, result_key):
+            if uid not in reissued:
+                header = self.results.load(study_uid, uid, header_only=True)
+                if header is not None:
+                    withdrawn.append(header)
+        return previous, withdrawn
 
     async def _notify_stat(
         self,
@@ -848,6 +869,7 @@ class Gateway:
                 study_uid,
                 (r.sop_instance_uid for s in study.series for r in s.instances),
                 progress.sr_by_series,
+                progress.objects_by_series,
             )
         except OSError as exc:  # results are stored and queued; only a restart would analyse the study again
             logger.error(

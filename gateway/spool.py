@@ -165,14 +165,21 @@ class Spool:
             return {}
 
     def mark_processed(
-        self, study_uid: str, sop_uids: Iterable[str], results: dict[str, str] | None = None
+        self,
+        study_uid: str,
+        sop_uids: Iterable[str],
+        results: dict[str, str] | None = None,
+        objects: dict[str, list[str]] | None = None,
     ) -> None:
-        """Record that these instances are analysed, and the SR each (series, pipeline) produced."""
+        """Record that these instances are analysed, the SR each (series, pipeline) produced, and every result
+        object it produced (SR, GSPS, SEG), so that a later analysis can withdraw what it replaces."""
         marker = self._marker(study_uid)
         done = set(marker.get("instances", [])) | set(sop_uids)
         known = dict(marker.get("results", {}))
         known.update(results or {})
-        body = {"processed_at": time.time(), "instances": sorted(done), "results": known}
+        made = dict(marker.get("objects", {}))
+        made.update(objects or {})
+        body = {"processed_at": time.time(), "instances": sorted(done), "results": known, "objects": made}
         atomic_write(self.root / study_uid / PROCESSED_MARKER, json.dumps(body).encode())
 
     def processed_instances(self, study_uid: str) -> list[str]:
@@ -182,6 +189,14 @@ class Spool:
         """The SR SOP Instance UID last written for ``key`` ("<series UID>/<pipeline>") in this study."""
         value = self._marker(study_uid).get("results", {}).get(key)
         return str(value) if value else None
+
+    def previous_objects(self, study_uid: str, key: str) -> list[str]:
+        """Every result object UID last written for ``key``; only its SR for studies marked by older versions."""
+        objects = self._marker(study_uid).get("objects", {}).get(key)
+        if objects:
+            return [str(uid) for uid in objects]
+        previous = self.previous_result(study_uid, key)
+        return [previous] if previous else []
 
     def study_records(self, study_uid: str) -> list[InstanceRecord]:
         """Records of every instance of one study in the spool (read back from the file headers)."""

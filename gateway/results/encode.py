@@ -16,7 +16,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
@@ -27,6 +27,7 @@ import numpy as np
 from gateway.results.common import SeriesAnalysis
 from gateway.results.content import ReportedFinding
 from gateway.results.gsps import build_gsps
+from gateway.results.rejection import build_rejection_note
 from gateway.results.seg import build_seg
 from gateway.results.sr import build_sr
 
@@ -45,9 +46,14 @@ class EncodedResults:
 
 
 def encode_results(
-    analysis: SeriesAnalysis, reported: list[ReportedFinding], mask: np.ndarray | None, previous: list[Any]
+    analysis: SeriesAnalysis,
+    reported: list[ReportedFinding],
+    mask: np.ndarray | None,
+    previous: list[Any],
+    withdrawn: Sequence[Any] = (),
 ) -> EncodedResults:
-    """SR always; GSPS when there is something to draw; SEG when the model gave a non-empty mask.
+    """SR always; GSPS when there is something to draw; SEG when the model gave a non-empty mask; an IOCM
+    rejection note (KO) withdrawing ``withdrawn``, the objects of an earlier analysis this one replaces.
 
     Each output is built on its own: one that raises (a highdicom constraint a source header breaks) is
     reported in ``failures`` and never prevents the others, so a SEG problem cannot cost the SR, the GSPS or
@@ -59,6 +65,8 @@ def encode_results(
     ]
     if mask is not None:
         builders.append(("SEG", lambda: build_seg(analysis, mask)))
+    if withdrawn:
+        builders.append(("KO", lambda: build_rejection_note(analysis, withdrawn)))
     datasets: list[Any] = []
     failures: dict[str, str] = {}
     for output, build in builders:
@@ -114,13 +122,14 @@ class ResultEncoder:
         reported: list[ReportedFinding],
         mask: np.ndarray | None,
         previous: list[Any],
+        withdrawn: Sequence[Any] = (),
     ) -> EncodedResults:
         """The result datasets of one series; blocks the calling (worker) thread, not the interpreter."""
         if self.processes <= 0:
-            return encode_results(analysis, reported, mask, previous)
+            return encode_results(analysis, reported, mask, previous, withdrawn)
         pool = self._executor()
         try:
-            return pool.submit(encode_results, analysis, reported, mask, previous).result()
+            return pool.submit(encode_results, analysis, reported, mask, previous, list(withdrawn)).result()
         except BrokenProcessPool as exc:
             logger.error(
                 "result encoder pool broke (%s); replacing it, this series is encoded in-process", exc
@@ -130,7 +139,7 @@ class ResultEncoder:
                     self._pool = None
                     self.restarts += 1
             pool.shutdown(wait=False, cancel_futures=True)
-            return encode_results(analysis, reported, mask, previous)
+            return encode_results(analysis, reported, mask, previous, withdrawn)
 
     def close(self) -> None:
         with self._lock:

@@ -8,6 +8,7 @@ import os
 import subprocess
 import time
 from collections.abc import Iterator
+from io import BytesIO
 from pathlib import Path
 
 import pydicom
@@ -28,7 +29,7 @@ from gateway.settings import load_settings
 from gateway.spool import Spool
 from gateway.triton_server import free_port
 from tests.integration.conftest import Env
-from tests.support.servers import http_json, storescu, wait_for
+from tests.support.servers import dciodvfy_errors, http_json, storescu, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -272,3 +273,51 @@ def test_aborted_association_holds_the_study_and_its_late_result_says_it_may_be_
         )
     finally:
         gateway.stop()
+
+
+def _referenced(ko: pydicom.Dataset) -> set[str]:
+    return {
+        str(item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
+        for item in ko.ContentSequence
+        if "ReferencedSOPSequence" in item
+    }
+
+
+def test_superseded_results_are_withdrawn_by_a_rejection_note(env: Env, tmp_path: Path) -> None:
+    """Late instances give the series a new SR, GSPS and SEG; the old three are withdrawn in the PACS by an IHE
+    IOCM rejection note (Key Object Selection, "Rejected for Quality Reasons") that passes dciodvfy."""
+    lesion = Lesion(x=130.0, y=120.0, slice=5, radius_mm=8.0, hu=70.0)
+    series = write_head_ct(
+        tmp_path / "ct", slices=10, rows=256, cols=256, pixel_mm=1.0, lesions=(lesion,), seed=9
+    )
+    assert storescu(list(series.paths), port=env.gateway.port, calling_ae="STORESCU").returncode == 0
+    env.wait_study_done(series.study_uid)
+    [first] = env.events("series_analysed", series.study_uid)
+    old = set(first["results"])
+    assert len(old) == 3, "SR, GSPS and SEG of the first analysis"
+    late = pydicom.dcmread(series.paths[-1])
+    late.SOPInstanceUID = late.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    late.ImagePositionPatient = [*late.ImagePositionPatient[:2], float(late.ImagePositionPatient[2]) + 5.0]
+    late_path = tmp_path / "late.dcm"
+    late.save_as(late_path)
+    assert storescu([late_path], port=env.gateway.port, calling_ae="STORESCU").returncode == 0
+    wait_for(lambda: len(env.events("study_done", series.study_uid)) == 2, timeout_s=60, what="re-analysis")
+    second = env.events("series_analysed", series.study_uid)[1]
+    assert set(second["withdrawn"]) == old and old.isdisjoint(second["results"])
+    [ko] = env.results(series.study_uid, "KO")
+    assert ko.ConceptNameCodeSequence[0].CodeValue == "113001"
+    assert _referenced(ko) == old
+    [ko_path] = (env.data_dir / "results" / series.study_uid).glob("KO_*.dcm")
+    assert dciodvfy_errors(ko_path) == []
+
+    def rejection_in_pacs() -> list[str]:
+        return [
+            instance
+            for s in env.orthanc.series_of_study(series.study_uid)
+            if s["MainDicomTags"].get("Modality") == "KO"
+            for instance in s["Instances"]
+        ]
+
+    [in_pacs] = wait_for(rejection_in_pacs, timeout_s=60, what="the rejection note in Orthanc")
+    stored = pydicom.dcmread(BytesIO(env.orthanc.get_bytes(f"/instances/{in_pacs}/file")))
+    assert _referenced(stored) == old

@@ -95,6 +95,10 @@ class Orthanc:
         with urllib.request.urlopen(self.url + path, timeout=10) as response:
             return json.loads(response.read())
 
+    def get_bytes(self, path: str) -> bytes:
+        with urllib.request.urlopen(self.url + path, timeout=30) as response:
+            return bytes(response.read())
+
     def post(self, path: str, body: bytes | str, content_type: str = "application/json") -> Any:
         data = body.encode() if isinstance(body, str) else body
         request = urllib.request.Request(
