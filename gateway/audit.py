@@ -6,6 +6,7 @@ names, IDs or birth dates.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -55,7 +56,16 @@ class AuditLog:
             self.last_error = ""
 
     def _write(self, data: bytes) -> None:
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        while True:
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            fcntl.flock(fd, fcntl.LOCK_EX)  # a purge in another process rewrites the file under the same lock
+            try:
+                current = os.stat(self.path).st_ino
+            except FileNotFoundError:
+                current = -1
+            if os.fstat(fd).st_ino == current:
+                break
+            os.close(fd)  # the file was replaced by a purge while we waited: append to the new one
         try:
             size = os.fstat(fd).st_size
             try:
@@ -68,6 +78,40 @@ class AuditLog:
                 raise
         finally:
             os.close(fd)
+
+    def count_before(self, cutoff: float) -> int:
+        """How many events are older than ``cutoff`` (epoch seconds)."""
+        return sum(1 for event in self.read() if float(event.get("time", 0.0)) < cutoff)
+
+    def prune_before(self, cutoff: float) -> int:
+        """Remove the events older than ``cutoff``; returns how many. Safe against concurrent writers (the
+        running gateway and a ``gateway purge`` share the file lock)."""
+        if not self.path.exists():
+            return 0
+        with self._lock:
+            fd = os.open(self.path, os.O_RDWR)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                kept, removed = [], 0
+                with open(fd, "rb", closefd=False) as stream:
+                    for line in stream:
+                        try:
+                            old = float(json.loads(line).get("time", 0.0)) < cutoff
+                        except ValueError:
+                            old = False
+                        if old:
+                            removed += 1
+                        else:
+                            kept.append(line)
+                if removed:
+                    tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+                    tmp.write_bytes(b"".join(kept))
+                    with open(tmp, "rb") as synced:
+                        os.fsync(synced.fileno())
+                    os.replace(tmp, self.path)
+            finally:
+                os.close(fd)
+        return removed
 
     def read(self) -> list[dict[str, Any]]:
         if not self.path.exists():

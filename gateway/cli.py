@@ -30,6 +30,7 @@ examples:
   gateway send study/ --to AI_GATEWAY@127.0.0.1:11112
   gateway echo AI_GATEWAY@127.0.0.1:11112
   gateway resend --config site.toml               # re-queue deliveries from the dead-letter area
+  gateway purge --config site.toml --dry-run      # what retention would remove now
   gateway token --role operator --name ops         # bearer token for the HTTP admin endpoints
 """
 
@@ -142,6 +143,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--job", action="append", metavar="ID", help="job id to re-send (repeatable); default: all"
     )
     resend.add_argument("--list", action="store_true", help="only list the dead-letter jobs")
+
+    purge = sub.add_parser(
+        "purge",
+        help="remove data past its retention time ([retention] settings); --dry-run only lists it",
+        description="Removes dead letters, spooled images, result files and audit lines past their retention "
+        "time, then, while the data disk has less than retention.min_free_disk_mb free, the oldest delivered "
+        "studies. Studies not yet analysed or not yet delivered are never removed. A running gateway purges by "
+        "itself every retention.interval_s; this command is for a stopped gateway or an immediate purge.",
+    )
+    purge.add_argument("--config", type=Path, metavar="FILE", help="settings file")
+    purge.add_argument("--data-dir", type=Path, metavar="DIR", help="the gateway's data directory")
+    purge.add_argument("--dry-run", action="store_true", help="list what would be removed, remove nothing")
+    purge.add_argument("--verbose", action="store_true", help="list every item, not only the totals")
 
     token = sub.add_parser(
         "token",
@@ -286,6 +300,43 @@ def cmd_resend(args: argparse.Namespace) -> int:
     return 0 if not missing else 2
 
 
+def cmd_purge(args: argparse.Namespace) -> int:
+    from gateway import retention
+
+    overrides: dict[str, Any] = {"data_dir": str(args.data_dir.resolve())} if args.data_dir else {}
+    settings = load_settings(args.config, overrides)
+    plan = retention.plan(settings)
+    if args.verbose or args.dry_run:
+        for item in plan.items:
+            print(
+                f"{item.kind:12} {item.name:64} {item.size_bytes / 2**20:9.1f} MiB "
+                f"{item.age_days:7.1f} days  ({item.reason})"
+            )
+    verb = "would remove" if args.dry_run else "removed"
+    totals = plan.totals()
+    if args.dry_run:
+        removed = {kind: count for kind, (count, _) in totals.items()}
+        if plan.audit_lines:
+            removed["audit"] = plan.audit_lines
+    else:
+        removed = retention.execute(settings, plan)
+    labels = {
+        "dead_letter": "dead-letter job(s)",
+        "spool": "spooled study(ies)",
+        "results": "result folder(s)",
+    }
+    for kind in ("dead_letter", "spool", "results"):
+        size = totals.get(kind, (0, 0))[1]
+        print(f"{verb} {removed.get(kind, 0)} {labels[kind]} ({size / 2**20:.1f} MiB)")
+    print(f"{verb} {removed.get('audit', 0)} audit line(s) older than {settings.retention.audit_days:g} days")
+    print(
+        f"kept {plan.kept_unanalysed} study(ies) not yet analysed and {plan.kept_undelivered} not yet delivered; "
+        f"{plan.free_bytes / 2**20:.0f} MiB free"
+        + (f" (target {plan.target_free_bytes / 2**20:.0f} MiB)" if plan.target_free_bytes else "")
+    )
+    return 0
+
+
 def cmd_token(args: argparse.Namespace) -> int:
     import secrets
 
@@ -320,6 +371,7 @@ def main(argv: list[str] | None = None) -> int:
         "send": cmd_send,
         "echo": cmd_echo,
         "resend": cmd_resend,
+        "purge": cmd_purge,
         "token": cmd_token,
         "config": cmd_config,
     }

@@ -27,6 +27,7 @@ import numpy as np
 
 from clients.triton import DetectionOutput, ScoresOutput, TritonClient
 from clients.triton_batcher import CrossStudyBatcher
+from gateway import retention
 from gateway.assembler import StudyAssembler, assemble_study
 from gateway.audit import AuditLog
 from gateway.delivery import ResultStore
@@ -140,6 +141,7 @@ class Gateway:
         self._workers: dict[str, asyncio.Task[None]] = {}
         self._triton_wake: asyncio.Event | None = None
         self.resource_error = ""  # set while a job is deferred by a full disk / no file descriptors / memory
+        self.disk = retention.DiskForecast(settings.data_dir, settings.receiver.min_free_disk_mb * 2**20)
 
     # -- life cycle -------------------------------------------------------------------------------------------
 
@@ -294,6 +296,8 @@ class Gateway:
         if self._workers and alive < configured:
             reasons.append(f"only {alive} of {configured} analysis workers alive")
         dead = len(self.outbox.dead_letters())
+        self.disk.sample()
+        disk = self.disk.report()
         return {
             "status": "degraded" if reasons else "ok",
             "reasons": reasons,
@@ -314,6 +318,7 @@ class Gateway:
                 "restarts": int(self.metrics.worker_restarts._value.get()),
             },
             "children": self._children(),
+            "disk": disk,
         }
 
     def _children(self) -> dict[str, Any]:
@@ -351,6 +356,9 @@ class Gateway:
             m.outbox_pending.labels(destination).set(count)
         m.dead_letters.set(health["dead_letters"])
         m.workers_alive.set(health["workers"]["alive"])
+        hours = health["disk"]["hours_until_watermark"]
+        m.disk_hours_left.set(-1 if hours is None else hours)
+        m.disk_fill_rate.set(health["disk"]["fill_rate_bytes_per_hour"])
         for child, state in health["children"].items():
             m.child_restarts.labels(child).set(state["restarts"])
         m.spool_free_bytes.set(shutil.disk_usage(self.spool.root).free)
@@ -401,6 +409,7 @@ class Gateway:
             tasks = [
                 asyncio.create_task(self._assemble(queue), name="assembler"),
                 asyncio.create_task(self._watch_triton(client), name="triton-watch"),
+                asyncio.create_task(self._purge_periodically(), name="retention"),
             ]
             for i in range(self.settings.workers):
                 self._spawn_worker(f"worker-{i}", queue, client, stat_only=False)
@@ -413,6 +422,22 @@ class Gateway:
             await asyncio.gather(*tasks, *workers, return_exceptions=True)
         finally:
             await client.close()
+
+    async def _purge_periodically(self) -> None:
+        """Apply the retention rules every ``retention.interval_s`` (never what is not analysed or delivered)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self.settings.retention.interval_s)
+            try:
+                plan = await loop.run_in_executor(self.executor, retention.plan, self.settings)
+                removed = await loop.run_in_executor(self.executor, retention.execute, self.settings, plan)
+            except Exception as exc:  # a purge that fails is retried at the next interval
+                logger.error("retention purge failed: %s: %s", type(exc).__name__, exc)
+                continue
+            for kind, count in removed.items():
+                self.metrics.purged.labels(kind).inc(count)
+            if removed:
+                self.audit.record("purge", removed=removed, freed_bytes=sum(i.size_bytes for i in plan.items))
 
     async def _check_models(self, client: TritonClient) -> None:
         local = self.triton_server is not None

@@ -43,6 +43,17 @@ class Metrics:
             "gateway_worker_restarts", "Analysis workers that died and were replaced", registry=r
         )
         self.workers_alive = Gauge("gateway_workers_alive", "Analysis workers running", registry=r)
+        self.purged = Counter("gateway_purged", "Items removed by retention", ["kind"], registry=r)
+        self.disk_hours_left = Gauge(
+            "gateway_disk_hours_until_watermark",
+            "Hours until the data disk reaches the receiver watermark at the last hour's rate (-1: not filling)",
+            registry=r,
+        )
+        self.disk_fill_rate = Gauge(
+            "gateway_disk_fill_rate_bytes_per_hour",
+            "Rate the data disk filled at over the last hour",
+            registry=r,
+        )
         self.child_restarts = Gauge(
             "gateway_child_restarts", "Restarts of supervised child processes", ["child"], registry=r
         )

@@ -99,6 +99,22 @@ class DeliverySettings:
 
 
 @dataclass(frozen=True, kw_only=True)
+class RetentionSettings:
+    """How long what the gateway keeps is kept (days; 0 keeps it for ever), and the free space a purge frees.
+
+    Work that is not yet analysed or not yet delivered is never purged, whatever its age."""
+
+    spool_days: float = 30.0
+    results_days: float = 90.0
+    audit_days: float = 365.0
+    dead_letter_days: float = 30.0
+    # When free space on the data disk is below this, delivered studies are purged oldest first, before their
+    # age, until it is reached again (0: by age only).
+    min_free_disk_mb: int = 0
+    interval_s: float = 3600.0  # how often the running gateway purges
+
+
+@dataclass(frozen=True, kw_only=True)
 class SchedulingSettings:
     """Who gets the next inference slot: STAT before URGENT before ROUTINE; within a class, a weighted fair
     share per sending PACS (calling AE); a waiting job moves up one class (never to STAT) once it has waited
@@ -262,6 +278,7 @@ class Settings:
     hl7: Hl7Settings = field(default_factory=Hl7Settings)
     http: HttpSettings = field(default_factory=HttpSettings)
     scheduling: SchedulingSettings = field(default_factory=SchedulingSettings)
+    retention: RetentionSettings = field(default_factory=RetentionSettings)
     peers: tuple[Peer, ...] = ()
     pipelines: tuple[PipelineSettings, ...] = ()
 
@@ -523,7 +540,19 @@ def load_settings(config_file: Path | None = None, overrides: dict[str, Any] | N
     hr = _Reader(_table(raw, "hl7"), "hl7.")
     htr = _Reader(_table(raw, "http"), "http.")
     sch = _Reader(_table(raw, "scheduling"), "scheduling.")
-    for key in ("receiver", "triton", "delivery", "fhir", "hl7", "http", "scheduling", "peers", "pipelines"):
+    ret = _Reader(_table(raw, "retention"), "retention.")
+    for key in (
+        "receiver",
+        "triton",
+        "delivery",
+        "fhir",
+        "hl7",
+        "http",
+        "scheduling",
+        "retention",
+        "peers",
+        "pipelines",
+    ):
         top.used.add(key)
 
     def resolve(path_text: str) -> Path:
@@ -583,6 +612,21 @@ def load_settings(config_file: Path | None = None, overrides: dict[str, Any] | N
     )
     if delivery.max_attempts < 1:
         raise ConfigError("delivery.max_attempts must be >= 1")
+    retention = RetentionSettings(
+        spool_days=ret.get_float("spool_days", 30.0),
+        results_days=ret.get_float("results_days", 90.0),
+        audit_days=ret.get_float("audit_days", 365.0),
+        dead_letter_days=ret.get_float("dead_letter_days", 30.0),
+        min_free_disk_mb=ret.get_int("min_free_disk_mb", 0),
+        interval_s=ret.get_float("interval_s", 3600.0),
+    )
+    for key in ("spool_days", "results_days", "audit_days", "dead_letter_days", "min_free_disk_mb"):
+        if getattr(retention, key) < 0:
+            raise ConfigError(
+                f"retention.{key} must be >= 0 (0 keeps for ever), got {getattr(retention, key)}"
+            )
+    if retention.interval_s <= 0:
+        raise ConfigError(f"retention.interval_s must be > 0, got {retention.interval_s}")
     tokens = []
     for i, t in enumerate(_table(raw, "http").get("tokens", [])):
         tr = _Reader(t, f"http.tokens[{i}].")
@@ -658,10 +702,11 @@ def load_settings(config_file: Path | None = None, overrides: dict[str, Any] | N
         hl7=hl7,
         http=http,
         scheduling=scheduling,
+        retention=retention,
         peers=tuple(peers),
         pipelines=pipelines,
     )
-    for reader in (top, recv, tri, dlv, fr, hr, htr, sch):
+    for reader in (top, recv, tri, dlv, fr, hr, htr, sch, ret):
         reader.finish()
     if settings.quiet_period_s <= 0:
         raise ConfigError(f"quiet_period_s must be > 0, got {settings.quiet_period_s}")
