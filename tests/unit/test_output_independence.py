@@ -73,3 +73,42 @@ def test_one_failing_output_leaves_the_others(
     assert result.failures == {expected: "ValueError: Plane positions must not contain duplicates."}
     made = {"SR": "SR", "PR": "GSPS", "SEG": "SEG"}
     assert sorted(made[ds.Modality] for ds in result.datasets) == sorted({"SR", "GSPS", "SEG"} - {expected})
+
+
+@pytest.mark.parametrize("broken", ["build_bundle", "build_oru"])
+def test_a_report_that_cannot_be_built_leaves_the_others(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, broken: str
+) -> None:
+    from gateway import reporting
+    from gateway.audit import AuditLog
+    from gateway.results.content import SeriesReport
+    from gateway.settings import load_settings
+
+    loaded = load_series(write_head_ct(tmp_path / "ct", slices=3, rows=64, cols=64).paths)
+    analysis = make_analysis(loaded, (make_finding(loaded, 1, 0.95),), stat=True)
+    report = SeriesReport(
+        analysis=analysis, findings=tuple(reported_findings(analysis)), sr_sop_instance_uid="1.2.3"
+    )
+
+    def fail(*args: object, **kwargs: object) -> None:
+        raise ValueError("cannot build")
+
+    monkeypatch.setattr(reporting, broken, fail)
+    config = tmp_path / "gateway.toml"
+    config.write_text(f'data_dir = "{tmp_path / "data"}"\n')
+    audit = AuditLog(tmp_path / "audit.jsonl")
+    dispatcher = reporting.ReportDispatcher(load_settings(config), audit)
+    try:
+        folder = tmp_path / "out"
+        folder.mkdir()
+        written = dispatcher.dispatch(folder, [report], stat=True)
+    finally:
+        dispatcher.close()
+    kinds = sorted(
+        p.name.split("_")[0] + ("_" + p.name.split("_")[1] if p.name.startswith("HL7") else "")
+        for p in written
+    )
+    expected = {"build_bundle": ["HL7_OMI", "HL7_ORU"], "build_oru": ["FHIR", "HL7_OMI"]}[broken]
+    assert kinds == expected
+    [failure] = [e for e in audit.read() if e["event"] == "report_failed"]
+    assert failure["message"] == {"build_bundle": "FHIR", "build_oru": "ORU"}[broken]
