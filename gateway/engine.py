@@ -51,6 +51,7 @@ from gateway.reporting import ReportDispatcher
 from gateway.results.common import SeriesAnalysis
 from gateway.results.content import SeriesReport, reported_findings
 from gateway.results.encode import ResultEncoder
+from gateway.results.hygiene import clean_headers
 from gateway.routing import InferenceJob, Router, study_priority
 from gateway.scheduler import JobQueue
 from gateway.scp import StoreSCP, check_port_free
@@ -86,6 +87,7 @@ class _StudyProgress:
     sr_by_series: dict[str, str] = field(default_factory=dict)  # "<series>/<pipeline>" -> SR SOP Instance UID
     notified: set[str] = field(default_factory=set)  # "<series>/<pipeline>" whose STAT event went out
     objects_by_series: dict[str, list[str]] = field(default_factory=dict)  # every result UID per key
+    repairs: set[tuple[str, str]] = field(default_factory=set)  # header hygiene: (attribute, action)
 
 
 class Gateway:
@@ -699,6 +701,7 @@ class Gateway:
                     study.study_instance_uid,
                     raised,
                 )
+        sources, repairs = clean_headers(loaded.headers)  # every copied attribute passes its VR
         analysis = SeriesAnalysis(
             pipeline_name=pipeline.name,
             algorithm_name=pipeline.algorithm_name,
@@ -711,7 +714,7 @@ class Gateway:
             stat_threshold=pipeline.stat_threshold,
             report_threshold=pipeline.report_threshold,
             display_window=pipeline.display_window,
-            sources=loaded.headers,
+            sources=sources,
             model_sha256=self.model_hashes.get(pipeline.model, ""),
             incomplete_reason=study.incomplete_reason,
         )
@@ -720,6 +723,7 @@ class Gateway:
         progress = self._progress.get(study.study_instance_uid)
         if progress is not None:
             progress.stat = progress.stat or stat
+            progress.repairs |= repairs.actions
         if stat and (progress is None or result_key not in progress.notified):
             # The STAT decision is the analysis's, not the encoders': it is notified before any result object is
             # built, so no encoding or storage failure can hold back or cancel it.
@@ -792,6 +796,7 @@ class Gateway:
             else [],
             "output_failures": sorted(encoded.failures),
             "possibly_incomplete": study.incomplete_reason,
+            "header_repairs": repairs.as_list(),
             "backend": self.backend.name,
             "decoders": sorted({image.decoder for image in loaded.images}),
             **timing_log_fields(timings),
@@ -900,6 +905,14 @@ class Gateway:
             logger.error(
                 "study %s: processed marker not written (%s); a restart re-analyses it", study_uid, exc
             )
+        if progress.repairs:
+            logger.warning(
+                "study %s: header values that break their VR were repaired or dropped: %s",
+                study_uid,
+                ", ".join(f"{keyword} {action}" for keyword, action in sorted(progress.repairs)),
+            )
+            for keyword, action in progress.repairs:
+                self.metrics.header_repairs.labels(keyword, action).inc()
         total = time.time() - study.last_received_at
         fields = {
             "study": study_uid,

@@ -39,6 +39,12 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.header_repairs = Counter(
+            "gateway_header_repairs",
+            "Studies in which a copied header attribute broke its VR and was repaired or dropped",
+            ["attribute", "action"],
+            registry=r,
+        )
         self.worker_restarts = Counter(
             "gateway_worker_restarts", "Analysis workers that died and were replaced", registry=r
         )

@@ -28,6 +28,56 @@ from gateway.results.common import MANUFACTURER, SOFTWARE_VERSION, SeriesAnalysi
 from gateway.results.content import rectangle
 
 GSPS_SERIES_NUMBER = 9902
+# Defined terms of BodyPartExamined (PS3.16 CID 4031 / Annex L) that name no paired structure: Laterality is not
+# required for them. Every other value - paired, unknown or non-standard - gets an empty Laterality.
+UNPAIRED_BODY_PARTS = frozenset(
+    {
+        "HEAD",
+        "SKULL",
+        "BRAIN",
+        "FACE",
+        "NECK",
+        "HEADNECK",
+        "CHEST",
+        "THORAX",
+        "HEART",
+        "MEDIASTINUM",
+        "ABDOMEN",
+        "PELVIS",
+        "ABDOMENPELVIS",
+        "CHESTABDOMEN",
+        "CHESTABDPELVIS",
+        "NECKCHEST",
+        "NECKCHESTABDOMEN",
+        "NECKCHESTABDPELV",
+        "HEADNECKCHEST",
+        "WHOLEBODY",
+        "SPINE",
+        "CSPINE",
+        "TSPINE",
+        "LSPINE",
+        "SSPINE",
+        "COCCYX",
+        "SACRUM",
+        "AORTA",
+        "LIVER",
+        "PANCREAS",
+        "SPLEEN",
+        "STOMACH",
+        "BLADDER",
+        "PROSTATE",
+        "UTERUS",
+        "ESOPHAGUS",
+        "TRACHEA",
+        "LARYNX",
+        "PHARYNX",
+        "RECTUM",
+        "COLON",
+        "DUODENUM",
+        "SMALLINTESTINE",
+        "ZYGOMA",
+    }
+)
 LAYER_NAME = "AI_FINDINGS"
 
 
@@ -149,5 +199,11 @@ def _copy_from_source(gsps: Dataset, source: Dataset) -> None:
     for keyword in ("BodyPartExamined", "Laterality", "AccessionNumber", "ReferringPhysicianName", "StudyID"):
         if keyword in source and keyword not in gsps:
             setattr(gsps, keyword, source.data_element(keyword).value)  # type: ignore[union-attr]
-    if "Laterality" not in gsps and "BodyPartExamined" not in gsps:
-        gsps.Laterality = ""  # Type 2C with the body part unknown: present and empty
+    if "Laterality" not in gsps:
+        laterality = str(source.get("ImageLaterality", "") or "").strip().upper()
+        if laterality in ("R", "L"):
+            gsps.Laterality = laterality  # the image's own laterality, as the series' (Laterality is R or L)
+        elif str(gsps.get("BodyPartExamined", "") or "").strip().upper() not in UNPAIRED_BODY_PARTS:
+            # General Series Laterality is Type 2C, required for a paired structure: for a paired, non-standard
+            # (PARTIALBODY, a protocol name), lower-case or absent body part it is present and empty (unknown).
+            gsps.Laterality = ""
