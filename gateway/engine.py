@@ -45,13 +45,14 @@ from gateway.interpret import interpret, interpret_scores
 from gateway.logs import silence_identifier_warnings
 from gateway.metrics import Metrics
 from gateway.model_registry import ModelRegistry, local_model_version, model_fingerprint
-from gateway.notify import StatEvent, StatNotifier
+from gateway.notify import FailureEvent, StatEvent, StatNotifier
 from gateway.outbox import Outbox
 from gateway.reporting import ReportDispatcher
 from gateway.results.common import SeriesAnalysis
 from gateway.results.content import SeriesReport, reported_findings
 from gateway.results.encode import ResultEncoder
 from gateway.results.hygiene import clean_headers
+from gateway.results.sr import build_sr
 from gateway.routing import InferenceJob, Router, study_priority
 from gateway.scheduler import JobQueue
 from gateway.scp import StoreSCP, check_port_free
@@ -64,7 +65,7 @@ from preprocessing.dali_pipeline import DaliPreprocessor
 from preprocessing.dali_pipeline import available as dali_available
 from preprocessing.decode import decoder_availability
 from preprocessing.normalize import to_model_layout
-from preprocessing.series import LoadedSeries, load_series, model_input
+from preprocessing.series import LoadedSeries, load_series, model_input, read_headers
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -88,6 +89,8 @@ class _StudyProgress:
     notified: set[str] = field(default_factory=set)  # "<series>/<pipeline>" whose STAT event went out
     objects_by_series: dict[str, list[str]] = field(default_factory=dict)  # every result UID per key
     repairs: set[tuple[str, str]] = field(default_factory=set)  # header hygiene: (attribute, action)
+    failed: int = 0  # routed series that could not be analysed (each got a failure SR where possible)
+    skipped: int = 0  # series no pipeline applies to
 
 
 class Gateway:
@@ -101,6 +104,7 @@ class Gateway:
         self.router = Router(settings.pipelines)
         self.results = ResultStore(settings.results_dir)
         self.notifier = StatNotifier(settings.stat_webhook_url)
+        self.failure_alerts = StatNotifier(settings.failure_webhook_url, setting="failure_webhook_url")
         self.audit = AuditLog(settings.audit_log)
         self.outbox = Outbox(
             settings.outbox_dir,
@@ -527,7 +531,12 @@ class Gateway:
                 series=skip.series_instance_uid,
                 reason=skip.reason,
             )
-        progress = _StudyProgress(study=study, completed_at=time.time(), outstanding=len(decision.jobs))
+        progress = _StudyProgress(
+            study=study,
+            completed_at=time.time(),
+            outstanding=len(decision.jobs),
+            skipped=len(decision.skipped),
+        )
         progress.timings["receive"] = study.last_received_at - study.first_received_at
         progress.timings["wait_complete"] = progress.completed_at - study.last_received_at
         self._progress[study.study_instance_uid] = progress
@@ -587,7 +596,7 @@ class Gateway:
             logger.warning(
                 "series %s not analysed by %s: %s", job.series.series_instance_uid, job.pipeline.name, exc
             )
-            self._fail(job, str(exc))
+            await self._fail(job, str(exc), type(exc).__name__)
         except Exception as exc:
             resource = as_resource_error(exc)
             if resource is not None:
@@ -596,7 +605,7 @@ class Gateway:
             logger.exception(
                 "series %s: unexpected error in %s", job.series.series_instance_uid, job.pipeline.name
             )
-            self._fail(job, f"{type(exc).__name__}: {exc}")
+            await self._fail(job, f"{type(exc).__name__}: {exc}", type(exc).__name__)
 
     def _defer(self, job: InferenceJob, queue: JobQueue, exc: ResourceExhausted) -> None:
         """A resource ran out (results disk full, no file descriptors, memory): run the job again later."""
@@ -614,19 +623,97 @@ class Gateway:
         retry = dataclasses.replace(job, attempts=job.attempts + 1)
         asyncio.get_running_loop().call_later(delay, queue.put, retry)
 
-    def _fail(self, job: InferenceJob, reason: str) -> None:
-        self.metrics.series_failed.labels(job.pipeline.name).inc()
+    async def _fail(self, job: InferenceJob, reason: str, kind: str) -> None:
+        """A routed series that could not be analysed: counted, audited, alerted, and answered with a failure SR
+        at the destination - "the AI failed" must never read as "the AI found nothing"."""
+        study, series, pipeline = job.study, job.series, job.pipeline
+        self.metrics.series_failed.labels(pipeline.name).inc()
+        self.metrics.analysis_failures.labels(pipeline.name, kind).inc()
+        progress = self._progress.get(study.study_instance_uid)
+        if progress is not None:
+            progress.failed += 1
+        sr_uid = ""
+        try:
+            sr_uid = await self._publish_failure(job, reason, progress)
+        except Exception as exc:  # the failure path itself must never take the worker down
+            logger.error(
+                "series %s: failure result could not be built or stored: %s: %s",
+                series.series_instance_uid,
+                type(exc).__name__,
+                exc,
+            )
         self.audit.record(
             "series_failed",
-            study=job.study.study_instance_uid,
-            series=job.series.series_instance_uid,
-            pipeline=job.pipeline.name,
+            study=study.study_instance_uid,
+            series=series.series_instance_uid,
+            pipeline=pipeline.name,
+            reason_kind=kind,
             reason=reason,
+            results=[sr_uid] if sr_uid else [],
+        )
+        event = FailureEvent(
+            study_instance_uid=study.study_instance_uid,
+            series_instance_uid=series.series_instance_uid,
+            pipeline=pipeline.name,
+            reason_kind=kind,
+            reason=reason[:500],
+            sr_sop_instance_uid=sr_uid,
+            calling_ae=study.calling_ae,
+            created_at=time.time(),
         )
         try:
+            await asyncio.get_running_loop().run_in_executor(self.executor, self.failure_alerts.emit, event)
+        except Exception as exc:
+            logger.error("failure alert not delivered: %s", exc)
+        try:
             self._job_done(job)
-        except Exception:  # the failure path itself must never take the worker down
-            logger.exception("study %s could not be completed after a failure", job.study.study_instance_uid)
+        except Exception:
+            logger.exception("study %s could not be completed after a failure", study.study_instance_uid)
+
+    async def _publish_failure(self, job: InferenceJob, reason: str, progress: _StudyProgress | None) -> str:
+        """Build, store and send the failure SR of one series; returns its SOP Instance UID ("" if none)."""
+        study, series, pipeline = job.study, job.series, job.pipeline
+        loop = asyncio.get_running_loop()
+        headers = await loop.run_in_executor(
+            self.executor, read_headers, [r.path for r in series.instances if r.has_pixel_data]
+        )
+        if not headers:
+            logger.error(
+                "series %s: no readable header, no failure SR can be built", series.series_instance_uid
+            )
+            return ""
+        sources, _ = clean_headers(headers)
+        analysis = SeriesAnalysis(
+            pipeline_name=pipeline.name,
+            algorithm_name=pipeline.algorithm_name,
+            algorithm_version=pipeline.algorithm_version,
+            model_name=pipeline.model,
+            model_version="",  # no model answer was used
+            findings=(),
+            study_score=0.0,
+            stat=False,
+            stat_threshold=pipeline.stat_threshold,
+            report_threshold=pipeline.report_threshold,
+            display_window=pipeline.display_window,
+            sources=sources,
+            model_sha256=self.model_hashes.get(pipeline.model, ""),
+            incomplete_reason=study.incomplete_reason,
+        )
+        result_key = f"{series.series_instance_uid}/{pipeline.name}"
+        previous, _ = self._superseded(study.study_instance_uid, result_key, analysis)
+        sr = await loop.run_in_executor(
+            self.executor, lambda: build_sr(analysis, findings=[], previous=previous, failure=reason)
+        )
+        paths = await loop.run_in_executor(self.executor, self.results.save, study.study_instance_uid, [sr])
+        if pipeline.mode is not RolloutMode.SILENT:
+            destination = self.settings.destination_for(study.calling_ae)
+            if destination is not None:
+                self.outbox.enqueue(destination, study.study_instance_uid, paths, priority=job.priority.name)
+        if progress is not None:
+            progress.sr_by_series[result_key] = str(sr.SOPInstanceUID)
+            progress.objects_by_series[result_key] = [str(sr.SOPInstanceUID)]
+            progress.results.append(str(sr.SOPInstanceUID))
+        return str(sr.SOPInstanceUID)
 
     async def _timed(self, timings: dict[str, float], stage: str, fn: Callable[..., T], *args: Any) -> T:
         started = time.perf_counter()
@@ -921,6 +1008,8 @@ class Gateway:
             "instances": study.instance_count,
             "findings": progress.findings,
             "stat": progress.stat,
+            "failed": progress.failed,
+            "skipped": progress.skipped,
             "possibly_incomplete": study.incomplete_reason,
             "results": progress.results,
             "last_instance_to_done_ms": round(total * 1000.0, 1),

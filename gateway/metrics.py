@@ -21,6 +21,12 @@ class Metrics:
         self.series_failed = Counter(
             "gateway_series_failed", "Series that could not be analysed", ["pipeline"], registry=r
         )
+        self.analysis_failures = Counter(
+            "gateway_analysis_failures",
+            "Routed series that could not be analysed (a failure SR went out), by pipeline and reason",
+            ["pipeline", "reason"],
+            registry=r,
+        )
         self.series_skipped = Counter("gateway_series_skipped", "Series no pipeline applies to", registry=r)
         self.findings = Counter("gateway_findings", "Findings reported", ["pipeline"], registry=r)
         self.stat_studies = Counter("gateway_stat_series", "Series flagged STAT", ["pipeline"], registry=r)

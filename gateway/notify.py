@@ -38,16 +38,44 @@ class StatEvent:
         return json.dumps(asdict(self), sort_keys=True)
 
 
+@dataclass(frozen=True, kw_only=True)
+class FailureEvent:
+    """A routed series that could not be analysed: the destination gets a failure SR, operators this alert."""
+
+    study_instance_uid: str
+    series_instance_uid: str
+    pipeline: str
+    reason_kind: str  # the error class: DecodeError, InferenceError, ...
+    reason: str
+    sr_sop_instance_uid: str
+    calling_ae: str
+    event: str = "analysis_failed"
+    created_at: float = 0.0
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+
 class StatNotifier:
-    def __init__(self, webhook_url: str = "", *, attempts: int = 3, timeout_s: float = 5.0) -> None:
+    def __init__(
+        self,
+        webhook_url: str = "",
+        *,
+        attempts: int = 3,
+        timeout_s: float = 5.0,
+        setting: str = "stat_webhook_url",
+    ) -> None:
         if webhook_url and not webhook_url.startswith(("http://", "https://")):
-            raise ValueError(f"stat_webhook_url must be an http(s) URL, got {webhook_url!r}")
+            raise ValueError(f"{setting} must be an http(s) URL, got {webhook_url!r}")
         self.webhook_url = webhook_url
         self.attempts = attempts
         self.timeout_s = timeout_s
 
-    def emit(self, event: StatEvent) -> None:
-        logger.warning("STAT %s", event.to_json())
+    def emit(self, event: StatEvent | FailureEvent) -> None:
+        if isinstance(event, StatEvent):
+            logger.warning("STAT %s", event.to_json())
+        else:
+            logger.error("analysis failed %s", event.to_json())
         if not self.webhook_url:
             return
         body = event.to_json().encode()
@@ -65,4 +93,4 @@ class StatNotifier:
                 last = str(exc)
             if attempt < self.attempts:
                 time.sleep(0.5 * 2 ** (attempt - 1))
-        raise DeliveryError(f"STAT webhook {self.webhook_url} failed after {self.attempts} tries: {last}")
+        raise DeliveryError(f"webhook {self.webhook_url} failed after {self.attempts} tries: {last}")

@@ -271,6 +271,8 @@ class Settings:
     # otherwise) | pydicom | nvimgcodec (also on the CPU). pydicom takes over any frame nvImageCodec fails on.
     decode_backend: str = "auto"
     stat_webhook_url: str = ""
+    # Optional URL that receives a JSON POST for every routed series that could not be analysed.
+    failure_webhook_url: str = ""
     receiver: ReceiverSettings = field(default_factory=ReceiverSettings)
     triton: TritonSettings = field(default_factory=TritonSettings)
     delivery: DeliverySettings = field(default_factory=DeliverySettings)
@@ -695,6 +697,7 @@ def load_settings(config_file: Path | None = None, overrides: dict[str, Any] | N
         preprocess_backend=top.get_str("preprocess_backend", "auto"),
         decode_backend=top.get_str("decode_backend", "auto"),
         stat_webhook_url=top.get_str("stat_webhook_url"),
+        failure_webhook_url=top.get_str("failure_webhook_url", ""),
         receiver=receiver,
         triton=triton,
         delivery=delivery,

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+import pydicom
 from pydicom.dataset import Dataset
 
 from gateway.errors import DecodeError
@@ -109,6 +110,31 @@ def load_series(paths: Sequence[Path], decoder: NvImageDecoder | None = None) ->
         order=order,
         skipped=tuple(skipped),
     )
+
+
+def read_headers(paths: Sequence[Path]) -> tuple[Dataset, ...]:
+    """The headers (no pixel data) of the instances that can be parsed, for a result about a series that could
+    not be analysed; in InstanceNumber order, with the Type 2 attributes results copy present."""
+    headers = []
+    for path in paths:
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+        except Exception:  # unreadable files are reported by the analysis that failed
+            continue
+        for keyword in TYPE2_RESULT_ATTRIBUTES:
+            if keyword not in ds:
+                setattr(ds, keyword, "")
+        if "SpecificCharacterSet" in ds and not ds.SpecificCharacterSet:
+            del ds.SpecificCharacterSet
+        headers.append(ds)
+
+    def number(ds: Dataset) -> int:
+        try:
+            return int(ds.get("InstanceNumber") or 0)
+        except (TypeError, ValueError):
+            return 0
+
+    return tuple(sorted(headers, key=number))
 
 
 def model_input(

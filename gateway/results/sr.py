@@ -33,8 +33,10 @@ from highdicom.sr import (
     QualitativeEvaluation,
     SourceImageForMeasurement,
     SourceImageForRegion,
+    TextContentItem,
     TrackingIdentifier,
 )
+from highdicom.sr.enum import RelationshipTypeValues
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
@@ -151,13 +153,19 @@ def build_sr(
     *,
     findings: list[ReportedFinding] | None = None,
     previous: Sequence[Dataset] = (),
+    failure: str = "",
 ) -> Comprehensive3DSR:
     """The SR for one analysed series. ``findings`` defaults to ``reported_findings(analysis)``.
 
     ``previous`` lists earlier SRs of the same series and pipeline that this one supersedes (late instances,
     a new model version): they are referenced as predecessor documents.
+
+    ``failure``: the series was routed to the pipeline but could not be analysed, for this reason (no patient
+    data in it). The SR then says so - CAD Processing and Findings Summary "No algorithms succeeded; without
+    findings" (111245, DCM), the reason as a comment, no score and no findings - so that nobody downstream reads
+    "the AI failed" as "the AI found nothing".
     """
-    findings = reported_findings(analysis) if findings is None else findings
+    findings = [] if failure else reported_findings(analysis) if findings is None else findings
     observer = ObserverContext(
         observer_type=codes.DCM.Device,
         observer_identifying_attributes=DeviceObserverIdentifyingAttributes(
@@ -168,26 +176,38 @@ def build_sr(
         ),
     )
     algorithm = _algorithm(analysis)
-    summary = gw.ALL_SUCCEEDED_WITH_FINDINGS if findings else gw.ALL_SUCCEEDED_WITHOUT_FINDINGS
-    groups: list[object] = [
-        MeasurementsAndQualitativeEvaluations(
-            tracking_identifier=TrackingIdentifier(uid=generate_uid(), identifier="AI study assessment"),
-            finding_type=gw.AI_STUDY_ASSESSMENT,
-            algorithm_id=algorithm,
-            measurements=[
-                Measurement(
-                    name=gw.AI_TRIAGE_SCORE,
-                    value=round(float(analysis.study_score), 4),
-                    unit=gw.NO_UNITS,
-                    algorithm_id=algorithm,
-                )
-            ],
-            qualitative_evaluations=[
-                QualitativeEvaluation(name=gw.CAD_SUMMARY, value=summary),
-                QualitativeEvaluation(name=gw.STAT_FLAG, value=gw.YES if analysis.stat else gw.NO),
-            ],
+    if failure:
+        summary = gw.NO_ALGORITHMS_SUCCEEDED
+    else:
+        summary = gw.ALL_SUCCEEDED_WITH_FINDINGS if findings else gw.ALL_SUCCEEDED_WITHOUT_FINDINGS
+    assessment = MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=TrackingIdentifier(uid=generate_uid(), identifier="AI study assessment"),
+        finding_type=gw.AI_STUDY_ASSESSMENT,
+        algorithm_id=algorithm,
+        measurements=None
+        if failure
+        else [
+            Measurement(
+                name=gw.AI_TRIAGE_SCORE,
+                value=round(float(analysis.study_score), 4),
+                unit=gw.NO_UNITS,
+                algorithm_id=algorithm,
+            )
+        ],
+        qualitative_evaluations=[
+            QualitativeEvaluation(name=gw.CAD_SUMMARY, value=summary),
+            QualitativeEvaluation(name=gw.STAT_FLAG, value=gw.YES if analysis.stat else gw.NO),
+        ],
+    )
+    if failure:
+        assessment[0].ContentSequence.append(
+            TextContentItem(
+                name=gw.COMMENT,
+                value=f"AI analysis failed: {failure}"[:1024],
+                relationship_type=RelationshipTypeValues.CONTAINS,
+            )
         )
-    ]
+    groups: list[object] = [assessment]
     groups += [_finding_group(f, analysis, algorithm) for f in findings]
     report = MeasurementReport(
         observation_context=ObservationContext(observer_device_context=observer),
@@ -210,6 +230,9 @@ def build_sr(
         previous_versions=list(previous) or None,
     )
     caveat = "; study may be incomplete" if analysis.incomplete_reason else ""
-    sr.SeriesDescription = f"AI results: {analysis.pipeline_name} (preliminary{caveat})"[:64]
+    if failure:
+        sr.SeriesDescription = f"AI analysis FAILED: {analysis.pipeline_name}"[:64]
+    else:
+        sr.SeriesDescription = f"AI results: {analysis.pipeline_name} (preliminary{caveat})"[:64]
     sr.SoftwareVersions = SOFTWARE_VERSION
     return sr

@@ -21,6 +21,7 @@ data_dir = "{data_dir}"
 quiet_period_s = 1.0
 workers = 2
 stat_webhook_url = "{webhook}"
+failure_webhook_url = "{alerts}"
 
 [fhir]
 url = "{fhir}"
@@ -77,6 +78,7 @@ class Env:
     audit: AuditLog
     data_dir: Path
     triton_url: str
+    alerts: WebhookReceiver  # failure_webhook_url
 
     def wait_study_done(self, study_uid: str, timeout_s: float = 120.0) -> dict:
         def done() -> dict | None:
@@ -101,12 +103,18 @@ class Env:
 def env(tmp_path: Path, triton: str) -> Iterator[Env]:
     port = free_port()
     orthanc = Orthanc(tmp_path / "orthanc", modalities={"gateway": ["AI_GATEWAY", "127.0.0.1", port]}).start()
-    with WebhookReceiver() as webhook, WebhookReceiver() as fhir, MllpListener() as mllp:
+    with (
+        WebhookReceiver() as webhook,
+        WebhookReceiver() as fhir,
+        WebhookReceiver() as alerts,
+        MllpListener() as mllp,
+    ):
         config = tmp_path / "gateway.toml"
         config.write_text(
             CONFIG.format(
                 data_dir=tmp_path / "data",
                 webhook=webhook.url,
+                alerts=alerts.url.replace("/stat", "/alerts"),
                 fhir=fhir.url.replace("/stat", "/fhir"),
                 mllp=mllp.port,
                 port=port,
@@ -118,7 +126,15 @@ def env(tmp_path: Path, triton: str) -> Iterator[Env]:
         gateway = Gateway(settings).start()
         try:
             yield Env(
-                gateway, orthanc, webhook, fhir, mllp, AuditLog(settings.audit_log), settings.data_dir, triton
+                gateway,
+                orthanc,
+                webhook,
+                fhir,
+                mllp,
+                AuditLog(settings.audit_log),
+                settings.data_dir,
+                triton,
+                alerts,
             )
         finally:
             gateway.stop()

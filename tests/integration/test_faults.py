@@ -321,3 +321,121 @@ def test_superseded_results_are_withdrawn_by_a_rejection_note(env: Env, tmp_path
     [in_pacs] = wait_for(rejection_in_pacs, timeout_s=60, what="the rejection note in Orthanc")
     stored = pydicom.dcmread(BytesIO(env.orthanc.get_bytes(f"/instances/{in_pacs}/file")))
     assert _referenced(stored) == old
+
+
+def test_a_series_that_cannot_be_analysed_gets_a_failure_sr_at_the_destination(
+    env: Env, tmp_path: Path
+) -> None:
+    """Routed but not analysable (here: one series mixing two image sizes): the PACS receives an SR that says the
+    AI failed and why - never silence that reads as "nothing found" - the audit and metrics say so per reason,
+    and the failure alert fires."""
+    big = write_head_ct(tmp_path / "big", slices=6, rows=256, cols=256, seed=31)
+    small = write_head_ct(tmp_path / "small", slices=2, rows=128, cols=128, seed=32)
+    mixed = list(big.paths)
+    for index, path in enumerate(small.paths):
+        ds = pydicom.dcmread(path)
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = big.study_uid, big.series_uid
+        out = tmp_path / f"mixed_{index}.dcm"
+        ds.save_as(out)
+        mixed.append(out)
+    assert storescu(mixed, port=env.gateway.port, calling_ae="STORESCU").returncode == 0
+    done = env.wait_study_done(big.study_uid)
+    assert done["failed"] == 1 and done["findings"] == 0 and done["stat"] is False
+    [failed] = env.events("series_failed", big.study_uid)
+    assert failed["reason_kind"] == "DecodeError" and "mixes image sizes" in failed["reason"]
+    [sr_uid] = failed["results"]
+    [sr] = env.results(big.study_uid, "SR")
+    assert sr.SOPInstanceUID == sr_uid and "FAILED" in sr.SeriesDescription
+    items = list(_content(sr))
+    summary = [
+        i.ConceptCodeSequence[0].CodeValue
+        for i in items
+        if i.ValueType == "CODE" and i.ConceptNameCodeSequence[0].CodeValue == "111017"
+    ]
+    assert summary == ["111245"], "CAD summary: no algorithms succeeded"
+    comments = [
+        i.TextValue
+        for i in items
+        if i.ValueType == "TEXT" and i.ConceptNameCodeSequence[0].CodeValue == "121106"
+    ]
+    assert comments and "mixes image sizes" in comments[0]
+    measured = [
+        i
+        for i in items
+        if i.ValueType in ("SCOORD", "SCOORD3D")
+        or (i.ValueType == "NUM" and i.RelationshipType == "CONTAINS")
+    ]
+    assert not measured, "no findings, no score implied"
+    [path] = (env.data_dir / "results" / big.study_uid).glob("SR_*.dcm")
+    assert dciodvfy_errors(path) == []
+
+    def sr_in_pacs() -> list[str]:
+        return [
+            i
+            for s in env.orthanc.series_of_study(big.study_uid)
+            if s["MainDicomTags"].get("Modality") == "SR"
+            for i in s["Instances"]
+        ]
+
+    wait_for(sr_in_pacs, timeout_s=60, what="the failure SR in Orthanc")
+    [alert] = wait_for(
+        lambda: [e for e in env.alerts.events if e["study_instance_uid"] == big.study_uid],
+        timeout_s=10,
+        what="alert",
+    )
+    assert alert["event"] == "analysis_failed" and alert["sr_sop_instance_uid"] == sr_uid
+    assert env.gateway.api is not None
+    metrics = http_json(f"http://127.0.0.1:{env.gateway.api.port}/metrics")[1]
+    assert 'gateway_analysis_failures_total{pipeline="ct_hyperdensity",reason="DecodeError"} 1.0' in metrics
+
+
+def _content(ds: pydicom.Dataset) -> Iterator[pydicom.Dataset]:
+    for item in ds.get("ContentSequence", []):
+        yield item
+        yield from _content(item)
+
+
+def test_deidentified_headers_that_break_their_vr_still_get_every_result(env: Env, tmp_path: Path) -> None:
+    """Hash strings where dates belong and an accession number longer than SH allows (what de-identification
+    tools write): the study still gets SR, GSPS and SEG in the PACS, each dciodvfy-clean, the repairs counted."""
+    digest = "9f2c" * 14  # 56 characters, as de-identified public collections carry
+    lesion = Lesion(x=130.0, y=120.0, slice=4, radius_mm=8.0, hu=70.0)
+    series = write_head_ct(
+        tmp_path / "ct", slices=8, rows=256, cols=256, pixel_mm=1.0, lesions=(lesion,), seed=41
+    )
+    paths = []
+    for index, path in enumerate(series.paths):
+        ds = pydicom.dcmread(path)
+        ds.PatientBirthDate = ds.StudyDate = digest
+        ds.AccessionNumber = digest
+        ds.BodyPartExamined = "partialbody"
+        out = tmp_path / f"deid_{index}.dcm"
+        ds.save_as(out)
+        paths.append(out)
+    assert storescu(paths, port=env.gateway.port, calling_ae="STORESCU").returncode == 0
+    done = env.wait_study_done(series.study_uid)
+    assert done["failed"] == 0 and done["findings"] >= 1
+    [analysed] = env.events("series_analysed", series.study_uid)
+    assert analysed["output_failures"] == []
+    assert "AccessionNumber: dropped" in analysed["header_repairs"]
+    for modality in ("SR", "PR", "SEG"):
+        [path] = (env.data_dir / "results" / series.study_uid).glob(f"{modality}_*.dcm")
+        assert dciodvfy_errors(path) == [], modality
+        assert digest not in str(pydicom.dcmread(path, stop_before_pixels=True).get("AccessionNumber", ""))
+    wait_for(
+        lambda: (
+            len(
+                [
+                    s
+                    for s in env.orthanc.series_of_study(series.study_uid)
+                    if s["MainDicomTags"].get("Modality") in ("SR", "PR", "SEG")
+                ]
+            )
+            == 3
+        ),
+        timeout_s=60,
+        what="SR, GSPS and SEG in Orthanc",
+    )
+    assert env.gateway.api is not None
+    metrics = http_json(f"http://127.0.0.1:{env.gateway.api.port}/metrics")[1]
+    assert 'gateway_header_repairs_total{action="dropped",attribute="AccessionNumber"} 1.0' in metrics
