@@ -31,6 +31,7 @@ examples:
   gateway echo AI_GATEWAY@127.0.0.1:11112
   gateway resend --config site.toml               # re-queue deliveries from the dead-letter area
   gateway purge --config site.toml --dry-run      # what retention would remove now
+  gateway check /media/new-scanner/ --config site.toml  # onboarding: what would run, be repaired, fail
   gateway token --role operator --name ops         # bearer token for the HTTP admin endpoints
 """
 
@@ -143,6 +144,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--job", action="append", metavar="ID", help="job id to re-send (repeatable); default: all"
     )
     resend.add_argument("--list", action="store_true", help="only list the dead-letter jobs")
+
+    check = sub.add_parser(
+        "check",
+        help="dry run on files: which pipeline would run, what would be repaired, whether it all decodes",
+        description="For each series in PATH (files or folders): the pipeline that would analyse it and the rule "
+        "that chose it (or why none applies), the header attributes hygiene would repair or drop, instances that "
+        "would not decode, and whether the analysis would fail. Needs no Triton and sends nothing. Exit status: 0 "
+        "when every routed series would be analysed, 1 when a series would fail or a file would be refused.",
+    )
+    check.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="DICOM files or folders")
+    check.add_argument("--config", type=Path, metavar="FILE", help="settings file (its [[pipelines]] route)")
 
     purge = sub.add_parser(
         "purge",
@@ -300,6 +312,23 @@ def cmd_resend(args: argparse.Namespace) -> int:
     return 0 if not missing else 2
 
 
+def cmd_check(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from gateway.check import check_files, render
+
+    configure_logging("ERROR")
+    settings = load_settings(args.config)
+    files = _collect(args.paths)
+    if not files:
+        print("no files found", file=sys.stderr)
+        return 1
+    with tqdm(total=len(files), unit="file", desc="reading headers", file=sys.stderr) as bar:
+        report = check_files(files, settings, on_progress=bar.update)
+    print(render(report))
+    return 0 if report.ok else 1
+
+
 def cmd_purge(args: argparse.Namespace) -> int:
     from gateway import retention
 
@@ -372,6 +401,7 @@ def main(argv: list[str] | None = None) -> int:
         "echo": cmd_echo,
         "resend": cmd_resend,
         "purge": cmd_purge,
+        "check": cmd_check,
         "token": cmd_token,
         "config": cmd_config,
     }
