@@ -122,8 +122,9 @@ def test_cross_study_batching_shares_requests_and_answers_each_study_as_if_alone
             await client.close()
 
     alone, shared = asyncio.run(run())
-    # 5 + 7 + 3 + 20 = 35 slices in requests of at most 16: three requests, the first shared by four studies
-    assert studies_per_request == [4, 1, 1]
+    # 5 + 7 + 3 + 20 = 35 slices in requests of at most 16: three requests, one shared by four studies (they are
+    # observed as they complete, which under load need not be the order they were sent in)
+    assert sorted(studies_per_request) == [1, 1, 4]
     for a, s in zip(alone, shared, strict=True):
         np.testing.assert_allclose(s.detections, a.detections, rtol=0, atol=1e-6)
         np.testing.assert_allclose(s.slice_scores, a.slice_scores, rtol=0, atol=1e-6)
