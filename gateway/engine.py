@@ -59,6 +59,7 @@ from gateway.scp import StoreSCP, check_port_free
 from gateway.settings import Settings
 from gateway.spool import Spool, remove_temporary_files
 from gateway.triton_server import TritonServer
+from preprocessing.anatomy import ANATOMY_CHECKS
 from preprocessing.backend import select_backend
 from preprocessing.codec import select_decoder
 from preprocessing.dali_pipeline import DaliPreprocessor
@@ -726,6 +727,17 @@ class Gateway:
         pipeline, study, series = job.pipeline, job.study, job.series
         timings: dict[str, float] = {"queue": time.time() - job.created_at}
         paths = [r.path for r in series.instances if r.has_pixel_data]
+        routing_note = ""
+        if job.anatomy_check:
+            evidence = await self._timed(
+                timings,
+                "anatomy",
+                lambda: ANATOMY_CHECKS[pipeline.anatomy](paths, min_fraction=pipeline.anatomy_min_fraction),
+            )
+            if not evidence.present:
+                self._skip_by_anatomy(job, evidence.describe())
+                return
+            routing_note = f"Routed by anatomy check: {evidence.describe()}; findings are incidental"
         loaded: LoadedSeries = await self._timed(timings, "decode", load_series, paths, self.decoder)
         for name, reason in loaded.skipped:
             logger.info("series %s: instance %s skipped: %s", series.series_instance_uid, name, reason)
@@ -804,6 +816,7 @@ class Gateway:
             sources=sources,
             model_sha256=self.model_hashes.get(pipeline.model, ""),
             incomplete_reason=study.incomplete_reason,
+            routing_note=routing_note,
         )
         reported = reported_findings(analysis)
         result_key = f"{series.series_instance_uid}/{pipeline.name}"
@@ -884,6 +897,8 @@ class Gateway:
             "output_failures": sorted(encoded.failures),
             "possibly_incomplete": study.incomplete_reason,
             "header_repairs": repairs.as_list(),
+            "rule": job.rule,
+            "routing_note": routing_note,
             "backend": self.backend.name,
             "decoders": sorted({image.decoder for image in loaded.images}),
             **timing_log_fields(timings),
@@ -914,6 +929,23 @@ class Gateway:
                 )
             for stage, seconds in timings.items():
                 progress.timings[stage] = progress.timings.get(stage, 0.0) + seconds
+
+    def _skip_by_anatomy(self, job: InferenceJob, evidence: str) -> None:
+        """An anatomy-check job whose anatomy is not in the field of view: skipped, with the evidence."""
+        reason = f"{job.pipeline.name}: no {job.pipeline.anatomy} in the field of view ({evidence})"
+        self.metrics.series_skipped.inc()
+        logger.info("series %s not analysed: %s", job.series.series_instance_uid, reason)
+        self.audit.record(
+            "series_skipped",
+            study=job.study.study_instance_uid,
+            series=job.series.series_instance_uid,
+            pipeline=job.pipeline.name,
+            rule=job.rule,
+            reason=reason,
+        )
+        progress = self._progress.get(job.study.study_instance_uid)
+        if progress is not None:
+            progress.skipped += 1
 
     def _superseded(
         self, study_uid: str, result_key: str, analysis: SeriesAnalysis

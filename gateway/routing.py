@@ -1,4 +1,9 @@
-"""Routing: decide, from headers only, which pipeline analyses each series of a completed study."""
+"""Routing: decide which pipeline analyses each series of a completed study.
+
+Header rules (modality, body part, description patterns) route first. A pipeline with an ``anatomy`` also gets
+the series of its modality that no header rule matched, as *anatomy-check* jobs: before any inference the
+worker decides from a few sampled slices whether that anatomy is in the field of view (preprocessing/anatomy.py)
+and skips the series, with the evidence, when it is not."""
 
 from __future__ import annotations
 
@@ -22,6 +27,8 @@ class InferenceJob:
     priority: Priority
     created_at: float = field(default_factory=time.time)
     attempts: int = 0
+    rule: str = ""  # why this pipeline: the header rule that matched, or "anatomy check: lung"
+    anatomy_check: bool = False  # run only if the pipeline's anatomy is in the field of view (decided first)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -37,15 +44,27 @@ class RoutingDecision:
     skipped: tuple[SkippedSeries, ...]
 
 
-def pipeline_matches(pipeline: PipelineSettings, study: Study, series: Series) -> bool:
+def header_rule(pipeline: PipelineSettings, study: Study, series: Series) -> str:
+    """The header rule that routes ``series`` to ``pipeline`` ("" when none does)."""
     if series.modality.upper() not in pipeline.modalities:
-        return False
+        return ""
     if not pipeline.body_parts and not pipeline.description_patterns:
-        return True
+        return f"modality {series.modality.upper()}"
     if series.body_part and series.body_part.upper() in pipeline.body_parts:
-        return True
+        return f"modality {series.modality.upper()}, body part {series.body_part.upper()}"
     texts = [t for t in (series.series_description, study.study_description) if t]
-    return any(p.search(t) for p in pipeline.description_patterns for t in texts)
+    if any(p.search(t) for p in pipeline.description_patterns for t in texts):
+        return f"modality {series.modality.upper()}, description pattern"
+    return ""
+
+
+def pipeline_matches(pipeline: PipelineSettings, study: Study, series: Series) -> bool:
+    return bool(header_rule(pipeline, study, series))
+
+
+def anatomy_candidate(pipeline: PipelineSettings, series: Series) -> bool:
+    """A series of the pipeline's modality that the header rules missed, for a pipeline with an anatomy check."""
+    return bool(pipeline.anatomy) and series.modality.upper() in pipeline.modalities
 
 
 def study_priority(study: Study) -> Priority:
@@ -70,7 +89,11 @@ class Router:
             if not image_instances:
                 skipped.append(_skip(series, "series has no image instances (no pixel data)"))
                 continue
-            matched = [p for p in self.pipelines if pipeline_matches(p, study, series)]
+            rules = {p.name: header_rule(p, study, series) for p in self.pipelines}
+            for p in self.pipelines:
+                if not rules[p.name] and anatomy_candidate(p, series):
+                    rules[p.name] = f"anatomy check: {p.anatomy}"
+            matched = [p for p in self.pipelines if rules[p.name]]
             if not matched:
                 skipped.append(
                     _skip(
@@ -88,7 +111,17 @@ class Router:
                         )
                     )
                     continue
-                jobs.append(InferenceJob(study=study, series=series, pipeline=pipeline, priority=priority))
+                rule = rules[pipeline.name]
+                jobs.append(
+                    InferenceJob(
+                        study=study,
+                        series=series,
+                        pipeline=pipeline,
+                        priority=priority,
+                        rule=rule,
+                        anatomy_check=rule.startswith("anatomy check"),
+                    )
+                )
         return RoutingDecision(jobs=tuple(jobs), skipped=tuple(skipped))
 
 

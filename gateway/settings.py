@@ -195,6 +195,11 @@ class PipelineSettings:
     display_window: tuple[float, float]
     labels: dict[int, CodedConcept]
     min_slices: int = 1
+    # Content-aware routing: a series of a listed modality that no header rule matched is analysed when this
+    # anatomy is in its field of view (decided from sampled pixels, preprocessing/anatomy.py); its findings
+    # are then incidental. "" (default): header rules only. Known: "lung".
+    anatomy: str = ""
+    anatomy_min_fraction: float = 0.2  # of the sampled slices that must show it
     segmentation: bool = False  # the model also returns a MASK: write a DICOM SEG
     # Plug-in contract: how the model wants its input and what it answers (see README "Adding a model").
     output_kind: str = "detections"  # detections (DETECTIONS/SLICE_SCORES/STUDY_SCORE) | class_scores
@@ -462,6 +467,8 @@ def _pipeline(raw: Any, index: int) -> PipelineSettings:
         display_window=display,
         labels=labels,
         min_slices=r.get_int("min_slices", 1),
+        anatomy=r.get_str("anatomy", ""),
+        anatomy_min_fraction=r.get_float("anatomy_min_fraction", 0.2),
         segmentation=r.get_bool("segmentation", False),
         output_kind=r.get_str("output_kind", "detections"),
         input_name=r.get_str("input_name", "HU"),
@@ -475,6 +482,10 @@ def _pipeline(raw: Any, index: int) -> PipelineSettings:
         spacing_input=r.get_str("spacing_input", ""),
         cross_study_batching=r.get_bool("cross_study_batching", True),
     )
+    if settings.anatomy not in ("", "lung"):
+        raise ConfigError(f"pipelines[{index}].anatomy must be '' or 'lung', got {settings.anatomy!r}")
+    if not 0.0 < settings.anatomy_min_fraction <= 1.0:
+        raise ConfigError(f"pipelines[{index}].anatomy_min_fraction must be in (0, 1]")
     r.finish()
     return settings
 

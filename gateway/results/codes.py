@@ -18,6 +18,7 @@ ALL_SUCCEEDED_WITH_FINDINGS = CodedConcept("111242", "DCM", "All algorithms succ
 ALL_SUCCEEDED_WITHOUT_FINDINGS = CodedConcept("111241", "DCM", "All algorithms succeeded; without findings")
 NO_ALGORITHMS_SUCCEEDED = CodedConcept("111245", "DCM", "No algorithms succeeded; without findings")
 COMMENT = CodedConcept("121106", "DCM", "Comment")
+INCIDENTAL = CodedConcept("INCIDENTAL", PRIVATE_SCHEME, "Incidental finding (outside the examined body part)")
 YES = CodedConcept("373066001", "SCT", "Yes")
 NO = CodedConcept("373067005", "SCT", "No")
 NO_UNITS = CodedConcept("1", "UCUM", "no units")

@@ -43,6 +43,8 @@ class SeriesAnalysis:
     model_sha256: str = ""  # content hash of the model files (gateway/model_registry.py); "" when unknown
     # Why the analysed study may be incomplete (its last association was aborted or had refusals); "" when not.
     incomplete_reason: str = ""
+    # Set when the series was routed by an anatomy check, not a header rule: its findings are incidental.
+    routing_note: str = ""
 
     def __post_init__(self) -> None:
         if not self.sources:

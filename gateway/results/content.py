@@ -159,7 +159,10 @@ def reported_findings(analysis: SeriesAnalysis) -> list[ReportedFinding]:
                 source_sop_instance_uid=finding.sop_instance_uid,
                 segment=None,
                 measurements=tuple(measurements),
-                evaluations=((gw.c(gw.STAT_FLAG), gw.c(gw.YES if stat else gw.NO)),),
+                evaluations=(
+                    (gw.c(gw.STAT_FLAG), gw.c(gw.YES if stat else gw.NO)),
+                    *(((gw.c(gw.INCIDENTAL), gw.c(gw.YES)),) if analysis.routing_note else ()),
+                ),
                 algorithm_name=analysis.algorithm_name,
                 algorithm_version=analysis.algorithm_version,
             )

@@ -199,12 +199,13 @@ def build_sr(
             QualitativeEvaluation(name=gw.STAT_FLAG, value=gw.YES if analysis.stat else gw.NO),
         ],
     )
-    if failure:
+    notes = [f"AI analysis failed: {failure}"] if failure else []
+    if analysis.routing_note:
+        notes.append(analysis.routing_note)
+    for note in notes:
         assessment[0].ContentSequence.append(
             TextContentItem(
-                name=gw.COMMENT,
-                value=f"AI analysis failed: {failure}"[:1024],
-                relationship_type=RelationshipTypeValues.CONTAINS,
+                name=gw.COMMENT, value=note[:1024], relationship_type=RelationshipTypeValues.CONTAINS
             )
         )
     groups: list[object] = [assessment]
