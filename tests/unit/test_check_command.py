@@ -3,6 +3,8 @@ that would not decode, analyses that would fail; exit 0 only when every routed s
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 import pydicom
@@ -22,6 +24,15 @@ input_size = [256, 256]
 [pipelines.labels]
 0 = "hemorrhage"
 """
+
+
+@pytest.fixture(autouse=True)
+def _keep_logging() -> Iterator[None]:
+    """``gateway check`` configures logging for a console; give the test session its own back."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    root.handlers[:], root.level = handlers, level
 
 
 @pytest.fixture

@@ -165,9 +165,31 @@ def test_router_uses_header_rules_and_explains_skips() -> None:
     ]
     reasons = {s.series_instance_uid: s.reason for s in decision.skipped}
     assert "ct_chest_nodule needs at least 8 slices, got 1" in reasons["1.3"]
-    assert "no pipeline for modality CT / body part ABDOMEN" in reasons["1.7"]
+    # The abdomen CT is an anatomy-check candidate of the chest pipeline (content-aware routing), too short here.
+    assert "ct_chest_nodule needs at least 8 slices, got 1" in reasons["1.7"]
     assert "no pipeline for modality MR" in reasons["1.4"]
     assert "no image instances" in reasons["1.5"]
+
+
+def test_header_rules_route_first_and_the_anatomy_check_adds_what_they_miss() -> None:
+    def long_series(uid: str, body_part: str) -> Series:
+        records = tuple(_record("1.2.3", uid, f"{uid}.{k}", modality="CT") for k in range(1, 10))
+        return Series(
+            series_instance_uid=uid,
+            modality="CT",
+            body_part=body_part,
+            series_description="",
+            instances=records,
+        )
+
+    router = Router(load_settings().pipelines)
+    decision = router.route(_study([long_series("1.1", "CHEST"), long_series("1.2", "PARTIALBODY")]))
+    jobs = {(j.series.series_instance_uid, j.pipeline.name): j for j in decision.jobs}
+    chest = jobs[("1.1", "ct_chest_nodule")]
+    assert chest.rule == "modality CT, body part CHEST" and not chest.anatomy_check
+    candidate = jobs[("1.2", "ct_chest_nodule")]
+    assert candidate.rule == "anatomy check: lung" and candidate.anatomy_check
+    assert ("1.2", "ct_head_hyperdensity") not in jobs, "the head pipeline has no anatomy check"
 
 
 def test_study_description_also_routes_and_priority_comes_from_the_order() -> None:

@@ -110,6 +110,7 @@ def test_every_log_record_is_one_line_and_no_terminal_escape_passes(value: str) 
     log = logging.getLogger("tests.neutralised")
     log.addHandler(handler_for(buffer))
     log.propagate = False
+    log.setLevel(logging.INFO)  # whatever another test left the root logger at
     try:
         log.warning("series %s not analysed: no pipeline for body part %s", "1.2.3", value)
         try:
