@@ -47,6 +47,7 @@ from gateway.metrics import Metrics
 from gateway.model_registry import ModelRegistry, local_model_version, model_fingerprint
 from gateway.notify import FailureEvent, StatEvent, StatNotifier
 from gateway.outbox import Outbox
+from gateway.plausibility import check_findings
 from gateway.reporting import ReportDispatcher
 from gateway.results.common import SeriesAnalysis
 from gateway.results.content import SeriesReport, reported_findings
@@ -791,6 +792,22 @@ class Gateway:
             found = interpret(output, loaded.images, pipeline, voxel_mm3=float(np.prod(spacing)))
             mask = output.mask
         timings["infer"] = time.perf_counter() - started
+        plausible = check_findings(found.findings, loaded.images, pipeline, modality=series.modality.upper())
+        if plausible.dropped:
+            for kind, text in plausible.dropped:
+                self.metrics.findings_implausible.labels(pipeline.name, kind).inc()
+                logger.warning(
+                    "series %s, pipeline %s: implausible finding dropped: %s",
+                    series.series_instance_uid,
+                    pipeline.name,
+                    text,
+                )
+            found = dataclasses.replace(
+                found,
+                findings=plausible.findings,
+                dropped=(*found.dropped, *(text for _, text in plausible.dropped)),
+                stat=any(f.confidence >= pipeline.stat_threshold for f in plausible.findings),
+            )
         stat = found.stat and pipeline.mode is RolloutMode.TRIAGE
         if stat and self._queue is not None:
             raised = self._queue.mark_stat(study.study_instance_uid)

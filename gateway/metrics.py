@@ -21,6 +21,12 @@ class Metrics:
         self.series_failed = Counter(
             "gateway_series_failed", "Series that could not be analysed", ["pipeline"], registry=r
         )
+        self.findings_implausible = Counter(
+            "gateway_findings_implausible",
+            "Findings dropped as implausible: outside the pipeline's anatomy or size range",
+            ["pipeline", "reason"],
+            registry=r,
+        )
         self.analysis_failures = Counter(
             "gateway_analysis_failures",
             "Routed series that could not be analysed (a failure SR went out), by pipeline and reason",

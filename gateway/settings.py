@@ -200,6 +200,10 @@ class PipelineSettings:
     # are then incidental. "" (default): header rules only. Known: "lung".
     anatomy: str = ""
     anatomy_min_fraction: float = 0.2  # of the sampled slices that must show it
+    # Plausibility (gateway/plausibility.py): where a finding may lie ("" | body | lung | intracranial, CT only)
+    # and the range of its long axis in mm; findings outside are dropped with a logged reason.
+    finding_anatomy: str = ""
+    finding_size_mm: tuple[float, float] | None = None
     segmentation: bool = False  # the model also returns a MASK: write a DICOM SEG
     # Plug-in contract: how the model wants its input and what it answers (see README "Adding a model").
     output_kind: str = "detections"  # detections (DETECTIONS/SLICE_SCORES/STUDY_SCORE) | class_scores
@@ -469,6 +473,8 @@ def _pipeline(raw: Any, index: int) -> PipelineSettings:
         min_slices=r.get_int("min_slices", 1),
         anatomy=r.get_str("anatomy", ""),
         anatomy_min_fraction=r.get_float("anatomy_min_fraction", 0.2),
+        finding_anatomy=r.get_str("finding_anatomy", ""),
+        finding_size_mm=r.get_pair("finding_size_mm", None),
         segmentation=r.get_bool("segmentation", False),
         output_kind=r.get_str("output_kind", "detections"),
         input_name=r.get_str("input_name", "HU"),
@@ -484,6 +490,16 @@ def _pipeline(raw: Any, index: int) -> PipelineSettings:
     )
     if settings.anatomy not in ("", "lung"):
         raise ConfigError(f"pipelines[{index}].anatomy must be '' or 'lung', got {settings.anatomy!r}")
+    if settings.finding_anatomy not in ("", "body", "lung", "intracranial"):
+        raise ConfigError(
+            f"pipelines[{index}].finding_anatomy must be '', 'body', 'lung' or 'intracranial', "
+            f"got {settings.finding_anatomy!r}"
+        )
+    if (
+        settings.finding_size_mm is not None
+        and not 0 <= settings.finding_size_mm[0] < settings.finding_size_mm[1]
+    ):
+        raise ConfigError(f"pipelines[{index}].finding_size_mm must be [min, max] with 0 <= min < max")
     if not 0.0 < settings.anatomy_min_fraction <= 1.0:
         raise ConfigError(f"pipelines[{index}].anatomy_min_fraction must be in (0, 1]")
     r.finish()

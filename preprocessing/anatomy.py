@@ -49,13 +49,51 @@ class AnatomyEvidence:
 
     def describe(self) -> str:
         where = (
-            f", z {self.z_range_mm[0]:.1f} to {self.z_range_mm[1]:.1f} mm" if self.z_range_mm is not None else ""
+            f", z {self.z_range_mm[0]:.1f} to {self.z_range_mm[1]:.1f} mm"
+            if self.z_range_mm is not None
+            else ""
         )
         return f"{self.anatomy} on {self.with_anatomy} of {self.sampled} sampled slices{where}"
 
 
+def hu_of(image: DecodedImage) -> np.ndarray:
+    """The image in Hounsfield units (stored values through the modality rescale)."""
+    return _hu(image)
+
+
 def _hu(image: DecodedImage) -> np.ndarray:
     return image.pixels.astype(np.float32) * image.rescale_slope + image.rescale_intercept
+
+
+def _largest(mask: np.ndarray) -> np.ndarray:
+    labels, count = ndimage.label(mask)
+    if count == 0:
+        return np.zeros_like(mask, dtype=bool)
+    sizes = ndimage.sum(mask, labels, index=np.arange(1, count + 1))
+    return np.asarray(labels == int(np.argmax(sizes)) + 1)
+
+
+def body_mask(hu: np.ndarray) -> np.ndarray:
+    """The body's cross-section: the largest region above -500 HU, holes (lungs, bowel gas) filled."""
+    return np.asarray(ndimage.binary_fill_holes(_largest(hu > BODY_HU)))
+
+
+def lung_region(hu: np.ndarray) -> np.ndarray:
+    """Where lung findings may lie: aerated lung inside the body with its holes (nodules, vessels) filled."""
+    lung = body_mask(hu) & (hu >= LUNG_HU[0]) & (hu <= LUNG_HU[1])
+    return np.asarray(ndimage.binary_fill_holes(lung))
+
+
+def intracranial_region(hu: np.ndarray) -> np.ndarray:
+    """Inside the skull: the largest bone region (above 300 HU) filled, minus the bone. A slice whose skull is not
+    a closed ring (the vertex, the skull base) gives the body outline instead, so no true finding is lost."""
+    skull = _largest(hu > 300.0)
+    inside = np.asarray(ndimage.binary_fill_holes(skull)) & ~skull
+    body = body_mask(hu)
+    return inside if inside.sum() >= 0.05 * max(1, int(body.sum())) else body
+
+
+REGIONS = {"body": body_mask, "lung": lung_region, "intracranial": intracranial_region}
 
 
 def slice_has_lung(image: DecodedImage) -> bool:
@@ -64,12 +102,7 @@ def slice_has_lung(image: DecodedImage) -> bool:
     hu = hu[::step, ::step]
     row_mm, col_mm = image.pixel_spacing or (1.0, 1.0)
     pixel_mm2 = row_mm * col_mm * step * step
-    dense = hu > BODY_HU
-    labels, count = ndimage.label(dense)
-    if count == 0:
-        return False
-    sizes = ndimage.sum(dense, labels, index=np.arange(1, count + 1))
-    body = ndimage.binary_fill_holes(labels == int(np.argmax(sizes)) + 1)
+    body = body_mask(hu)
     lung = body & (hu >= LUNG_HU[0]) & (hu <= LUNG_HU[1])
     area = float(lung.sum()) * pixel_mm2
     return area >= MIN_LUNG_MM2 and float(lung.sum()) >= MIN_LUNG_FRACTION * float(body.sum())

@@ -1,0 +1,91 @@
+"""Plausible findings on real anatomy: every CT pipeline of the embedded configuration, served by Triton and run the
+way the gateway runs it, on the real CT series of the shared data (no lesions of these kinds): no finding may lie
+outside the body outline, and the false positives per study are reported."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from clients.triton import TritonClient
+from gateway.interpret import interpret
+from gateway.plausibility import check_findings
+from gateway.settings import PipelineSettings, load_settings
+from preprocessing.anatomy import body_mask, hu_of
+from preprocessing.normalize import to_model_layout
+from preprocessing.series import LoadedSeries, load_series, model_input
+
+pytestmark = pytest.mark.integration
+
+REAL_CT = {
+    "ct-3slice (upper abdomen, lung bases)": "ct-3slice/0*.dcm",
+    "CT1_JLSN (chest)": "compressed/CT1_JLSN.dcm",
+}
+
+
+def _analyse(triton: str, pipeline: PipelineSettings, loaded: LoadedSeries):
+    stack = to_model_layout(
+        model_input(
+            loaded,
+            size=pipeline.input_size,
+            intensity=pipeline.intensity,
+            hu_clip=pipeline.hu_clip,
+            window=pipeline.window,
+        ),
+        layout=pipeline.input_layout,
+        channels=pipeline.input_channels,
+        dtype=pipeline.input_dtype,
+        scale=pipeline.input_scale,
+        offset=pipeline.input_offset,
+    )
+    spacing = loaded.grid_spacing_mm(pipeline.input_size)
+    extra = {pipeline.spacing_input: np.asarray(spacing, np.float32)} if pipeline.spacing_input else {}
+
+    async def run():
+        client = TritonClient(triton)  # the gRPC client belongs to the loop it is made in
+        try:
+            return await client.detect(
+                pipeline.model,
+                stack,
+                input_name=pipeline.input_name,
+                whole_volume=pipeline.input_scope == "volume",
+                extra_inputs=extra,
+            )
+        finally:
+            await client.close()
+
+    output = asyncio.run(run())
+    return interpret(output, loaded.images, pipeline, voxel_mm3=float(np.prod(spacing)))
+
+
+def _outside_body(loaded: LoadedSeries, findings) -> list[str]:
+    outside = []
+    for f in findings:
+        body = body_mask(hu_of(loaded.images[f.slice_index]))
+        x0, y0, x1, y1 = f.bbox
+        if not body[int((y0 + y1) / 2), int((x0 + x1) / 2)]:
+            outside.append(
+                f"slice {f.slice_index} box {tuple(round(v) for v in f.bbox)} ({f.long_axis_mm} mm)"
+            )
+    return outside
+
+
+def test_no_finding_outside_the_body_on_real_ct_for_any_pipeline(triton: str, real_data: Path) -> None:
+    pipelines = [p for p in load_settings().pipelines if "CT" in p.modalities]
+    assert {p.name for p in pipelines} == {"ct_head_hyperdensity", "ct_chest_nodule"}
+    report = []
+    for label, pattern in REAL_CT.items():
+        loaded = load_series(sorted(real_data.glob(pattern)))
+        for pipeline in pipelines:
+            found = _analyse(triton, pipeline, loaded)
+            plausible = check_findings(found.findings, loaded.images, pipeline, modality="CT")
+            assert _outside_body(loaded, plausible.findings) == [], f"{pipeline.name} on {label}"
+            raw_outside = len(_outside_body(loaded, found.findings))
+            report.append(
+                f"{pipeline.name} on {label}: {len(found.findings)} raw finding(s) ({raw_outside} outside the body), "
+                f"{len(plausible.dropped)} dropped as implausible, {len(plausible.findings)} false positive(s) kept"
+            )
+    print("\n" + "\n".join(report))
