@@ -217,7 +217,11 @@ def test_unsupported_and_undecodable_studies_are_kept_but_not_inferred(
     assert "no pipeline for modality MR" in skipped["reason"]
     [failed] = env.events("series_failed", broken.study_uid)
     assert "could not be decoded" in failed["reason"]
-    assert env.results(mr_study, "SR") == [] and env.results(broken.study_uid, "SR") == []
+    # Skipped (no pipeline) and failed are different states: a skipped series gets nothing, a routed series that
+    # cannot be analysed gets a failure SR (issue 10: "the AI failed" must not read as "nothing found").
+    assert env.results(mr_study, "SR") == []
+    [failure_sr] = env.results(broken.study_uid, "SR")
+    assert "FAILED" in failure_sr.SeriesDescription and failed["results"] == [failure_sr.SOPInstanceUID]
     assert len(list((env.data_dir / "spool" / broken.study_uid).glob("*/*.dcm"))) == 2  # kept
     # The good study sent in the same association is unaffected, and is the only one that reached Triton.
     env.wait_study_done(good.study_uid)
