@@ -114,6 +114,11 @@ class AuditLog:
         return removed
 
     def read(self) -> list[dict[str, Any]]:
+        """Every complete event; a last line still being written (no newline yet) is left for the next read."""
         if not self.path.exists():
             return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        text = self.path.read_text()
+        lines = text.split("\n")
+        if not text.endswith("\n"):
+            lines = lines[:-1]
+        return [json.loads(line) for line in lines if line.strip()]

@@ -67,11 +67,18 @@ def _identifiers() -> set[str]:
     from benchmarks.phantoms import PATIENT_BIRTH_DATE, PATIENT_ID, PATIENT_NAME
 
     values = {PATIENT_NAME, PATIENT_NAME.replace("^", " "), PATIENT_ID, PATIENT_BIRTH_DATE}
-    if REAL_DATA.is_dir():
-        import pydicom
+    import pydicom
 
-        for path in REAL_DATA.rglob("*.dcm"):
-            ds = pydicom.dcmread(path, stop_before_pixels=True)
+    from tests.support.corpus import package_roots
+
+    roots = [REAL_DATA] if REAL_DATA.is_dir() else []
+    roots += [root for _, root in package_roots()]  # the real-world corpus sends these too
+    for root in roots:
+        for path in root.rglob("*.dcm"):
+            try:
+                ds = pydicom.dcmread(path, stop_before_pixels=True)
+            except Exception:  # deliberately broken test files
+                continue
             for keyword in ("PatientName", "PatientID", "PatientBirthDate"):
                 value = str(ds.get(keyword, "") or "").strip()
                 if len(value) >= 5:  # shorter values match unrelated text by chance

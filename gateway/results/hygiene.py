@@ -21,6 +21,7 @@ too long (SH, LO, PN, ...)  identifiers (``IDENTIFIERS``: accession, patient / s
                             identifier would name another record; free text (descriptions, names of places
                             and devices) cut to the VR's maximum length
 anything else invalid       dropped (pydicom's VR validation decides)
+Patient Identity Removed    dropped when YES without the De-identification Method it requires (Type 1C)
 ==========================  ==============================================================================
 
 A dropped Type 2 attribute of the result objects stays present and empty. ``HeaderRepairs`` lists what was done
@@ -187,7 +188,17 @@ def clean_header(ds: Dataset, repairs: HeaderRepairs) -> Dataset:
                 del clean[element.tag]
         else:
             clean[element.tag].value = cleaned if multi else cleaned[0]
+    _conditions(clean, repairs)
     return clean
+
+
+def _conditions(ds: Dataset, repairs: HeaderRepairs) -> None:
+    """Attributes whose presence makes another one required: without it, the condition is dropped (Type 3)."""
+    if str(ds.get("PatientIdentityRemoved", "")).upper() == "YES" and not (
+        ds.get("DeidentificationMethod") or ds.get("DeidentificationMethodCodeSequence")
+    ):
+        del ds.PatientIdentityRemoved  # YES requires the method, which the sender did not record
+        repairs.add("PatientIdentityRemoved", "dropped (no de-identification method)")
 
 
 def clean_headers(headers: Sequence[Dataset]) -> tuple[tuple[Dataset, ...], HeaderRepairs]:

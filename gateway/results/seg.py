@@ -24,6 +24,38 @@ def resize_mask_nearest(mask: np.ndarray, rows: int, cols: int) -> np.ndarray:
     return np.asarray(mask[:, ys][:, :, xs] > 0)
 
 
+def _pixel_measures(analysis: SeriesAnalysis) -> hd.PixelMeasuresSequence | None:
+    """The frames' pixel measures when the sources do not state a slice thickness (which the SEG's Pixel Measures
+    need with a frame of reference): the distance between neighbouring slice positions, else Spacing Between
+    Slices. None (highdicom copies the sources' own) when they state one or give no pixel spacing."""
+    first = analysis.sources[0]
+    stated = "SliceThickness" in first and first.SliceThickness not in (None, "")
+    if stated or "PixelSpacing" not in first or "FrameOfReferenceUID" not in first:
+        return None
+    thickness = None
+    z = [
+        float(
+            np.dot(
+                np.cross(ds.ImageOrientationPatient[:3], ds.ImageOrientationPatient[3:]),
+                ds.ImagePositionPatient,
+            )
+        )
+        for ds in analysis.sources
+        if "ImagePositionPatient" in ds and "ImageOrientationPatient" in ds
+    ]
+    if len(z) >= 2:
+        thickness = float(np.median(np.abs(np.diff(sorted(z))))) or None
+    if thickness is None and first.get("SpacingBetweenSlices") not in (None, ""):
+        thickness = abs(float(first.SpacingBetweenSlices)) or None
+    if thickness is None:
+        raise ValueError(
+            "the source images state no slice thickness and it cannot be derived from their positions"
+        )
+    return hd.PixelMeasuresSequence(
+        pixel_spacing=[float(v) for v in first.PixelSpacing], slice_thickness=round(thickness, 6)
+    )
+
+
 def build_seg(analysis: SeriesAnalysis, mask: np.ndarray) -> hd.seg.Segmentation | None:
     """A SEG for the mask (model input geometry, one plane per analysed slice), or None when it is empty."""
     if not analysis.findings or mask.ndim != 3 or mask.shape[0] != len(analysis.sources) or not mask.any():
@@ -47,6 +79,7 @@ def build_seg(analysis: SeriesAnalysis, mask: np.ndarray) -> hd.seg.Segmentation
     )
     seg = hd.seg.Segmentation(
         source_images=list(analysis.sources),
+        pixel_measures=_pixel_measures(analysis),
         pixel_array=full.astype(np.uint8),
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=[description],

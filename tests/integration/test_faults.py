@@ -29,7 +29,7 @@ from gateway.settings import load_settings
 from gateway.spool import Spool
 from gateway.triton_server import free_port
 from tests.integration.conftest import Env
-from tests.support.servers import dciodvfy_errors, http_json, storescu, wait_for
+from tests.support.servers import Orthanc, dciodvfy_errors, http_json, storescu, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -439,3 +439,57 @@ def test_deidentified_headers_that_break_their_vr_still_get_every_result(env: En
     assert env.gateway.api is not None
     metrics = http_json(f"http://127.0.0.1:{env.gateway.api.port}/metrics")[1]
     assert 'gateway_header_repairs_total{action="dropped",attribute="AccessionNumber"} 1.0' in metrics
+
+
+def test_running_gateway_purges_delivered_studies_and_never_undelivered_ones(
+    tmp_path: Path, triton: str
+) -> None:
+    """Retention in the running gateway: with a free-space target no disk can meet, every analysed and delivered
+    study is purged at the next interval, oldest first; a study whose delivery is still pending stays."""
+    orthanc = Orthanc(tmp_path / "orthanc").start()
+    port, dead_port = free_port(), free_port()
+    config = tmp_path / "gateway.toml"
+    config.write_text(
+        f'data_dir = "{tmp_path / "data"}"\nquiet_period_s = 1.0\n'
+        f"[receiver]\nport = {port}\n[http]\nport = 0\n"
+        f'[triton]\nurl = "{triton}"\n[retention]\nmin_free_disk_mb = 100000000\ninterval_s = 2.0\n'
+        "[delivery]\nretry_base_s = 30.0\n"
+        f'[[peers]]\nae_title = "STORESCU"\nhost = "127.0.0.1"\nport = {orthanc.dicom_port}\n'
+        f'[[peers]]\nae_title = "OTHER"\nhost = "127.0.0.1"\nport = {dead_port}\n'
+        '[[pipelines]]\nname = "ct"\nmodel = "ct_head_hyperdensity"\nalgorithm_version = "0.1.0"\n'
+        'modalities = ["CT"]\ninput_size = [256, 256]\n[pipelines.labels]\n0 = "hemorrhage"\n'
+    )
+    settings = load_settings(config)
+    delivered = write_head_ct(tmp_path / "a", slices=4, rows=128, cols=128, seed=51)
+    undelivered = write_head_ct(tmp_path / "b", slices=4, rows=128, cols=128, seed=52)
+    audit = AuditLog(settings.audit_log)
+    gateway = Gateway(settings).start()
+    try:
+        assert storescu(list(delivered.paths), port=port, calling_ae="STORESCU").returncode == 0
+        assert (
+            storescu(list(undelivered.paths), port=port, calling_ae="OTHER").returncode == 0
+        )  # its PACS is down
+        wait_for(
+            lambda: (
+                any(e["event"] == "purge" for e in audit.read())
+                and not (settings.spool_dir / delivered.study_uid).exists()
+            ),
+            timeout_s=90,
+            what="the delivered study to be purged",
+        )
+        assert not (settings.results_dir / delivered.study_uid).exists()
+        assert (settings.spool_dir / undelivered.study_uid).is_dir(), "undelivered work is never purged"
+        assert list((settings.results_dir / undelivered.study_uid).glob("SR_*.dcm"))
+        assert _sr_in(orthanc, delivered.study_uid), "the purged study's results had reached the PACS"
+        assert gateway.api is not None
+        metrics = http_json(f"http://127.0.0.1:{gateway.api.port}/metrics")[1]
+        assert 'gateway_purged_total{kind="spool"}' in metrics
+        _, health = http_json(f"http://127.0.0.1:{gateway.api.port}/health")
+        assert health["disk"]["free_bytes"] > 0 and "hours_until_watermark" in health["disk"]
+    finally:
+        gateway.stop()
+        orthanc.stop()
+
+
+def _sr_in(orthanc: Orthanc, study_uid: str) -> bool:
+    return any(s["MainDicomTags"].get("Modality") == "SR" for s in orthanc.series_of_study(study_uid))
