@@ -57,11 +57,11 @@ from gateway.results.sr import build_sr
 from gateway.routing import InferenceJob, Router, study_priority
 from gateway.scheduler import JobQueue
 from gateway.scp import StoreSCP, check_port_free
-from gateway.settings import Settings
+from gateway.settings import PipelineSettings, Settings
 from gateway.spool import Spool, remove_temporary_files
 from gateway.triton_server import TritonServer
 from preprocessing.anatomy import ANATOMY_CHECKS
-from preprocessing.backend import select_backend
+from preprocessing.backend import NUMPY, ArrayBackend, select_backend
 from preprocessing.codec import select_decoder
 from preprocessing.dali_pipeline import DaliPreprocessor
 from preprocessing.dali_pipeline import available as dali_available
@@ -75,6 +75,32 @@ T = TypeVar("T")
 POLL_INTERVAL_S = 0.2
 TRITON_WATCH_INTERVAL_S = 2.0
 RESOURCE_RETRY_S = (1.0, 10.0)  # first and longest wait before a job deferred by a full disk runs again
+
+
+def model_tensor(
+    loaded: LoadedSeries,
+    pipeline: PipelineSettings,
+    *,
+    backend: ArrayBackend = NUMPY,
+    dali: DaliPreprocessor | None = None,
+) -> np.ndarray:
+    """The input tensor of ``pipeline`` for a decoded series, as the plug-in contract declares it."""
+    return to_model_layout(
+        model_input(
+            loaded,
+            size=pipeline.input_size,
+            intensity=pipeline.intensity,
+            hu_clip=pipeline.hu_clip,
+            window=pipeline.window,
+            backend=backend,
+            dali=dali,
+        ),
+        layout=pipeline.input_layout,
+        channels=pipeline.input_channels,
+        dtype=pipeline.input_dtype,
+        scale=pipeline.input_scale,
+        offset=pipeline.input_offset,
+    )
 
 
 @dataclass
@@ -745,22 +771,7 @@ class Gateway:
         stack = await self._timed(
             timings,
             "preprocess",
-            lambda: to_model_layout(
-                model_input(
-                    loaded,
-                    size=pipeline.input_size,
-                    intensity=pipeline.intensity,
-                    hu_clip=pipeline.hu_clip,
-                    window=pipeline.window,
-                    backend=self.backend,
-                    dali=self.dali,
-                ),
-                layout=pipeline.input_layout,
-                channels=pipeline.input_channels,
-                dtype=pipeline.input_dtype,
-                scale=pipeline.input_scale,
-                offset=pipeline.input_offset,
-            ),
+            lambda: model_tensor(loaded, pipeline, backend=self.backend, dali=self.dali),
         )
         started = time.perf_counter()
         output: DetectionOutput | ScoresOutput

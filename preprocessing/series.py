@@ -61,6 +61,16 @@ class LoadedSeries:
         return float(slice_mm), row_mm * rows / size[0], col_mm * cols / size[1]
 
 
+def _ready_for_results(ds: Dataset) -> None:
+    """What result builders need of a header: the Type 2 attributes present (senders sometimes omit them), no
+    empty Specific Character Set (empty means the default repertoire; the builders reject '')."""
+    for keyword in TYPE2_RESULT_ATTRIBUTES:
+        if keyword not in ds:
+            setattr(ds, keyword, "")
+    if "SpecificCharacterSet" in ds and not ds.SpecificCharacterSet:
+        del ds.SpecificCharacterSet
+
+
 def load_series(paths: Sequence[Path], decoder: NvImageDecoder | None = None) -> LoadedSeries:
     """Read and decode the instances of one series (``decoder``: nvImageCodec for the syntaxes it handles)."""
     images: list[DecodedImage] = []
@@ -86,13 +96,7 @@ def load_series(paths: Sequence[Path], decoder: NvImageDecoder | None = None) ->
         ):
             if keyword in ds and not valid:
                 delattr(ds, keyword)
-        for (
-            keyword
-        ) in TYPE2_RESULT_ATTRIBUTES:  # results copy these; senders sometimes omit Type 2 attributes
-            if keyword not in ds:
-                setattr(ds, keyword, "")
-        if "SpecificCharacterSet" in ds and not ds.SpecificCharacterSet:
-            del ds.SpecificCharacterSet  # empty means the default repertoire; result builders reject ''
+        _ready_for_results(ds)
         images.append(image)
         headers.append(ds)
         names.append(Path(path).name)
@@ -121,11 +125,7 @@ def read_headers(paths: Sequence[Path]) -> tuple[Dataset, ...]:
             ds = pydicom.dcmread(path, stop_before_pixels=True)
         except Exception:  # unreadable files are reported by the analysis that failed
             continue
-        for keyword in TYPE2_RESULT_ATTRIBUTES:
-            if keyword not in ds:
-                setattr(ds, keyword, "")
-        if "SpecificCharacterSet" in ds and not ds.SpecificCharacterSet:
-            del ds.SpecificCharacterSet
+        _ready_for_results(ds)
         headers.append(ds)
 
     def number(ds: Dataset) -> int:

@@ -39,20 +39,10 @@ from pydicom.config import RAISE
 from pydicom.dataset import Dataset
 from pydicom.valuerep import validate_value
 
+from preprocessing.series import TYPE2_RESULT_ATTRIBUTES
+
 # Attributes the result objects must carry even when empty (Type 2 in SR / GSPS / SEG).
-TYPE2 = frozenset(
-    {
-        "PatientName",
-        "PatientID",
-        "PatientBirthDate",
-        "PatientSex",
-        "StudyDate",
-        "StudyTime",
-        "ReferringPhysicianName",
-        "StudyID",
-        "AccessionNumber",
-    }
-)
+TYPE2 = frozenset(TYPE2_RESULT_ATTRIBUTES)
 # Values that name a record: cutting one would point at another patient, order or device.
 IDENTIFIERS = frozenset(
     {
@@ -153,10 +143,11 @@ def _repair_one(keyword: str, vr: str, text: str) -> tuple[str | None, str]:
 
 
 def clean_header(ds: Dataset, repairs: HeaderRepairs) -> Dataset:
-    """A copy of ``ds`` whose every top-level text value passes its VR (see the module's rules)."""
-    clean = copy.deepcopy(ds)
-    keep_escape = _iso2022(clean)
-    for element in list(clean):
+    """``ds`` itself when every top-level text value passes its VR, else a corrected copy (the module's rules);
+    a clean header - the common case - is not copied."""
+    clean = ds
+    keep_escape = _iso2022(ds)
+    for element in list(ds):
         keyword = element.keyword
         vr = element.VR
         if not keyword or keyword in KEEP or vr not in TEXT_VRS or element.value in (None, ""):
@@ -181,6 +172,8 @@ def clean_header(ds: Dataset, repairs: HeaderRepairs) -> Dataset:
                 cleaned.append(fixed)
         if not changed:
             continue
+        if clean is ds:
+            clean = copy.deepcopy(ds)
         if not cleaned:
             if keyword in TYPE2:
                 clean[element.tag].value = ""
@@ -188,17 +181,15 @@ def clean_header(ds: Dataset, repairs: HeaderRepairs) -> Dataset:
                 del clean[element.tag]
         else:
             clean[element.tag].value = cleaned if multi else cleaned[0]
-    _conditions(clean, repairs)
-    return clean
-
-
-def _conditions(ds: Dataset, repairs: HeaderRepairs) -> None:
-    """Attributes whose presence makes another one required: without it, the condition is dropped (Type 3)."""
-    if str(ds.get("PatientIdentityRemoved", "")).upper() == "YES" and not (
-        ds.get("DeidentificationMethod") or ds.get("DeidentificationMethodCodeSequence")
+    if str(clean.get("PatientIdentityRemoved", "")).upper() == "YES" and not (
+        clean.get("DeidentificationMethod") or clean.get("DeidentificationMethodCodeSequence")
     ):
-        del ds.PatientIdentityRemoved  # YES requires the method, which the sender did not record
+        # YES requires the de-identification method (Type 1C), which the sender did not record: drop the YES.
+        if clean is ds:
+            clean = copy.deepcopy(ds)
+        del clean.PatientIdentityRemoved
         repairs.add("PatientIdentityRemoved", "dropped (no de-identification method)")
+    return clean
 
 
 def clean_headers(headers: Sequence[Dataset]) -> tuple[tuple[Dataset, ...], HeaderRepairs]:

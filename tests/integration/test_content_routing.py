@@ -4,7 +4,6 @@ a head CT is never sent to the chest pipeline; the decision and its evidence are
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pydicom
@@ -15,15 +14,10 @@ from gateway.audit import AuditLog
 from gateway.engine import Gateway
 from gateway.settings import load_settings
 from gateway.triton_server import free_port
+from tests.support.analysis import content_items
 from tests.support.servers import dciodvfy_errors, storescu, wait_for
 
 pytestmark = pytest.mark.integration
-
-
-def _content(ds: pydicom.Dataset) -> Iterator[pydicom.Dataset]:
-    for item in ds.get("ContentSequence", []):
-        yield item
-        yield from _content(item)
 
 
 def test_abdominal_ct_with_lung_bases_gets_the_chest_pipeline_and_a_head_ct_does_not(
@@ -73,7 +67,7 @@ def test_abdominal_ct_with_lung_bases_gets_the_chest_pipeline_and_a_head_ct_does
     assert chest["pipeline"] == "ct_chest_nodule" and chest["rule"] == "anatomy check: lung"
     assert "lung on 9 of 9 sampled slices" in chest["routing_note"] and chest["findings"] >= 1
     [sr] = [pydicom.dcmread(p) for p in (settings.results_dir / abdomen.study_uid).glob("SR_*.dcm")]
-    items = list(_content(sr))
+    items = list(content_items(sr))
     notes = [i.TextValue for i in items if i.ValueType == "TEXT"]
     assert any("Routed by anatomy check: lung on 9 of 9 sampled slices" in n for n in notes)
     incidental = [

@@ -29,6 +29,7 @@ from gateway.settings import load_settings
 from gateway.spool import Spool
 from gateway.triton_server import free_port
 from tests.integration.conftest import Env
+from tests.support.analysis import content_items
 from tests.support.servers import Orthanc, dciodvfy_errors, http_json, storescu, wait_for
 
 pytestmark = pytest.mark.integration
@@ -346,7 +347,7 @@ def test_a_series_that_cannot_be_analysed_gets_a_failure_sr_at_the_destination(
     [sr_uid] = failed["results"]
     [sr] = env.results(big.study_uid, "SR")
     assert sr.SOPInstanceUID == sr_uid and "FAILED" in sr.SeriesDescription
-    items = list(_content(sr))
+    items = list(content_items(sr))
     summary = [
         i.ConceptCodeSequence[0].CodeValue
         for i in items
@@ -387,12 +388,6 @@ def test_a_series_that_cannot_be_analysed_gets_a_failure_sr_at_the_destination(
     assert env.gateway.api is not None
     metrics = http_json(f"http://127.0.0.1:{env.gateway.api.port}/metrics")[1]
     assert 'gateway_analysis_failures_total{pipeline="ct_hyperdensity",reason="DecodeError"} 1.0' in metrics
-
-
-def _content(ds: pydicom.Dataset) -> Iterator[pydicom.Dataset]:
-    for item in ds.get("ContentSequence", []):
-        yield item
-        yield from _content(item)
 
 
 def test_deidentified_headers_that_break_their_vr_still_get_every_result(env: Env, tmp_path: Path) -> None:

@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 
 from clients.triton import TritonClient
+from gateway.engine import model_tensor
 from gateway.interpret import interpret
 from gateway.plausibility import check_findings
 from gateway.settings import PipelineSettings, load_settings
 from preprocessing.anatomy import body_mask, hu_of
-from preprocessing.normalize import to_model_layout
-from preprocessing.series import LoadedSeries, load_series, model_input
+from preprocessing.series import LoadedSeries, load_series
 
 pytestmark = pytest.mark.integration
 
@@ -27,20 +27,7 @@ REAL_CT = {
 
 
 def _analyse(triton: str, pipeline: PipelineSettings, loaded: LoadedSeries):
-    stack = to_model_layout(
-        model_input(
-            loaded,
-            size=pipeline.input_size,
-            intensity=pipeline.intensity,
-            hu_clip=pipeline.hu_clip,
-            window=pipeline.window,
-        ),
-        layout=pipeline.input_layout,
-        channels=pipeline.input_channels,
-        dtype=pipeline.input_dtype,
-        scale=pipeline.input_scale,
-        offset=pipeline.input_offset,
-    )
+    stack = model_tensor(loaded, pipeline)  # the gateway's own preparation of the model input
     spacing = loaded.grid_spacing_mm(pipeline.input_size)
     extra = {pipeline.spacing_input: np.asarray(spacing, np.float32)} if pipeline.spacing_input else {}
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import collections
 import re
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pydicom
@@ -20,6 +19,7 @@ from gateway.audit import AuditLog
 from gateway.engine import Gateway
 from gateway.settings import Peer, load_settings
 from gateway.triton_server import free_port
+from tests.support.analysis import content_items
 from tests.support.corpus import build_corpus
 from tests.support.servers import Orthanc, dciodvfy_errors, pixelmed_sr_validation, tool_output, wait_for
 
@@ -87,12 +87,6 @@ display_window = [2048.0, 4096.0]
 """
 
 
-def _content(ds: pydicom.Dataset) -> Iterator[pydicom.Dataset]:
-    for item in ds.get("ContentSequence", []):
-        yield item
-        yield from _content(item)
-
-
 def test_every_routed_series_of_the_corpus_gets_a_valid_result(
     tmp_path: Path, triton: str, real_data: Path
 ) -> None:
@@ -156,7 +150,7 @@ def test_every_routed_series_of_the_corpus_gets_a_valid_result(
     for path in results:
         if path.name.startswith("SR_"):
             sr = pydicom.dcmread(path)
-            located = any(item.ValueType in ("SCOORD", "SCOORD3D") for item in _content(sr))
+            located = any(item.ValueType in ("SCOORD", "SCOORD3D") for item in content_items(sr))
             kinds_of_sr.setdefault((str(sr.SeriesDescription), located), path)
     known: list[str] = []
     for (description, _), path in kinds_of_sr.items():

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
+
+import pydicom
 
 from gateway.domain import CodedConcept, Finding
 from gateway.results.common import SeriesAnalysis
@@ -43,3 +46,10 @@ def make_analysis(
         display_window=(40.0, 80.0),
         sources=loaded.headers,
     )
+
+
+def content_items(ds: pydicom.Dataset) -> Iterator[pydicom.Dataset]:
+    """Every content item of an SR (or KO), depth first."""
+    for item in ds.get("ContentSequence", []):
+        yield item
+        yield from content_items(item)
