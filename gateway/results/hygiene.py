@@ -31,6 +31,7 @@ as (attribute keyword, action) pairs - never the values, which may be patient da
 from __future__ import annotations
 
 import copy
+import functools
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -96,7 +97,9 @@ class HeaderRepairs:
         return bool(self.actions)
 
 
-def _valid(vr: str, value: object) -> bool:
+@functools.lru_cache(maxsize=8192)
+def _valid(vr: str, value: str) -> bool:
+    """Whether ``value`` passes ``vr`` (cached: the slices of a series repeat the same patient and study values)."""
     try:
         validate_value(vr, value, RAISE)
     except (ValueError, TypeError, KeyError):
