@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import faulthandler
 import json
 import logging
 import shutil
@@ -74,6 +75,7 @@ T = TypeVar("T")
 
 POLL_INTERVAL_S = 0.2
 TRITON_WATCH_INTERVAL_S = 2.0
+STOP_STACK_DUMP_S = 45.0
 RESOURCE_RETRY_S = (1.0, 10.0)  # first and longest wait before a job deferred by a full disk runs again
 
 
@@ -272,6 +274,16 @@ class Gateway:
             )
 
     def stop(self) -> None:
+        logger.info("gateway stopping")
+        # A stop that hangs (seen once under load, not reproduced) leaves every thread's stack on stderr.
+        faulthandler.dump_traceback_later(STOP_STACK_DUMP_S, exit=False)
+        try:
+            self._stop_parts()
+        finally:
+            faulthandler.cancel_dump_traceback_later()
+        logger.info("gateway stopped")
+
+    def _stop_parts(self) -> None:
         if self.api is not None:
             self.api.stop()
             self.api = None
