@@ -464,6 +464,13 @@ def test_running_gateway_purges_delivered_studies_and_never_undelivered_ones(
         assert (
             storescu(list(undelivered.paths), port=port, calling_ae="OTHER").returncode == 0
         )  # its PACS is down
+        # Both studies are analysed (the second one's SR waits for its PACS) before purging is judged: the
+        # second study must still be there after purge passes that ran while it was analysed and undelivered.
+        wait_for(
+            lambda: list((settings.results_dir / undelivered.study_uid).glob("SR_*.dcm")),
+            timeout_s=90,
+            what="the undelivered study's SR to be stored",
+        )
         wait_for(
             lambda: (
                 any(e["event"] == "purge" for e in audit.read())
@@ -473,6 +480,7 @@ def test_running_gateway_purges_delivered_studies_and_never_undelivered_ones(
             what="the delivered study to be purged",
         )
         assert not (settings.results_dir / delivered.study_uid).exists()
+        time.sleep(3 * settings.retention.interval_s)  # a few more purge passes over the undelivered study
         assert (settings.spool_dir / undelivered.study_uid).is_dir(), "undelivered work is never purged"
         assert list((settings.results_dir / undelivered.study_uid).glob("SR_*.dcm"))
         assert _sr_in(orthanc, delivered.study_uid), "the purged study's results had reached the PACS"
