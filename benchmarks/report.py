@@ -238,7 +238,7 @@ DALI on GPU, Triton on GPU) appear only when the machine has a CUDA device.
 | `python -m benchmarks.preprocess_throughput` | preprocessing slices/s per backend, difference from numpy |
 | `python -m benchmarks.transport` | one batch through the Triton path (shared memory, gRPC) vs in-process |
 | `make bench-stages` (`python -m benchmarks.e2e_latency`) | single studies through Orthanc, time per stage |
-| `python -m benchmarks.evaluate` | detection quality (FROC) of the reference pipelines, in `froc/` |
+| `python -m benchmarks.evaluate` | detection quality (FROC) of the reference pipelines on the served path (Triton, configured thresholds), phantoms and real negatives, in `froc/` |
 
 ## Targets
 

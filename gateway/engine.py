@@ -24,8 +24,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-import numpy as np
-
 from clients.triton import DetectionOutput, ScoresOutput, TritonClient
 from clients.triton_batcher import CrossStudyBatcher
 from gateway import retention
@@ -42,13 +40,12 @@ from gateway.errors import (
     as_resource_error,
 )
 from gateway.http_api import AdminApi, ApiBackend
-from gateway.interpret import interpret, interpret_scores
 from gateway.logs import silence_identifier_warnings
 from gateway.metrics import Metrics
 from gateway.model_registry import ModelRegistry, local_model_version, model_fingerprint
 from gateway.notify import FailureEvent, StatEvent, StatNotifier
+from gateway.orchestration.analysis import prepare_input, read_output, run_model
 from gateway.outbox import Outbox
-from gateway.plausibility import check_findings
 from gateway.reporting import ReportDispatcher
 from gateway.results.common import SeriesAnalysis
 from gateway.results.content import SeriesReport, reported_findings
@@ -58,17 +55,16 @@ from gateway.results.sr import build_sr
 from gateway.routing import InferenceJob, Router, study_priority
 from gateway.scheduler import JobQueue
 from gateway.scp import StoreSCP, check_port_free
-from gateway.settings import PipelineSettings, Settings
+from gateway.settings import Settings
 from gateway.spool import Spool, remove_temporary_files
 from gateway.triton_server import TritonServer
 from preprocessing.anatomy import ANATOMY_CHECKS
-from preprocessing.backend import NUMPY, ArrayBackend, select_backend
+from preprocessing.backend import select_backend
 from preprocessing.codec import select_decoder
 from preprocessing.dali_pipeline import DaliPreprocessor
 from preprocessing.dali_pipeline import available as dali_available
 from preprocessing.decode import decoder_availability
-from preprocessing.normalize import to_model_layout
-from preprocessing.series import LoadedSeries, load_series, model_input, read_headers
+from preprocessing.series import LoadedSeries, load_series, read_headers
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -77,32 +73,6 @@ POLL_INTERVAL_S = 0.2
 TRITON_WATCH_INTERVAL_S = 2.0
 STOP_STACK_DUMP_S = 45.0
 RESOURCE_RETRY_S = (1.0, 10.0)  # first and longest wait before a job deferred by a full disk runs again
-
-
-def model_tensor(
-    loaded: LoadedSeries,
-    pipeline: PipelineSettings,
-    *,
-    backend: ArrayBackend = NUMPY,
-    dali: DaliPreprocessor | None = None,
-) -> np.ndarray:
-    """The input tensor of ``pipeline`` for a decoded series, as the plug-in contract declares it."""
-    return to_model_layout(
-        model_input(
-            loaded,
-            size=pipeline.input_size,
-            intensity=pipeline.intensity,
-            hu_clip=pipeline.hu_clip,
-            window=pipeline.window,
-            backend=backend,
-            dali=dali,
-        ),
-        layout=pipeline.input_layout,
-        channels=pipeline.input_channels,
-        dtype=pipeline.input_dtype,
-        scale=pipeline.input_scale,
-        offset=pipeline.input_offset,
-    )
 
 
 @dataclass
@@ -780,56 +750,24 @@ class Gateway:
         loaded: LoadedSeries = await self._timed(timings, "decode", load_series, paths, self.decoder)
         for name, reason in loaded.skipped:
             logger.info("series %s: instance %s skipped: %s", series.series_instance_uid, name, reason)
-        stack = await self._timed(
+        prepared = await self._timed(
             timings,
             "preprocess",
-            lambda: model_tensor(loaded, pipeline, backend=self.backend, dali=self.dali),
+            lambda: prepare_input(loaded, pipeline, backend=self.backend, dali=self.dali),
         )
         started = time.perf_counter()
-        output: DetectionOutput | ScoresOutput
         shared = self.batcher if self.batcher is not None and pipeline.batchable else None
-        if pipeline.output_kind == "class_scores":
-            output = await (shared or client).classify(
-                pipeline.model,
-                stack,
-                input_name=pipeline.input_name,
-                output_name=pipeline.output_name,
-                priority=job.priority,
-            )
-            found = interpret_scores(output.scores, loaded.images, pipeline)
-            mask = None
-        else:
-            spacing = loaded.grid_spacing_mm(pipeline.input_size)
-            extra = (
-                {pipeline.spacing_input: np.asarray(spacing, np.float32)} if pipeline.spacing_input else {}
-            )
-            output = await (shared or client).detect(
-                pipeline.model,
-                stack,
-                priority=job.priority,
-                want_mask=pipeline.segmentation,
-                input_name=pipeline.input_name,
-                whole_volume=pipeline.input_scope == "volume",
-                extra_inputs=extra,
-            )
-            found = interpret(output, loaded.images, pipeline, voxel_mm3=float(np.prod(spacing)))
-            mask = output.mask
+        output = await run_model(shared or client, pipeline, prepared, priority=job.priority)
         timings["infer"] = time.perf_counter() - started
-        plausible = check_findings(found.findings, loaded.images, pipeline, modality=series.modality.upper())
-        if plausible.dropped:
-            for kind, text in plausible.dropped:
-                self.metrics.findings_implausible.labels(pipeline.name, kind).inc()
-                logger.warning(
-                    "series %s, pipeline %s: implausible finding dropped: %s",
-                    series.series_instance_uid,
-                    pipeline.name,
-                    text,
-                )
-            found = dataclasses.replace(
-                found,
-                findings=plausible.findings,
-                dropped=(*found.dropped, *(text for _, text in plausible.dropped)),
-                stat=any(f.confidence >= pipeline.stat_threshold for f in plausible.findings),
+        reading = read_output(output, loaded, pipeline, prepared, modality=series.modality)
+        found, mask = reading.interpretation, reading.mask
+        for kind, text in reading.implausible:
+            self.metrics.findings_implausible.labels(pipeline.name, kind).inc()
+            logger.warning(
+                "series %s, pipeline %s: implausible finding dropped: %s",
+                series.series_instance_uid,
+                pipeline.name,
+                text,
             )
         stat = found.stat and pipeline.mode is RolloutMode.TRIAGE
         if stat and self._queue is not None:

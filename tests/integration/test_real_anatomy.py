@@ -7,13 +7,10 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from clients.triton import TritonClient
-from gateway.engine import model_tensor
-from gateway.interpret import interpret
-from gateway.plausibility import check_findings
+from gateway.orchestration.analysis import Reading, analyse
 from gateway.settings import PipelineSettings, load_settings
 from preprocessing.anatomy import body_mask, hu_of
 from preprocessing.series import LoadedSeries, load_series
@@ -26,26 +23,15 @@ REAL_CT = {
 }
 
 
-def _analyse(triton: str, pipeline: PipelineSettings, loaded: LoadedSeries):
-    stack = model_tensor(loaded, pipeline)  # the gateway's own preparation of the model input
-    spacing = loaded.grid_spacing_mm(pipeline.input_size)
-    extra = {pipeline.spacing_input: np.asarray(spacing, np.float32)} if pipeline.spacing_input else {}
-
-    async def run():
+def _analyse(triton: str, pipeline: PipelineSettings, loaded: LoadedSeries) -> Reading:
+    async def run() -> Reading:
         client = TritonClient(triton)  # the gRPC client belongs to the loop it is made in
         try:
-            return await client.detect(
-                pipeline.model,
-                stack,
-                input_name=pipeline.input_name,
-                whole_volume=pipeline.input_scope == "volume",
-                extra_inputs=extra,
-            )
+            return await analyse(client, loaded, pipeline, modality="CT")  # the gateway's own steps
         finally:
             await client.close()
 
-    output = asyncio.run(run())
-    return interpret(output, loaded.images, pipeline, voxel_mm3=float(np.prod(spacing)))
+    return asyncio.run(run())
 
 
 def _outside_body(loaded: LoadedSeries, findings) -> list[str]:
@@ -67,12 +53,11 @@ def test_no_finding_outside_the_body_on_real_ct_for_any_pipeline(triton: str, re
     for label, pattern in REAL_CT.items():
         loaded = load_series(sorted(real_data.glob(pattern)))
         for pipeline in pipelines:
-            found = _analyse(triton, pipeline, loaded)
-            plausible = check_findings(found.findings, loaded.images, pipeline, modality="CT")
-            assert _outside_body(loaded, plausible.findings) == [], f"{pipeline.name} on {label}"
-            raw_outside = len(_outside_body(loaded, found.findings))
+            reading = _analyse(triton, pipeline, loaded)
+            kept = reading.interpretation.findings
+            assert _outside_body(loaded, kept) == [], f"{pipeline.name} on {label}"
             report.append(
-                f"{pipeline.name} on {label}: {len(found.findings)} raw finding(s) ({raw_outside} outside the body), "
-                f"{len(plausible.dropped)} dropped as implausible, {len(plausible.findings)} false positive(s) kept"
+                f"{pipeline.name} on {label}: {len(reading.implausible)} finding(s) dropped as implausible, "
+                f"{len(kept)} false positive(s) kept"
             )
     print("\n" + "\n".join(report))
