@@ -7,7 +7,6 @@ that nothing patient-identifying reached a log.)"""
 from __future__ import annotations
 
 import collections
-import re
 import time
 from pathlib import Path
 
@@ -21,16 +20,16 @@ from gateway.settings import Peer, load_settings
 from gateway.triton_server import free_port
 from tests.support.analysis import content_items
 from tests.support.corpus import build_corpus
-from tests.support.servers import Orthanc, dciodvfy_errors, pixelmed_sr_validation, tool_output, wait_for
+from tests.support.servers import (
+    KNOWN_PIXELMED_TID_1410_HEURISTIC,
+    Orthanc,
+    dciodvfy_errors,
+    pixelmed_sr_validation,
+    tool_output,
+    wait_for,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(1200)]
-
-# Open defect found by this corpus: PixelMed does not accept the SCOORD image region of a finding on a real CR image
-# (TID 1410 rows 5 / 7 "Missing conditional content item") although dciodvfy and dsrdump accept the SR and the same
-# structure on a CT image passes. Only these two lines are tolerated, only for radiograph SRs, and they are counted.
-KNOWN_RADIOGRAPH_ERROR = re.compile(
-    r"Template 1410 PlanarROIMeasurements/.*\[Row (5\] SCOORD|7\] IMAGE).*Missing conditional content item"
-)
 
 CONFIG = """
 data_dir = "{data}"
@@ -158,8 +157,8 @@ def test_every_routed_series_of_the_corpus_gets_a_valid_result(
         if "Found Root Template TID_1500" not in out:
             validator_errors["pixelmed"].append(f"{path.name}: TID 1500 root template not found")
         for line in (line for line in out.splitlines() if line.startswith("Error")):
-            if "radiograph" in description and KNOWN_RADIOGRAPH_ERROR.search(line):
-                known.append(line)  # open defect, see KNOWN_RADIOGRAPH_ERROR; any other error still fails
+            if "radiograph" in description and KNOWN_PIXELMED_TID_1410_HEURISTIC.search(line):
+                known.append(line)  # PixelMed's heuristic, see KNOWN_PIXELMED_TID_1410_HEURISTIC; others fail
             else:
                 validator_errors["pixelmed"].append(f"{path.name}: {line}")
     assert dict(validator_errors) == {k: [] for k in validator_errors}, {
