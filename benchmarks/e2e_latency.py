@@ -23,11 +23,11 @@ from pydicom.uid import generate_uid
 
 from benchmarks import cli
 from benchmarks.phantoms import Lesion, write_head_ct
-from gateway.audit import AuditLog
-from gateway.engine import Gateway
-from gateway.logs import configure_logging
-from gateway.settings import load_settings
-from gateway.triton_server import free_port
+from gateway.app import Gateway
+from gateway.config.settings import load_settings
+from gateway.core.logs import configure_logging
+from gateway.inference.server import free_port
+from gateway.ops.audit import AuditLog
 from tests.support.servers import Orthanc, storescu, wait_for
 
 REAL_CT = Path(__file__).resolve().parents[2] / "shared" / "data" / "real" / "ct-3slice"

@@ -51,12 +51,12 @@ import pydicom
 
 from benchmarks.phantoms import Lesion, Nodule, Opacity, write_chest_ct, write_cxr, write_head_ct
 from clients.triton import TritonClient
-from gateway.assembler import assemble_study
-from gateway.domain import Finding
+from gateway.config.settings import PipelineSettings, Settings, default_model_repository, load_settings
+from gateway.core.domain import Finding
+from gateway.ingest.assembler import assemble_study
+from gateway.ingest.spool import record_from_header
 from gateway.orchestration.analysis import Reading, analyse
-from gateway.routing import Router
-from gateway.settings import PipelineSettings, Settings, default_model_repository, load_settings
-from gateway.spool import record_from_header
+from gateway.orchestration.routing import Router
 from preprocessing.series import LoadedSeries, load_series
 
 FP_RATES = (0.5, 1.0, 2.0)
@@ -257,7 +257,7 @@ class ServedPath:
 
     def __enter__(self) -> ServedPath:
         if self._url is None:
-            from gateway.triton_server import TritonServer
+            from gateway.inference.server import TritonServer
 
             self._work = tempfile.TemporaryDirectory(prefix="evaluate-triton-")
             self._server = TritonServer(

@@ -24,11 +24,11 @@ from typing import Any
 from benchmarks import cli
 from benchmarks.e2e_latency import fresh_copy
 from benchmarks.phantoms import write_head_ct
-from gateway.domain import InstanceRecord
-from gateway.scp import StoreSCP
-from gateway.settings import ReceiverSettings
-from gateway.spool import Spool
-from gateway.triton_server import free_port
+from gateway.config.settings import ReceiverSettings
+from gateway.core.domain import InstanceRecord
+from gateway.inference.server import free_port
+from gateway.ingest.receiver import StoreSCP
+from gateway.ingest.spool import Spool
 from tests.support.servers import Orthanc, require_tool, storescu, wait_for
 
 Receiver = Callable[[Path], Iterator[tuple[int, str]]]

@@ -34,8 +34,8 @@ from tqdm import tqdm
 from benchmarks import cli, ingest, preprocess_throughput, run_bench, transport
 from benchmarks.phantoms import Lesion, write_head_ct
 from clients.triton import TritonClient
-from gateway.settings import default_model_repository
-from gateway.triton_server import TritonServer
+from gateway.config.settings import default_model_repository
+from gateway.inference.server import TritonServer
 from preprocessing.series import load_series, model_input
 
 HERE = Path(__file__).resolve().parent

@@ -22,10 +22,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from gateway.engine import Gateway
-from gateway.logs import configure_logging
-from gateway.settings import load_settings
-from gateway.triton_server import free_port
+from gateway.app import Gateway
+from gateway.config.settings import load_settings
+from gateway.core.logs import configure_logging
+from gateway.inference.server import free_port
 
 HERE = Path(__file__).resolve().parent
 

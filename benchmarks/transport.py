@@ -23,9 +23,9 @@ import numpy as np
 
 from benchmarks import cli
 from clients.triton import TritonClient
-from gateway.domain import Priority
-from gateway.settings import default_model_repository
-from gateway.triton_server import TritonServer
+from gateway.config.settings import default_model_repository
+from gateway.core.domain import Priority
+from gateway.inference.server import TritonServer
 
 MODEL = "ct_head_hyperdensity_detector"
 TARGET_RATIO = 1.25

@@ -13,8 +13,8 @@ from pydicom.dataset import Dataset
 from pynetdicom import AE, build_context
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-from gateway.errors import DeliveryError
-from gateway.settings import Peer
+from gateway.config.settings import Peer
+from gateway.core.errors import DeliveryError
 
 logger = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ import socket
 import time
 from dataclasses import dataclass
 
-from gateway.errors import DeliveryError
+from gateway.core.errors import DeliveryError
 
 logger = logging.getLogger(__name__)
 

@@ -22,8 +22,8 @@ from typing import Any, TypeVar
 import numpy as np
 
 from clients.triton_shm import SharedMemoryPool
-from gateway.domain import Priority
-from gateway.errors import InferenceError, InferenceUnavailable
+from gateway.core.domain import Priority
+from gateway.core.errors import InferenceError, InferenceUnavailable
 
 logger = logging.getLogger(__name__)
 

@@ -17,16 +17,16 @@ from pathlib import Path
 import pydicom
 from pydicom.errors import InvalidDicomError
 
-from gateway.assembler import assemble_study
-from gateway.domain import InstanceRecord, Series, Study
-from gateway.errors import GatewayError
-from gateway.logs import neutralise, silence_identifier_warnings
+from gateway.config.settings import PipelineSettings, Settings
+from gateway.core.domain import InstanceRecord, Series, Study
+from gateway.core.errors import GatewayError
+from gateway.core.logs import neutralise, silence_identifier_warnings
+from gateway.ingest.assembler import assemble_study
+from gateway.ingest.spool import record_from_header
+from gateway.orchestration.routing import Router
 from gateway.results.common import SeriesAnalysis
 from gateway.results.hygiene import clean_headers
 from gateway.results.sr import build_sr
-from gateway.routing import Router
-from gateway.settings import PipelineSettings, Settings
-from gateway.spool import record_from_header
 from preprocessing.series import load_series
 
 

@@ -9,9 +9,9 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from gateway.errors import ConfigError, GatewayError
-from gateway.logs import configure_logging
-from gateway.settings import Peer, Settings, load_settings
+from gateway.config.settings import Peer, Settings, load_settings
+from gateway.core.errors import ConfigError, GatewayError
+from gateway.core.logs import configure_logging
 
 DESCRIPTION = """\
 DICOM AI inference gateway.
@@ -79,7 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     serve.add_argument(
-        "--config", type=Path, metavar="FILE", help="TOML settings file (see gateway/default_config.toml)"
+        "--config",
+        type=Path,
+        metavar="FILE",
+        help="TOML settings file (see gateway/config/default_config.toml)",
     )
     serve.add_argument("--port", type=int, help="DICOM port to listen on (default from config: 11112)")
     serve.add_argument("--host", help="address to listen on (default 127.0.0.1)")
@@ -215,7 +218,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from gateway.engine import Gateway
+    from gateway.app import Gateway
 
     settings = load_settings(args.config, _overrides(args))
     configure_logging(settings.log_level)
@@ -291,7 +294,7 @@ def cmd_echo(args: argparse.Namespace) -> int:
 
 
 def cmd_resend(args: argparse.Namespace) -> int:
-    from gateway.outbox import Outbox
+    from gateway.delivery.outbox import Outbox
 
     overrides: dict[str, Any] = {"data_dir": str(args.data_dir.resolve())} if args.data_dir else {}
     settings = load_settings(args.config, overrides)
@@ -330,7 +333,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_purge(args: argparse.Namespace) -> int:
-    from gateway import retention
+    from gateway.ops import retention
 
     overrides: dict[str, Any] = {"data_dir": str(args.data_dir.resolve())} if args.data_dir else {}
     settings = load_settings(args.config, overrides)
@@ -369,7 +372,7 @@ def cmd_purge(args: argparse.Namespace) -> int:
 def cmd_token(args: argparse.Namespace) -> int:
     import secrets
 
-    from gateway.http_api import hash_token
+    from gateway.ops.http_api import hash_token
 
     value = secrets.token_urlsafe(32)
     print(f"token (give to the client, shown once): {value}\n")

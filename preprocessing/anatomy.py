@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from gateway.errors import DecodeError
+from gateway.core.errors import DecodeError
 from preprocessing.decode import DecodedImage, decode_dataset, read_dataset
 
 SAMPLED_SLICES = 9

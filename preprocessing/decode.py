@@ -16,7 +16,7 @@ import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
 
-from gateway.errors import DecodeError
+from gateway.core.errors import DecodeError
 
 if TYPE_CHECKING:
     from preprocessing.codec import NvImageDecoder

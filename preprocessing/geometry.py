@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from gateway.errors import DecodeError
+from gateway.core.errors import DecodeError
 from preprocessing.decode import DecodedImage
 
 ORIENTATION_TOLERANCE = 1e-3

@@ -13,7 +13,7 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 
-from gateway.errors import DecodeError
+from gateway.core.errors import DecodeError
 from preprocessing.backend import NUMPY, ArrayBackend
 from preprocessing.dali_pipeline import DaliPreprocessor, supports
 from preprocessing.decode import DecodedImage, decode_dataset, read_dataset

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.settings import default_model_repository
+from gateway.config.settings import default_model_repository
 
 # The shared real-data folder sits next to the repository; GATEWAY_REAL_DATA overrides the location.
 REAL_DATA = Path(
@@ -34,7 +34,7 @@ def model_repository() -> Path:
 @pytest.fixture(scope="session")
 def triton(model_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real tritonserver from the nvidia-pytriton wheel, shared by the session; yields its gRPC URL."""
-    from gateway.triton_server import TritonServer
+    from gateway.inference.server import TritonServer
 
     server = TritonServer(model_repository, tmp_path_factory.mktemp("triton"), startup_timeout_s=180)
     server.start()

@@ -16,10 +16,10 @@ from typing import Protocol
 import numpy as np
 
 from clients.triton import DetectionOutput, ScoresOutput
-from gateway.domain import Priority
-from gateway.interpret import Interpretation, interpret, interpret_scores
-from gateway.plausibility import check_findings
-from gateway.settings import PipelineSettings
+from gateway.config.settings import PipelineSettings
+from gateway.core.domain import Priority
+from gateway.orchestration.interpret import Interpretation, interpret, interpret_scores
+from gateway.orchestration.plausibility import check_findings
 from preprocessing.backend import NUMPY, ArrayBackend
 from preprocessing.dali_pipeline import DaliPreprocessor
 from preprocessing.normalize import to_model_layout

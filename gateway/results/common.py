@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
-from gateway.domain import Finding
+from gateway.core.domain import Finding
 
 MANUFACTURER = "DICOM AI Gateway"
 SOFTWARE_VERSION = "0.1.0"
@@ -40,7 +40,7 @@ class SeriesAnalysis:
     report_threshold: float
     display_window: tuple[float, float]
     sources: tuple[Dataset, ...]  # headers (no pixel data) of the analysed instances, in slice order
-    model_sha256: str = ""  # content hash of the model files (gateway/model_registry.py); "" when unknown
+    model_sha256: str = ""  # content hash of the model files (gateway/inference/registry.py); "" when unknown
     # Why the analysed study may be incomplete (its last association was aborted or had refusals); "" when not.
     incomplete_reason: str = ""
     # Set when the series was routed by an anatomy check, not a header rule: its findings are incidental.

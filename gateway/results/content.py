@@ -16,11 +16,11 @@ import highdicom as hd
 import numpy as np
 from pydicom.dataset import Dataset
 
-from gateway.domain import CodedConcept, Finding
-from gateway.errors import InvalidInstanceError
-from gateway.results import codes as gw
+from gateway.core import codes as gw
+from gateway.core.domain import CodedConcept, Finding
+from gateway.core.errors import InvalidInstanceError
+from gateway.core.terminology import finding_site
 from gateway.results.common import SeriesAnalysis
-from gateway.results.terminology import finding_site
 
 ALGORITHM_NAME = "111001"
 ALGORITHM_VERSION = "111003"

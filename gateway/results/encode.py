@@ -81,7 +81,7 @@ def encode_results(
 
 
 def _worker_init(level: int) -> None:
-    from gateway.logs import handler_for, silence_identifier_warnings
+    from gateway.core.logs import handler_for, silence_identifier_warnings
 
     root = logging.getLogger()
     root.handlers[:] = [handler_for(sys.stderr)]

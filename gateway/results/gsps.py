@@ -23,7 +23,7 @@ from highdicom.pr import (
 from pydicom.dataset import Dataset
 from pydicom.pixels import pack_bits
 
-from gateway.domain import Finding
+from gateway.core.domain import Finding
 from gateway.results.common import MANUFACTURER, SOFTWARE_VERSION, SeriesAnalysis
 from gateway.results.content import rectangle
 

@@ -10,7 +10,7 @@ import highdicom as hd
 import numpy as np
 from pydicom.sr.codedict import codes
 
-from gateway.results import codes as gw
+from gateway.core import codes as gw
 from gateway.results.common import MANUFACTURER, SOFTWARE_VERSION, SeriesAnalysis
 
 SEG_SERIES_NUMBER = 9903

@@ -41,7 +41,7 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 
-from gateway.results import codes as gw
+from gateway.core import codes as gw
 from gateway.results.common import MANUFACTURER, SOFTWARE_VERSION, SeriesAnalysis
 from gateway.results.content import ReportedFinding, reported_findings
 

@@ -10,10 +10,10 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from gateway.audit import AuditLog
-from gateway.engine import Gateway
-from gateway.settings import load_settings
-from gateway.triton_server import free_port
+from gateway.app import Gateway
+from gateway.config.settings import load_settings
+from gateway.inference.server import free_port
+from gateway.ops.audit import AuditLog
 from tests.support.servers import MllpListener, Orthanc, WebhookReceiver, wait_for
 
 CONFIG = """

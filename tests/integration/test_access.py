@@ -13,9 +13,9 @@ import pytest
 
 from benchmarks.phantoms import write_head_ct
 from clients.dicom_scu import echo, store_datasets
-from gateway.engine import Gateway
-from gateway.settings import Peer, load_settings
-from gateway.triton_server import free_port
+from gateway.app import Gateway
+from gateway.config.settings import Peer, load_settings
+from gateway.inference.server import free_port
 from tests.support.servers import require_tool, storescu
 
 pytestmark = pytest.mark.integration

@@ -10,10 +10,10 @@ import pydicom
 import pytest
 
 from benchmarks.phantoms import Nodule, write_chest_ct, write_head_ct
-from gateway.audit import AuditLog
-from gateway.engine import Gateway
-from gateway.settings import load_settings
-from gateway.triton_server import free_port
+from gateway.app import Gateway
+from gateway.config.settings import load_settings
+from gateway.inference.server import free_port
+from gateway.ops.audit import AuditLog
 from tests.support.analysis import content_items
 from tests.support.servers import dciodvfy_errors, storescu, wait_for
 

@@ -14,11 +14,11 @@ from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 
 from benchmarks.phantoms import write_head_ct
-from gateway.audit import AuditLog
-from gateway.engine import Gateway
-from gateway.http_api import hash_token
-from gateway.settings import load_settings
-from gateway.triton_server import TritonServer, free_port
+from gateway.app import Gateway
+from gateway.config.settings import load_settings
+from gateway.inference.server import TritonServer, free_port
+from gateway.ops.audit import AuditLog
+from gateway.ops.http_api import hash_token
 from tests.support.servers import Orthanc, http_json, storescu, wait_for
 
 pytestmark = pytest.mark.integration

@@ -15,8 +15,8 @@ import pytest
 from pydicom.uid import generate_uid
 
 from benchmarks.phantoms import Lesion, write_head_ct
-from gateway.audit import AuditLog
-from gateway.triton_server import free_port
+from gateway.inference.server import free_port
+from gateway.ops.audit import AuditLog
 from tests.integration.conftest import Env
 from tests.support.servers import Orthanc, storescu, wait_for
 

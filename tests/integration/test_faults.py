@@ -22,12 +22,12 @@ from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 
 from benchmarks.phantoms import Lesion, write_head_ct
-from gateway.audit import AuditLog
-from gateway.engine import Gateway
-from gateway.scp import StoreSCP
-from gateway.settings import load_settings
-from gateway.spool import Spool
-from gateway.triton_server import free_port
+from gateway.app import Gateway
+from gateway.config.settings import load_settings
+from gateway.inference.server import free_port
+from gateway.ingest.receiver import StoreSCP
+from gateway.ingest.spool import Spool
+from gateway.ops.audit import AuditLog
 from tests.integration.conftest import Env
 from tests.support.analysis import content_items
 from tests.support.servers import Orthanc, dciodvfy_errors, http_json, storescu, wait_for

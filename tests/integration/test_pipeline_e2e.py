@@ -15,11 +15,11 @@ import pytest
 import tritonclient.grpc as grpcclient
 
 from benchmarks.phantoms import Lesion, write_head_ct
-from gateway.engine import Gateway
-from gateway.model_registry import model_fingerprint
+from gateway.app import Gateway
+from gateway.config.settings import default_model_repository, load_settings
+from gateway.inference.registry import model_fingerprint
+from gateway.inference.server import free_port
 from gateway.results.content import read_measurement_report
-from gateway.settings import default_model_repository, load_settings
-from gateway.triton_server import free_port
 from tests.integration.conftest import Env
 from tests.support.geometry import patient_to_pixel
 from tests.support.servers import dciodvfy_errors, storescu, wait_for

@@ -14,10 +14,10 @@ from onnx import TensorProto, helper, numpy_helper
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from gateway.engine import Gateway
+from gateway.app import Gateway
+from gateway.config.settings import load_settings
+from gateway.inference.server import TritonServer, free_port
 from gateway.results.content import read_measurement_report
-from gateway.settings import load_settings
-from gateway.triton_server import TritonServer, free_port
 from tests.support.servers import dciodvfy_errors, storescu, wait_for
 
 pytestmark = pytest.mark.integration

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from clients.triton import TritonClient
+from gateway.config.settings import PipelineSettings, load_settings
 from gateway.orchestration.analysis import Reading, analyse
-from gateway.settings import PipelineSettings, load_settings
 from preprocessing.anatomy import body_mask, hu_of
 from preprocessing.series import LoadedSeries, load_series
 

@@ -14,10 +14,10 @@ import pydicom
 import pytest
 
 from clients.dicom_scu import store_files
-from gateway.audit import AuditLog
-from gateway.engine import Gateway
-from gateway.settings import Peer, load_settings
-from gateway.triton_server import free_port
+from gateway.app import Gateway
+from gateway.config.settings import Peer, load_settings
+from gateway.inference.server import free_port
+from gateway.ops.audit import AuditLog
 from tests.support.analysis import content_items
 from tests.support.corpus import build_corpus
 from tests.support.servers import (

@@ -186,10 +186,10 @@ def test_negative_and_real_studies_get_valid_reports_too(env: Env, tmp_path: Pat
 def test_unreachable_fhir_and_hl7_endpoints_are_retried_reported_and_never_block(
     tmp_path: Path, triton: str
 ) -> None:
-    from gateway.audit import AuditLog
-    from gateway.engine import Gateway
-    from gateway.settings import load_settings
-    from gateway.triton_server import free_port
+    from gateway.app import Gateway
+    from gateway.config.settings import load_settings
+    from gateway.inference.server import free_port
+    from gateway.ops.audit import AuditLog
     from tests.support.servers import storescu
 
     port, dead = free_port(), free_port()

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 
 from benchmarks.phantoms import write_head_ct
-from gateway.audit import AuditLog
-from gateway.engine import Gateway
-from gateway.settings import load_settings
-from gateway.triton_server import free_port
+from gateway.app import Gateway
+from gateway.config.settings import load_settings
+from gateway.inference.server import free_port
+from gateway.ops.audit import AuditLog
 from tests.support.servers import http_json, storescu, wait_for
 
 pytestmark = pytest.mark.integration

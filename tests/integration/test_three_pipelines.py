@@ -12,11 +12,11 @@ import pytest
 import tritonclient.grpc as grpcclient
 
 from benchmarks.phantoms import Lesion, Nodule, Opacity, write_chest_ct, write_cxr, write_head_ct
-from gateway.audit import AuditLog
-from gateway.engine import Gateway
+from gateway.app import Gateway
+from gateway.config.settings import load_settings
+from gateway.inference.server import free_port
+from gateway.ops.audit import AuditLog
 from gateway.results.content import read_measurement_report
-from gateway.settings import load_settings
-from gateway.triton_server import free_port
 from tests.support.servers import dciodvfy_errors, storescu, wait_for
 
 pytestmark = pytest.mark.integration

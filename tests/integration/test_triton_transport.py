@@ -12,10 +12,10 @@ import pytest
 
 from benchmarks.phantoms import Lesion, write_head_ct
 from clients.triton import DetectionOutput, TritonClient
-from clients.triton_batcher import CrossStudyBatcher
-from gateway.domain import Priority
-from gateway.errors import InferenceUnavailable
-from gateway.triton_server import free_port
+from gateway.core.domain import Priority
+from gateway.core.errors import InferenceUnavailable
+from gateway.inference.batcher import CrossStudyBatcher
+from gateway.inference.server import free_port
 from preprocessing.series import load_series, model_input
 
 pytestmark = pytest.mark.integration

@@ -7,7 +7,7 @@ from typing import Any
 
 import pydicom
 
-from gateway.domain import CodedConcept, Finding
+from gateway.core.domain import CodedConcept, Finding
 from gateway.results.common import SeriesAnalysis
 from preprocessing.series import LoadedSeries
 

@@ -14,7 +14,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from gateway.triton_server import free_port
+from gateway.inference.server import free_port
 
 LOOPBACK = "127.0.0.1"
 

@@ -48,8 +48,8 @@ def test_module_entry_point_runs() -> None:
 def test_port_in_use_is_a_clear_config_error() -> None:
     import socket
 
-    from gateway.errors import ConfigError
-    from gateway.scp import check_port_free
+    from gateway.core.errors import ConfigError
+    from gateway.ingest.receiver import check_port_free
 
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

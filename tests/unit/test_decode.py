@@ -4,7 +4,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from gateway.errors import DecodeError
+from gateway.core.errors import DecodeError
 from preprocessing.decode import decode_dataset, decode_file, decoder_availability
 
 

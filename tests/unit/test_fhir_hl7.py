@@ -13,10 +13,10 @@ from hl7apy.parser import parse_message
 
 from benchmarks.phantoms import PATIENT_ID, write_head_ct
 from clients.mllp import ack_code, send_mllp
-from gateway.errors import DeliveryError
+from gateway.core.errors import DeliveryError
+from gateway.reporting.fhir import build_bundle
+from gateway.reporting.hl7 import build_oru, build_priority_update
 from gateway.results.content import SeriesReport, reported_findings
-from gateway.results.fhir import build_bundle
-from gateway.results.hl7 import build_oru, build_priority_update
 from preprocessing.series import load_series
 from tests.support.analysis import make_analysis, make_finding
 from tests.support.servers import MllpListener
@@ -134,7 +134,7 @@ def test_mllp_delivery_acks_then_retries_on_nak_and_silence(reports: list[Series
 
 
 def test_unreachable_mllp_endpoint_is_a_delivery_error(tmp_path: Path) -> None:
-    from gateway.triton_server import free_port
+    from gateway.inference.server import free_port
 
     with pytest.raises(DeliveryError, match="after 2 tries"):
         send_mllp("127.0.0.1", free_port(), "MSH|^~\\&|x", timeout_s=0.5, attempts=2, backoff_s=0.01)

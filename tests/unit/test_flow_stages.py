@@ -9,13 +9,13 @@ import pytest
 from pydicom.dataset import FileMetaDataset
 
 from benchmarks.phantoms import write_head_ct
-from gateway.assembler import StudyAssembler
-from gateway.domain import InstanceRecord, Priority, Series, Study
-from gateway.errors import InvalidInstanceError, SpoolFullError
-from gateway.routing import InferenceJob, Router
-from gateway.scheduler import JobQueue
-from gateway.settings import load_settings
-from gateway.spool import Spool
+from gateway.config.settings import load_settings
+from gateway.core.domain import InstanceRecord, Priority, Series, Study
+from gateway.core.errors import InvalidInstanceError, SpoolFullError
+from gateway.ingest.assembler import StudyAssembler
+from gateway.ingest.spool import Spool
+from gateway.orchestration.routing import InferenceJob, Router
+from gateway.orchestration.scheduler import JobQueue
 
 
 def _body(path: Path) -> tuple[FileMetaDataset, bytes]:

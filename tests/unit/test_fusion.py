@@ -2,8 +2,8 @@
 
 import numpy as np
 import pytest
+from ensemble_steps.fusion import Box, iou, link_slices, weighted_box_fusion
 
-from preprocessing.fusion import Box, iou, link_slices, weighted_box_fusion
 from preprocessing.normalize import percentile_normalize
 
 

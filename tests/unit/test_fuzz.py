@@ -13,17 +13,17 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from ensemble_steps.detection import heatmap_to_detections, hyperdensity_channels
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from benchmarks.phantoms import write_head_ct
 from clients.triton import DetectionOutput
-from gateway.errors import DecodeError, InvalidInstanceError
-from gateway.interpret import interpret
-from gateway.settings import load_settings
-from gateway.spool import Spool
-from preprocessing.detection import heatmap_to_detections, hyperdensity_channels
+from gateway.config.settings import load_settings
+from gateway.core.errors import DecodeError, InvalidInstanceError
+from gateway.ingest.spool import Spool
+from gateway.orchestration.interpret import interpret
 from preprocessing.normalize import resize_bilinear
 from preprocessing.series import load_series, model_input
 
@@ -149,7 +149,7 @@ def test_fuzz_interpret_only_writes_valid_findings(tmp_path_factory, rows) -> No
 
 
 def test_spool_refuses_a_dataset_whose_sop_class_differs_from_the_request(seed_file, tmp_path: Path) -> None:
-    from gateway.errors import DatasetMismatchError, dimse_status_for
+    from gateway.core.errors import DatasetMismatchError, dimse_status_for
 
     meta, body = seed_file
     wrong = pydicom.dataset.FileMetaDataset(meta)

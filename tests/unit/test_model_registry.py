@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from gateway.engine import Gateway
-from gateway.errors import ConfigError
-from gateway.model_registry import ModelRegistry, composing_models, local_model_version, model_fingerprint
-from gateway.settings import default_model_repository, load_settings
-from gateway.triton_server import free_port
+from gateway.app import Gateway
+from gateway.config.settings import default_model_repository, load_settings
+from gateway.core.errors import ConfigError
+from gateway.inference.registry import ModelRegistry, composing_models, local_model_version, model_fingerprint
+from gateway.inference.server import free_port
 
 ENSEMBLE = "ct_head_hyperdensity"
 
@@ -37,6 +37,17 @@ def test_fingerprint_covers_every_composing_model(repository: Path) -> None:
     onnx.write_bytes(onnx.read_bytes() + b"\0")
     assert model_fingerprint(repository, ENSEMBLE) != before
     assert local_model_version(repository, ENSEMBLE) == "1"
+
+
+def test_fingerprint_covers_the_shared_step_code_the_ensemble_runs(repository: Path) -> None:
+    """The post-processing math lives in model_repository/ensemble_steps/: changing it changes what the model
+    answers, so it changes the fingerprint of every ensemble whose steps import it, and of no other model."""
+    before = model_fingerprint(repository, ENSEMBLE)
+    standalone = model_fingerprint(repository, f"{ENSEMBLE}_detector")  # ONNX only, imports no step code
+    detection = repository / "ensemble_steps" / "detection.py"
+    detection.write_text(detection.read_text() + "\n# changed\n")
+    assert model_fingerprint(repository, ENSEMBLE) != before
+    assert model_fingerprint(repository, f"{ENSEMBLE}_detector") == standalone
 
 
 def test_registry_refuses_changed_files_under_the_same_versions(repository: Path, tmp_path: Path) -> None:

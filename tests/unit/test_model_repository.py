@@ -7,12 +7,12 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import pytest
+from ensemble_steps.detection import heatmap_to_detections, hyperdensity_channels
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
 from benchmarks.phantoms import head_slice
-from gateway.settings import default_model_repository, load_settings
-from preprocessing.detection import heatmap_to_detections, hyperdensity_channels
+from gateway.config.settings import default_model_repository, load_settings
 
 REPO = default_model_repository()
 

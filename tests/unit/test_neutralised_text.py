@@ -14,10 +14,10 @@ import pytest
 from hl7apy.parser import parse_message
 
 from benchmarks.phantoms import write_head_ct
-from gateway.logs import CONTINUATION, handler_for, neutralise
+from gateway.core.logs import CONTINUATION, handler_for, neutralise
+from gateway.reporting.fhir import build_bundle
+from gateway.reporting.hl7 import build_oru, build_priority_update
 from gateway.results.content import SeriesReport, reported_findings
-from gateway.results.fhir import build_bundle
-from gateway.results.hl7 import build_oru, build_priority_update
 from preprocessing.series import LoadedSeries, load_series
 from tests.support.analysis import make_analysis, make_finding
 

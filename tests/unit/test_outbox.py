@@ -12,9 +12,9 @@ import pydicom
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 
 from benchmarks.phantoms import write_head_ct
-from gateway.outbox import DeliveryJob, Outbox, next_batch
-from gateway.settings import DeliverySettings, Peer
-from gateway.triton_server import free_port
+from gateway.config.settings import DeliverySettings, Peer
+from gateway.delivery.outbox import DeliveryJob, Outbox, next_batch
+from gateway.inference.server import free_port
 
 
 def _job(n: int, study: str, priority: str = "ROUTINE") -> DeliveryJob:

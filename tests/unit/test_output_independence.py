@@ -79,10 +79,10 @@ def test_one_failing_output_leaves_the_others(
 def test_a_report_that_cannot_be_built_leaves_the_others(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, broken: str
 ) -> None:
-    from gateway import reporting
-    from gateway.audit import AuditLog
+    from gateway.config.settings import load_settings
+    from gateway.ops.audit import AuditLog
+    from gateway.reporting import dispatcher as reporting
     from gateway.results.content import SeriesReport
-    from gateway.settings import load_settings
 
     loaded = load_series(write_head_ct(tmp_path / "ct", slices=3, rows=64, cols=64).paths)
     analysis = make_analysis(loaded, (make_finding(loaded, 1, 0.95),), stat=True)

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from benchmarks.phantoms import write_chest_ct, write_head_ct
-from gateway.domain import CodedConcept, Finding
-from gateway.plausibility import check_findings
-from gateway.settings import PipelineSettings, load_settings
+from gateway.config.settings import PipelineSettings, load_settings
+from gateway.core.domain import CodedConcept, Finding
+from gateway.orchestration.plausibility import check_findings
 from preprocessing.series import LoadedSeries, load_series
 
 LABEL = CodedConcept(value="27925004", scheme="SCT", meaning="Nodule")
@@ -81,7 +81,7 @@ def test_size_only_for_radiographs_and_no_check_without_a_declaration(chest: Loa
 
 
 def test_settings_refuse_an_unknown_anatomy(tmp_path: Path) -> None:
-    from gateway.errors import ConfigError
+    from gateway.core.errors import ConfigError
 
     config = tmp_path / "g.toml"
     config.write_text(

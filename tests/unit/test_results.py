@@ -9,15 +9,15 @@ import pytest
 
 from benchmarks.phantoms import write_head_ct
 from clients.triton import DetectionOutput
-from gateway.delivery import encode
-from gateway.domain import CodedConcept, Finding
-from gateway.errors import InvalidInstanceError
-from gateway.interpret import interpret
+from gateway.config.settings import load_settings
+from gateway.core.domain import CodedConcept, Finding
+from gateway.core.errors import InvalidInstanceError
+from gateway.delivery.store import encode
+from gateway.orchestration.interpret import interpret
 from gateway.results.common import SeriesAnalysis
 from gateway.results.content import read_measurement_report, reported_findings
 from gateway.results.gsps import LAYER_NAME, build_gsps
 from gateway.results.sr import build_sr
-from gateway.settings import load_settings
 from preprocessing.series import load_series
 from tests.support.analysis import make_analysis, make_finding
 from tests.support.geometry import patient_to_pixel
@@ -248,8 +248,8 @@ def test_gsps_overlay_only_when_it_is_right_for_every_referenced_image(loaded) -
 
 
 def test_class_scores_become_image_level_findings_on_the_best_image(loaded) -> None:
-    from gateway.interpret import interpret_scores
-    from gateway.settings import load_settings
+    from gateway.config.settings import load_settings
+    from gateway.orchestration.interpret import interpret_scores
 
     pipeline = dataclasses.replace(
         load_settings().pipelines[0],

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from gateway import retention
-from gateway.audit import AuditLog
 from gateway.cli import main
-from gateway.settings import Settings, load_settings
+from gateway.config.settings import Settings, load_settings
+from gateway.ops import retention
+from gateway.ops.audit import AuditLog
 
 DAY = 86400.0
 NOW = time.time()

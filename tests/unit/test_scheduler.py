@@ -6,10 +6,10 @@ import asyncio
 from collections import Counter
 from pathlib import Path
 
-from gateway.domain import InstanceRecord, Priority, Series, Study
-from gateway.routing import InferenceJob
-from gateway.scheduler import JobQueue
-from gateway.settings import SchedulingSettings, load_settings
+from gateway.config.settings import SchedulingSettings, load_settings
+from gateway.core.domain import InstanceRecord, Priority, Series, Study
+from gateway.orchestration.routing import InferenceJob
+from gateway.orchestration.scheduler import JobQueue
 
 PIPELINE = load_settings().pipelines[0]
 

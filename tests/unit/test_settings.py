@@ -2,9 +2,9 @@ from pathlib import Path
 
 import pytest
 
-from gateway.domain import RolloutMode
-from gateway.errors import ConfigError
-from gateway.settings import Peer, load_settings
+from gateway.config.settings import Peer, load_settings
+from gateway.core.domain import RolloutMode
+from gateway.core.errors import ConfigError
 
 
 def test_embedded_defaults_load_with_the_reference_pipeline() -> None:

@@ -1,9 +1,8 @@
-"""Triton Python model: two detectors' heat maps -> fused, 3D-linked nodules. The math lives in preprocessing.lung."""
+"""Triton Python model: two detectors' heat maps -> fused, 3D-linked nodules. The math lives in ensemble_steps.lung."""
 
 import triton_python_backend_utils as pb_utils
-
-from preprocessing.lung import nodules
-from preprocessing.triton_step import execute, parameters
+from ensemble_steps.lung import nodules
+from ensemble_steps.step import execute, parameters
 
 
 class TritonPythonModel:

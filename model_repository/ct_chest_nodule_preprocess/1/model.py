@@ -1,9 +1,8 @@
-"""Triton Python model: HU volume -> [tissue, air] channels. The math lives in preprocessing.lung."""
+"""Triton Python model: HU volume -> [tissue, air] channels. The math lives in ensemble_steps.lung."""
 
 import triton_python_backend_utils as pb_utils
-
-from preprocessing.lung import lung_channels
-from preprocessing.triton_step import execute
+from ensemble_steps.lung import lung_channels
+from ensemble_steps.step import execute
 
 
 class TritonPythonModel:

@@ -1,9 +1,8 @@
-"""Triton Python model: heat maps -> detections, scores and mask. The math lives in preprocessing.detection."""
+"""Triton Python model: heat maps -> detections, scores and mask. The math lives in ensemble_steps.detection."""
 
 import triton_python_backend_utils as pb_utils
-
-from preprocessing.detection import heatmap_to_detections, heatmap_to_mask
-from preprocessing.triton_step import execute, parameters
+from ensemble_steps.detection import heatmap_to_detections, heatmap_to_mask
+from ensemble_steps.step import execute, parameters
 
 
 class TritonPythonModel:

@@ -1,9 +1,8 @@
-"""Triton Python model: HU slices -> model channels. The math lives in preprocessing.detection."""
+"""Triton Python model: HU slices -> model channels. The math lives in ensemble_steps.detection."""
 
 import triton_python_backend_utils as pb_utils
-
-from preprocessing.detection import hyperdensity_channels
-from preprocessing.triton_step import execute
+from ensemble_steps.detection import hyperdensity_channels
+from ensemble_steps.step import execute
 
 
 class TritonPythonModel:

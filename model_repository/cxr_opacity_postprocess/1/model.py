@@ -1,9 +1,8 @@
-"""Triton Python model: two detectors' heat maps -> fused opacity boxes. The math lives in preprocessing.radiograph."""
+"""Triton Python model: two detectors' heat maps -> fused opacity boxes. The math lives in ensemble_steps.radiograph."""
 
 import triton_python_backend_utils as pb_utils
-
-from preprocessing.radiograph import opacities
-from preprocessing.triton_step import execute, parameters
+from ensemble_steps.radiograph import opacities
+from ensemble_steps.step import execute, parameters
 
 
 class TritonPythonModel:

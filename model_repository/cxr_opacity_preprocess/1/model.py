@@ -1,9 +1,8 @@
-"""Triton Python model: normalised radiographs -> [image, lung field]. The math lives in preprocessing.radiograph."""
+"""Triton Python model: normalised radiographs -> [image, lung field]. The math lives in ensemble_steps.radiograph."""
 
 import triton_python_backend_utils as pb_utils
-
-from preprocessing.radiograph import radiograph_channels
-from preprocessing.triton_step import execute
+from ensemble_steps.radiograph import radiograph_channels
+from ensemble_steps.step import execute
 
 
 class TritonPythonModel:

@@ -1,0 +1,1 @@
+"""Settings: the TOML schema, its embedded defaults and validation."""

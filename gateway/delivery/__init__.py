@@ -1,0 +1,1 @@
+"""Deliver: the result store and the per-destination outbox (C-STORE with retries)."""

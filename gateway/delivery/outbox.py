@@ -1,0 +1,261 @@
+"""Durable result delivery: one queue per destination, retries with backoff, a dead-letter area.
+
+A delivery job (destination + result files) is a JSON file under ``<data_dir>/outbox/pending/<destination>/``,
+written durably before the study is reported done, so results are sent even across a crash. One worker thread
+per destination sends up to ``MAX_JOBS_PER_ASSOCIATION`` jobs per association, STAT results first, otherwise
+oldest first - and never a job before an earlier job of the same study (a superseding SR stays behind the one it
+replaces). A failing destination waits with exponential backoff and never holds up the others. After
+``max_attempts`` a job moves to ``outbox/dead/`` and is reported; ``gateway resend`` (or POST /admin/resend)
+moves dead jobs back to pending.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import pydicom
+
+from clients.dicom_scu import store_datasets
+from gateway.config.settings import DeliverySettings, Peer
+from gateway.core.durable import atomic_write
+from gateway.core.errors import DeliveryError
+
+logger = logging.getLogger(__name__)
+
+SCAN_INTERVAL_S = 0.2
+MAX_JOBS_PER_ASSOCIATION = 16
+_RANK = {"STAT": 0, "URGENT": 1, "ROUTINE": 2}
+
+
+@dataclass
+class DeliveryJob:
+    job_id: str
+    study_uid: str
+    destination: str  # AET@host:port
+    paths: list[str]
+    created_at: float
+    attempts: int = 0
+    next_try_at: float = 0.0
+    last_error: str = ""
+    priority: str = "ROUTINE"  # STAT | URGENT | ROUTINE: STAT results overtake other studies' results
+
+    @property
+    def peer(self) -> Peer:
+        return Peer.parse(self.destination)
+
+
+def _folder_name(destination: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", destination)
+
+
+class Outbox:
+    def __init__(
+        self,
+        root: Path,
+        settings: DeliverySettings,
+        *,
+        calling_ae: str,
+        on_event: Callable[..., None] | None = None,
+    ) -> None:
+        self.root = Path(root)
+        self.pending_dir = self.root / "pending"
+        self.dead_dir = self.root / "dead"
+        for folder in (self.pending_dir, self.dead_dir):
+            folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.settings = settings
+        self.calling_ae = calling_ae
+        self.on_event = on_event or (lambda *a, **k: None)
+        self._stop = threading.Event()
+        self._workers: dict[str, threading.Thread] = {}
+        self._lock = threading.Lock()
+        self._scanner: threading.Thread | None = None
+        self.failing: dict[str, str] = {}  # destination -> last error, while it keeps failing
+
+    # -- queue --------------------------------------------------------------------------------------------
+
+    def enqueue(
+        self, destination: Peer, study_uid: str, paths: list[Path], *, priority: str = "ROUTINE"
+    ) -> DeliveryJob:
+        job = DeliveryJob(
+            job_id=f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:12]}",
+            study_uid=study_uid,
+            destination=str(destination),
+            paths=[str(p) for p in paths],
+            created_at=time.time(),
+            priority=priority if priority in _RANK else "ROUTINE",
+        )
+        self._write(self.pending_dir / _folder_name(job.destination), job)
+        return job
+
+    def _write(self, folder: Path, job: DeliveryJob) -> None:
+        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        atomic_write(folder / f"{job.job_id}.json", json.dumps(asdict(job)).encode())
+
+    @staticmethod
+    def _read(path: Path) -> DeliveryJob | None:
+        try:
+            return DeliveryJob(**json.loads(path.read_text()))
+        except (OSError, ValueError, TypeError):
+            return None
+
+    def pending(self) -> dict[str, int]:
+        return {d.name: len(list(d.glob("*.json"))) for d in sorted(self.pending_dir.iterdir()) if d.is_dir()}
+
+    def dead_letters(self) -> list[DeliveryJob]:
+        return [j for p in sorted(self.dead_dir.glob("*.json")) if (j := self._read(p)) is not None]
+
+    def resend(self, job_ids: list[str] | None = None) -> list[str]:
+        """Move dead-letter jobs (all, or the given ids) back to their pending queue with a fresh retry budget."""
+        moved = []
+        for path in sorted(self.dead_dir.glob("*.json")):
+            job = self._read(path)
+            if job is None or (job_ids and job.job_id not in job_ids):
+                continue
+            job.attempts, job.next_try_at, job.last_error = 0, 0.0, ""
+            self._write(self.pending_dir / _folder_name(job.destination), job)
+            path.unlink()
+            moved.append(job.job_id)
+        return moved
+
+    # -- workers -------------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._scanner = threading.Thread(target=self._scan, name="outbox-scan", daemon=True)
+        self._scanner.start()
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        self._stop.set()
+        threads = [self._scanner, *self._workers.values()]
+        for thread in threads:
+            if thread is not None:
+                thread.join(timeout=timeout_s)
+
+    def _scan(self) -> None:
+        while not self._stop.wait(SCAN_INTERVAL_S):
+            for folder in self.pending_dir.iterdir():
+                if folder.is_dir() and folder.name not in self._workers:
+                    worker = threading.Thread(
+                        target=self._work, args=(folder,), name=f"outbox-{folder.name}", daemon=True
+                    )
+                    self._workers[folder.name] = worker
+                    worker.start()
+
+    def _work(self, folder: Path) -> None:
+        while not self._stop.is_set():
+            jobs = [j for p in sorted(folder.glob("*.json")) if (j := self._read(p)) is not None]
+            if not jobs:
+                self._stop.wait(SCAN_INTERVAL_S)
+                continue
+            wait = max(j.next_try_at for j in jobs) - time.time()
+            if wait > 0:  # the destination is backing off after a failure
+                self._stop.wait(min(wait, 1.0))
+                continue
+            self._attempt(folder, next_batch(jobs))
+
+    def _attempt(self, folder: Path, batch: list[DeliveryJob]) -> None:
+        """Send the jobs over one association; each job succeeds or fails on its own objects."""
+        started = time.perf_counter()
+        failed: dict[str, str] = {}  # job id -> reason
+        try:
+            datasets = {job.job_id: [pydicom.dcmread(p) for p in job.paths] for job in batch}
+            report = store_datasets(
+                [ds for group in datasets.values() for ds in group],
+                batch[0].peer,
+                calling_ae=self.calling_ae,
+                timeout_s=self.settings.timeout_s,
+            )
+            refused = dict(report.failed)
+            for job in batch:
+                reasons = [
+                    refused[str(ds.SOPInstanceUID)]
+                    for ds in datasets[job.job_id]
+                    if str(ds.SOPInstanceUID) in refused
+                ]
+                if reasons:
+                    failed[job.job_id] = f"{job.destination} refused {len(reasons)} object(s): {reasons[0]}"
+        except (DeliveryError, OSError, ValueError) as exc:
+            failed = {job.job_id: str(exc) for job in batch}
+        for job in batch:
+            if job.job_id in failed:
+                self._failed(folder, job, failed[job.job_id])
+            else:
+                self._delivered(folder, job, started)
+
+    def _failed(self, folder: Path, job: DeliveryJob, error: str) -> None:
+        job.attempts += 1
+        job.last_error = error[:500]
+        self.failing[job.destination] = job.last_error
+        if job.attempts >= self.settings.max_attempts:
+            self._write(self.dead_dir, job)
+            (folder / f"{job.job_id}.json").unlink(missing_ok=True)
+            logger.error(
+                "delivery job %s to %s moved to dead letters after %d tries: %s",
+                job.job_id,
+                job.destination,
+                job.attempts,
+                job.last_error,
+            )
+            self.on_event(
+                "delivery_dead_letter",
+                study=job.study_uid,
+                job=job.job_id,
+                destination=job.destination,
+                reason=job.last_error,
+            )
+            return
+        delay = min(self.settings.retry_max_s, self.settings.retry_base_s * 2 ** (job.attempts - 1))
+        job.next_try_at = time.time() + delay
+        self._write(folder, job)
+        logger.warning(
+            "delivery to %s failed (try %d/%d), next in %.0fs: %s",
+            job.destination,
+            job.attempts,
+            self.settings.max_attempts,
+            delay,
+            job.last_error,
+        )
+
+    def _delivered(self, folder: Path, job: DeliveryJob, started: float) -> None:
+        (folder / f"{job.job_id}.json").unlink(missing_ok=True)
+        self.failing.pop(job.destination, None)
+        self.on_event(
+            "results_delivered",
+            study=job.study_uid,
+            job=job.job_id,
+            destination=job.destination,
+            objects=len(job.paths),
+            attempts=job.attempts + 1,
+            deliver_ms=round((time.perf_counter() - started) * 1000.0, 1),
+            queued_ms=round((time.time() - job.created_at) * 1000.0, 1),
+            priority=job.priority,
+        )
+
+
+def next_batch(jobs: list[DeliveryJob], limit: int = MAX_JOBS_PER_ASSOCIATION) -> list[DeliveryJob]:
+    """The jobs to send next over one association: STAT before URGENT before ROUTINE, oldest first within a
+    class, and a job only together with or after every earlier job of its study."""
+    earlier: dict[str, list[DeliveryJob]] = {}
+    for job in sorted(jobs, key=lambda j: j.created_at):
+        earlier.setdefault(job.study_uid, []).append(job)
+    chosen: list[DeliveryJob] = []
+    taken: set[str] = set()
+    for job in sorted(jobs, key=lambda j: (_RANK.get(j.priority, 2), j.created_at)):
+        if len(chosen) >= limit:
+            break
+        for prior in earlier[
+            job.study_uid
+        ]:  # the study's jobs in arrival order, up to and including this one
+            if prior.job_id not in taken and len(chosen) < limit:
+                chosen.append(prior)
+                taken.add(prior.job_id)
+            if prior is job:
+                break
+    return chosen

@@ -1,0 +1,1 @@
+"""Triton: the server's lifecycle and supervision, the model registry, cross-study batching."""

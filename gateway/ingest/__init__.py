@@ -1,0 +1,1 @@
+"""Receive -> spool -> assemble: the DICOM receiver, the durable spool and study assembly."""

@@ -1,0 +1,128 @@
+"""Study assembly: group spooled instances by study and series, and declare a study complete once no instance
+has arrived for the quiet period. Thread-safe: association threads add, the engine pops.
+
+A study whose last association ended badly (aborted, dropped, or with refused instances) waits for the longer
+``incomplete_guard_s`` instead: the sender is likely to retry, and a partial study analysed early would send a
+partial clinical result. A later association that delivers instances of the study and ends in a normal release
+clears the mark. A study analysed with the mark still set carries it as ``Study.incomplete_reason``."""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from gateway.core.domain import InstanceRecord, Series, Study
+
+
+@dataclass
+class _Pending:
+    last_arrival: float
+    first_received_at: float
+    last_received_at: float
+    calling_ae: str
+    instances: dict[str, InstanceRecord] = field(default_factory=dict)
+    incomplete_reason: str = ""
+
+
+class StudyAssembler:
+    def __init__(
+        self,
+        quiet_period_s: float,
+        *,
+        incomplete_guard_s: float | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if quiet_period_s <= 0:
+            raise ValueError(f"quiet_period_s must be > 0, got {quiet_period_s}")
+        self.quiet_period_s = quiet_period_s
+        self.incomplete_guard_s = max(quiet_period_s, incomplete_guard_s or quiet_period_s)
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._pending: dict[str, _Pending] = {}
+
+    def add(self, record: InstanceRecord) -> None:
+        now = self._clock()
+        with self._lock:
+            pending = self._pending.get(record.study_instance_uid)
+            if pending is None:
+                pending = _Pending(
+                    last_arrival=now,
+                    first_received_at=record.received_at,
+                    last_received_at=record.received_at,
+                    calling_ae=record.calling_ae,
+                )
+                self._pending[record.study_instance_uid] = pending
+            pending.last_arrival = now
+            pending.last_received_at = max(pending.last_received_at, record.received_at)
+            # A re-sent instance replaces the earlier copy (same SOP Instance UID, same spool file).
+            pending.instances[record.sop_instance_uid] = record
+
+    def association_ended(self, study_uids: set[str], problem: str) -> None:
+        """An association that stored instances of these studies ended: cleanly (``problem`` empty) or not."""
+        with self._lock:
+            for uid in study_uids:
+                pending = self._pending.get(uid)
+                if pending is not None:
+                    pending.incomplete_reason = problem
+
+    def pending_studies(self) -> int:
+        with self._lock:
+            return len(self._pending)
+
+    def pop_complete(self, now: float | None = None) -> list[Study]:
+        """Remove and return the studies that have been quiet for at least the quiet period."""
+        now = self._clock() if now is None else now
+        with self._lock:
+            ready = [
+                uid
+                for uid, p in self._pending.items()
+                if now - p.last_arrival
+                >= (self.incomplete_guard_s if p.incomplete_reason else self.quiet_period_s)
+            ]
+            popped = [(uid, self._pending.pop(uid)) for uid in ready]
+        return [_build_study(uid, pending) for uid, pending in popped]
+
+
+def _build_study(study_uid: str, pending: _Pending) -> Study:
+    study = assemble_study(
+        list(pending.instances.values()),
+        calling_ae=pending.calling_ae,
+        first_received_at=pending.first_received_at,
+        last_received_at=pending.last_received_at,
+    )
+    return dataclasses.replace(study, incomplete_reason=pending.incomplete_reason)
+
+
+def assemble_study(
+    records: list[InstanceRecord], *, calling_ae: str, first_received_at: float, last_received_at: float
+) -> Study:
+    """Group the records of one study into series (ordered by arrival within a series)."""
+    by_series: dict[str, dict[str, InstanceRecord]] = {}
+    for record in records:
+        by_series.setdefault(record.series_instance_uid, {})[record.sop_instance_uid] = record
+    series = []
+    for series_uid, members in sorted(by_series.items()):
+        ordered = sorted(members.values(), key=lambda r: r.received_at)
+        first = ordered[0]
+        series.append(
+            Series(
+                series_instance_uid=series_uid,
+                modality=first.modality,
+                body_part=first.body_part,
+                series_description=first.series_description,
+                instances=tuple(ordered),
+            )
+        )
+    priorities = [r.requested_priority for r in records if r.requested_priority]
+    return Study(
+        study_instance_uid=records[0].study_instance_uid,
+        calling_ae=calling_ae,
+        study_description=records[0].study_description,
+        series=tuple(series),
+        first_received_at=first_received_at,
+        last_received_at=last_received_at,
+        requested_priority=priorities[0] if priorities else "",
+    )

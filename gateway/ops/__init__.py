@@ -1,0 +1,1 @@
+"""Operate: HTTP health / metrics / admin, Prometheus metrics, the audit log, retention, the child-process guard."""

@@ -1,0 +1,138 @@
+"""The study tracker: owns every study from "complete" to "done".
+
+It re-opens a study that was analysed before (late instances, a re-send: the whole study is analysed again as it
+stands in the spool), counts the series still outstanding, collects what each series produced (result UIDs, the
+reports for the RIS, STAT, header repairs, timings) and, when the last one is done, completes the study: FHIR /
+HL7 reports dispatched, the spool's processed marker written, the ``study_done`` event emitted. Only the event
+loop calls it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass, field
+
+from gateway.core.domain import Study, timing_log_fields
+from gateway.delivery.store import ResultStore
+from gateway.ingest.assembler import assemble_study
+from gateway.ingest.spool import Spool
+from gateway.ops.events import EventSink
+from gateway.orchestration.routing import study_priority
+from gateway.reporting.dispatcher import ReportDispatcher
+from gateway.results.content import SeriesReport
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class StudyProgress:
+    study: Study
+    completed_at: float
+    outstanding: int
+    findings: int = 0
+    stat: bool = False
+    timings: dict[str, float] = field(default_factory=dict)
+    results: list[str] = field(default_factory=list)
+    reports: list[SeriesReport] = field(default_factory=list)
+    sr_by_series: dict[str, str] = field(default_factory=dict)  # "<series>/<pipeline>" -> SR SOP Instance UID
+    notified: set[str] = field(default_factory=set)  # "<series>/<pipeline>" whose STAT event went out
+    objects_by_series: dict[str, list[str]] = field(default_factory=dict)  # every result UID per key
+    repairs: set[tuple[str, str]] = field(default_factory=set)  # header hygiene: (attribute, action)
+    failed: int = 0  # routed series that could not be analysed (each got a failure SR where possible)
+    skipped: int = 0  # series no pipeline applies to
+
+    def add_timings(self, timings: dict[str, float]) -> None:
+        for stage, seconds in timings.items():
+            self.timings[stage] = self.timings.get(stage, 0.0) + seconds
+
+
+class StudyTracker:
+    def __init__(
+        self, spool: Spool, results: ResultStore, reports: ReportDispatcher, events: EventSink
+    ) -> None:
+        self.spool = spool
+        self.results = results
+        self.reports = reports
+        self.events = events
+        self._progress: dict[str, StudyProgress] = {}
+
+    def __len__(self) -> int:
+        return len(self._progress)
+
+    def get(self, study_uid: str) -> StudyProgress | None:
+        return self._progress.get(study_uid)
+
+    def as_it_stands(self, study: Study) -> Study:
+        """The study to analyse: a study analysed before is re-assembled from everything the spool holds."""
+        if not self.spool.processed_instances(study.study_instance_uid):
+            return study
+        return dataclasses.replace(
+            assemble_study(
+                self.spool.study_records(study.study_instance_uid),
+                calling_ae=study.calling_ae,
+                first_received_at=study.first_received_at,
+                last_received_at=study.last_received_at,
+            ),
+            incomplete_reason=study.incomplete_reason,
+        )
+
+    def open(self, study: Study, *, jobs: int, skipped: int) -> StudyProgress:
+        """Start tracking ``study`` with ``jobs`` series to analyse; with none it is done at once."""
+        progress = StudyProgress(study=study, completed_at=time.time(), outstanding=jobs, skipped=skipped)
+        progress.timings["receive"] = study.last_received_at - study.first_received_at
+        progress.timings["wait_complete"] = progress.completed_at - study.last_received_at
+        self._progress[study.study_instance_uid] = progress
+        if jobs == 0:
+            self.finish(study.study_instance_uid)
+        return progress
+
+    def job_done(self, study_uid: str) -> None:
+        progress = self._progress.get(study_uid)
+        if progress is None:
+            return
+        progress.outstanding -= 1
+        if progress.outstanding <= 0:
+            self.finish(study_uid)
+
+    def finish(self, study_uid: str) -> None:
+        progress = self._progress.pop(study_uid)
+        study = progress.study
+        if progress.reports:
+            try:
+                self.reports.dispatch(self.results.root / study_uid, progress.reports, stat=progress.stat)
+            except Exception:  # reports for the RIS must never stop the study from completing
+                logger.exception("study %s: FHIR / HL7 reports could not be built", study_uid)
+        try:
+            self.spool.mark_processed(
+                study_uid,
+                (r.sop_instance_uid for s in study.series for r in s.instances),
+                progress.sr_by_series,
+                progress.objects_by_series,
+            )
+        except OSError as exc:  # results are stored and queued; only a restart would analyse the study again
+            logger.error(
+                "study %s: processed marker not written (%s); a restart re-analyses it", study_uid, exc
+            )
+        total = time.time() - study.last_received_at
+        fields = {
+            "study": study_uid,
+            "calling_ae": study.calling_ae,
+            "series": len(study.series),
+            "instances": study.instance_count,
+            "findings": progress.findings,
+            "stat": progress.stat,
+            "failed": progress.failed,
+            "skipped": progress.skipped,
+            "possibly_incomplete": study.incomplete_reason,
+            "results": progress.results,
+            "last_instance_to_done_ms": round(total * 1000.0, 1),
+            **timing_log_fields(progress.timings),
+        }
+        self.events.study_done(
+            fields,
+            repairs=progress.repairs,
+            priority=study_priority(study).name,
+            waits={stage: progress.timings.get(stage, 0.0) for stage in ("receive", "wait_complete")},
+        )

@@ -1,0 +1,1 @@
+"""Report: FHIR and HL7 results, STAT and failure notifications, their dispatcher."""
