@@ -14,7 +14,7 @@ from pynetdicom import AE, build_context
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from gateway.config.settings import Peer
-from gateway.core.errors import DeliveryError
+from gateway.core.errors import DeliveryError, dimse_accepted
 
 logger = logging.getLogger(__name__)
 
@@ -106,7 +106,7 @@ def store_datasets(
                 report.failed.append((uid, f"{type(exc).__name__}: {exc}"))
                 continue
             code = int(status.Status) if status and "Status" in status else -1
-            if code == 0x0000 or 0xB000 <= code <= 0xBFFF:
+            if code >= 0 and dimse_accepted(code):
                 report.sent += 1
             else:
                 reason = (

@@ -8,6 +8,7 @@ import time
 from dataclasses import dataclass
 
 from gateway.core.errors import DeliveryError
+from gateway.core.retry import Backoff
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +65,7 @@ def send_mllp(
         except (OSError, ConnectionError) as exc:
             last = f"{type(exc).__name__}: {exc}"
         if attempt < attempts:
-            delay = backoff_s * 2 ** (attempt - 1)
+            delay = Backoff(backoff_s).delay(attempt)
             logger.warning(
                 "HL7 to %s:%d failed (try %d/%d): %s; retrying in %.1fs",
                 host,

@@ -79,6 +79,23 @@ class ScoresOutput:
     seconds: float
 
 
+# gRPC status codes of Triton errors that say "not now" (unreachable, timed out, overloaded, model not loaded or
+# not ready); any other code is the server's answer about this request and retrying would give the same.
+TRANSIENT_STATUS = frozenset(
+    {"UNAVAILABLE", "DEADLINE_EXCEEDED", "NOT_FOUND", "RESOURCE_EXHAUSTED", "CANCELLED", "ABORTED"}
+)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Classify a failed request by its status code (``StatusCode.UNAVAILABLE`` ...), not by its message."""
+    from tritonclient.utils import InferenceServerException
+
+    if isinstance(exc, InferenceServerException):
+        status = str(exc.status() or "")
+        return status.rsplit(".", 1)[-1] in TRANSIENT_STATUS
+    return isinstance(exc, (OSError, ConnectionError, TimeoutError, asyncio.TimeoutError))
+
+
 NUMPY_TO_TRITON = {np.dtype(np.float32): "FP32", np.dtype(np.uint8): "UINT8"}
 TRANSPORTS = ("auto", "shared_memory", "grpc")
 _LOCAL_HOSTS = ("127.0.0.1", "localhost", "[::1]")
@@ -377,11 +394,7 @@ class TritonClient:
             return Answer(result, copies)
         except Exception as exc:
             text = str(exc)
-            # Unreachable, timed out, or model not loaded are transient; anything else is the model's answer.
-            transient = any(
-                s in text
-                for s in ("UNAVAILABLE", "DEADLINE_EXCEEDED", "not found", "not ready", "unavailable")
-            )
+            transient = is_transient(exc)
             if region is not None and endpoint.shm is not None and "shared memory" in text.lower():
                 # A restarted server has none of this client's registrations: register afresh, try again.
                 endpoint.shm.forget()

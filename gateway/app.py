@@ -17,7 +17,6 @@ import asyncio
 import dataclasses
 import faulthandler
 import logging
-import shutil
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -31,7 +30,7 @@ from gateway.core.logs import silence_identifier_warnings
 from gateway.delivery.outbox import Outbox
 from gateway.delivery.store import ResultStore
 from gateway.inference.batcher import CrossStudyBatcher
-from gateway.inference.registry import ModelRegistry, local_model_version, model_fingerprint
+from gateway.inference.registry import ModelRegistry, fingerprint_models
 from gateway.inference.server import TritonServer
 from gateway.inference.watch import TritonWatch
 from gateway.ingest.assembler import StudyAssembler
@@ -40,9 +39,11 @@ from gateway.ingest.spool import Spool
 from gateway.ops import retention
 from gateway.ops.audit import AuditLog
 from gateway.ops.events import EventSink
+from gateway.ops.health import LoopState, OtherState, health_report, update_gauges
 from gateway.ops.http_api import AdminApi, ApiBackend
 from gateway.ops.metrics import Metrics
 from gateway.orchestration.failures import FailurePublisher
+from gateway.orchestration.notifications import BackgroundNotifications
 from gateway.orchestration.routing import Router
 from gateway.orchestration.scheduler import JobQueue
 from gateway.orchestration.series_pipeline import PipelineParts, SeriesPipeline
@@ -51,8 +52,8 @@ from gateway.orchestration.workers import WorkerPool
 from gateway.reporting.dispatcher import ReportDispatcher
 from gateway.reporting.notify import StatNotifier
 from gateway.results.encode import ResultEncoder
-from preprocessing.backend import select_backend
-from preprocessing.codec import select_decoder
+from preprocessing.backend import ArrayBackend, select_backend
+from preprocessing.codec import NvImageDecoder, select_decoder
 from preprocessing.dali_pipeline import DaliPreprocessor
 from preprocessing.dali_pipeline import available as dali_available
 from preprocessing.decode import decoder_availability
@@ -61,6 +62,25 @@ logger = logging.getLogger(__name__)
 
 POLL_INTERVAL_S = 0.2
 STOP_STACK_DUMP_S = 45.0
+LOOP_ANSWER_S = 5.0  # how long /health waits for the event loop's snapshot
+
+
+def select_imaging(
+    settings: Settings,
+) -> tuple[ArrayBackend, DaliPreprocessor | None, NvImageDecoder | None, str]:
+    """The array backend, the DALI pipeline (when configured) and the image decoder, with its start-up line."""
+    backend = select_backend(force_cpu=settings.force_cpu)
+    dali = None
+    if settings.preprocess_backend == "dali":
+        usable, reason = dali_available()
+        if not usable:
+            raise ConfigError(f"preprocess_backend = 'dali' but {reason}; install nvidia-dali or use 'auto'")
+        dali = DaliPreprocessor(device_id=0 if backend.name == "cupy" else None)
+    try:
+        decoder, decoder_reason = select_decoder(settings.decode_backend, gpu=backend.name == "cupy")
+    except RuntimeError as exc:
+        raise ConfigError(f"{exc}; install nvidia-nvimgcodec-cu12 or use decode_backend = 'auto'") from exc
+    return backend, dali, decoder, decoder_reason
 
 
 class Gateway:
@@ -86,17 +106,8 @@ class Gateway:
         self.metrics = Metrics()
         self.events = EventSink(self.audit, self.metrics)
         self.tracker = StudyTracker(self.spool, self.results, self.reports, self.events)
-        self.backend = select_backend(force_cpu=settings.force_cpu)
-        self.dali = self._dali(settings)
+        self.backend, self.dali, self.decoder, self.decoder_reason = select_imaging(settings)
         self.encoder = ResultEncoder(settings.encode_processes)
-        try:
-            self.decoder, self.decoder_reason = select_decoder(
-                settings.decode_backend, gpu=self.backend.name == "cupy"
-            )
-        except RuntimeError as exc:
-            raise ConfigError(
-                f"{exc}; install nvidia-nvimgcodec-cu12 or use decode_backend = 'auto'"
-            ) from exc
         self.executor = ThreadPoolExecutor(
             max_workers=settings.workers + settings.scheduling.stat_workers + 2,
             thread_name_prefix="gateway-work",
@@ -120,15 +131,7 @@ class Gateway:
 
     # -- life cycle -------------------------------------------------------------------------------------------
 
-    def _dali(self, settings: Settings) -> DaliPreprocessor | None:
-        if settings.preprocess_backend != "dali":
-            return None
-        usable, reason = dali_available()
-        if not usable:
-            raise ConfigError(f"preprocess_backend = 'dali' but {reason}; install nvidia-dali or use 'auto'")
-        return DaliPreprocessor(device_id=0 if self.backend.name == "cupy" else None)
-
-    def start(self) -> Gateway:
+    def _log_capabilities(self) -> None:
         logger.info("array backend: %s (%s)", self.backend.name, self.backend.reason)
         logger.info("image decode: %s", self.decoder_reason)
         if self.dali is not None:
@@ -140,6 +143,11 @@ class Gateway:
             )
         if not self.settings.pipelines:
             logger.warning("no pipelines configured: studies are stored but never analysed")
+
+    def start(self) -> Gateway:
+        """Start every part (receiver last, so nothing is accepted before it can be analysed); on any error,
+        stop what was started and raise."""
+        self._log_capabilities()
         try:
             check_port_free(self.settings.receiver.host, self.settings.receiver.port)
             for folder in (self.settings.spool_dir, self.settings.results_dir, self.settings.outbox_dir):
@@ -148,7 +156,13 @@ class Gateway:
                     logger.info(
                         "removed %d temporary file(s) left by an interrupted write in %s", removed, folder
                     )
-            self._fingerprint_models()
+            self.model_hashes.update(
+                fingerprint_models(
+                    self.settings.triton.model_repository,
+                    self.settings.pipelines,
+                    ModelRegistry(self.settings.data_dir / "model_registry.json"),
+                )
+            )
             if not self.triton_url:
                 self.triton_server = TritonServer(
                     self.settings.triton.model_repository,
@@ -157,7 +171,7 @@ class Gateway:
                 ).start(supervise=True)
                 self.triton_server.on_restart = self._triton_restarted
                 self.triton_url = self.triton_server.grpc_url
-            self._loop_thread = threading.Thread(target=self._run_loop, name="gateway-engine", daemon=True)
+            self._loop_thread = threading.Thread(target=self._run_loop, name="gateway-loop", daemon=True)
             self._loop_thread.start()
             self._ready.wait()
             if self._startup_error is not None:
@@ -165,52 +179,33 @@ class Gateway:
             self.outbox.start()
             for record in self.spool.recover():
                 self.assembler.add(record)
-            self.scp = StoreSCP(
-                self.settings.receiver,
-                self.spool,
-                self.on_stored,
-                allowed_calling_aes=self.settings.allowed_calling_aes(),
-                on_refused=lambda status: self.metrics.instances_refused.labels(f"0x{status:04X}").inc(),
-                on_association_end=self.assembler.association_ended,
-            )
-            self.scp.start()
-            if self.settings.http.enabled:
-                self.api = AdminApi(
-                    self.settings.http,
-                    ApiBackend(
-                        health=self.health,
-                        metrics=self.render_metrics,
-                        dead_letters=lambda: [dataclasses.asdict(j) for j in self.outbox.dead_letters()],
-                        resend=self.outbox.resend,
-                    ),
-                )
-                self.api.start()
+            self._start_receiver_and_api()
         except BaseException:
             self.stop()
             raise
         return self
 
-    def _fingerprint_models(self) -> None:
-        """Hash every pipeline's model files and refuse changed files under unchanged versions (traceability)."""
-        repository = self.settings.triton.model_repository
-        registry = ModelRegistry(self.settings.data_dir / "model_registry.json")
-        for pipeline in self.settings.pipelines:
-            if not (repository / pipeline.model / "config.pbtxt").is_file():
-                logger.warning(
-                    "model %s is not in %s: its results carry no content hash", pipeline.model, repository
-                )
-                continue
-            fingerprint = model_fingerprint(repository, pipeline.model)
-            version = local_model_version(repository, pipeline.model)
-            registry.check_and_record(pipeline.model, version, pipeline.algorithm_version, fingerprint)
-            self.model_hashes[pipeline.model] = fingerprint
-            logger.info(
-                "model %s version %s (algorithm %s) sha256 %s",
-                pipeline.model,
-                version,
-                pipeline.algorithm_version,
-                fingerprint,
+    def _start_receiver_and_api(self) -> None:
+        self.scp = StoreSCP(
+            self.settings.receiver,
+            self.spool,
+            self.on_stored,
+            allowed_calling_aes=self.settings.allowed_calling_aes(),
+            on_refused=lambda status: self.metrics.instances_refused.labels(f"0x{status:04X}").inc(),
+            on_association_end=self.assembler.association_ended,
+        )
+        self.scp.start()
+        if self.settings.http.enabled:
+            self.api = AdminApi(
+                self.settings.http,
+                ApiBackend(
+                    health=self.health,
+                    metrics=self.render_metrics,
+                    dead_letters=lambda: [dataclasses.asdict(j) for j in self.outbox.dead_letters()],
+                    resend=self.outbox.resend,
+                ),
             )
+            self.api.start()
 
     def stop(self) -> None:
         logger.info("gateway stopping")
@@ -260,51 +255,70 @@ class Gateway:
     # -- health and metrics -----------------------------------------------------------------------------------
 
     def health(self) -> dict[str, Any]:
-        """Status "ok" or "degraded" with the reasons; studies are accepted either way."""
-        reasons = []
-        if not self.triton_ready:
-            reasons.append(f"Triton at {self.triton_url} is not ready: analyses are queued and retried")
-        for destination, error in sorted(self.outbox.failing.items()):
-            reasons.append(f"destination {destination} is failing ({error[:120]}): results are queued")
+        """Status "ok" or "degraded" with the reasons; studies are accepted either way. Safe from any thread:
+        what the event loop owns is read on the loop."""
+        state, loop_problem = self._loop_state()
         try:
             self.spool.check_space()
+            spool_error = ""
         except GatewayError as exc:
-            reasons.append(str(exc))
-        if self.resource_error:
-            reasons.append(f"results cannot be written: {self.resource_error}; analyses are retried")
-        if self.audit.last_error:
-            reasons.append(
-                f"audit trail cannot be written ({self.audit.last_error}): {self.audit.backlog} event(s) held"
-            )
-        alive = self.pool.alive if self.pool is not None else 0
-        configured = self.settings.workers + self.settings.scheduling.stat_workers
-        if self.pool is not None and self.pool.started and alive < configured:
-            reasons.append(f"only {alive} of {configured} analysis workers alive")
-        dead = len(self.outbox.dead_letters())
+            spool_error = str(exc)
         self.disk.sample()
-        disk = self.disk.report()
-        return {
-            "status": "degraded" if reasons else "ok",
-            "reasons": reasons,
-            "triton": {
-                "url": self.triton_url,
-                "ready": self.triton_ready,
-                "endpoints": self.triton.endpoints if self.triton is not None else [],
-            },
-            "queue": self._queue.depth_by_priority() if self._queue is not None else {},
-            "queue_by_pacs": self._queue.depth_by_pacs() if self._queue is not None else {},
-            "studies_pending": self.assembler.pending_studies(),
-            "studies_in_flight": len(self.tracker),
-            "outbox_pending": self.outbox.pending(),
-            "dead_letters": dead,
-            "workers": {
-                "alive": alive,
-                "configured": configured,
-                "restarts": int(self.metrics.worker_restarts._value.get()),
-            },
-            "children": self._children(),
-            "disk": disk,
-        }
+        report = health_report(
+            state,
+            OtherState(
+                triton_url=self.triton_url,
+                failing_destinations=self.outbox.failing,
+                spool_error=spool_error,
+                audit_error=self.audit.last_error,
+                audit_backlog=self.audit.backlog,
+                workers_configured=self.settings.workers + self.settings.scheduling.stat_workers,
+                worker_restarts=int(self.metrics.worker_restarts._value.get()),
+                studies_pending=self.assembler.pending_studies(),
+                outbox_pending=self.outbox.pending(),
+                dead_letters=len(self.outbox.dead_letters()),
+                children=self._children(),
+                disk=self.disk.report(),
+            ),
+        )
+        if loop_problem:
+            report["status"] = "degraded"
+            report["reasons"].append(loop_problem)
+        return report
+
+    def _snapshot(self) -> LoopState:
+        """What the event loop owns, copied; only ever run on the loop."""
+        queue, pool = self._queue, self.pool
+        return LoopState(
+            triton_ready=self.triton_ready,
+            endpoints=self.triton.endpoints if self.triton is not None else [],
+            queue=queue.depth_by_priority() if queue is not None else {},
+            queue_by_pacs=queue.depth_by_pacs() if queue is not None else {},
+            studies_in_flight=len(self.tracker),
+            workers_alive=pool.alive if pool is not None else 0,
+            workers_started=pool is not None and pool.started,
+            resource_error=self.resource_error,
+        )
+
+    def _loop_state(self) -> tuple[LoopState, str]:
+        """The loop's snapshot, taken on the loop (from another thread: handed over, waited for), and a problem
+        to report when the loop cannot answer."""
+        loop = self._loop
+        if loop is None or loop.is_closed() or not loop.is_running():
+            return LoopState(), "" if self._loop_thread is None else "the event loop is not running"
+        if threading.current_thread() is self._loop_thread:
+            return self._snapshot(), ""
+
+        async def snapshot() -> LoopState:
+            return self._snapshot()
+
+        try:
+            return asyncio.run_coroutine_threadsafe(snapshot(), loop).result(timeout=LOOP_ANSWER_S), ""
+        except Exception as exc:  # a loop that does not answer within LOOP_ANSWER_S is itself the news
+            return (
+                LoopState(),
+                f"the event loop did not answer within {LOOP_ANSWER_S:.0f} s ({type(exc).__name__})",
+            )
 
     def _children(self) -> dict[str, Any]:
         """The supervised child processes: restarts and state (Triton only when the gateway started it)."""
@@ -334,28 +348,8 @@ class Gateway:
         return self.pool.resource_error if self.pool is not None else ""
 
     def render_metrics(self) -> bytes:
-        m = self.metrics
-        health = self.health()
-        m.degraded.set(1 if health["status"] != "ok" else 0)
-        m.triton_up.set(1 if self.triton_ready else 0)
-        for priority, depth in health["queue"].items():
-            m.queue_depth.labels(priority).set(depth)
-        m.queue_depth_pacs.clear()
-        for pacs, depth in health["queue_by_pacs"].items():
-            m.queue_depth_pacs.labels(pacs).set(depth)
-        m.studies_pending.set(health["studies_pending"])
-        m.studies_in_flight.set(health["studies_in_flight"])
-        for destination, count in health["outbox_pending"].items():
-            m.outbox_pending.labels(destination).set(count)
-        m.dead_letters.set(health["dead_letters"])
-        m.workers_alive.set(health["workers"]["alive"])
-        hours = health["disk"]["hours_until_watermark"]
-        m.disk_hours_left.set(-1 if hours is None else hours)
-        m.disk_fill_rate.set(health["disk"]["fill_rate_bytes_per_hour"])
-        for child, state in health["children"].items():
-            m.child_restarts.labels(child).set(state["restarts"])
-        m.spool_free_bytes.set(shutil.disk_usage(self.spool.root).free)
-        return m.render()
+        update_gauges(self.metrics, self.health(), self.spool.root)
+        return self.metrics.render()
 
     # -- event loop -------------------------------------------------------------------------------------------
 
@@ -396,37 +390,15 @@ class Gateway:
             watch = self.watch = TritonWatch(client, self.triton_url, retry_max_s=tri.retry_max_s)
             await watch.check_models(self.settings.pipelines, local=self.triton_server is not None)
             queue = self._queue = JobQueue(self.settings.scheduling)
-            parts = PipelineParts(
-                settings=self.settings,
-                executor=self.executor,
-                decoder=self.decoder,
-                backend=self.backend,
-                dali=self.dali,
-                encoder=self.encoder,
-                results=self.results,
-                spool=self.spool,
-                outbox=self.outbox,
-                notifier=self.notifier,
-                failure_alerts=self.failure_alerts,
-                tracker=self.tracker,
-                events=self.events,
-                metrics=self.metrics,
-                model_hashes=self.model_hashes,
-            )
-            pool = self.pool = WorkerPool(
-                queue=queue,
-                client=client,
-                pipeline=SeriesPipeline(parts, shared_batcher=self.batcher, raise_to_stat=queue.mark_stat),
-                failures=FailurePublisher(parts),
-                tracker=self.tracker,
-                watch=watch,
-                metrics=self.metrics,
-            )
+            pool = self.pool = self._worker_pool(client, queue, watch)
             self._ready.set()
             tasks = [
                 asyncio.create_task(self._assemble(queue), name="assembler"),
                 asyncio.create_task(watch.run(), name="triton-watch"),
-                asyncio.create_task(self._purge_periodically(), name="retention"),
+                asyncio.create_task(
+                    retention.purge_periodically(self.settings, self.executor, self.metrics, self.events),
+                    name="retention",
+                ),
             ]
             pool.start(self.settings.workers, self.settings.scheduling.stat_workers)
             await self._stop.wait()
@@ -437,23 +409,34 @@ class Gateway:
         finally:
             await client.close()
 
-    async def _purge_periodically(self) -> None:
-        """Apply the retention rules every ``retention.interval_s`` (never what is not analysed or delivered)."""
-        loop = asyncio.get_running_loop()
-        while True:
-            await asyncio.sleep(self.settings.retention.interval_s)
-            try:
-                plan = await loop.run_in_executor(self.executor, retention.plan, self.settings)
-                removed = await loop.run_in_executor(self.executor, retention.execute, self.settings, plan)
-            except Exception as exc:  # a purge that fails is retried at the next interval
-                logger.error("retention purge failed: %s: %s", type(exc).__name__, exc)
-                continue
-            for kind, count in removed.items():
-                self.metrics.purged.labels(kind).inc(count)
-            if removed:
-                self.events.record(
-                    "purge", removed=removed, freed_bytes=sum(i.size_bytes for i in plan.items)
-                )
+    def _worker_pool(self, client: TritonClient, queue: JobQueue, watch: TritonWatch) -> WorkerPool:
+        parts = PipelineParts(
+            settings=self.settings,
+            executor=self.executor,
+            decoder=self.decoder,
+            backend=self.backend,
+            dali=self.dali,
+            encoder=self.encoder,
+            results=self.results,
+            spool=self.spool,
+            outbox=self.outbox,
+            notifier=self.notifier,
+            failure_alerts=self.failure_alerts,
+            notifications=BackgroundNotifications(self.executor, self.events),
+            tracker=self.tracker,
+            events=self.events,
+            metrics=self.metrics,
+            model_hashes=self.model_hashes,
+        )
+        return WorkerPool(
+            queue=queue,
+            client=client,
+            pipeline=SeriesPipeline(parts, shared_batcher=self.batcher, raise_to_stat=queue.mark_stat),
+            failures=FailurePublisher(parts),
+            tracker=self.tracker,
+            watch=watch,
+            metrics=self.metrics,
+        )
 
     def _observe_request(self, model: str, seconds: float, slices: int) -> None:
         self.metrics.triton_request_seconds.labels(model).observe(seconds)

@@ -1,35 +1,44 @@
 """Coded concepts used in the gateway's results, in one table.
 
-Standard codes (DCM, SCT, UCUM) where DICOM defines a concept; a private coding scheme ``99AIGW`` (the "99"
+Standard codes (DCM, SCT, UCUM) come from pydicom's code dictionary (PS3.16) where DICOM defines a concept; a private coding scheme ``99AIGW`` (the "99"
 prefix marks a local scheme, PS3.16 section 8) for the few AI-specific concepts without a standard code.
 """
 
 from __future__ import annotations
 
 from highdicom.sr import CodedConcept
+from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
 
 from gateway.core.domain import CodedConcept as DomainCode
 
+
+def _std(code: Code) -> CodedConcept:
+    """A standard code from pydicom's tables (PS3.16), never typed by hand."""
+    return CodedConcept.from_code(code)
+
+
 PRIVATE_SCHEME = "99AIGW"
 
-PROCEDURE_IMAGING = CodedConcept("363679005", "SCT", "Imaging")
-CAD_SUMMARY = CodedConcept("111017", "DCM", "CAD Processing and Findings Summary")
-ALL_SUCCEEDED_WITH_FINDINGS = CodedConcept("111242", "DCM", "All algorithms succeeded; with findings")
-ALL_SUCCEEDED_WITHOUT_FINDINGS = CodedConcept("111241", "DCM", "All algorithms succeeded; without findings")
-NO_ALGORITHMS_SUCCEEDED = CodedConcept("111245", "DCM", "No algorithms succeeded; without findings")
-COMMENT = CodedConcept("121106", "DCM", "Comment")
+PROCEDURE_IMAGING = _std(codes.SCT.ImagingProcedure)
+CAD_SUMMARY = _std(codes.DCM.CADProcessingAndFindingsSummary)
+ALL_SUCCEEDED_WITH_FINDINGS = _std(codes.DCM.AllAlgorithmsSucceededWithFindings)
+ALL_SUCCEEDED_WITHOUT_FINDINGS = _std(codes.DCM.AllAlgorithmsSucceededWithoutFindings)
+NO_ALGORITHMS_SUCCEEDED = _std(codes.DCM.NoAlgorithmsSucceededWithoutFindings)
+COMMENT = _std(codes.DCM.Comment)
 INCIDENTAL = CodedConcept("INCIDENTAL", PRIVATE_SCHEME, "Incidental finding (outside the examined body part)")
-YES = CodedConcept("373066001", "SCT", "Yes")
-NO = CodedConcept("373067005", "SCT", "No")
-NO_UNITS = CodedConcept("1", "UCUM", "no units")
-LONG_AXIS = CodedConcept("103339001", "SCT", "Long axis")
-AREA = CodedConcept("42798000", "SCT", "Area")
-MEAN = CodedConcept("373098007", "SCT", "Mean")
+YES = _std(codes.SCT.Yes)
+NO = _std(codes.SCT.No)
+NO_UNITS = _std(codes.UCUM.NoUnits)
+LONG_AXIS = _std(codes.SCT.LongAxis)
+AREA = _std(codes.SCT.Area)
+MEAN = _std(codes.SCT.Mean)
+# pydicom's table gives "mm" as the meaning of UCUM mm; viewers show the meaning, so it is spelt out here.
 MILLIMETER = CodedConcept("mm", "UCUM", "millimeter")
-SQUARE_MILLIMETER = CodedConcept("mm2", "UCUM", "square millimeter")
-VOLUME = CodedConcept("118565006", "SCT", "Volume")
-CUBIC_MILLIMETER = CodedConcept("mm3", "UCUM", "cubic millimeter")
-HOUNSFIELD_UNIT = CodedConcept("[hnsf'U]", "UCUM", "Hounsfield unit")
+SQUARE_MILLIMETER = _std(codes.UCUM.SquareMillimeter)
+VOLUME = _std(codes.SCT.Volume)
+CUBIC_MILLIMETER = _std(codes.UCUM.CubicMillimeter)
+HOUNSFIELD_UNIT = _std(codes.UCUM.HounsfieldUnit)
 
 AI_CONFIDENCE = CodedConcept("CONFIDENCE", PRIVATE_SCHEME, "AI confidence")
 AI_TRIAGE_SCORE = CodedConcept("TRIAGESCORE", PRIVATE_SCHEME, "AI triage score")

@@ -23,6 +23,10 @@ from __future__ import annotations
 import errno
 import os
 
+from pynetdicom.status import STATUS_SUCCESS as STATUS_SUCCESS_CATEGORY
+from pynetdicom.status import STATUS_WARNING as STATUS_WARNING_CATEGORY
+from pynetdicom.status import Status, code_to_category
+
 
 class GatewayError(Exception):
     """Base class of every error the gateway raises on purpose."""
@@ -86,12 +90,25 @@ class InferenceError(PermanentError):
     """The inference server answered, but with an error or an unusable result."""
 
 
-# DIMSE C-STORE statuses (PS3.4 Annex B.2.3 / PS3.7 Annex C).
-STATUS_SUCCESS = 0x0000
-STATUS_OUT_OF_RESOURCES = 0xA700
-STATUS_DATASET_MISMATCH = 0xA900
-STATUS_CANNOT_UNDERSTAND = 0xC000
-STATUS_PROCESSING_FAILURE = 0x0110
+# DIMSE C-STORE statuses (PS3.4 Annex B.2.3 / PS3.7 Annex C), named in pynetdicom's Status table.
+for _name, _code in (
+    ("OUT_OF_RESOURCES", 0xA700),
+    ("DATASET_DOES_NOT_MATCH_SOP_CLASS", 0xA900),
+    ("CANNOT_UNDERSTAND", 0xC000),
+    ("PROCESSING_FAILURE", 0x0110),
+):
+    if not hasattr(Status, _name):
+        Status.add(_name, _code)
+STATUS_SUCCESS = int(Status.SUCCESS)
+STATUS_OUT_OF_RESOURCES = int(Status.OUT_OF_RESOURCES)  # type: ignore[attr-defined]
+STATUS_DATASET_MISMATCH = int(Status.DATASET_DOES_NOT_MATCH_SOP_CLASS)  # type: ignore[attr-defined]
+STATUS_CANNOT_UNDERSTAND = int(Status.CANNOT_UNDERSTAND)  # type: ignore[attr-defined]
+STATUS_PROCESSING_FAILURE = int(Status.PROCESSING_FAILURE)  # type: ignore[attr-defined]
+
+
+def dimse_accepted(code: int) -> bool:
+    """Success or a warning (e.g. coercion of data elements): the peer stored the instance."""
+    return code_to_category(code) in (STATUS_SUCCESS_CATEGORY, STATUS_WARNING_CATEGORY)
 
 
 def dimse_status_for(exc: BaseException) -> int:

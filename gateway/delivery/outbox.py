@@ -27,6 +27,7 @@ from clients.dicom_scu import store_datasets
 from gateway.config.settings import DeliverySettings, Peer
 from gateway.core.durable import atomic_write
 from gateway.core.errors import DeliveryError
+from gateway.core.retry import Backoff
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +78,14 @@ class Outbox:
         self._workers: dict[str, threading.Thread] = {}
         self._lock = threading.Lock()
         self._scanner: threading.Thread | None = None
-        self.failing: dict[str, str] = {}  # destination -> last error, while it keeps failing
+        self._failing: dict[str, str] = {}  # destination -> last error, while it keeps failing
+        self._failing_lock = threading.Lock()  # written by destination threads, read by HTTP threads
+
+    @property
+    def failing(self) -> dict[str, str]:
+        """A copy of the failing destinations and their last error, taken under the lock."""
+        with self._failing_lock:
+            return dict(self._failing)
 
     # -- queue --------------------------------------------------------------------------------------------
 
@@ -192,7 +200,8 @@ class Outbox:
     def _failed(self, folder: Path, job: DeliveryJob, error: str) -> None:
         job.attempts += 1
         job.last_error = error[:500]
-        self.failing[job.destination] = job.last_error
+        with self._failing_lock:
+            self._failing[job.destination] = job.last_error
         if job.attempts >= self.settings.max_attempts:
             self._write(self.dead_dir, job)
             (folder / f"{job.job_id}.json").unlink(missing_ok=True)
@@ -211,7 +220,7 @@ class Outbox:
                 reason=job.last_error,
             )
             return
-        delay = min(self.settings.retry_max_s, self.settings.retry_base_s * 2 ** (job.attempts - 1))
+        delay = Backoff(self.settings.retry_base_s, self.settings.retry_max_s).delay(job.attempts)
         job.next_try_at = time.time() + delay
         self._write(folder, job)
         logger.warning(
@@ -225,7 +234,8 @@ class Outbox:
 
     def _delivered(self, folder: Path, job: DeliveryJob, started: float) -> None:
         (folder / f"{job.job_id}.json").unlink(missing_ok=True)
-        self.failing.pop(job.destination, None)
+        with self._failing_lock:
+            self._failing.pop(job.destination, None)
         self.on_event(
             "results_delivered",
             study=job.study_uid,

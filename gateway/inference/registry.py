@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
+import logging
+from collections.abc import Sequence
 from pathlib import Path
 
+from gateway.config.settings import PipelineSettings
 from gateway.core.durable import atomic_write
 from gateway.core.errors import ConfigError
+from gateway.inference.model_config import ensemble_step_models, read_model_config
 
-_STEP_RE = re.compile(r'model_name:\s*"([^"]+)"')
+logger = logging.getLogger(__name__)
 
 
 def composing_models(repository: Path, model: str) -> list[str]:
@@ -28,11 +31,10 @@ def composing_models(repository: Path, model: str) -> list[str]:
         name = pending.pop()
         if name in seen:
             continue
-        config = repository / name / "config.pbtxt"
-        if not config.is_file():
+        if not (repository / name / "config.pbtxt").is_file():
             raise ConfigError(f"model {name!r} has no config.pbtxt in {repository}")
         seen.add(name)
-        pending.extend(_STEP_RE.findall(config.read_text()))
+        pending.extend(ensemble_step_models(read_model_config(repository / name)))
     return sorted(seen)
 
 
@@ -97,3 +99,29 @@ def local_model_version(repository: Path, model: str) -> str:
     if not versions:
         raise ConfigError(f"model {model!r} in {repository} has no version folder")
     return str(max(versions))
+
+
+def fingerprint_models(
+    repository: Path, pipelines: Sequence[PipelineSettings], registry: ModelRegistry
+) -> dict[str, str]:
+    """Hash every pipeline's model files and refuse changed files under unchanged versions (traceability);
+    returns model -> fingerprint (a model missing from ``repository`` is logged and left out)."""
+    hashes: dict[str, str] = {}
+    for pipeline in pipelines:
+        if not (repository / pipeline.model / "config.pbtxt").is_file():
+            logger.warning(
+                "model %s is not in %s: its results carry no content hash", pipeline.model, repository
+            )
+            continue
+        fingerprint = model_fingerprint(repository, pipeline.model)
+        version = local_model_version(repository, pipeline.model)
+        registry.check_and_record(pipeline.model, version, pipeline.algorithm_version, fingerprint)
+        hashes[pipeline.model] = fingerprint
+        logger.info(
+            "model %s version %s (algorithm %s) sha256 %s",
+            pipeline.model,
+            version,
+            pipeline.algorithm_version,
+            fingerprint,
+        )
+    return hashes

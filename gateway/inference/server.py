@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import re
 import shutil
 import signal
 import socket
@@ -31,6 +30,13 @@ from types import TracebackType
 from typing import IO
 
 from gateway.core.errors import ConfigError, InferenceUnavailable
+from gateway.core.retry import Backoff
+from gateway.inference.model_config import (
+    as_python_backend,
+    declares_onnx_file,
+    read_model_config,
+    runs_on_onnxruntime,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -137,13 +143,13 @@ class TritonServer:
         # The runner is a file of the Triton-side package, copied as data: the gateway never imports it.
         runner = Path(str(resources.files("ensemble_steps").joinpath("onnx_runner.py")))
         for folder in sorted(p for p in self.model_repository.iterdir() if (p / "config.pbtxt").is_file()):
-            config = (folder / "config.pbtxt").read_text()
-            if not _NATIVE_ONNX.search(config):
+            config = read_model_config(folder)
+            if not runs_on_onnxruntime(config):
                 (target / folder.name).symlink_to(folder, target_is_directory=True)
                 continue
             shim = target / folder.name
             shutil.copytree(folder, shim, symlinks=False, ignore=shutil.ignore_patterns("__pycache__"))
-            (shim / "config.pbtxt").write_text(_NATIVE_ONNX.sub('backend: "python"', config))
+            (shim / "config.pbtxt").write_text(as_python_backend(config))
             for version in (p for p in shim.iterdir() if p.is_dir() and p.name.isdigit()):
                 shutil.copy2(runner, version / "model.py")
         return target
@@ -243,8 +249,8 @@ class TritonServer:
 
     def _supervise(self) -> None:
         """Restart the server whenever it exits without being asked to, with backoff; reap every exit."""
-        first, longest = RESTART_BACKOFF_S
-        delay = first
+        backoff = Backoff(*RESTART_BACKOFF_S)
+        failures = 0
         started = time.monotonic()
         while not self._stopping.is_set():
             process = self.process
@@ -254,7 +260,9 @@ class TritonServer:
             if self._stopping.is_set():
                 return
             if time.monotonic() - started >= STABLE_AFTER_S:
-                delay = first
+                failures = 0  # it ran long enough: the next crash starts the backoff afresh
+            failures += 1
+            delay = backoff.delay(failures)
             with self._lock:
                 self.restarts += 1
                 self.last_exit = f"exit code {code}"
@@ -267,7 +275,6 @@ class TritonServer:
             )
             if self._stopping.wait(delay):
                 return
-            delay = min(longest, delay * 2)
             started = time.monotonic()
             try:
                 with self._lock:
@@ -352,14 +359,8 @@ class TritonServer:
         self.stop()
 
 
-_NATIVE_ONNX = re.compile(
-    r'^\s*(?:backend:\s*"onnxruntime"|platform:\s*"onnxruntime_onnx")\s*$', re.MULTILINE
-)
-
-
 def _missing_model_files(model_dir: Path) -> bool:
     """True when a model folder declares an ONNX file in its config that has not been built yet."""
-    config = (model_dir / "config.pbtxt").read_text()
-    if not (_NATIVE_ONNX.search(config) or '"onnx_file"' in config):
+    if not declares_onnx_file(read_model_config(model_dir)):
         return False
     return not any(model_dir.glob("*/*.onnx"))

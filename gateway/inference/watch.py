@@ -16,6 +16,7 @@ import logging
 from clients.triton import TritonClient
 from gateway.config.settings import PipelineSettings
 from gateway.core.errors import ConfigError
+from gateway.core.retry import Backoff
 
 logger = logging.getLogger(__name__)
 
@@ -26,7 +27,8 @@ class TritonWatch:
     def __init__(self, client: TritonClient, url: str, *, retry_max_s: float) -> None:
         self.client = client
         self.url = url
-        self.retry_max_s = retry_max_s
+        # probes while Triton is down: 4 s, 8 s ... up to retry_max_s
+        self.backoff = Backoff(min(2 * WATCH_INTERVAL_S, retry_max_s), retry_max_s)
         self.ready = False
         self.open = asyncio.Event()  # the inference gate: set while Triton is ready
         self.open.set()
@@ -68,7 +70,7 @@ class TritonWatch:
             self._loop.call_soon_threadsafe(self._wake.set)
 
     async def run(self) -> None:
-        delay = WATCH_INTERVAL_S
+        delay, failures = WATCH_INTERVAL_S, 0
         while True:
             ready = await self.client.is_ready()
             if ready != self.ready:
@@ -77,12 +79,13 @@ class TritonWatch:
             self.ready = ready
             if ready:
                 self.open.set()
-                delay = WATCH_INTERVAL_S
+                delay, failures = WATCH_INTERVAL_S, 0
             else:
                 self.open.clear()
-                delay = min(self.retry_max_s, delay * 2)
+                failures += 1
+                delay = self.backoff.delay(failures)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), delay)
             if self._wake.is_set():
                 self._wake.clear()
-                delay = WATCH_INTERVAL_S
+                delay, failures = WATCH_INTERVAL_S, 0

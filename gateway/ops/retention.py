@@ -16,12 +16,14 @@ delivered is never purged, whatever its age or the free space. ``plan`` only loo
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import shutil
 import time
 from collections import deque
 from collections.abc import Iterable
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +31,8 @@ from typing import Any
 from gateway.config.settings import Settings
 from gateway.ingest.spool import PROCESSED_MARKER
 from gateway.ops.audit import AuditLog
+from gateway.ops.events import EventSink
+from gateway.ops.metrics import Metrics
 
 logger = logging.getLogger(__name__)
 
@@ -237,3 +241,22 @@ class DiskForecast:
             "fill_rate_bytes_per_hour": round(rate),
             "hours_until_watermark": round(hours, 1) if hours is not None else None,
         }
+
+
+async def purge_periodically(
+    settings: Settings, executor: Executor, metrics: Metrics, events: EventSink
+) -> None:
+    """Apply the retention rules every ``retention.interval_s`` (never what is not analysed or delivered)."""
+    loop = asyncio.get_running_loop()
+    while True:
+        await asyncio.sleep(settings.retention.interval_s)
+        try:
+            purge = await loop.run_in_executor(executor, plan, settings)
+            removed = await loop.run_in_executor(executor, execute, settings, purge)
+        except Exception as exc:  # a purge that fails is retried at the next interval
+            logger.error("retention purge failed: %s: %s", type(exc).__name__, exc)
+            continue
+        for kind, count in removed.items():
+            metrics.purged.labels(kind).inc(count)
+        if removed:
+            events.record("purge", removed=removed, freed_bytes=sum(i.size_bytes for i in purge.items))

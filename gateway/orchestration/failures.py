@@ -61,11 +61,7 @@ class FailurePublisher:
             calling_ae=study.calling_ae,
             created_at=time.time(),
         )
-        try:
-            loop = asyncio.get_running_loop()
-            await loop.run_in_executor(self.parts.executor, self.parts.failure_alerts.emit, event)
-        except Exception as exc:
-            logger.error("failure alert not delivered: %s", exc)
+        self.parts.notifications.send(self.parts.failure_alerts, event, failed_event="failure_alert_failed")
         return SeriesOutcome(kind=OutcomeKind.FAILED, results=(sr_uid,) if sr_uid else (), reason=reason)
 
     async def _publish(self, job: InferenceJob, reason: str, progress: StudyProgress | None) -> str:

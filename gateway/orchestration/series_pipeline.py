@@ -37,6 +37,7 @@ from gateway.orchestration.analysis import (
     read_output,
     run_model,
 )
+from gateway.orchestration.notifications import BackgroundNotifications
 from gateway.orchestration.routing import InferenceJob
 from gateway.orchestration.tracker import StudyProgress, StudyTracker
 from gateway.reporting.notify import StatEvent, StatNotifier
@@ -84,6 +85,7 @@ class PipelineParts:
     outbox: Outbox
     notifier: StatNotifier
     failure_alerts: StatNotifier
+    notifications: BackgroundNotifications
     tracker: StudyTracker
     events: EventSink
     metrics: Metrics
@@ -368,8 +370,13 @@ class SeriesPipeline:
             timings=run.timings,
             priority=job.priority.name,
         )
-        if progress is None:
-            return
+        if progress is not None:
+            self._collect(run, progress)
+
+    def _collect(self, run: _Run, progress: StudyProgress) -> None:
+        """What the study's completion needs from this series: result UIDs, the report for the RIS, timings."""
+        assert run.reading is not None and run.encoded is not None and run.analysis is not None
+        pipeline, found, datasets = run.job.pipeline, run.reading.interpretation, self._datasets(run)
         sr = run.encoded.get("SR")
         progress.findings += len(found.findings)
         progress.results.extend(str(ds.SOPInstanceUID) for ds in datasets)
@@ -407,10 +414,7 @@ class SeriesPipeline:
             calling_ae=job.study.calling_ae,
             created_at=time.time(),
         )
-        try:
-            await self.timed(run.timings, "notify", self.parts.notifier.emit, event)
-        except Exception as exc:  # a failed notification is reported; the analysis goes on
-            logger.error("STAT notification failed: %s", exc)
-            self.parts.events.record(
-                "stat_notification_failed", study=job.study.study_instance_uid, reason=str(exc)[:300]
-            )
+        started = time.perf_counter()
+        # The log line now, the webhook in the background: a dead webhook never holds a worker.
+        self.parts.notifications.send(self.parts.notifier, event, failed_event="stat_notification_failed")
+        run.timings["notify"] = time.perf_counter() - started

@@ -18,6 +18,7 @@ import dataclasses
 import logging
 
 from gateway.core.errors import InferenceUnavailable, PermanentError, ResourceExhausted, as_resource_error
+from gateway.core.retry import Backoff
 from gateway.inference.watch import TritonWatch
 from gateway.ops.metrics import Metrics
 from gateway.orchestration.analysis import Inferrer
@@ -29,7 +30,8 @@ from gateway.orchestration.tracker import StudyTracker
 
 logger = logging.getLogger(__name__)
 
-RESOURCE_RETRY_S = (1.0, 10.0)  # first and longest wait before a job deferred by a full disk runs again
+NOTIFY_DRAIN_S = 10.0  # how long a stopping gateway waits for STAT webhooks still in flight
+RESOURCE_BACKOFF = Backoff(1.0, 10.0)  # waits before a job deferred by a full disk runs again
 
 
 class WorkerPool:
@@ -75,6 +77,7 @@ class WorkerPool:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        await self.pipeline.parts.notifications.drain(NOTIFY_DRAIN_S)
 
     def _spawn(self, name: str, *, stat_only: bool) -> None:
         task = asyncio.create_task(self._work(stat_only=stat_only), name=name)
@@ -138,8 +141,7 @@ class WorkerPool:
             logger.exception("study %s could not be completed after a failure", job.study.study_instance_uid)
 
     def _defer(self, job: InferenceJob, exc: ResourceExhausted) -> None:
-        first, longest = RESOURCE_RETRY_S
-        delay = min(longest, first * 2**job.attempts)
+        delay = RESOURCE_BACKOFF.delay(job.attempts + 1)
         self.resource_error = str(exc)
         self.metrics.resource_errors.labels(str(exc).split(" (")[0]).inc()
         logger.error(

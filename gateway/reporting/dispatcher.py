@@ -19,6 +19,7 @@ from clients.mllp import send_mllp
 from gateway.config.settings import Settings
 from gateway.core.durable import atomic_write
 from gateway.core.errors import DeliveryError
+from gateway.core.retry import Backoff
 from gateway.ops.audit import AuditLog
 from gateway.reporting.fhir import build_bundle
 from gateway.reporting.hl7 import Hl7Parties, build_oru, build_priority_update
@@ -47,7 +48,7 @@ def post_fhir(url: str, body: bytes, *, timeout_s: float, attempts: int, backoff
         except (urllib.error.URLError, OSError) as exc:
             last = str(getattr(exc, "reason", exc))
         if attempt < attempts:
-            time.sleep(backoff_s * 2 ** (attempt - 1))
+            time.sleep(Backoff(backoff_s).delay(attempt))
     raise DeliveryError(f"FHIR POST to {url} failed after {attempts} tries: {last}")
 
 

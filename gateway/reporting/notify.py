@@ -13,8 +13,10 @@ import urllib.request
 from dataclasses import asdict, dataclass
 
 from gateway.core.errors import DeliveryError
+from gateway.core.retry import Backoff
 
 logger = logging.getLogger("gateway.stat")
+WEBHOOK_BACKOFF = Backoff(0.5)  # between the tries of one webhook call
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -72,10 +74,19 @@ class StatNotifier:
         self.timeout_s = timeout_s
 
     def emit(self, event: StatEvent | FailureEvent) -> None:
+        """The log line, then the webhook (blocking, with its retries)."""
+        self.log(event)
+        self.post(event)
+
+    def log(self, event: StatEvent | FailureEvent) -> None:
         if isinstance(event, StatEvent):
             logger.warning("STAT %s", event.to_json())
         else:
             logger.error("analysis failed %s", event.to_json())
+
+    def post(self, event: StatEvent | FailureEvent) -> None:
+        """POST the event to the webhook (nothing when none is configured); raises DeliveryError when every try
+        failed. Blocking: callers on the event loop run it in an executor, in the background."""
         if not self.webhook_url:
             return
         body = event.to_json().encode()
@@ -92,5 +103,5 @@ class StatNotifier:
             except (urllib.error.URLError, OSError) as exc:
                 last = str(exc)
             if attempt < self.attempts:
-                time.sleep(0.5 * 2 ** (attempt - 1))
+                time.sleep(WEBHOOK_BACKOFF.delay(attempt))
         raise DeliveryError(f"webhook {self.webhook_url} failed after {self.attempts} tries: {last}")
