@@ -14,6 +14,7 @@ gRPC client. The outbox, the report dispatcher and the HTTP server (ThreadingHTT
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import faulthandler
 import logging
@@ -60,7 +61,7 @@ from preprocessing.decode import decoder_availability
 
 logger = logging.getLogger(__name__)
 
-POLL_INTERVAL_S = 0.2
+ASSEMBLY_SLACK_S = 0.01  # past a deadline, so the study is complete when the loop wakes
 STOP_STACK_DUMP_S = 45.0
 LOOP_ANSWER_S = 5.0  # how long /health waits for the event loop's snapshot
 
@@ -443,10 +444,24 @@ class Gateway:
         self.metrics.triton_request_slices.labels(model).observe(slices)
 
     async def _assemble(self, queue: JobQueue) -> None:
+        """Route each study when it becomes complete: sleep until the next study's deadline, or until the
+        receiver wakes the loop because a study started waiting while none was (no polling)."""
+        loop, wake = asyncio.get_running_loop(), asyncio.Event()
+
+        def wake_up() -> None:  # on a receiver thread; a loop that is shutting down has nothing to wake
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(wake.set)
+
+        self.assembler.on_first_pending = wake_up
         while True:
-            await asyncio.sleep(POLL_INTERVAL_S)
+            wake.clear()
             for study in self.assembler.pop_complete():
                 self._route(study, queue)
+            delay = self.assembler.seconds_until_next()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(
+                    wake.wait(), timeout=None if delay is None else delay + ASSEMBLY_SLACK_S
+                )
 
     def _route(self, study: Study, queue: JobQueue) -> None:
         study = self.tracker.as_it_stands(study)

@@ -42,10 +42,14 @@ class StudyAssembler:
         self._clock = clock
         self._lock = threading.Lock()
         self._pending: dict[str, _Pending] = {}
+        # Called (outside the lock) when the first study starts waiting: whoever sleeps until the next
+        # deadline has no deadline while nothing is pending, and must be woken.
+        self.on_first_pending: Callable[[], None] | None = None
 
     def add(self, record: InstanceRecord) -> None:
         now = self._clock()
         with self._lock:
+            was_empty = not self._pending
             pending = self._pending.get(record.study_instance_uid)
             if pending is None:
                 pending = _Pending(
@@ -59,6 +63,8 @@ class StudyAssembler:
             pending.last_received_at = max(pending.last_received_at, record.received_at)
             # A re-sent instance replaces the earlier copy (same SOP Instance UID, same spool file).
             pending.instances[record.sop_instance_uid] = record
+        if was_empty and self.on_first_pending is not None:
+            self.on_first_pending()
 
     def association_ended(self, study_uids: set[str], problem: str) -> None:
         """An association that stored instances of these studies ended: cleanly (``problem`` empty) or not."""
@@ -72,16 +78,22 @@ class StudyAssembler:
         with self._lock:
             return len(self._pending)
 
+    def _period(self, pending: _Pending) -> float:
+        return self.incomplete_guard_s if pending.incomplete_reason else self.quiet_period_s
+
+    def seconds_until_next(self, now: float | None = None) -> float | None:
+        """How long until the next pending study is complete (0 when one is); None when nothing is pending.
+        Later instances only push a deadline back, so a sleep until this time never misses a study."""
+        now = self._clock() if now is None else now
+        with self._lock:
+            deadlines = [p.last_arrival + self._period(p) for p in self._pending.values()]
+        return max(0.0, min(deadlines) - now) if deadlines else None
+
     def pop_complete(self, now: float | None = None) -> list[Study]:
         """Remove and return the studies that have been quiet for at least the quiet period."""
         now = self._clock() if now is None else now
         with self._lock:
-            ready = [
-                uid
-                for uid, p in self._pending.items()
-                if now - p.last_arrival
-                >= (self.incomplete_guard_s if p.incomplete_reason else self.quiet_period_s)
-            ]
+            ready = [uid for uid, p in self._pending.items() if now - p.last_arrival >= self._period(p)]
             popped = [(uid, self._pending.pop(uid)) for uid in ready]
         return [_build_study(uid, pending) for uid, pending in popped]
 

@@ -119,6 +119,32 @@ def test_assembler_waits_for_the_quiet_period() -> None:
     assert assembler.pending_studies() == 0
 
 
+def test_assembler_says_when_the_next_study_is_due_and_wakes_the_sleeper_once() -> None:
+    """The loop sleeps until the next deadline instead of polling; with nothing pending it sleeps until the
+    first instance of a new study wakes it (once, not per instance)."""
+    now = [100.0]
+    wakes: list[float] = []
+    assembler = StudyAssembler(5.0, incomplete_guard_s=60.0, clock=lambda: now[0])
+    assembler.on_first_pending = lambda: wakes.append(now[0])
+    assert assembler.seconds_until_next() is None
+    assembler.add(_record("1.2.3", "1.2.3.1", "1.2.3.1.1"))
+    now[0] = 102.0
+    assembler.add(_record("1.2.3", "1.2.3.1", "1.2.3.1.2"))
+    assembler.add(_record("1.2.4", "1.2.4.1", "1.2.4.1.1"))
+    assert wakes == [100.0], "woken when the first study started waiting, not per instance"
+    assert assembler.seconds_until_next() == 5.0  # both studies' last instance came at 102
+    assembler.association_ended({"1.2.3"}, "association aborted")
+    now[0] = 107.0
+    assert assembler.seconds_until_next() == 0.0
+    [due] = assembler.pop_complete()
+    assert due.study_instance_uid == "1.2.4"
+    assert assembler.seconds_until_next() == 55.0  # the aborted one waits for the guard time
+    now[0] = 162.0
+    assert len(assembler.pop_complete()) == 1 and assembler.seconds_until_next() is None
+    assembler.add(_record("1.2.5", "1.2.5.1", "1.2.5.1.1"))
+    assert wakes == [100.0, 162.0]
+
+
 def _study(series: list[Series], description: str = "", priority: str = "") -> Study:
     return Study(
         study_instance_uid="1.2.3",
