@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
-import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,9 @@ examples:
   gateway check /media/new-scanner/ --config site.toml  # onboarding: what would run, be repaired, fail
   gateway token --role operator --name ops         # bearer token for the HTTP admin endpoints
 """
+
+
+STOP_POLL_S = 0.2  # how often `serve` looks for a stop signal
 
 
 def _peer(text: str) -> Peer:
@@ -222,9 +225,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     settings = load_settings(args.config, _overrides(args))
     configure_logging(settings.log_level)
-    stop = threading.Event()
+    # The handler only sets a flag: a handler that takes a lock (threading.Event.set) can deadlock against the main
+    # thread holding that same lock when the signal lands inside Event.wait() - the rare hang on SIGTERM seen
+    # right after start-up. The main thread checks the flag between short sleeps instead.
+    requested: list[int] = []
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+        signal.signal(sig, lambda signum, _frame: requested.append(signum))
     gateway = Gateway(settings).start()
     try:
         recv = settings.receiver
@@ -241,7 +247,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             + "Stop with Ctrl-C.\n",
             flush=True,
         )
-        stop.wait()
+        while not requested:
+            time.sleep(STOP_POLL_S)
     finally:
         gateway.stop()
     return 0
