@@ -225,9 +225,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     settings = load_settings(args.config, _overrides(args))
     configure_logging(settings.log_level)
-    # The handler only sets a flag: a handler that takes a lock (threading.Event.set) can deadlock against the main
-    # thread holding that same lock when the signal lands inside Event.wait() - the rare hang on SIGTERM seen
-    # right after start-up. The main thread checks the flag between short sleeps instead.
+    # The handler only records the signal and the main thread looks every STOP_POLL_S. Waiting on a
+    # threading.Event instead hung for good now and then: the kernel may deliver SIGTERM to another thread, the
+    # main thread stays blocked in the Event's lock, never returns to the interpreter, and the Python handler that
+    # would set the Event never runs (seen with gdb on a gateway that ignored SIGTERM right after start-up).
     requested: list[int] = []
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda signum, _frame: requested.append(signum))

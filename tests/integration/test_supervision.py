@@ -176,7 +176,14 @@ def test_sigkilled_gateway_leaves_no_child_triton_included(tmp_path: Path, model
         wait_for(lambda: _serving(port, restarted), timeout_s=240, what="the restarted gateway to listen")
     finally:
         restarted.send_signal(signal.SIGTERM)
-        restarted.wait(timeout=60)
+        try:
+            restarted.wait(timeout=60)
+        finally:
+            if (
+                restarted.poll() is None
+            ):  # it did not stop: fail, but leave no gateway (its guard ends Triton)
+                restarted.kill()
+                restarted.wait(timeout=30)
     assert restarted.returncode == 0
 
 
@@ -186,3 +193,36 @@ def _serving(port: int, process: subprocess.Popen[bytes]) -> bool:
     assert process.poll() is None, "the restarted gateway exited"
     with socket.socket() as sock:
         return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _tgkill(pid: int, tid: int, signum: int) -> None:
+    """Send ``signum`` to one thread of another process (Linux tgkill), as the kernel may do with a kill()."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.syscall(234, pid, tid, signum) != 0:  # SYS_tgkill on x86_64
+        raise OSError(ctypes.get_errno(), "tgkill failed")
+
+
+@pytest.mark.skipif(
+    sys.platform != "linux" or not sys.maxsize > 2**32, reason="tgkill syscall number is x86_64 Linux"
+)
+def test_sigterm_delivered_to_any_thread_stops_the_gateway(tmp_path: Path) -> None:
+    """SIGTERM that the kernel hands to a worker thread instead of the main thread still stops `gateway serve`.
+    (Before: the main thread sat in threading.Event.wait(), never ran the Python handler, and the gateway ran on.)"""
+    port = free_port()
+    gateway = subprocess.Popen(
+        [sys.executable, "-m", "gateway", "serve", "--config", str(_config(tmp_path, port))]
+    )
+    try:
+        wait_for(lambda: _serving(port, gateway), timeout_s=240, what="the gateway to listen")
+        threads = [
+            int(t.name) for t in Path(f"/proc/{gateway.pid}/task").iterdir() if int(t.name) != gateway.pid
+        ]
+        assert threads, "the gateway runs worker threads"
+        _tgkill(gateway.pid, threads[-1], signal.SIGTERM)
+        assert gateway.wait(timeout=60) == 0
+    finally:
+        if gateway.poll() is None:
+            gateway.kill()
+            gateway.wait(timeout=30)
