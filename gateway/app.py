@@ -171,6 +171,7 @@ class Gateway:
                     startup_timeout_s=self.settings.triton.startup_timeout_s,
                 ).start(supervise=True)
                 self.triton_server.on_restart = self._triton_restarted
+                self.triton_server.on_exit = self._triton_exited
                 self.triton_url = self.triton_server.grpc_url
             self._loop_thread = threading.Thread(target=self._run_loop, name="gateway-loop", daemon=True)
             self._loop_thread.start()
@@ -338,6 +339,11 @@ class Gateway:
         """Called by the Triton supervisor once a restarted server is ready: probe now, not after the backoff."""
         if self.watch is not None:
             self.watch.wake_threadsafe()
+
+    def _triton_exited(self) -> None:
+        """Called by the Triton supervisor the moment the server dies: workers hold from now on."""
+        if self.watch is not None:
+            self.watch.unavailable_threadsafe()
 
     @property
     def triton_ready(self) -> bool:

@@ -116,6 +116,9 @@ class TritonServer:
         self.on_restart: Callable[[], None] | None = (
             None  # called (supervisor thread) once a restart is ready
         )
+        self.on_exit: Callable[[], None] | None = (
+            None  # called (supervisor thread) as soon as the server exits unexpectedly
+        )
 
     @property
     def grpc_url(self) -> str:
@@ -266,6 +269,8 @@ class TritonServer:
             with self._lock:
                 self.restarts += 1
                 self.last_exit = f"exit code {code}"
+            if self.on_exit is not None:
+                self.on_exit()  # the gate closes now, not at the next readiness probe
             logger.error(
                 "tritonserver exited unexpectedly (%s); restart %d in %.0f s; log tail:\n%s",
                 self.last_exit,

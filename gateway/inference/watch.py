@@ -64,6 +64,16 @@ class TritonWatch:
         self.ready = False
         self.open.clear()
 
+    def unavailable_threadsafe(self) -> None:
+        """The server is known to be down (its supervisor saw it exit): close the gate and probe."""
+
+        def down() -> None:
+            self.unavailable()
+            self._wake.set()
+
+        if not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(down)
+
     def wake_threadsafe(self) -> None:
         """Probe now, not after the backoff (called from the Triton supervisor's thread after a restart)."""
         if not self._loop.is_closed():

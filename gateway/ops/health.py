@@ -52,7 +52,11 @@ class OtherState:
 def health_report(loop: LoopState, other: OtherState) -> dict[str, Any]:
     """Status "ok" or "degraded" with the reasons; studies are accepted either way."""
     reasons = []
-    if not loop.triton_ready:
+    managed = other.children.get("tritonserver")
+    # A Triton this gateway runs is ready only while its process runs: the probe's flag may be a few seconds
+    # old when the server has just died (the supervisor knows at once).
+    triton_ready = loop.triton_ready and (managed is None or bool(managed.get("running")))
+    if not triton_ready:
         reasons.append(f"Triton at {other.triton_url} is not ready: analyses are queued and retried")
     for destination, error in sorted(other.failing_destinations.items()):
         reasons.append(f"destination {destination} is failing ({error[:120]}): results are queued")
@@ -69,7 +73,7 @@ def health_report(loop: LoopState, other: OtherState) -> dict[str, Any]:
     return {
         "status": "degraded" if reasons else "ok",
         "reasons": reasons,
-        "triton": {"url": other.triton_url, "ready": loop.triton_ready, "endpoints": loop.endpoints},
+        "triton": {"url": other.triton_url, "ready": triton_ready, "endpoints": loop.endpoints},
         "queue": loop.queue,
         "queue_by_pacs": loop.queue_by_pacs,
         "studies_pending": other.studies_pending,
