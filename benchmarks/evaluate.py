@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
 import json
 import os
 import sys
@@ -484,7 +483,7 @@ def evaluate(
     pipeline = served.pipeline(evaluation.pipeline)
     # The whole curve: everything the served ensemble answers (its own thresholds apply); the operating point
     # is what the pipeline reports at its configured report_threshold.
-    curve_pipeline = dataclasses.replace(pipeline, report_threshold=0.0)
+    curve_pipeline = pipeline.replace(report_threshold=0.0)
     count = studies if studies is not None else evaluation.studies
     results = []
     started = time.perf_counter()
@@ -507,13 +506,13 @@ def evaluate(
         sizes=evaluation.sizes,
         name=name,
         size_label=evaluation.size_label,
-        operating_threshold=pipeline.report_threshold,
+        operating_threshold=pipeline.output.report_threshold,
     )
     report.update(
         seed=seed,
         served_pipeline=pipeline.name,
         model=pipeline.model,
-        report_threshold=pipeline.report_threshold,
+        report_threshold=pipeline.output.report_threshold,
         seconds=round(time.perf_counter() - started, 1),
     )
     return report
@@ -571,7 +570,7 @@ def real_negatives(served: ServedPath, real_data: Path) -> dict[str, Any]:
             "pipelines": {},
         }
         for pipeline in served.settings.pipelines:
-            if modality not in pipeline.modalities:
+            if modality not in pipeline.route.modalities:
                 continue
             reading = served.analyse(loaded, pipeline, modality=modality)
             row["pipelines"][pipeline.name] = {

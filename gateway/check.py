@@ -60,9 +60,9 @@ class CheckReport:
 
 
 def _rule(pipeline: PipelineSettings, study: Study, series: Series) -> str:
-    if not pipeline.body_parts and not pipeline.description_patterns:
+    if not pipeline.route.body_parts and not pipeline.route.description_patterns:
         return f"modality {series.modality}"
-    if series.body_part and series.body_part.upper() in pipeline.body_parts:
+    if series.body_part and series.body_part.upper() in pipeline.route.body_parts:
         return f"modality {series.modality}, body part {series.body_part}"
     return f"modality {series.modality}, description pattern"
 
@@ -71,16 +71,16 @@ def _would_encode(pipeline: PipelineSettings, headers: Sequence[pydicom.Dataset]
     """'' when a (negative) SR can be built from these headers, else the reason."""
     analysis = SeriesAnalysis(
         pipeline_name=pipeline.name,
-        algorithm_name=pipeline.algorithm_name,
-        algorithm_version=pipeline.algorithm_version,
+        algorithm_name=pipeline.provenance.algorithm_name,
+        algorithm_version=pipeline.provenance.algorithm_version,
         model_name=pipeline.model,
         model_version="check",
         findings=(),
         study_score=0.0,
         stat=False,
-        stat_threshold=pipeline.stat_threshold,
-        report_threshold=pipeline.report_threshold,
-        display_window=pipeline.display_window,
+        stat_threshold=pipeline.output.stat_threshold,
+        report_threshold=pipeline.output.report_threshold,
+        display_window=pipeline.output.display_window,
         sources=tuple(headers),
     )
     try:

@@ -399,7 +399,7 @@ def cmd_config(args: argparse.Namespace) -> int:
     print(f"destination       {settings.delivery.destination or 'the sending peer'}")
     for p in settings.pipelines:
         print(
-            f"pipeline          {p.name}: model {p.model}, mode {p.mode.value}, modalities {','.join(p.modalities)}"
+            f"pipeline          {p.name}: model {p.model}, mode {p.mode.value}, modalities {','.join(p.route.modalities)}"
         )
     return 0
 

@@ -115,13 +115,13 @@ def fingerprint_models(
             continue
         fingerprint = model_fingerprint(repository, pipeline.model)
         version = local_model_version(repository, pipeline.model)
-        registry.check_and_record(pipeline.model, version, pipeline.algorithm_version, fingerprint)
+        registry.check_and_record(pipeline.model, version, pipeline.provenance.algorithm_version, fingerprint)
         hashes[pipeline.model] = fingerprint
         logger.info(
             "model %s version %s (algorithm %s) sha256 %s",
             pipeline.model,
             version,
-            pipeline.algorithm_version,
+            pipeline.provenance.algorithm_version,
             fingerprint,
         )
     return hashes

@@ -73,18 +73,18 @@ def model_tensor(
     return to_model_layout(
         model_input(
             loaded,
-            size=pipeline.input_size,
-            intensity=pipeline.intensity,
-            hu_clip=pipeline.hu_clip,
-            window=pipeline.window,
+            size=pipeline.input.size,
+            intensity=pipeline.input.intensity,
+            hu_clip=pipeline.input.hu_clip,
+            window=pipeline.input.window,
             backend=backend,
             dali=dali,
         ),
-        layout=pipeline.input_layout,
-        channels=pipeline.input_channels,
-        dtype=pipeline.input_dtype,
-        scale=pipeline.input_scale,
-        offset=pipeline.input_offset,
+        layout=pipeline.input.layout,
+        channels=pipeline.input.channels,
+        dtype=pipeline.input.dtype,
+        scale=pipeline.input.scale,
+        offset=pipeline.input.offset,
     )
 
 
@@ -96,8 +96,8 @@ def prepare_input(
     dali: DaliPreprocessor | None = None,
 ) -> ModelInput:
     tensor = model_tensor(loaded, pipeline, backend=backend, dali=dali)
-    spacing = loaded.grid_spacing_mm(pipeline.input_size)
-    extra = {pipeline.spacing_input: np.asarray(spacing, np.float32)} if pipeline.spacing_input else {}
+    spacing = loaded.grid_spacing_mm(pipeline.input.size)
+    extra = {pipeline.input.spacing: np.asarray(spacing, np.float32)} if pipeline.input.spacing else {}
     return ModelInput(tensor=tensor, extra_inputs=extra, voxel_mm3=float(np.prod(spacing)))
 
 
@@ -108,21 +108,21 @@ async def run_model(
     *,
     priority: Priority = Priority.ROUTINE,
 ) -> DetectionOutput | ScoresOutput:
-    if pipeline.output_kind == "class_scores":
+    if pipeline.output.kind == "class_scores":
         return await inferrer.classify(
             pipeline.model,
             prepared.tensor,
-            input_name=pipeline.input_name,
-            output_name=pipeline.output_name,
+            input_name=pipeline.input.name,
+            output_name=pipeline.output.name,
             priority=priority,
         )
     return await inferrer.detect(
         pipeline.model,
         prepared.tensor,
         priority=priority,
-        want_mask=pipeline.segmentation,
-        input_name=pipeline.input_name,
-        whole_volume=pipeline.input_scope == "volume",
+        want_mask=pipeline.output.segmentation,
+        input_name=pipeline.input.name,
+        whole_volume=pipeline.input.scope == "volume",
         extra_inputs=prepared.extra_inputs,
     )
 
@@ -147,7 +147,7 @@ def read_output(
             found,
             findings=plausible.findings,
             dropped=(*found.dropped, *(text for _, text in plausible.dropped)),
-            stat=any(f.confidence >= pipeline.stat_threshold for f in plausible.findings),
+            stat=any(f.confidence >= pipeline.output.stat_threshold for f in plausible.findings),
         )
     return Reading(interpretation=found, implausible=plausible.dropped, mask=mask)
 

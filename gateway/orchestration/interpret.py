@@ -41,7 +41,9 @@ def _finding_on(
     pipeline: PipelineSettings,
 ) -> Finding:
     """A finding on one source image: located (with its measurements) when ``bbox`` is given, else image-level."""
-    measurements = region_measurements(image, bbox, hounsfield=pipeline.intensity == "hu") if bbox else {}
+    measurements = (
+        region_measurements(image, bbox, hounsfield=pipeline.input.intensity == "hu") if bbox else {}
+    )
     return Finding(
         label=label,
         confidence=confidence,
@@ -62,7 +64,7 @@ def interpret_scores(
     dropped: list[str] = []
     findings: list[Finding] = []
     best = 0.0
-    for class_id, label in sorted(pipeline.labels.items()):
+    for class_id, label in sorted(pipeline.output.labels.items()):
         if class_id >= scores.shape[1]:
             dropped.append(f"class {class_id} is not among the model's {scores.shape[1]} outputs")
             continue
@@ -77,11 +79,11 @@ def interpret_scores(
         index = int(np.argmax(np.where(finite, column, -1.0)))
         confidence = float(column[index])
         best = max(best, confidence)
-        if confidence >= pipeline.report_threshold:
+        if confidence >= pipeline.output.report_threshold:
             findings.append(_finding_on(images[index], index, label, confidence, None, pipeline))
     for reason in dropped:
         logger.warning("pipeline %s: %s", pipeline.name, reason)
-    stat = any(f.confidence >= pipeline.stat_threshold for f in findings)
+    stat = any(f.confidence >= pipeline.output.stat_threshold for f in findings)
     return Interpretation(findings=tuple(findings), dropped=tuple(dropped), study_score=best, stat=stat)
 
 
@@ -128,7 +130,7 @@ def interpret(
         if not 0 <= slice_index < len(images):
             dropped.append(f"slice index {slice_index} outside the series of {len(images)}")
             continue
-        if class_id not in pipeline.labels:
+        if class_id not in pipeline.output.labels:
             dropped.append(f"unknown class {class_id}")
             continue
         if not 0.0 <= score <= 1.0:
@@ -137,7 +139,7 @@ def interpret(
         if min(x0, y0) < -EDGE_TOLERANCE or max(x1, y1) > 1.0 + EDGE_TOLERANCE or x1 <= x0 or y1 <= y0:
             dropped.append(f"box {x0:.3f},{y0:.3f},{x1:.3f},{y1:.3f} outside the image")
             continue
-        if score < pipeline.report_threshold:
+        if score < pipeline.output.report_threshold:
             continue
         image = images[slice_index]
         rows, cols = image.shape
@@ -147,14 +149,14 @@ def interpret(
             min(1.0, x1) * cols,
             min(1.0, y1) * rows,
         )
-        finding = _finding_on(image, slice_index, pipeline.labels[class_id], score, bbox, pipeline)
+        finding = _finding_on(image, slice_index, pipeline.output.labels[class_id], score, bbox, pipeline)
         if voxels is not None and voxel_mm3 is not None and voxels > 0:
             finding = dataclasses.replace(finding, volume_mm3=round(voxels * voxel_mm3, 1))
         findings.append(finding)
     for reason in dropped:
         logger.warning("pipeline %s: detection dropped: %s", pipeline.name, reason)
     study_score = output.study_score if math.isfinite(output.study_score) else 0.0
-    stat = any(f.confidence >= pipeline.stat_threshold for f in findings)
+    stat = any(f.confidence >= pipeline.output.stat_threshold for f in findings)
     findings.sort(key=lambda f: (f.slice_index, -f.confidence))
     return Interpretation(
         findings=tuple(findings), dropped=tuple(dropped), study_score=study_score, stat=stat

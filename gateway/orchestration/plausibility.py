@@ -31,14 +31,14 @@ def check_findings(
     kept: list[Finding] = []
     dropped: list[tuple[str, str]] = []
     regions: dict[int, object] = {}
-    low, high = pipeline.finding_size_mm or (0.0, float("inf"))
+    low, high = pipeline.output.finding_size_mm or (0.0, float("inf"))
     for finding in findings:
         if finding.long_axis_mm is not None and not low <= finding.long_axis_mm <= high:
             dropped.append(
                 ("size", f"long axis {finding.long_axis_mm:.1f} mm outside the plausible {low:g}-{high:g} mm")
             )
             continue
-        region_fn = REGIONS.get(pipeline.finding_anatomy)
+        region_fn = REGIONS.get(pipeline.output.finding_anatomy)
         if region_fn is not None and finding.bbox is not None and modality == "CT":
             if finding.slice_index not in regions:
                 regions[finding.slice_index] = region_fn(hu_of(images[finding.slice_index]))
@@ -47,7 +47,9 @@ def check_findings(
             row = min(int((y0 + y1) / 2.0), region.shape[0] - 1)  # type: ignore[attr-defined]
             col = min(int((x0 + x1) / 2.0), region.shape[1] - 1)  # type: ignore[attr-defined]
             if not region[row, col]:  # type: ignore[index]
-                dropped.append(("anatomy", f"centre ({col}, {row}) outside the {pipeline.finding_anatomy}"))
+                dropped.append(
+                    ("anatomy", f"centre ({col}, {row}) outside the {pipeline.output.finding_anatomy}")
+                )
                 continue
         kept.append(finding)
     return Plausible(findings=tuple(kept), dropped=tuple(dropped))

@@ -46,14 +46,14 @@ class RoutingDecision:
 
 def header_rule(pipeline: PipelineSettings, study: Study, series: Series) -> str:
     """The header rule that routes ``series`` to ``pipeline`` ("" when none does)."""
-    if series.modality.upper() not in pipeline.modalities:
+    if series.modality.upper() not in pipeline.route.modalities:
         return ""
-    if not pipeline.body_parts and not pipeline.description_patterns:
+    if not pipeline.route.body_parts and not pipeline.route.description_patterns:
         return f"modality {series.modality.upper()}"
-    if series.body_part and series.body_part.upper() in pipeline.body_parts:
+    if series.body_part and series.body_part.upper() in pipeline.route.body_parts:
         return f"modality {series.modality.upper()}, body part {series.body_part.upper()}"
     texts = [t for t in (series.series_description, study.study_description) if t]
-    if any(p.search(t) for p in pipeline.description_patterns for t in texts):
+    if any(p.search(t) for p in pipeline.route.description_patterns for t in texts):
         return f"modality {series.modality.upper()}, description pattern"
     return ""
 
@@ -64,7 +64,7 @@ def pipeline_matches(pipeline: PipelineSettings, study: Study, series: Series) -
 
 def anatomy_candidate(pipeline: PipelineSettings, series: Series) -> bool:
     """A series of the pipeline's modality that the header rules missed, for a pipeline with an anatomy check."""
-    return bool(pipeline.anatomy) and series.modality.upper() in pipeline.modalities
+    return bool(pipeline.route.anatomy) and series.modality.upper() in pipeline.route.modalities
 
 
 def study_priority(study: Study) -> Priority:
@@ -92,7 +92,7 @@ class Router:
             rules = {p.name: header_rule(p, study, series) for p in self.pipelines}
             for p in self.pipelines:
                 if not rules[p.name] and anatomy_candidate(p, series):
-                    rules[p.name] = f"anatomy check: {p.anatomy}"
+                    rules[p.name] = f"anatomy check: {p.route.anatomy}"
             matched = [p for p in self.pipelines if rules[p.name]]
             if not matched:
                 skipped.append(
@@ -103,11 +103,11 @@ class Router:
                 )
                 continue
             for pipeline in matched:
-                if len(image_instances) < pipeline.min_slices:
+                if len(image_instances) < pipeline.route.min_slices:
                     skipped.append(
                         _skip(
                             series,
-                            f"{pipeline.name} needs at least {pipeline.min_slices} slices, got {len(image_instances)}",
+                            f"{pipeline.name} needs at least {pipeline.route.min_slices} slices, got {len(image_instances)}",
                         )
                     )
                     continue

@@ -161,7 +161,7 @@ class SeriesPipeline:
     async def run(self, job: InferenceJob, client: Inferrer) -> SeriesOutcome:
         run = _Run(job=job, timings={"queue": time.time() - job.created_at})
         if job.anatomy_check and not await self._anatomy_present(run):
-            return SeriesOutcome(kind=OutcomeKind.SKIPPED, reason=f"no {job.pipeline.anatomy} in view")
+            return SeriesOutcome(kind=OutcomeKind.SKIPPED, reason=f"no {job.pipeline.route.anatomy} in view")
         await self._analyse(run, client)
         self._interpret(run)
         progress = self.parts.tracker.get(job.study.study_instance_uid)
@@ -193,13 +193,15 @@ class SeriesPipeline:
         evidence = await self.timed(
             run.timings,
             "anatomy",
-            lambda: ANATOMY_CHECKS[pipeline.anatomy](paths, min_fraction=pipeline.anatomy_min_fraction),
+            lambda: ANATOMY_CHECKS[pipeline.route.anatomy](
+                paths, min_fraction=pipeline.route.anatomy_min_fraction
+            ),
         )
         if not evidence.present:
             self.parts.events.series_skipped(
                 study=job.study.study_instance_uid,
                 series=job.series.series_instance_uid,
-                reason=f"{pipeline.name}: no {pipeline.anatomy} in the field of view ({evidence.describe()})",
+                reason=f"{pipeline.name}: no {pipeline.route.anatomy} in the field of view ({evidence.describe()})",
                 pipeline=pipeline.name,
                 rule=job.rule,
             )
@@ -253,16 +255,16 @@ class SeriesPipeline:
         sources, run.repairs = clean_headers(run.loaded.headers)  # every copied attribute passes its VR
         run.analysis = SeriesAnalysis(
             pipeline_name=pipeline.name,
-            algorithm_name=pipeline.algorithm_name,
-            algorithm_version=pipeline.algorithm_version,
+            algorithm_name=pipeline.provenance.algorithm_name,
+            algorithm_version=pipeline.provenance.algorithm_version,
             model_name=run.output.model_name,
             model_version=run.output.model_version,
             findings=found.findings,
             study_score=found.study_score,
             stat=run.stat,
-            stat_threshold=pipeline.stat_threshold,
-            report_threshold=pipeline.report_threshold,
-            display_window=pipeline.display_window,
+            stat_threshold=pipeline.output.stat_threshold,
+            report_threshold=pipeline.output.report_threshold,
+            display_window=pipeline.output.display_window,
             sources=sources,
             model_sha256=self.parts.model_hashes.get(pipeline.model, ""),
             incomplete_reason=job.study.incomplete_reason,
@@ -339,7 +341,7 @@ class SeriesPipeline:
             "mode": pipeline.mode.value,
             "model": run.output.model_name,
             "model_version": run.output.model_version,
-            "algorithm_version": pipeline.algorithm_version,
+            "algorithm_version": pipeline.provenance.algorithm_version,
             "model_sha256": run.analysis.model_sha256,
             "slices": len(run.loaded.images),
             "slice_order": run.loaded.order.method,
@@ -403,8 +405,8 @@ class SeriesPipeline:
             study_instance_uid=job.study.study_instance_uid,
             series_instance_uid=job.series.series_instance_uid,
             pipeline=job.pipeline.name,
-            algorithm_name=job.pipeline.algorithm_name,
-            algorithm_version=job.pipeline.algorithm_version,
+            algorithm_name=job.pipeline.provenance.algorithm_name,
+            algorithm_version=job.pipeline.provenance.algorithm_version,
             model_name=run.output.model_name,
             model_version=run.output.model_version,
             study_score=round(found.study_score, 4),

@@ -43,7 +43,7 @@ def test_each_pipeline_keeps_its_detection_floors_on_the_served_path(served: Ser
     print(
         f"\n{name}: operating point {op}, sensitivity {report['sensitivity']}, by size {report['by_size_mm']}"
     )
-    assert op["threshold"] == served.pipeline(report["served_pipeline"]).report_threshold
+    assert op["threshold"] == served.pipeline(report["served_pipeline"]).output.report_threshold
     assert op["sensitivity"] >= op_sensitivity, f"{name}: operating-point sensitivity {op}"
     assert op["false_positives_per_study"] <= op_false_positives, f"{name}: false positives {op}"
     assert report["sensitivity"]["1"] >= at_one, f"{name}: sensitivity at 1 FP/study {report['sensitivity']}"

@@ -47,7 +47,7 @@ def _outside_body(loaded: LoadedSeries, findings) -> list[str]:
 
 
 def test_no_finding_outside_the_body_on_real_ct_for_any_pipeline(triton: str, real_data: Path) -> None:
-    pipelines = [p for p in load_settings().pipelines if "CT" in p.modalities]
+    pipelines = [p for p in load_settings().pipelines if "CT" in p.route.modalities]
     assert {p.name for p in pipelines} == {"ct_head_hyperdensity", "ct_chest_nodule"}
     report = []
     for label, pattern in REAL_CT.items():

@@ -3,7 +3,6 @@ wall for a lung nodule) or outside its size range are dropped with a reason; fin
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import pytest
@@ -76,7 +75,7 @@ def test_size_only_for_radiographs_and_no_check_without_a_declaration(chest: Loa
     cxr = _pipeline("cxr_opacity")
     corner = _finding(chest, 1, (5.0, 5.0), 6, 8.0)
     assert check_findings([corner], chest.images, cxr, modality="CR").findings == (corner,)
-    free = dataclasses.replace(_pipeline("ct_chest_nodule"), finding_anatomy="", finding_size_mm=None)
+    free = _pipeline("ct_chest_nodule").replace(finding_anatomy="", finding_size_mm=None)
     assert check_findings([corner], chest.images, free, modality="CT").findings == (corner,)
 
 

@@ -251,11 +251,14 @@ def test_class_scores_become_image_level_findings_on_the_best_image(loaded) -> N
     from gateway.config.settings import load_settings
     from gateway.orchestration.interpret import interpret_scores
 
-    pipeline = dataclasses.replace(
-        load_settings().pipelines[0],
-        labels={1: CodedConcept(value="112001", scheme="DCM", meaning="Opacity")},
-        report_threshold=0.5,
-        stat_threshold=0.9,
+    pipeline = (
+        load_settings()
+        .pipelines[0]
+        .replace(
+            labels={1: CodedConcept(value="112001", scheme="DCM", meaning="Opacity")},
+            report_threshold=0.5,
+            stat_threshold=0.9,
+        )
     )
     scores = np.array([[0.9, 0.1], [0.2, 0.8], [0.3, 0.95], [np.nan, 0.4]], dtype=np.float32)
     result = interpret_scores(scores, loaded.images, pipeline)

@@ -15,9 +15,13 @@ def test_embedded_defaults_load_with_the_reference_pipeline() -> None:
     head, chest, cxr = settings.pipelines
     assert head.name == "ct_head_hyperdensity"
     assert head.mode is RolloutMode.TRIAGE
-    assert head.labels[0].scheme == "SCT"
-    assert (chest.name, chest.input_scope, chest.spacing_input) == ("ct_chest_nodule", "volume", "SPACING")
-    assert (cxr.name, cxr.intensity, cxr.modalities) == ("cxr_opacity", "percentile", ("CR", "DX"))
+    assert head.output.labels[0].scheme == "SCT"
+    assert (chest.name, chest.input.scope, chest.input.spacing) == ("ct_chest_nodule", "volume", "SPACING")
+    assert (cxr.name, cxr.input.intensity, cxr.route.modalities) == (
+        "cxr_opacity",
+        "percentile",
+        ("CR", "DX"),
+    )
 
 
 def test_file_overrides_defaults_and_flags_override_file(tmp_path: Path) -> None:
@@ -77,3 +81,95 @@ def test_peer_parse_round_trip() -> None:
     assert str(peer) == "ORTHANC@127.0.0.1:4242"
     with pytest.raises(ConfigError):
         Peer.parse("ORTHANC@127.0.0.1")
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        # Strict types: nothing is converted behind the operator's back.
+        ("workers = true\n", "workers: expected an integer, got True"),
+        ("quiet_period_s = '3'\n", "quiet_period_s: expected a number, got '3'"),
+        ("force_cpu = 1\n", "force_cpu: expected true or false, got 1"),
+        ("[receiver]\nallowed_calling_aes = 'PACS'\n", "receiver.allowed_calling_aes: expected a list"),
+        # Closed vocabularies are enums.
+        ("[triton]\ntransport = 'carrier-pigeon'\n", "triton.transport must be auto, shared_memory or grpc"),
+        ("decode_backend = 'magic'\n", "decode_backend must be auto, pydicom or nvimgcodec"),
+        ("log_level = 'chatty'\n", "log_level must be DEBUG, INFO, WARNING, ERROR or CRITICAL"),
+        # Ranges.
+        ("[delivery]\nmax_attempts = 0\n", "delivery.max_attempts must be >= 1"),
+        ("[scheduling.pacs_weights]\nMAIN = -1\n", "scheduling.pacs_weights.MAIN must be > 0"),
+        ("[retention]\naudit_days = -1\n", "retention.audit_days must be >= 0"),
+        # Unknown keys, with the closest known one.
+        ("quiet_period = 3\n", "unknown setting(s) quiet_period (did you mean quiet_period_s?)"),
+        ("[receiver]\nprot = 104\n", "receiver: unknown setting(s) prot (did you mean port?)"),
+    ],
+)
+def test_strict_types_vocabularies_ranges_and_unknown_keys_name_the_key(
+    tmp_path: Path, text: str, message: str
+) -> None:
+    config = tmp_path / "bad.toml"
+    config.write_text(text)
+    with pytest.raises(ConfigError) as caught:
+        load_settings(config)
+    assert message in str(caught.value)
+
+
+_PIPELINE = (
+    "[[pipelines]]\nname = 'x'\nalgorithm_version = '1'\nmodalities = ['CT']\ninput_size = [64, 64]\n"
+    "[pipelines.labels]\n0 = 'nodule'\n"
+)
+
+
+def test_a_pipeline_table_stays_flat_and_its_errors_name_the_flat_key(tmp_path: Path) -> None:
+    config = tmp_path / "bad.toml"
+    config.write_text(
+        _PIPELINE.replace(
+            "input_size", "report_threshold = 1.5\ninput_layout = 'NCWH'\ninput_sise = 3\ninput_size"
+        )
+    )
+    with pytest.raises(ConfigError) as caught:
+        load_settings(config)
+    text = str(caught.value)
+    # Every problem at once, each under the key the operator wrote (the model groups them internally).
+    assert "pipelines[0].report_threshold must be <= 1" in text
+    assert "pipelines[0].input_layout must be NHW, NCHW or NHWC" in text
+    assert "pipelines[0]: unknown setting(s) input_sise (did you mean input_size?)" in text
+
+
+def test_a_pipeline_splits_into_routing_rule_input_output_and_provenance(tmp_path: Path) -> None:
+    config = tmp_path / "site.toml"
+    config.write_text(_PIPELINE)
+    [pipeline] = load_settings(config).pipelines
+    assert pipeline.route.modalities == ("CT",)
+    assert pipeline.input.size == (64, 64) and pipeline.input.layout == "NHW"
+    assert pipeline.output.labels[0].meaning and pipeline.output.report_threshold == 0.5
+    # The model and algorithm name default to the pipeline's name.
+    assert (pipeline.provenance.model, pipeline.provenance.algorithm_name) == ("x", "x")
+    assert pipeline.model == "x"
+    # A changed copy is validated like the file.
+    assert pipeline.replace(report_threshold=0.25).output.report_threshold == 0.25
+    with pytest.raises(ValueError, match="report_threshold"):
+        pipeline.replace(report_threshold=2.0)
+
+
+def test_cross_field_rules_are_checked(tmp_path: Path) -> None:
+    config = tmp_path / "bad.toml"
+    config.write_text(_PIPELINE.replace("input_size", "intensity = 'window'\ninput_size"))
+    with pytest.raises(ConfigError, match="needs window = \\[center, width\\]"):
+        load_settings(config)
+    config.write_text("quiet_period_s = 20\nincomplete_guard_s = 10\n")
+    with pytest.raises(ConfigError, match=r"incomplete_guard_s .* must be >= quiet_period_s"):
+        load_settings(config)
+    config.write_text(_PIPELINE + _PIPELINE)
+    with pytest.raises(ConfigError, match="pipeline names must be unique"):
+        load_settings(config)
+
+
+def test_the_embedded_defaults_file_and_the_models_defaults_agree(tmp_path: Path) -> None:
+    from gateway.config.settings import Settings
+
+    from_file = load_settings(overrides={"data_dir": str(tmp_path)}).model_dump(
+        exclude={"pipelines", "peers"}
+    )
+    from_models = Settings(data_dir=tmp_path).model_dump(exclude={"pipelines", "peers"})
+    assert from_file == from_models
