@@ -22,6 +22,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from clients.http_post import HttpPoster
 from clients.triton import TritonClient
 from gateway.config.settings import Settings
 from gateway.core.domain import InstanceRecord, Study
@@ -41,7 +42,7 @@ from gateway.ops import retention
 from gateway.ops.audit import AuditLog
 from gateway.ops.events import EventSink
 from gateway.ops.health import LoopState, OtherState, health_report, update_gauges
-from gateway.ops.http_api import AdminApi, ApiBackend
+from gateway.ops.http_api import ApiBackend, HttpApi
 from gateway.ops.metrics import Metrics
 from gateway.orchestration.failures import FailurePublisher
 from gateway.orchestration.notifications import BackgroundNotifications
@@ -63,6 +64,7 @@ logger = logging.getLogger(__name__)
 
 ASSEMBLY_SLACK_S = 0.01  # past a deadline, so the study is complete when the loop wakes
 STOP_STACK_DUMP_S = 45.0
+REPORTS_DRAIN_S = 10.0  # how long a stopping gateway waits for FHIR / HL7 deliveries in flight
 LOOP_ANSWER_S = 5.0  # how long /health waits for the event loop's snapshot
 
 
@@ -94,8 +96,11 @@ class Gateway:
         )
         self.router = Router(settings.pipelines)
         self.results = ResultStore(settings.results_dir)
-        self.notifier = StatNotifier(settings.stat_webhook_url)
-        self.failure_alerts = StatNotifier(settings.failure_webhook_url, setting="failure_webhook_url")
+        self.http = HttpPoster()  # webhooks and FHIR: one connection pool, built here, off the loop
+        self.notifier = StatNotifier(settings.stat_webhook_url, http=self.http)
+        self.failure_alerts = StatNotifier(
+            settings.failure_webhook_url, setting="failure_webhook_url", http=self.http
+        )
         self.audit = AuditLog(settings.audit_log)
         self.outbox = Outbox(
             settings.outbox_dir,
@@ -103,16 +108,16 @@ class Gateway:
             calling_ae=settings.receiver.ae_title,
             on_event=self.audit.record,
         )
-        self.reports = ReportDispatcher(settings, self.audit)
+        self.executor = ThreadPoolExecutor(
+            max_workers=settings.workers + settings.scheduling.stat_workers + 2,
+            thread_name_prefix="gateway-work",
+        )
+        self.reports = ReportDispatcher(settings, self.audit, self.executor, http=self.http)
         self.metrics = Metrics()
         self.events = EventSink(self.audit, self.metrics)
         self.tracker = StudyTracker(self.spool, self.results, self.reports, self.events)
         self.backend, self.dali, self.decoder, self.decoder_reason = select_imaging(settings)
         self.encoder = ResultEncoder(settings.encode_processes)
-        self.executor = ThreadPoolExecutor(
-            max_workers=settings.workers + settings.scheduling.stat_workers + 2,
-            thread_name_prefix="gateway-work",
-        )
         self.triton_server: TritonServer | None = None
         self.triton_url = settings.triton.url
         self.scp: StoreSCP | None = None
@@ -127,7 +132,7 @@ class Gateway:
         self.pool: WorkerPool | None = None
         self.triton: TritonClient | None = None
         self.batcher: CrossStudyBatcher | None = None
-        self.api: AdminApi | None = None
+        self.api: HttpApi | None = None
         self.disk = retention.DiskForecast(settings.data_dir, settings.receiver.min_free_disk_mb * 2**20)
 
     # -- life cycle -------------------------------------------------------------------------------------------
@@ -178,7 +183,6 @@ class Gateway:
             self._ready.wait()
             if self._startup_error is not None:
                 raise self._startup_error
-            self.outbox.start()
             for record in self.spool.recover():
                 self.assembler.add(record)
             self._start_receiver_and_api()
@@ -198,7 +202,7 @@ class Gateway:
         )
         self.scp.start()
         if self.settings.http.enabled:
-            self.api = AdminApi(
+            self.api = HttpApi(
                 self.settings.http,
                 ApiBackend(
                     health=self.health,
@@ -207,7 +211,8 @@ class Gateway:
                     resend=self.outbox.resend,
                 ),
             )
-            self.api.start()
+            assert self._loop is not None
+            self.api.start(self._loop)
 
     def stop(self) -> None:
         logger.info("gateway stopping")
@@ -233,8 +238,6 @@ class Gateway:
             self._loop_thread = None
         self.executor.shutdown(wait=True, cancel_futures=True)
         self.encoder.close()
-        self.outbox.stop()
-        self.reports.close()
         if self.triton_server is not None:
             self.triton_server.stop()
             self.triton_server = None
@@ -402,6 +405,7 @@ class Gateway:
             tasks = [
                 asyncio.create_task(self._assemble(queue), name="assembler"),
                 asyncio.create_task(watch.run(), name="triton-watch"),
+                asyncio.create_task(self.outbox.run(self.executor), name="outbox"),
                 asyncio.create_task(
                     retention.purge_periodically(self.settings, self.executor, self.metrics, self.events),
                     name="retention",
@@ -410,11 +414,13 @@ class Gateway:
             pool.start(self.settings.workers, self.settings.scheduling.stat_workers)
             await self._stop.wait()
             await pool.stop()
+            await self.reports.drain(REPORTS_DRAIN_S)
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
         finally:
             await client.close()
+            await self.http.aclose()
 
     def _worker_pool(self, client: TritonClient, queue: JobQueue, watch: TritonWatch) -> WorkerPool:
         parts = PipelineParts(
@@ -429,7 +435,7 @@ class Gateway:
             outbox=self.outbox,
             notifier=self.notifier,
             failure_alerts=self.failure_alerts,
-            notifications=BackgroundNotifications(self.executor, self.events),
+            notifications=BackgroundNotifications(self.events),
             tracker=self.tracker,
             events=self.events,
             metrics=self.metrics,

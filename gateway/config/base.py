@@ -61,8 +61,15 @@ def _check_pair(value: tuple[float, float] | None) -> tuple[float, float] | None
     return value
 
 
+def _check_listen_port(value: int) -> int:
+    if not 0 <= value < 65536:
+        raise ValueError(f"must be 0-65535 (0: any free port), got {value}")
+    return value
+
+
 AeTitle = Annotated[str, BeforeValidator(_strip), AfterValidator(check_ae)]
 Port = Annotated[int, AfterValidator(_check_port)]
+ListenPort = Annotated[int, AfterValidator(_check_listen_port)]  # 0: the system picks a free port
 Upper = Annotated[str, BeforeValidator(_upper)]
 Lower = Annotated[str, BeforeValidator(_lower)]
 Positive = Annotated[float, Field(gt=0)]

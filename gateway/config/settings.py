@@ -18,6 +18,7 @@ from gateway.config.base import (
     LAX,
     AeTitle,
     Choice,
+    ListenPort,
     Lower,
     NonNegative,
     OptionalPath,
@@ -206,7 +207,7 @@ class HttpToken(Section):
 class HttpSettings(Section):
     enabled: bool = True
     host: str = "127.0.0.1"
-    port: Port = 8080
+    port: ListenPort = 8080
     tokens: tuple[HttpToken, ...] = ()
 
 

@@ -1,16 +1,21 @@
 """Durable result delivery: one queue per destination, retries with backoff, a dead-letter area.
 
 A delivery job (destination + result files) is a JSON file under ``<data_dir>/outbox/pending/<destination>/``,
-written durably before the study is reported done, so results are sent even across a crash. One worker thread
-per destination sends up to ``MAX_JOBS_PER_ASSOCIATION`` jobs per association, STAT results first, otherwise
-oldest first - and never a job before an earlier job of the same study (a superseding SR stays behind the one it
-replaces). A failing destination waits with exponential backoff and never holds up the others. After
-``max_attempts`` a job moves to ``outbox/dead/`` and is reported; ``gateway resend`` (or POST /admin/resend)
-moves dead jobs back to pending.
+written durably before the study is reported done, so results are sent even across a crash. Each destination
+has a task on the gateway's event loop that sends up to ``MAX_JOBS_PER_ASSOCIATION`` jobs per association (the
+blocking C-STORE and the job files in the executor), STAT results first, otherwise oldest first - and never a
+job before an earlier job of the same study (a superseding SR stays behind the one it replaces). A failing
+destination waits with exponential backoff and never holds up the others. After ``max_attempts`` a job moves to
+``outbox/dead/`` and is reported; ``gateway resend`` (or POST /admin/resend) moves dead jobs back to pending.
+
+A job queued in this process wakes its destination at once; jobs another process put in the pending area (the
+``gateway resend`` command) are found by a rescan every ``RESCAN_S``.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 import re
@@ -18,6 +23,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from concurrent.futures import Executor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -31,7 +37,7 @@ from gateway.core.retry import Backoff
 
 logger = logging.getLogger(__name__)
 
-SCAN_INTERVAL_S = 0.2
+RESCAN_S = 1.0  # how often the pending area is read again for jobs written by another process
 MAX_JOBS_PER_ASSOCIATION = 16
 _RANK = {"STAT": 0, "URGENT": 1, "ROUTINE": 2}
 
@@ -74,12 +80,11 @@ class Outbox:
         self.settings = settings
         self.calling_ae = calling_ae
         self.on_event = on_event or (lambda *a, **k: None)
-        self._stop = threading.Event()
-        self._workers: dict[str, threading.Thread] = {}
-        self._lock = threading.Lock()
-        self._scanner: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._wake: dict[str, asyncio.Event] = {}  # destination folder -> "look again" (loop-owned)
+        self._found = asyncio.Event()  # a destination folder may have appeared (loop-owned)
         self._failing: dict[str, str] = {}  # destination -> last error, while it keeps failing
-        self._failing_lock = threading.Lock()  # written by destination threads, read by HTTP threads
+        self._failing_lock = threading.Lock()  # written in the executor, read by HTTP threads
 
     @property
     def failing(self) -> dict[str, str]:
@@ -101,7 +106,23 @@ class Outbox:
             priority=priority if priority in _RANK else "ROUTINE",
         )
         self._write(self.pending_dir / _folder_name(job.destination), job)
+        self._notify(_folder_name(job.destination))
         return job
+
+    def _notify(self, folder_name: str) -> None:
+        """Wake the destination's task (from any thread); nothing when the outbox is not running here."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+
+        def wake() -> None:
+            if folder_name in self._wake:
+                self._wake[folder_name].set()
+            else:
+                self._found.set()
+
+        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: the job is on disk
+            loop.call_soon_threadsafe(wake)
 
     def _write(self, folder: Path, job: DeliveryJob) -> None:
         folder.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -121,52 +142,62 @@ class Outbox:
         return [j for p in sorted(self.dead_dir.glob("*.json")) if (j := self._read(p)) is not None]
 
     def resend(self, job_ids: list[str] | None = None) -> list[str]:
-        """Move dead-letter jobs (all, or the given ids) back to their pending queue with a fresh retry budget."""
+        """Move dead-letter jobs (all for ``None``, else only the given ids: ``[]`` moves none) back to their
+        pending queue with a fresh retry budget."""
         moved = []
         for path in sorted(self.dead_dir.glob("*.json")):
             job = self._read(path)
-            if job is None or (job_ids and job.job_id not in job_ids):
+            if job is None or (job_ids is not None and job.job_id not in job_ids):
                 continue
             job.attempts, job.next_try_at, job.last_error = 0, 0.0, ""
             self._write(self.pending_dir / _folder_name(job.destination), job)
             path.unlink()
             moved.append(job.job_id)
+            self._notify(_folder_name(job.destination))
         return moved
 
     # -- workers -------------------------------------------------------------------------------------------
 
-    def start(self) -> None:
-        self._scanner = threading.Thread(target=self._scan, name="outbox-scan", daemon=True)
-        self._scanner.start()
+    async def run(self, executor: Executor) -> None:
+        """Deliver until cancelled: one task per destination folder, on this event loop."""
+        self._loop = loop = asyncio.get_running_loop()
+        tasks: dict[str, asyncio.Task[None]] = {}
+        try:
+            while True:
+                self._found.clear()
+                for name in await loop.run_in_executor(executor, self._destinations):
+                    if name not in tasks or tasks[name].done():
+                        self._wake[name] = asyncio.Event()
+                        tasks[name] = asyncio.create_task(
+                            self._deliver(self.pending_dir / name, executor), name=f"outbox-{name}"
+                        )
+                await _wait(self._found, RESCAN_S)
+        finally:
+            for task in tasks.values():
+                task.cancel()
+            await asyncio.gather(*tasks.values(), return_exceptions=True)
+            self._loop = None
 
-    def stop(self, timeout_s: float = 10.0) -> None:
-        self._stop.set()
-        threads = [self._scanner, *self._workers.values()]
-        for thread in threads:
-            if thread is not None:
-                thread.join(timeout=timeout_s)
+    def _destinations(self) -> list[str]:
+        return [d.name for d in sorted(self.pending_dir.iterdir()) if d.is_dir()]
 
-    def _scan(self) -> None:
-        while not self._stop.wait(SCAN_INTERVAL_S):
-            for folder in self.pending_dir.iterdir():
-                if folder.is_dir() and folder.name not in self._workers:
-                    worker = threading.Thread(
-                        target=self._work, args=(folder,), name=f"outbox-{folder.name}", daemon=True
-                    )
-                    self._workers[folder.name] = worker
-                    worker.start()
+    def _jobs(self, folder: Path) -> list[DeliveryJob]:
+        return [j for p in sorted(folder.glob("*.json")) if (j := self._read(p)) is not None]
 
-    def _work(self, folder: Path) -> None:
-        while not self._stop.is_set():
-            jobs = [j for p in sorted(folder.glob("*.json")) if (j := self._read(p)) is not None]
+    async def _deliver(self, folder: Path, executor: Executor) -> None:
+        loop = asyncio.get_running_loop()
+        wake = self._wake[folder.name]
+        while True:
+            wake.clear()
+            jobs = await loop.run_in_executor(executor, self._jobs, folder)
             if not jobs:
-                self._stop.wait(SCAN_INTERVAL_S)
+                await _wait(wake, RESCAN_S)
                 continue
             wait = max(j.next_try_at for j in jobs) - time.time()
             if wait > 0:  # the destination is backing off after a failure
-                self._stop.wait(min(wait, 1.0))
+                await _wait(wake, min(wait, RESCAN_S))
                 continue
-            self._attempt(folder, next_batch(jobs))
+            await loop.run_in_executor(executor, self._attempt, folder, next_batch(jobs))
 
     def _attempt(self, folder: Path, batch: list[DeliveryJob]) -> None:
         """Send the jobs over one association; each job succeeds or fails on its own objects."""
@@ -269,3 +300,9 @@ def next_batch(jobs: list[DeliveryJob], limit: int = MAX_JOBS_PER_ASSOCIATION) -
             if prior is job:
                 break
     return chosen
+
+
+async def _wait(event: asyncio.Event, timeout_s: float) -> None:
+    """Until ``event`` is set or ``timeout_s`` has passed."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(event.wait(), timeout_s)

@@ -1,27 +1,41 @@
-"""HTTP endpoints: /health and /metrics (read freely on loopback) and /admin/* (bearer tokens with roles).
+"""HTTP endpoints on the gateway's event loop (FastAPI on uvicorn): ``/health`` and ``/metrics`` (read freely on
+loopback), ``/admin/*`` (bearer tokens with roles) and the OpenAPI document at ``/openapi.json``.
 
 Roles: read-only < operator < admin. ``GET /admin/dead-letters`` needs read-only, ``POST /admin/resend``
-needs operator. Tokens are configured by SHA-256 digest only and compared in constant time.
+needs operator. Tokens are configured by SHA-256 digest only and compared in constant time. Errors are JSON
+``{"error": "..."}``. Handlers that block (health reads disk statistics, the dead-letter area is files) are plain
+functions, which FastAPI runs in its worker threads, so the loop never waits on them.
 """
 
-from __future__ import annotations
-
+# No ``from __future__ import annotations`` here: FastAPI reads the handlers' annotations at run time, and the
+# token dependencies are local to build_app.
+import asyncio
+import concurrent.futures
 import hashlib
 import hmac
-import json
 import logging
-import threading
-from collections.abc import Callable
+import socket
+import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Annotated, Any, Literal
 
-from gateway.config.settings import HttpSettings
+from fastapi import Depends, FastAPI, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException
+
+from gateway.config.settings import HttpSettings, TokenRole
 from gateway.core.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
-ROLE_RANK = {"read-only": 0, "operator": 1, "admin": 2}
+ROLE_RANK = {TokenRole.READ_ONLY: 0, TokenRole.OPERATOR: 1, TokenRole.ADMIN: 2}
+MAX_BODY_BYTES = 1 << 20
+START_TIMEOUT_S = 10.0
+STOP_TIMEOUT_S = 10.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -38,100 +52,186 @@ def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-class AdminApi:
-    def __init__(self, settings: HttpSettings, backend: ApiBackend) -> None:
-        self.settings = settings
-        self.backend = backend
-        self.server: ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
+class Error(BaseModel):
+    error: str = Field(description="what went wrong, in words")
 
-    def role_of(self, header: str | None) -> str | None:
-        if not header or not header.startswith("Bearer "):
+
+class Health(BaseModel):
+    """The gateway's state; studies are accepted in either status."""
+
+    model_config = ConfigDict(extra="allow")
+
+    status: Literal["ok", "degraded"]
+    reasons: list[str] = Field(description="why the gateway is degraded (empty when ok)")
+
+
+class ResendRequest(BaseModel):
+    jobs: list[str] | None = Field(
+        default=None, description="ids of the dead-letter jobs to resend; absent or null: all of them"
+    )
+
+
+class ResendResult(BaseModel):
+    resent: list[str] = Field(description="ids of the jobs moved back to their delivery queue")
+
+
+_UNAUTHORISED: dict[int | str, dict[str, Any]] = {
+    401: {"model": Error, "description": "missing or unknown bearer token"},
+    403: {"model": Error, "description": "the token's role may not do this"},
+}
+
+
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+def build_app(settings: HttpSettings, backend: ApiBackend) -> FastAPI:
+    """The ASGI application: routes, token roles, error shape and the body size limit."""
+    app = FastAPI(
+        title="DICOM AI gateway",
+        summary="Health, Prometheus metrics and delivery administration of the gateway.",
+        version="1",
+        docs_url=None,  # Swagger UI loads its scripts from a CDN; hospital networks are often offline
+        redoc_url=None,
+    )
+    bearer = HTTPBearer(auto_error=False, description="a token made by `gateway token --role ROLE`")
+
+    def role_of(credentials: HTTPAuthorizationCredentials | None) -> TokenRole | None:
+        if credentials is None:
             return None
-        digest = hash_token(header[len("Bearer ") :].strip())
-        for token in self.settings.tokens:
+        digest = hash_token(credentials.credentials.strip())
+        for token in settings.tokens:
             if hmac.compare_digest(digest, token.sha256):
                 return token.role
         return None
 
-    def start(self) -> None:
-        api = self
+    def needs(role: TokenRole) -> Callable[..., TokenRole]:
+        def check(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> TokenRole:
+            found = role_of(credentials)
+            if found is None:
+                raise HTTPException(401, "missing or unknown bearer token", {"WWW-Authenticate": "Bearer"})
+            if ROLE_RANK[found] < ROLE_RANK[role]:
+                raise HTTPException(403, f"role {found} may not do this; {role} or above is needed")
+            return found
 
-        class Handler(BaseHTTPRequestHandler):
-            server_version = "dicom-ai-gateway"
+        return check
 
-            def log_message(self, fmt: str, *args: Any) -> None:
-                logger.debug("http %s", fmt % args)
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        message = "not found" if exc.status_code == 404 else str(exc.detail)
+        return _error(exc.status_code, message, dict(exc.headers or {}))
 
-            def _send(self, status: int, body: bytes, content_type: str = "application/json") -> None:
-                self.send_response(status)
-                self.send_header("Content-Type", content_type)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
+    @app.exception_handler(RequestValidationError)
+    async def bad_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc'][1:]) or 'body'}: {e['msg']}" for e in exc.errors()
+        )
+        return _error(400, problems or "invalid request")
 
-            def _json(self, status: int, payload: Any) -> None:
-                self._send(status, json.dumps(payload, default=str).encode())
+    @app.middleware("http")
+    async def limit_body(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        length = request.headers.get("content-length", "")
+        if length and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
+            return _error(413, f"request body over {MAX_BODY_BYTES} bytes")
+        return await call_next(request)
 
-            def _authorised(self, needed: str) -> bool:
-                role = api.role_of(self.headers.get("Authorization"))
-                if role is None:
-                    self._json(401, {"error": "missing or unknown bearer token"})
-                    return False
-                if ROLE_RANK[role] < ROLE_RANK[needed]:
-                    self._json(403, {"error": f"role {role} may not do this; {needed} or above is needed"})
-                    return False
-                return True
+    @app.get(
+        "/health",
+        response_model=Health,
+        responses={
+            503: {"model": Health, "description": "degraded: see reasons (studies are still accepted)"}
+        },
+        summary="Gateway status and the reasons when degraded",
+    )
+    def health() -> JSONResponse:
+        report = backend.health()
+        return JSONResponse(report, status_code=200 if report["status"] == "ok" else 503)
 
-            def do_GET(self) -> None:
-                if self.path == "/health":
-                    health = api.backend.health()
-                    self._json(200 if health["status"] == "ok" else 503, health)
-                elif self.path == "/metrics":
-                    self._send(200, api.backend.metrics(), "text/plain; version=0.0.4")
-                elif self.path == "/admin/dead-letters":
-                    if self._authorised("read-only"):
-                        self._json(200, api.backend.dead_letters())
-                else:
-                    self._json(404, {"error": "not found"})
+    @app.get(
+        "/metrics",
+        response_class=Response,
+        responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}},
+        summary="Prometheus metrics (text exposition format)",
+    )
+    def metrics() -> Response:
+        return Response(backend.metrics(), media_type="text/plain; version=0.0.4")
 
-            def do_POST(self) -> None:
-                if self.path != "/admin/resend":
-                    self._json(404, {"error": "not found"})
-                    return
-                if not self._authorised("operator"):
-                    return
-                length = int(self.headers.get("Content-Length", "0") or 0)
-                try:
-                    body = json.loads(self.rfile.read(min(length, 1 << 20)) or b"{}")
-                    jobs = body.get("jobs")
-                    if jobs is not None and not (
-                        isinstance(jobs, list) and all(isinstance(j, str) for j in jobs)
-                    ):
-                        raise ValueError("jobs must be a list of job ids")
-                except ValueError as exc:
-                    self._json(400, {"error": str(exc)})
-                    return
-                self._json(200, {"resent": api.backend.resend(jobs)})
+    @app.get(
+        "/admin/dead-letters",
+        response_model=list[dict[str, Any]],
+        responses=_UNAUTHORISED,
+        summary="Deliveries that ran out of attempts (read-only role)",
+    )
+    def dead_letters(_: Annotated[TokenRole, Depends(needs(TokenRole.READ_ONLY))]) -> list[dict[str, Any]]:
+        return backend.dead_letters()
 
+    @app.post(
+        "/admin/resend",
+        response_model=ResendResult,
+        responses={**_UNAUTHORISED, 400: {"model": Error, "description": "the body is not a resend request"}},
+        summary="Move dead-letter deliveries back to their queue (operator role)",
+    )
+    def resend(
+        _: Annotated[TokenRole, Depends(needs(TokenRole.OPERATOR))], body: ResendRequest | None = None
+    ) -> ResendResult:
+        return ResendResult(resent=backend.resend(body.jobs if body is not None else None))
+
+    return app
+
+
+class HttpApi:
+    """The API served by uvicorn on the gateway's event loop, on a socket bound at start (so that a port in use
+    is a clear error at start-up, not a log line)."""
+
+    def __init__(self, settings: HttpSettings, backend: ApiBackend) -> None:
+        import uvicorn  # only a gateway with HTTP enabled needs it
+
+        self.settings = settings
+        self.app = build_app(settings, backend)
+        logging.getLogger("uvicorn.error").setLevel(logging.WARNING)  # its start/stop lines repeat ours
+        self._server = uvicorn.Server(
+            uvicorn.Config(
+                self.app,
+                log_config=None,  # the gateway's logging stays as configured
+                access_log=False,
+                lifespan="off",
+                timeout_graceful_shutdown=2,
+                server_header=False,
+            )
+        )
+        self._socket: socket.socket | None = None
+        self._serving: concurrent.futures.Future[None] | None = None
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
         try:
-            self.server = ThreadingHTTPServer((self.settings.host, self.settings.port), Handler)
+            sock = socket.create_server((self.settings.host, self.settings.port), reuse_port=False)
         except OSError as exc:
             raise ConfigError(
                 f"cannot serve HTTP on {self.settings.host}:{self.settings.port}: {exc.strerror}; "
                 "set [http] port (0 picks a free one) or enabled = false"
             ) from exc
-        self.server.daemon_threads = True
-        self._thread = threading.Thread(target=self.server.serve_forever, name="gateway-http", daemon=True)
-        self._thread.start()
+        self._socket = sock
+        self._serving = asyncio.run_coroutine_threadsafe(self._server.serve(sockets=[sock]), loop)
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not self._server.started:
+            if self._serving.done() or time.monotonic() > deadline:
+                self.stop()
+                raise ConfigError(f"the HTTP server on {self.settings.host}:{self.port} did not start")
+            time.sleep(0.01)
         logger.info("HTTP health/metrics/admin on %s:%d", self.settings.host, self.port)
 
     @property
     def port(self) -> int:
-        return int(self.server.server_address[1]) if self.server is not None else self.settings.port
+        return int(self._socket.getsockname()[1]) if self._socket is not None else self.settings.port
 
     def stop(self) -> None:
-        if self.server is not None:
-            self.server.shutdown()
-            self.server.server_close()
-            self.server = None
+        self._server.should_exit = True
+        if self._serving is not None:
+            try:
+                self._serving.result(timeout=STOP_TIMEOUT_S)
+            except Exception as exc:  # a server that does not stop must not keep the gateway from stopping
+                logger.warning("HTTP server did not stop cleanly: %s", type(exc).__name__)
+            self._serving = None
+        if self._socket is not None:
+            self._socket.close()
+            self._socket = None

@@ -1,12 +1,12 @@
 """Webhook calls (STAT, analysis failure) in the background: the log line goes out at once, the POST with its
-retries runs in the executor while the worker goes on, so a dead or slow webhook never holds an analysis worker.
+retries runs as a task on the event loop while the worker goes on, so a dead or slow webhook never holds an
+analysis worker (nor a thread).
 A call that fails every try is logged and audited; a stopping gateway waits for calls in flight, bounded."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from concurrent.futures import Executor
 
 from gateway.ops.events import EventSink
 from gateway.reporting.notify import FailureEvent, StatEvent, StatNotifier
@@ -15,8 +15,7 @@ logger = logging.getLogger(__name__)
 
 
 class BackgroundNotifications:
-    def __init__(self, executor: Executor, events: EventSink) -> None:
-        self.executor = executor
+    def __init__(self, events: EventSink) -> None:
         self.events = events
         self._in_flight: set[asyncio.Task[None]] = set()
 
@@ -31,7 +30,7 @@ class BackgroundNotifications:
 
     async def _post(self, notifier: StatNotifier, event: StatEvent | FailureEvent, failed_event: str) -> None:
         try:
-            await asyncio.get_running_loop().run_in_executor(self.executor, notifier.post, event)
+            await notifier.post(event)
         except Exception as exc:  # reported; the analysis it was about has gone on
             logger.error("%s: %s", failed_event.replace("_", " "), exc)
             self.events.record(failed_event, study=event.study_instance_uid, reason=str(exc)[:300])

@@ -176,7 +176,7 @@ class SeriesPipeline:
         paths = await self.timed(
             run.timings, "store", self.parts.results.save, job.study.study_instance_uid, self._datasets(run)
         )
-        self._deliver(run, paths)
+        await self._deliver(run, paths)
         self._report(run, progress)
         assert run.reading is not None
         return SeriesOutcome(
@@ -278,16 +278,18 @@ class SeriesPipeline:
         assert run.analysis is not None and run.reading is not None
         study_uid = job.study.study_instance_uid
         run.previous, run.withdrawn = superseded(parts.spool, parts.results, study_uid, run.key, run.analysis)
-        run.encoded = await self.timed(
-            run.timings,
-            "encode",
-            parts.encoder.encode,
-            run.analysis,
-            run.reported,
-            run.reading.mask,
-            run.previous,
-            run.withdrawn,
-        )
+        started = time.perf_counter()
+        try:
+            run.encoded = await parts.encoder.encode(
+                run.analysis,
+                run.reported,
+                run.reading.mask,
+                run.previous,
+                run.withdrawn,
+                fallback=parts.executor,
+            )
+        finally:
+            run.timings["encode"] = run.timings.get("encode", 0.0) + time.perf_counter() - started
         for kind, reason in run.encoded.failures.items():
             parts.metrics.output_failures.labels(kind, pipeline.name).inc()
             logger.error(
@@ -310,7 +312,7 @@ class SeriesPipeline:
     def _datasets(run: _Run) -> list[Any]:
         return list(run.encoded.datasets) if run.encoded is not None else []
 
-    def _deliver(self, run: _Run, paths: list[Path]) -> None:
+    async def _deliver(self, run: _Run, paths: list[Path]) -> None:
         job, pipeline, study = run.job, run.job.pipeline, run.job.study
         if pipeline.mode is RolloutMode.SILENT:
             logger.info("pipeline %s is silent: results recorded, not sent", pipeline.name)
@@ -326,7 +328,11 @@ class SeriesPipeline:
             )
             return
         priority = "STAT" if run.stat else job.priority.name
-        self.parts.outbox.enqueue(run.destination, study.study_instance_uid, paths, priority=priority)
+        destination, outbox = run.destination, self.parts.outbox
+        await asyncio.get_running_loop().run_in_executor(
+            self.parts.executor,
+            lambda: outbox.enqueue(destination, study.study_instance_uid, paths, priority=priority),
+        )
 
     def _report(self, run: _Run, progress: StudyProgress | None) -> None:
         """The canonical ``series analysed`` event, and what the study's completion needs from this series."""

@@ -99,11 +99,8 @@ class StudyTracker:
     def finish(self, study_uid: str) -> None:
         progress = self._progress.pop(study_uid)
         study = progress.study
-        if progress.reports:
-            try:
-                self.reports.dispatch(self.results.root / study_uid, progress.reports, stat=progress.stat)
-            except Exception:  # reports for the RIS must never stop the study from completing
-                logger.exception("study %s: FHIR / HL7 reports could not be built", study_uid)
+        if progress.reports:  # written and sent in the background: never a cost to the study's completion
+            self.reports.submit(self.results.root / study_uid, progress.reports, stat=progress.stat)
         try:
             self.spool.mark_processed(
                 study_uid,

@@ -1,20 +1,21 @@
 """Study-level reports for the RIS / EHR: a FHIR R4 Bundle and HL7 v2 messages per analysed study.
 
-They are written next to the DICOM results first, then sent in the background (FHIR POST, MLLP) with retries,
-so an unreachable endpoint is reported in the log and the audit trail but never delays or blocks the DICOM
-results or the next study.
+A finished study's documents are built and written next to its DICOM results in the executor, then sent on the
+event loop (FHIR POST over httpx, MLLP over asyncio streams) with timeouts and retries - all in a background
+task, so an unreachable endpoint is reported in the log and the audit trail but never delays the DICOM results,
+the study's completion or the next study, and holds no thread while it waits.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Executor
 from pathlib import Path
 
+from clients.http_post import HttpPoster
 from clients.mllp import send_mllp
 from gateway.config.settings import Settings
 from gateway.core.durable import atomic_write
@@ -28,48 +29,58 @@ from gateway.results.content import SeriesReport
 logger = logging.getLogger(__name__)
 
 
-def post_fhir(url: str, body: bytes, *, timeout_s: float, attempts: int, backoff_s: float = 1.0) -> int:
-    """POST a transaction Bundle; return the number of tries it took. Raises ``DeliveryError``."""
-    last = ""
-    for attempt in range(1, attempts + 1):
-        request = urllib.request.Request(
-            url,
-            data=body,
-            method="POST",
-            headers={"Content-Type": "application/fhir+json", "Accept": "application/fhir+json"},
-        )
-        try:
-            with urllib.request.urlopen(request, timeout=timeout_s) as response:
-                if 200 <= response.status < 300:
-                    return attempt
-                last = f"HTTP {response.status}"
-        except urllib.error.HTTPError as exc:
-            last = f"HTTP {exc.code}"
-        except (urllib.error.URLError, OSError) as exc:
-            last = str(getattr(exc, "reason", exc))
-        if attempt < attempts:
-            time.sleep(Backoff(backoff_s).delay(attempt))
-    raise DeliveryError(f"FHIR POST to {url} failed after {attempts} tries: {last}")
-
-
 class ReportDispatcher:
-    def __init__(self, settings: Settings, audit: AuditLog, *, backoff_s: float = 1.0) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        audit: AuditLog,
+        executor: Executor | None = None,
+        *,
+        http: HttpPoster | None = None,
+        backoff_s: float = 1.0,
+    ) -> None:
         self.settings = settings
         self.audit = audit
-        self.backoff_s = backoff_s
+        self.executor = executor
+        self.http = http or HttpPoster()
+        self.backoff = Backoff(backoff_s)
         self.parties = Hl7Parties(
             sending_application=settings.receiver.ae_title,
             sending_facility=settings.hl7.sending_facility,
             receiving_application=settings.hl7.receiving_application,
             receiving_facility=settings.hl7.receiving_facility,
         )
-        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="gateway-reports")
-        self.pending: list[Future[None]] = []
+        self._in_flight: set[asyncio.Task[None]] = set()
 
-    def dispatch(self, folder: Path, reports: Sequence[SeriesReport], *, stat: bool) -> list[Path]:
-        """Write the study's FHIR and HL7 documents into ``folder`` and queue their delivery."""
+    def submit(self, folder: Path, reports: Sequence[SeriesReport], *, stat: bool) -> None:
+        """Write and send the study's documents in the background (only on the event loop)."""
         if not reports:
-            return []
+            return
+        task = asyncio.create_task(self._publish(folder, reports, stat), name="study-reports")
+        self._in_flight.add(task)
+        task.add_done_callback(self._in_flight.discard)
+
+    async def _publish(self, folder: Path, reports: Sequence[SeriesReport], stat: bool) -> None:
+        study_uid = str(reports[0].header.StudyInstanceUID)
+        loop = asyncio.get_running_loop()
+        try:
+            built = await loop.run_in_executor(self.executor, self.write_documents, folder, reports, stat)
+        except Exception:  # the reports for the RIS must never stop anything else
+            logger.exception("study %s: FHIR / HL7 reports could not be written", study_uid)
+            return
+        sends = []
+        bundle = built.get("FHIR")
+        if self.settings.fhir.url and bundle is not None:
+            sends.append(self._send_fhir(study_uid, bundle))
+        address = self.settings.hl7.address()
+        messages = [(kind, body.decode()) for kind, body in built.items() if kind != "FHIR"]
+        if address is not None and messages:
+            sends.append(self._send_hl7(study_uid, address, messages))
+        await asyncio.gather(*sends)
+
+    def write_documents(self, folder: Path, reports: Sequence[SeriesReport], stat: bool) -> dict[str, bytes]:
+        """Build each document on its own (one that cannot be built never costs the others) and write it
+        into ``folder``; return what was written, by kind (FHIR, ORU, OMI). Blocking."""
         study_uid = str(reports[0].header.StudyInstanceUID)
         stamp = time.strftime("%Y%m%dT%H%M%S")
         documents: list[tuple[str, Callable[[], bytes]]] = [
@@ -81,7 +92,7 @@ class ReportDispatcher:
                 ("OMI", lambda: build_priority_update(reports, parties=self.parties).to_er7().encode())
             )
         built: dict[str, bytes] = {}
-        for kind, build in documents:  # each on its own: one that cannot be built never costs the others
+        for kind, build in documents:
             try:
                 built[kind] = build()
             except Exception as exc:
@@ -94,45 +105,55 @@ class ReportDispatcher:
                     message=kind,
                     reason=f"{type(exc).__name__}: {exc}"[:300],
                 )
-        written = []
         for kind, body in built.items():
             name = (
                 f"FHIR_{stamp}_{study_uid}.json" if kind == "FHIR" else f"HL7_{kind}_{stamp}_{study_uid}.hl7"
             )
             atomic_write(folder / name, body)
-            written.append(folder / name)
-        bundle = built.get("FHIR")
-        messages = [(kind, body.decode()) for kind, body in built.items() if kind != "FHIR"]
-        self.pending = [f for f in self.pending if not f.done()]
-        if self.settings.fhir.url and bundle is not None:
-            self.pending.append(self._pool.submit(self._send_fhir, study_uid, bundle))
-        address = self.settings.hl7.address()
-        if address is not None and messages:
-            self.pending.append(self._pool.submit(self._send_hl7, study_uid, address, messages))
-        return written
+        return built
 
-    def _send_fhir(self, study_uid: str, bundle: bytes) -> None:
+    async def _send_fhir(self, study_uid: str, bundle: bytes) -> None:
         fhir = self.settings.fhir
         try:
-            tries = post_fhir(
-                fhir.url, bundle, timeout_s=fhir.timeout_s, attempts=fhir.attempts, backoff_s=self.backoff_s
+            tries = await self.http.post(
+                fhir.url,
+                bundle,
+                content_type="application/fhir+json",
+                timeout_s=fhir.timeout_s,
+                attempts=fhir.attempts,
+                backoff=self.backoff,
+                what="FHIR POST to",
             )
             self.audit.record("fhir_delivered", study=study_uid, url=fhir.url, attempts=tries)
         except DeliveryError as exc:
             logger.error("FHIR report of study %s not delivered (kept on disk): %s", study_uid, exc)
             self.audit.record("fhir_failed", study=study_uid, url=fhir.url, reason=str(exc))
 
-    def _send_hl7(self, study_uid: str, address: tuple[str, int], messages: list[tuple[str, str]]) -> None:
+    async def _send_hl7(
+        self, study_uid: str, address: tuple[str, int], messages: list[tuple[str, str]]
+    ) -> None:
         hl7 = self.settings.hl7
-        for kind, text in messages:
+        for kind, text in messages:  # in order: the ORU before the priority update
             try:
-                result = send_mllp(
-                    *address, text, timeout_s=hl7.timeout_s, attempts=hl7.attempts, backoff_s=self.backoff_s
+                result = await send_mllp(
+                    *address,
+                    text,
+                    timeout_s=hl7.timeout_s,
+                    attempts=hl7.attempts,
+                    backoff_s=self.backoff.base_s,
                 )
                 self.audit.record("hl7_delivered", study=study_uid, message=kind, attempts=result.attempts)
             except DeliveryError as exc:
                 logger.error("HL7 %s of study %s not delivered (kept on disk): %s", kind, study_uid, exc)
                 self.audit.record("hl7_failed", study=study_uid, message=kind, reason=str(exc))
 
-    def close(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=False)
+    async def drain(self, timeout_s: float) -> None:
+        """Wait (bounded) for reports in flight; what is still unsent then stays on disk, in the audit trail."""
+        if not self._in_flight:
+            return
+        _, late = await asyncio.wait(set(self._in_flight), timeout=timeout_s)
+        for task in late:
+            task.cancel()
+        if late:
+            logger.warning("%d study report delivery(ies) still retrying at stop: kept on disk", len(late))
+            await asyncio.gather(*late, return_exceptions=True)

@@ -7,12 +7,9 @@ from __future__ import annotations
 
 import json
 import logging
-import time
-import urllib.error
-import urllib.request
 from dataclasses import asdict, dataclass
 
-from gateway.core.errors import DeliveryError
+from clients.http_post import HttpPoster
 from gateway.core.retry import Backoff
 
 logger = logging.getLogger("gateway.stat")
@@ -66,17 +63,14 @@ class StatNotifier:
         attempts: int = 3,
         timeout_s: float = 5.0,
         setting: str = "stat_webhook_url",
+        http: HttpPoster | None = None,
     ) -> None:
         if webhook_url and not webhook_url.startswith(("http://", "https://")):
             raise ValueError(f"{setting} must be an http(s) URL, got {webhook_url!r}")
         self.webhook_url = webhook_url
         self.attempts = attempts
         self.timeout_s = timeout_s
-
-    def emit(self, event: StatEvent | FailureEvent) -> None:
-        """The log line, then the webhook (blocking, with its retries)."""
-        self.log(event)
-        self.post(event)
+        self.http = http or HttpPoster() if webhook_url else http
 
     def log(self, event: StatEvent | FailureEvent) -> None:
         if isinstance(event, StatEvent):
@@ -84,24 +78,17 @@ class StatNotifier:
         else:
             logger.error("analysis failed %s", event.to_json())
 
-    def post(self, event: StatEvent | FailureEvent) -> None:
-        """POST the event to the webhook (nothing when none is configured); raises DeliveryError when every try
-        failed. Blocking: callers on the event loop run it in an executor, in the background."""
-        if not self.webhook_url:
+    async def post(self, event: StatEvent | FailureEvent) -> None:
+        """POST the event to the webhook (nothing when none is configured), with a timeout per try and
+        asynchronous waits between tries; raises DeliveryError when every try failed."""
+        if not self.webhook_url or self.http is None:
             return
-        body = event.to_json().encode()
-        last = ""
-        for attempt in range(1, self.attempts + 1):
-            request = urllib.request.Request(
-                self.webhook_url, data=body, method="POST", headers={"Content-Type": "application/json"}
-            )
-            try:
-                with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
-                    if 200 <= response.status < 300:
-                        return
-                    last = f"HTTP {response.status}"
-            except (urllib.error.URLError, OSError) as exc:
-                last = str(exc)
-            if attempt < self.attempts:
-                time.sleep(WEBHOOK_BACKOFF.delay(attempt))
-        raise DeliveryError(f"webhook {self.webhook_url} failed after {self.attempts} tries: {last}")
+        await self.http.post(
+            self.webhook_url,
+            event.to_json().encode(),
+            content_type="application/json",
+            timeout_s=self.timeout_s,
+            attempts=self.attempts,
+            backoff=WEBHOOK_BACKOFF,
+            what="webhook",
+        )

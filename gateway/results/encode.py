@@ -3,13 +3,14 @@
 Building the DICOM objects is pure Python (highdicom over pydicom): about half a second per 24-slice head CT on
 a small VM, the largest CPU cost per study. Run in the gateway process it holds the interpreter lock that the
 receiver, decode and preprocessing also need, so the whole gateway tops out at one core. ``ResultEncoder``
-sends the work to a pool of ``encode_processes`` spawned processes instead (0: in the calling thread). A pool
-that breaks (a worker killed) is replaced and the series encoded in the calling thread, so a result is never
-lost to it.
+sends the work to a pool of ``encode_processes`` spawned processes instead, awaited by the event loop (0: in the
+gateway's thread pool). A pool that breaks (a worker killed) is replaced and the series encoded in the thread
+pool, so a result is never lost to it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import multiprocessing
 import os
@@ -17,7 +18,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Executor, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Any
@@ -116,20 +117,25 @@ class ResultEncoder:
                 )
             return self._pool
 
-    def encode(
+    async def encode(
         self,
         analysis: SeriesAnalysis,
         reported: list[ReportedFinding],
         mask: np.ndarray | None,
         previous: list[Any],
         withdrawn: Sequence[Any] = (),
+        *,
+        fallback: Executor | None = None,
     ) -> EncodedResults:
-        """The result datasets of one series; blocks the calling (worker) thread, not the interpreter."""
+        """The result datasets of one series, awaited by the event loop straight from the process pool
+        (``encode_processes = 0``, or a broken pool: in ``fallback``, a thread pool)."""
+        loop = asyncio.get_running_loop()
+        args = (analysis, reported, mask, previous, list(withdrawn))
         if self.processes <= 0:
-            return encode_results(analysis, reported, mask, previous, withdrawn)
+            return await loop.run_in_executor(fallback, encode_results, *args)
         pool = self._executor()
         try:
-            return pool.submit(encode_results, analysis, reported, mask, previous, list(withdrawn)).result()
+            return await loop.run_in_executor(pool, encode_results, *args)
         except BrokenProcessPool as exc:
             logger.error(
                 "result encoder pool broke (%s); replacing it, this series is encoded in-process", exc
@@ -139,7 +145,7 @@ class ResultEncoder:
                     self._pool = None
                     self.restarts += 1
             pool.shutdown(wait=False, cancel_futures=True)
-            return encode_results(analysis, reported, mask, previous, withdrawn)
+            return await loop.run_in_executor(fallback, encode_results, *args)
 
     def close(self) -> None:
         with self._lock:

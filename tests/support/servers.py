@@ -189,7 +189,16 @@ class MllpListener:
     def __init__(self, script: list[str] | None = None) -> None:
         import socketserver
 
-        from clients.mllp import frame, read_frame
+        from clients.mllp import END, frame, unframe
+
+        def read_frame(sock: Any) -> str:
+            data = b""
+            while END not in data:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    raise ConnectionError("closed before a complete frame")
+                data += chunk
+            return unframe(data)
 
         self.script = list(script or [])
         self.received: list[str] = []

@@ -3,6 +3,7 @@ delivered over MLLP to a real listener that acknowledges, refuses and stays sile
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 from pathlib import Path
@@ -119,22 +120,26 @@ def test_priority_update_requests_stat(reports: list[SeriesReport]) -> None:
 def test_mllp_delivery_acks_then_retries_on_nak_and_silence(reports: list[SeriesReport]) -> None:
     text = build_oru(reports, stat=False, control_id="CTRL3").to_er7()
     with MllpListener(["ACK"]) as listener:
-        result = send_mllp("127.0.0.1", listener.port, text, timeout_s=1.0, backoff_s=0.05)
+        result = asyncio.run(send_mllp("127.0.0.1", listener.port, text, timeout_s=1.0, backoff_s=0.05))
         assert result.attempts == 1 and ack_code(result.ack) == "AA"
         assert listener.received == [text]
     with MllpListener(["NAK", "SILENT", "ACK"]) as listener:
-        result = send_mllp("127.0.0.1", listener.port, text, timeout_s=1.0, attempts=3, backoff_s=0.05)
+        result = asyncio.run(
+            send_mllp("127.0.0.1", listener.port, text, timeout_s=1.0, attempts=3, backoff_s=0.05)
+        )
         assert result.attempts == 3
         assert listener.received == [text, text, text]
     with (
         MllpListener(["NAK", "NAK", "NAK"]) as listener,
         pytest.raises(DeliveryError, match="after 3 tries: negative acknowledgement AE"),
     ):
-        send_mllp("127.0.0.1", listener.port, text, timeout_s=1.0, attempts=3, backoff_s=0.05)
+        asyncio.run(send_mllp("127.0.0.1", listener.port, text, timeout_s=1.0, attempts=3, backoff_s=0.05))
 
 
 def test_unreachable_mllp_endpoint_is_a_delivery_error(tmp_path: Path) -> None:
     from gateway.inference.server import free_port
 
     with pytest.raises(DeliveryError, match="after 2 tries"):
-        send_mllp("127.0.0.1", free_port(), "MSH|^~\\&|x", timeout_s=0.5, attempts=2, backoff_s=0.01)
+        asyncio.run(
+            send_mllp("127.0.0.1", free_port(), "MSH|^~\\&|x", timeout_s=0.5, attempts=2, backoff_s=0.01)
+        )

@@ -3,8 +3,11 @@ their order, several jobs share one association - checked against a real pynetdi
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +29,20 @@ def _job(n: int, study: str, priority: str = "ROUTINE") -> DeliveryJob:
         created_at=float(n),
         priority=priority,
     )
+
+
+async def _deliver_until(outbox: Outbox, done: Callable[[], bool], timeout_s: float = 20.0) -> None:
+    """Run the outbox on this loop until ``done()`` (or the timeout), then stop it."""
+    executor = ThreadPoolExecutor(2)
+    task = asyncio.create_task(outbox.run(executor))
+    deadline = time.monotonic() + timeout_s
+    try:
+        while not done() and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        executor.shutdown(wait=True)
 
 
 def test_stat_first_oldest_first_and_never_ahead_of_an_earlier_job_of_its_study() -> None:
@@ -68,13 +85,68 @@ def test_pending_jobs_go_over_one_association_stat_first(tmp_path: Path) -> None
             studies.append(uid)
             outbox.enqueue(peer, uid, list(series.paths), priority=priority)
             time.sleep(0.01)  # distinct creation times
-        outbox.start()  # everything is pending before the worker starts: one batch
-        deadline = time.time() + 20
-        while len(received) < 4 and time.time() < deadline:
-            time.sleep(0.05)
+        # Everything is pending before the outbox starts: one batch.
+        asyncio.run(_deliver_until(outbox, lambda: len(received) >= 4))
     finally:
-        outbox.stop()
         server.shutdown()
     assert received == [studies[3], studies[0], studies[1], studies[2]]  # the STAT study first
     assert len(associations) == 1
     assert sum(outbox.pending().values()) == 0
+
+
+def test_resend_moves_all_for_none_only_the_named_ids_and_none_for_an_empty_list(tmp_path: Path) -> None:
+    outbox = Outbox(tmp_path / "outbox", DeliverySettings(), calling_ae="AI_GATEWAY")
+    for n in (1, 2, 3):
+        outbox._write(outbox.dead_dir, _job(n, f"S{n}"))
+    # An explicit empty list is "none of them" (it used to resend every dead letter, e.g. POST {"jobs": []}).
+    assert outbox.resend([]) == []
+    assert outbox.resend(["j2", "unknown"]) == ["j2"]
+    assert sorted(j.job_id for j in outbox.dead_letters()) == ["j1", "j3"]
+    assert sorted(outbox.resend(None)) == ["j1", "j3"]
+    assert outbox.dead_letters() == []
+
+
+def test_a_queued_job_wakes_its_idle_destination_at_once_without_a_thread_of_its_own(tmp_path: Path) -> None:
+    """The destinations are tasks on the loop: a job queued while the outbox idles goes out well before the
+    rescan interval, and no thread is started per destination."""
+    from gateway.delivery.outbox import RESCAN_S
+
+    received: list[float] = []
+    ae = AE(ae_title="PACS")
+    ae.supported_contexts = AllStoragePresentationContexts
+    port = free_port()
+    server = ae.start_server(
+        ("127.0.0.1", port),
+        block=False,
+        evt_handlers=[(evt.EVT_C_STORE, lambda e: received.append(time.monotonic()) or 0)],
+    )
+    outbox = Outbox(tmp_path / "outbox", DeliverySettings(), calling_ae="AI_GATEWAY")
+    series = write_head_ct(tmp_path / "s", slices=1, rows=32, cols=32, seed=3)
+    peers = [Peer.parse(f"PACS@127.0.0.1:{port}"), Peer.parse(f"PACS@localhost:{port}")]
+
+    async def scenario() -> tuple[float, set[str]]:
+        executor = ThreadPoolExecutor(2, thread_name_prefix="test-executor")
+        task = asyncio.create_task(outbox.run(executor))
+        try:
+            await asyncio.sleep(RESCAN_S * 1.5)  # idle: the rescan has run, nothing is pending
+            queued = time.monotonic()
+            for peer in peers:  # two destinations
+                await asyncio.get_running_loop().run_in_executor(
+                    executor, lambda p=peer: outbox.enqueue(p, "1.2.3", list(series.paths))
+                )
+            while len(received) < 2 and time.monotonic() - queued < 10:
+                await asyncio.sleep(0.01)
+            threads = {t.name for t in threading.enumerate()}
+            return max(received) - queued, threads
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            executor.shutdown(wait=True)
+
+    try:
+        latency, threads = asyncio.run(scenario())
+    finally:
+        server.shutdown()
+    assert len(received) == 2
+    assert latency < RESCAN_S / 2, f"queued jobs waited {latency:.2f} s"
+    assert not [name for name in threads if name.startswith("outbox")]

@@ -98,12 +98,10 @@ def test_a_report_that_cannot_be_built_leaves_the_others(
     config.write_text(f'data_dir = "{tmp_path / "data"}"\n')
     audit = AuditLog(tmp_path / "audit.jsonl")
     dispatcher = reporting.ReportDispatcher(load_settings(config), audit)
-    try:
-        folder = tmp_path / "out"
-        folder.mkdir()
-        written = dispatcher.dispatch(folder, [report], stat=True)
-    finally:
-        dispatcher.close()
+    folder = tmp_path / "out"
+    folder.mkdir()
+    assert dispatcher.write_documents(folder, [report], stat=True)
+    written = list(folder.iterdir())
     kinds = sorted(
         p.name.split("_")[0] + ("_" + p.name.split("_")[1] if p.name.startswith("HL7") else "")
         for p in written

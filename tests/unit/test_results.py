@@ -273,6 +273,7 @@ def test_class_scores_become_image_level_findings_on_the_best_image(loaded) -> N
 def test_encoder_processes_give_the_same_results_and_survive_a_killed_worker(loaded) -> None:
     """Results built in a worker process equal those built in-process (bar fresh UIDs and times); when the pool
     breaks, the series is still encoded and a new pool serves the next one."""
+    import asyncio
     import os
     import signal
 
@@ -283,7 +284,7 @@ def test_encoder_processes_give_the_same_results_and_survive_a_killed_worker(loa
     local = encode_results(analysis, reported, None, []).datasets
     encoder = ResultEncoder(1)
     try:
-        remote = encoder.encode(analysis, reported, None, []).datasets
+        remote = asyncio.run(encoder.encode(analysis, reported, None, [])).datasets
         assert [ds.SOPClassUID for ds in remote] == [ds.SOPClassUID for ds in local]
         assert [str(ds.SOPInstanceUID) for ds in remote] == [str(ds.SOPInstanceUID) for ds in local]
         again = read_measurement_report(remote[0])
@@ -291,9 +292,9 @@ def test_encoder_processes_give_the_same_results_and_survive_a_killed_worker(loa
         pool = encoder._executor()
         for pid in list(pool._processes):  # kill the worker: the next call finds the pool broken
             os.kill(pid, signal.SIGKILL)
-        after_kill = encoder.encode(analysis, reported, None, []).datasets
+        after_kill = asyncio.run(encoder.encode(analysis, reported, None, [])).datasets
         assert [str(ds.SOPInstanceUID) for ds in after_kill] == [str(ds.SOPInstanceUID) for ds in local]
         assert encoder._executor() is not pool  # replaced
-        assert len(encoder.encode(analysis, reported, None, []).datasets) == len(local)
+        assert len(asyncio.run(encoder.encode(analysis, reported, None, [])).datasets) == len(local)
     finally:
         encoder.close()

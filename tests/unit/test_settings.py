@@ -173,3 +173,12 @@ def test_the_embedded_defaults_file_and_the_models_defaults_agree(tmp_path: Path
     )
     from_models = Settings(data_dir=tmp_path).model_dump(exclude={"pipelines", "peers"})
     assert from_file == from_models
+
+
+def test_a_listening_port_of_zero_picks_a_free_one_but_a_peer_needs_a_real_port(tmp_path: Path) -> None:
+    config = tmp_path / "site.toml"
+    config.write_text("[http]\nport = 0\n")
+    assert load_settings(config).http.port == 0
+    config.write_text("[[peers]]\nae_title = 'PACS'\nport = 0\n")
+    with pytest.raises(ConfigError, match=r"peers\[0\]\.port must be 1-65535"):
+        load_settings(config)
