@@ -18,6 +18,10 @@ from gateway.core.retry import Backoff
 class HttpPoster:
     def __init__(self) -> None:
         self._client = httpx.AsyncClient(follow_redirects=False)
+        # What httpx imports at its first request (its asyncio backend), imported here so that the first webhook
+        # does not stall the event loop on imports.
+        import anyio._backends._asyncio  # noqa: F401
+        import httpcore._backends.anyio  # noqa: F401
 
     async def post(
         self,

@@ -6,15 +6,15 @@
         -> events: log line, audit, metrics (ops.events)
 
 Concurrency: association threads only spool and hand records to the assembler (thread-safe). One asyncio loop
-(its own thread) owns the scheduler, the study tracker and the worker pool; blocking steps (decode, preprocess,
-encode, file I/O) run in the thread pool and the encoder process pool, inference is awaited on Triton's async
-gRPC client. The outbox, the report dispatcher and the HTTP server (ThreadingHTTPServer) run their own threads.
+(its own thread) owns the scheduler, the study tracker, the worker pool, the outbox's destination tasks, the
+webhook / FHIR / HL7 sends and the HTTP server (uvicorn); blocking steps (decode, preprocess, file I/O, C-STORE)
+run in the thread pool, encoding in the encoder process pool, inference is awaited on Triton's async gRPC
+client (README "Concurrency").
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import faulthandler
 import logging
@@ -25,9 +25,9 @@ from typing import Any
 from clients.http_post import HttpPoster
 from clients.triton import TritonClient
 from gateway.config.settings import Settings
-from gateway.core.domain import InstanceRecord, Study
+from gateway.core.domain import InstanceRecord
 from gateway.core.durable import remove_temporary_files
-from gateway.core.errors import ConfigError, GatewayError
+from gateway.core.errors import GatewayError
 from gateway.core.logs import silence_identifier_warnings
 from gateway.delivery.outbox import Outbox
 from gateway.delivery.store import ResultStore
@@ -41,10 +41,12 @@ from gateway.ingest.spool import Spool
 from gateway.ops import retention
 from gateway.ops.audit import AuditLog
 from gateway.ops.events import EventSink
-from gateway.ops.health import LoopState, OtherState, health_report, update_gauges
+from gateway.ops.health import LoopState, OtherState, health_report, snapshot_on_loop, update_gauges
 from gateway.ops.http_api import ApiBackend, HttpApi
 from gateway.ops.metrics import Metrics
 from gateway.orchestration.failures import FailurePublisher
+from gateway.orchestration.imaging import log_capabilities, select_imaging
+from gateway.orchestration.intake import StudyIntake
 from gateway.orchestration.notifications import BackgroundNotifications
 from gateway.orchestration.routing import Router
 from gateway.orchestration.scheduler import JobQueue
@@ -54,36 +56,12 @@ from gateway.orchestration.workers import WorkerPool
 from gateway.reporting.dispatcher import ReportDispatcher
 from gateway.reporting.notify import StatNotifier
 from gateway.results.encode import ResultEncoder
-from preprocessing.backend import ArrayBackend, select_backend
-from preprocessing.codec import NvImageDecoder, select_decoder
-from preprocessing.dali_pipeline import DaliPreprocessor
-from preprocessing.dali_pipeline import available as dali_available
-from preprocessing.decode import decoder_availability
 
 logger = logging.getLogger(__name__)
 
-ASSEMBLY_SLACK_S = 0.01  # past a deadline, so the study is complete when the loop wakes
 STOP_STACK_DUMP_S = 45.0
 REPORTS_DRAIN_S = 10.0  # how long a stopping gateway waits for FHIR / HL7 deliveries in flight
 LOOP_ANSWER_S = 5.0  # how long /health waits for the event loop's snapshot
-
-
-def select_imaging(
-    settings: Settings,
-) -> tuple[ArrayBackend, DaliPreprocessor | None, NvImageDecoder | None, str]:
-    """The array backend, the DALI pipeline (when configured) and the image decoder, with its start-up line."""
-    backend = select_backend(force_cpu=settings.force_cpu)
-    dali = None
-    if settings.preprocess_backend == "dali":
-        usable, reason = dali_available()
-        if not usable:
-            raise ConfigError(f"preprocess_backend = 'dali' but {reason}; install nvidia-dali or use 'auto'")
-        dali = DaliPreprocessor(device_id=0 if backend.name == "cupy" else None)
-    try:
-        decoder, decoder_reason = select_decoder(settings.decode_backend, gpu=backend.name == "cupy")
-    except RuntimeError as exc:
-        raise ConfigError(f"{exc}; install nvidia-nvimgcodec-cu12 or use decode_backend = 'auto'") from exc
-    return backend, dali, decoder, decoder_reason
 
 
 class Gateway:
@@ -94,7 +72,6 @@ class Gateway:
         self.assembler = StudyAssembler(
             settings.quiet_period_s, incomplete_guard_s=settings.incomplete_guard_s
         )
-        self.router = Router(settings.pipelines)
         self.results = ResultStore(settings.results_dir)
         self.http = HttpPoster()  # webhooks and FHIR: one connection pool, built here, off the loop
         self.notifier = StatNotifier(settings.stat_webhook_url, http=self.http)
@@ -116,6 +93,7 @@ class Gateway:
         self.metrics = Metrics()
         self.events = EventSink(self.audit, self.metrics)
         self.tracker = StudyTracker(self.spool, self.results, self.reports, self.events)
+        self.intake = StudyIntake(self.assembler, Router(settings.pipelines), self.tracker, self.events)
         self.backend, self.dali, self.decoder, self.decoder_reason = select_imaging(settings)
         self.encoder = ResultEncoder(settings.encode_processes)
         self.triton_server: TritonServer | None = None
@@ -137,23 +115,10 @@ class Gateway:
 
     # -- life cycle -------------------------------------------------------------------------------------------
 
-    def _log_capabilities(self) -> None:
-        logger.info("array backend: %s (%s)", self.backend.name, self.backend.reason)
-        logger.info("image decode: %s", self.decoder_reason)
-        if self.dali is not None:
-            logger.info("preprocessing through the DALI pipeline (%s)", self.dali.name)
-        missing = [name for name, ok in decoder_availability().items() if not ok]
-        if missing:
-            logger.warning(
-                "no decoder installed for: %s; such studies will be kept but not analysed", ", ".join(missing)
-            )
-        if not self.settings.pipelines:
-            logger.warning("no pipelines configured: studies are stored but never analysed")
-
     def start(self) -> Gateway:
         """Start every part (receiver last, so nothing is accepted before it can be analysed); on any error,
         stop what was started and raise."""
-        self._log_capabilities()
+        log_capabilities(self.backend, self.dali, self.decoder_reason, pipelines=len(self.settings.pipelines))
         try:
             check_port_free(self.settings.receiver.host, self.settings.receiver.port)
             for folder in (self.settings.spool_dir, self.settings.results_dir, self.settings.outbox_dir):
@@ -262,7 +227,7 @@ class Gateway:
     def health(self) -> dict[str, Any]:
         """Status "ok" or "degraded" with the reasons; studies are accepted either way. Safe from any thread:
         what the event loop owns is read on the loop."""
-        state, loop_problem = self._loop_state()
+        state, loop_problem = snapshot_on_loop(self._loop, self._loop_thread, self._snapshot, LOOP_ANSWER_S)
         try:
             self.spool.check_space()
             spool_error = ""
@@ -304,26 +269,6 @@ class Gateway:
             workers_started=pool is not None and pool.started,
             resource_error=self.resource_error,
         )
-
-    def _loop_state(self) -> tuple[LoopState, str]:
-        """The loop's snapshot, taken on the loop (from another thread: handed over, waited for), and a problem
-        to report when the loop cannot answer."""
-        loop = self._loop
-        if loop is None or loop.is_closed() or not loop.is_running():
-            return LoopState(), "" if self._loop_thread is None else "the event loop is not running"
-        if threading.current_thread() is self._loop_thread:
-            return self._snapshot(), ""
-
-        async def snapshot() -> LoopState:
-            return self._snapshot()
-
-        try:
-            return asyncio.run_coroutine_threadsafe(snapshot(), loop).result(timeout=LOOP_ANSWER_S), ""
-        except Exception as exc:  # a loop that does not answer within LOOP_ANSWER_S is itself the news
-            return (
-                LoopState(),
-                f"the event loop did not answer within {LOOP_ANSWER_S:.0f} s ({type(exc).__name__})",
-            )
 
     def _children(self) -> dict[str, Any]:
         """The supervised child processes: restarts and state (Triton only when the gateway started it)."""
@@ -403,7 +348,7 @@ class Gateway:
             pool = self.pool = self._worker_pool(client, queue, watch)
             self._ready.set()
             tasks = [
-                asyncio.create_task(self._assemble(queue), name="assembler"),
+                asyncio.create_task(self.intake.run(queue), name="assembler"),
                 asyncio.create_task(watch.run(), name="triton-watch"),
                 asyncio.create_task(self.outbox.run(self.executor), name="outbox"),
                 asyncio.create_task(
@@ -454,37 +399,3 @@ class Gateway:
     def _observe_request(self, model: str, seconds: float, slices: int) -> None:
         self.metrics.triton_request_seconds.labels(model).observe(seconds)
         self.metrics.triton_request_slices.labels(model).observe(slices)
-
-    async def _assemble(self, queue: JobQueue) -> None:
-        """Route each study when it becomes complete: sleep until the next study's deadline, or until the
-        receiver wakes the loop because a study started waiting while none was (no polling)."""
-        loop, wake = asyncio.get_running_loop(), asyncio.Event()
-
-        def wake_up() -> None:  # on a receiver thread; a loop that is shutting down has nothing to wake
-            with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(wake.set)
-
-        self.assembler.on_first_pending = wake_up
-        while True:
-            wake.clear()
-            for study in self.assembler.pop_complete():
-                self._route(study, queue)
-            delay = self.assembler.seconds_until_next()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(
-                    wake.wait(), timeout=None if delay is None else delay + ASSEMBLY_SLACK_S
-                )
-
-    def _route(self, study: Study, queue: JobQueue) -> None:
-        study = self.tracker.as_it_stands(study)
-        decision = self.router.route(study)
-        for skip in decision.skipped:
-            self.events.series_skipped(
-                study=study.study_instance_uid,
-                series=skip.series_instance_uid,
-                reason=skip.reason,
-                modality=skip.modality,
-            )
-        self.tracker.open(study, jobs=len(decision.jobs), skipped=len(decision.skipped))
-        for job in decision.jobs:
-            queue.put(job)

@@ -8,8 +8,10 @@ failing destinations) is read through their locked snapshots.
 
 from __future__ import annotations
 
+import asyncio
 import shutil
-from collections.abc import Mapping
+import threading
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -112,3 +114,25 @@ def update_gauges(metrics: Metrics, health: Mapping[str, Any], spool_root: Path)
     for child, state in health["children"].items():
         m.child_restarts.labels(child).set(state["restarts"])
     m.spool_free_bytes.set(shutil.disk_usage(spool_root).free)
+
+
+def snapshot_on_loop(
+    loop: asyncio.AbstractEventLoop | None,
+    loop_thread: threading.Thread | None,
+    take: Callable[[], LoopState],
+    timeout_s: float,
+) -> tuple[LoopState, str]:
+    """``take()`` run on the event loop (from another thread: handed over, waited for), and a problem to report
+    when the loop cannot answer."""
+    if loop is None or loop.is_closed() or not loop.is_running():
+        return LoopState(), "" if loop_thread is None else "the event loop is not running"
+    if threading.current_thread() is loop_thread:
+        return take(), ""
+
+    async def snapshot() -> LoopState:
+        return take()
+
+    try:
+        return asyncio.run_coroutine_threadsafe(snapshot(), loop).result(timeout=timeout_s), ""
+    except Exception as exc:  # a loop that does not answer within timeout_s is itself the news
+        return LoopState(), f"the event loop did not answer within {timeout_s:.0f} s ({type(exc).__name__})"

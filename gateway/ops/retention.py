@@ -95,33 +95,34 @@ def _analysed_at(study_dir: Path) -> float | None:
     return float(marker.get("processed_at", 0.0))
 
 
-def plan(settings: Settings, *, now: float | None = None) -> PurgePlan:
-    """What a purge would remove now, and what it keeps because it is not yet analysed or delivered."""
-    now = time.time() if now is None else now
-    rules = settings.retention
-    outbox = settings.outbox_dir
-    pending_studies = {str(job.get("study_uid")) for _, job in _jobs(outbox / "pending")}
-    items: list[PurgeItem] = []
-    dead_studies: set[str] = set()
-    for path, job in _jobs(outbox / "dead"):
+_Candidate = tuple[float, str, str, Path]  # (age in days, kind, study, path) the age rules may purge
+
+
+def _dead_letters(settings: Settings, now: float) -> tuple[list[PurgeItem], set[str]]:
+    """Dead-letter jobs past their time (purged), and the studies of the others (still undelivered)."""
+    items, kept = [], set()
+    limit = settings.retention.dead_letter_days
+    for path, job in _jobs(settings.outbox_dir / "dead"):
         age = (now - path.stat().st_mtime) / DAY_S
-        if rules.dead_letter_days and age > rules.dead_letter_days:
+        if limit and age > limit:
+            name = str(job.get("job_id", path.stem))
+            size = path.stat().st_size
             items.append(
                 PurgeItem(
-                    kind="dead_letter",
-                    name=str(job.get("job_id", path.stem)),
-                    path=path,
-                    size_bytes=path.stat().st_size,
-                    age_days=age,
-                    reason="age",
+                    kind="dead_letter", name=name, path=path, size_bytes=size, age_days=age, reason="age"
                 )
             )
         else:
-            dead_studies.add(str(job.get("study_uid")))
-    undelivered = pending_studies | dead_studies
+            kept.add(str(job.get("study_uid")))
+    return items, kept
 
-    # (age in days, kind, study, path) of everything the age rules allow, purged by age or for space.
-    candidates: list[tuple[float, str, str, Path]] = []
+
+def _candidates(
+    settings: Settings, undelivered: set[str], now: float
+) -> tuple[list[_Candidate], int, set[str]]:
+    """Spooled studies analysed and delivered, result folders delivered - with their age; and what is kept:
+    the number of studies not yet analysed, the studies not yet delivered."""
+    candidates: list[_Candidate] = []
     kept_unanalysed = 0
     kept_undelivered: set[str] = set()
     if settings.spool_dir.is_dir():
@@ -141,6 +142,38 @@ def plan(settings: Settings, *, now: float | None = None) -> PurgePlan:
             elif files:
                 newest = max(p.stat().st_mtime for p in files)
                 candidates.append(((now - newest) / DAY_S, "results", folder.name, folder))
+    return candidates, kept_unanalysed, kept_undelivered
+
+
+def _for_space(
+    candidates: list[_Candidate], chosen: list[PurgeItem], free: int, target: int
+) -> list[PurgeItem]:
+    """Below the free-space target: more candidates, oldest first, until the target is reached."""
+    freed = sum(item.size_bytes for item in chosen)
+    taken = {item.path for item in chosen}
+    extra: list[PurgeItem] = []
+    if not target or free + freed >= target:
+        return extra
+    for age, kind, study, path in sorted(candidates, key=lambda c: -c[0]):
+        if free + freed >= target:
+            break
+        if path in taken:
+            continue
+        size = _size(path)
+        extra.append(
+            PurgeItem(kind=kind, name=study, path=path, size_bytes=size, age_days=age, reason="free space")
+        )
+        freed += size
+    return extra
+
+
+def plan(settings: Settings, *, now: float | None = None) -> PurgePlan:
+    """What a purge would remove now, and what it keeps because it is not yet analysed or delivered."""
+    now = time.time() if now is None else now
+    rules = settings.retention
+    pending_studies = {str(job.get("study_uid")) for _, job in _jobs(settings.outbox_dir / "pending")}
+    items, dead_studies = _dead_letters(settings, now)
+    candidates, kept_unanalysed, kept_undelivered = _candidates(settings, pending_studies | dead_studies, now)
     limits = {"spool": rules.spool_days, "results": rules.results_days}
     for age, kind, study, path in candidates:
         if limits[kind] and age > limits[kind]:
@@ -149,24 +182,9 @@ def plan(settings: Settings, *, now: float | None = None) -> PurgePlan:
                     kind=kind, name=study, path=path, size_bytes=_size(path), age_days=age, reason="age"
                 )
             )
-
     free = shutil.disk_usage(settings.data_dir).free if settings.data_dir.exists() else 0
     target = rules.min_free_disk_mb * 2**20
-    freed = sum(item.size_bytes for item in items)
-    chosen = {item.path for item in items}
-    if target and free + freed < target:
-        for age, kind, study, path in sorted(candidates, key=lambda c: -c[0]):  # oldest first
-            if free + freed >= target:
-                break
-            if path in chosen:
-                continue
-            size = _size(path)
-            items.append(
-                PurgeItem(
-                    kind=kind, name=study, path=path, size_bytes=size, age_days=age, reason="free space"
-                )
-            )
-            freed += size
+    items += _for_space(candidates, items, free, target)
     audit_lines = 0
     if rules.audit_days:
         audit_lines = AuditLog(settings.audit_log).count_before(now - rules.audit_days * DAY_S)

@@ -88,6 +88,33 @@ def _pid(pid: object, header: object) -> None:
         pid.pid_8 = sex  # type: ignore[attr-defined]
 
 
+_Row = tuple[
+    str, str, str, str, str, str
+]  # OBX-2 value type, -3 observation, -5 value, -6 unit, -8 flag, -4 sub-id
+
+
+def _observation_rows(reports: Sequence[SeriesReport], study_uid: str) -> list[_Row]:
+    """The OBX rows of the result: the study, then per series its algorithm, its SR and every finding's
+    measurements (the first, the confidence, under the finding type; grouped by sub-id)."""
+    rows: list[_Row] = [("ST", "113014^DICOM Study^DCM", _escape(study_uid), "", "", "")]
+    for report in reports:
+        a = report.analysis
+        summary = f"{a.algorithm_name} {a.algorithm_version}: {len(report.findings)} finding(s)"
+        rows.append(("ST", "121071^Finding^DCM", _escape(summary), "", "", ""))
+        rows.append(
+            ("ST", "113012^Key Object Selection^DCM", _escape(report.sr_sop_instance_uid), "", "", "")
+        )
+        for number, finding in enumerate(report.findings, start=1):
+            critical = any(v.value == "373066001" for _, v in finding.evaluations)
+            flag = "AA" if critical else "A"
+            sub = f"{len(rows)}.{number}"
+            for m in finding.measurements:
+                observation = _ce(finding.finding_type) if m is finding.measurements[0] else _ce(m.name)
+                unit = f"{_escape(m.unit.value)}^{_escape(m.unit.meaning)}^UCUM"
+                rows.append(("NM", observation, f"{m.value:g}", unit, flag, sub))
+    return rows
+
+
 def build_oru(
     reports: Sequence[SeriesReport],
     *,
@@ -115,42 +142,9 @@ def build_oru(
     order.obr.obr_25 = "P"
     if stat:
         order.obr.obr_27 = "^^^^^S"
-    rows: list[tuple[str, str, str, str, str, str]] = [
-        ("ST", "113014^DICOM Study^DCM", _escape(str(header.StudyInstanceUID)), "", "", "")
-    ]
-    for report in reports:
-        rows.append(
-            (
-                "ST",
-                "121071^Finding^DCM",
-                _escape(
-                    f"{report.analysis.algorithm_name} {report.analysis.algorithm_version}: {len(report.findings)} finding(s)"
-                ),
-                "",
-                "",
-                "",
-            )
-        )
-        rows.append(
-            ("ST", "113012^Key Object Selection^DCM", _escape(report.sr_sop_instance_uid), "", "", "")
-        )
-        for number, finding in enumerate(report.findings, start=1):
-            critical = any(v.value == "373066001" for _, v in finding.evaluations)
-            flag = "AA" if critical else "A"
-            sub = f"{len(rows)}.{number}"
-            for m in finding.measurements:
-                observation = _ce(finding.finding_type) if m is finding.measurements[0] else _ce(m.name)
-                rows.append(
-                    (
-                        "NM",
-                        observation,
-                        f"{m.value:g}",
-                        f"{_escape(m.unit.value)}^{_escape(m.unit.meaning)}^UCUM",
-                        flag,
-                        sub,
-                    )
-                )
-    for index, (kind, observation, value, unit, flag, sub) in enumerate(rows, start=1):
+    for index, (kind, observation, value, unit, flag, sub) in enumerate(
+        _observation_rows(reports, str(header.StudyInstanceUID)), start=1
+    ):
         obx = order.add_group("ORU_R01_OBSERVATION").obx
         obx.obx_1 = str(index)
         obx.obx_2 = kind

@@ -148,6 +148,43 @@ def _finding_group(
     return PlanarROIMeasurementsAndQualitativeEvaluations(referenced_region=roi, **common)
 
 
+def _study_assessment(
+    analysis: SeriesAnalysis, algorithm: AlgorithmIdentification, *, has_findings: bool, failure: str
+) -> MeasurementsAndQualitativeEvaluations:
+    """The study-level group: the triage score (none when the analysis failed), the CAD summary, the STAT flag
+    and, as comments, why the analysis failed and how the series was routed."""
+    if failure:
+        summary = gw.NO_ALGORITHMS_SUCCEEDED
+    else:
+        summary = gw.ALL_SUCCEEDED_WITH_FINDINGS if has_findings else gw.ALL_SUCCEEDED_WITHOUT_FINDINGS
+    score = Measurement(
+        name=gw.AI_TRIAGE_SCORE,
+        value=round(float(analysis.study_score), 4),
+        unit=gw.NO_UNITS,
+        algorithm_id=algorithm,
+    )
+    assessment = MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=TrackingIdentifier(uid=generate_uid(), identifier="AI study assessment"),
+        finding_type=gw.AI_STUDY_ASSESSMENT,
+        algorithm_id=algorithm,
+        measurements=None if failure else [score],
+        qualitative_evaluations=[
+            QualitativeEvaluation(name=gw.CAD_SUMMARY, value=summary),
+            QualitativeEvaluation(name=gw.STAT_FLAG, value=gw.YES if analysis.stat else gw.NO),
+        ],
+    )
+    notes = [f"AI analysis failed: {failure}"] if failure else []
+    if analysis.routing_note:
+        notes.append(analysis.routing_note)
+    for note in notes:
+        assessment[0].ContentSequence.append(
+            TextContentItem(
+                name=gw.COMMENT, value=note[:1024], relationship_type=RelationshipTypeValues.CONTAINS
+            )
+        )
+    return assessment
+
+
 def build_sr(
     analysis: SeriesAnalysis,
     *,
@@ -176,38 +213,7 @@ def build_sr(
         ),
     )
     algorithm = _algorithm(analysis)
-    if failure:
-        summary = gw.NO_ALGORITHMS_SUCCEEDED
-    else:
-        summary = gw.ALL_SUCCEEDED_WITH_FINDINGS if findings else gw.ALL_SUCCEEDED_WITHOUT_FINDINGS
-    assessment = MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=TrackingIdentifier(uid=generate_uid(), identifier="AI study assessment"),
-        finding_type=gw.AI_STUDY_ASSESSMENT,
-        algorithm_id=algorithm,
-        measurements=None
-        if failure
-        else [
-            Measurement(
-                name=gw.AI_TRIAGE_SCORE,
-                value=round(float(analysis.study_score), 4),
-                unit=gw.NO_UNITS,
-                algorithm_id=algorithm,
-            )
-        ],
-        qualitative_evaluations=[
-            QualitativeEvaluation(name=gw.CAD_SUMMARY, value=summary),
-            QualitativeEvaluation(name=gw.STAT_FLAG, value=gw.YES if analysis.stat else gw.NO),
-        ],
-    )
-    notes = [f"AI analysis failed: {failure}"] if failure else []
-    if analysis.routing_note:
-        notes.append(analysis.routing_note)
-    for note in notes:
-        assessment[0].ContentSequence.append(
-            TextContentItem(
-                name=gw.COMMENT, value=note[:1024], relationship_type=RelationshipTypeValues.CONTAINS
-            )
-        )
+    assessment = _study_assessment(analysis, algorithm, has_findings=bool(findings), failure=failure)
     groups: list[object] = [assessment]
     groups += [_finding_group(f, analysis, algorithm) for f in findings]
     report = MeasurementReport(

@@ -61,26 +61,23 @@ def test_a_silent_ris_holds_no_thread_and_never_blocks_the_loop(
         started = time.perf_counter()
         dispatcher.submit(folder, [report], stat=True)
         submitted = time.perf_counter() - started
-        # While FHIR and HL7 wait on the silent endpoint, the loop keeps its 10 ms ticks.
-        worst = 0.0
-        for _ in range(40):
-            tick = time.perf_counter()
+        # While FHIR and HL7 wait on the silent endpoint (2 tries of 0.5 s each at least), other work on the
+        # loop goes on: 20 short sleeps finish long before the deliveries give up.
+        for _ in range(20):
             await asyncio.sleep(0.01)
-            worst = max(worst, time.perf_counter() - tick)
+        ticked = time.time()
         threads_during = threading.active_count() - threads_before
         await dispatcher.drain(10.0)
-        return submitted, threads_during, worst
+        return submitted, threads_during, ticked
 
-    submitted, extra_threads, worst_tick = asyncio.run(scenario())
+    submitted, extra_threads, ticked = asyncio.run(scenario())
     assert submitted < 0.05, "submit returns at once"
     # The documents are written in the default executor (one thread at most); the deliveries add none.
     assert extra_threads <= 1
-    assert worst_tick < 0.25
     events = {e["event"]: e for e in audit.read()}
-    assert (
-        "after 2 tries" in events["fhir_failed"]["reason"]
-        and "no answer within 0.5 s" in events["fhir_failed"]["reason"]
-    )
+    assert ticked < min(events["fhir_failed"]["time"], events["hl7_failed"]["time"]), "the loop was held"
+    reason = events["fhir_failed"]["reason"]
+    assert "after 2 tries" in reason and "no answer within 0.5 s" in reason
     assert "after 2 tries" in events["hl7_failed"]["reason"]
     assert {p.name.split("_")[0] for p in folder.iterdir()} == {"FHIR", "HL7"}
 

@@ -1,0 +1,62 @@
+"""assemble -> route -> schedule: each study, once complete, is routed and its series jobs queued.
+
+Runs on the event loop. It sleeps until the next pending study's quiet period ends, or until the receiver wakes
+it because a study started waiting while none was - no polling.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+from gateway.core.domain import Study
+from gateway.ingest.assembler import StudyAssembler
+from gateway.ops.events import EventSink
+from gateway.orchestration.routing import Router
+from gateway.orchestration.scheduler import JobQueue
+from gateway.orchestration.tracker import StudyTracker
+
+ASSEMBLY_SLACK_S = 0.01  # past a deadline, so the study is complete when the loop wakes
+
+
+class StudyIntake:
+    def __init__(
+        self, assembler: StudyAssembler, router: Router, tracker: StudyTracker, events: EventSink
+    ) -> None:
+        self.assembler = assembler
+        self.router = router
+        self.tracker = tracker
+        self.events = events
+
+    async def run(self, queue: JobQueue) -> None:
+        """Route each study when it becomes complete, until cancelled."""
+        loop, wake = asyncio.get_running_loop(), asyncio.Event()
+
+        def wake_up() -> None:  # on a receiver thread; a loop that is shutting down has nothing to wake
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(wake.set)
+
+        self.assembler.on_first_pending = wake_up
+        while True:
+            wake.clear()
+            for study in self.assembler.pop_complete():
+                self.route(study, queue)
+            delay = self.assembler.seconds_until_next()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(
+                    wake.wait(), timeout=None if delay is None else delay + ASSEMBLY_SLACK_S
+                )
+
+    def route(self, study: Study, queue: JobQueue) -> None:
+        study = self.tracker.as_it_stands(study)
+        decision = self.router.route(study)
+        for skip in decision.skipped:
+            self.events.series_skipped(
+                study=study.study_instance_uid,
+                series=skip.series_instance_uid,
+                reason=skip.reason,
+                modality=skip.modality,
+            )
+        self.tracker.open(study, jobs=len(decision.jobs), skipped=len(decision.skipped))
+        for job in decision.jobs:
+            queue.put(job)
