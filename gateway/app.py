@@ -350,7 +350,7 @@ class Gateway:
             tasks = [
                 asyncio.create_task(self.intake.run(queue), name="assembler"),
                 asyncio.create_task(watch.run(), name="triton-watch"),
-                asyncio.create_task(self.outbox.run(self.executor), name="outbox"),
+                asyncio.create_task(self.outbox.run(), name="outbox"),
                 asyncio.create_task(
                     retention.purge_periodically(self.settings, self.executor, self.metrics, self.events),
                     name="retention",

@@ -23,7 +23,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from concurrent.futures import Executor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -38,6 +38,7 @@ from gateway.core.retry import Backoff
 logger = logging.getLogger(__name__)
 
 RESCAN_S = 1.0  # how often the pending area is read again for jobs written by another process
+IO_THREADS = 4  # the outbox's own threads for job files and C-STORE (never queued behind analysis work)
 MAX_JOBS_PER_ASSOCIATION = 16
 _RANK = {"STAT": 0, "URGENT": 1, "ROUTINE": 2}
 
@@ -84,7 +85,8 @@ class Outbox:
         self._wake: dict[str, asyncio.Event] = {}  # destination folder -> "look again" (loop-owned)
         self._found = asyncio.Event()  # a destination folder may have appeared (loop-owned)
         self._failing: dict[str, str] = {}  # destination -> last error, while it keeps failing
-        self._failing_lock = threading.Lock()  # written in the executor, read by HTTP threads
+        self._failing_lock = threading.Lock()  # written in the outbox's threads, read by HTTP threads
+        self._io: ThreadPoolExecutor | None = None
 
     @property
     def failing(self) -> dict[str, str]:
@@ -158,9 +160,25 @@ class Outbox:
 
     # -- workers -------------------------------------------------------------------------------------------
 
-    async def run(self, executor: Executor) -> None:
-        """Deliver until cancelled: one task per destination folder, on this event loop."""
+    def _executor(self) -> ThreadPoolExecutor:
+        if self._io is None:
+            self._io = ThreadPoolExecutor(IO_THREADS, thread_name_prefix="delivery-io")
+        return self._io
+
+    async def submit(
+        self, destination: Peer, study_uid: str, paths: list[Path], *, priority: str = "ROUTINE"
+    ) -> DeliveryJob:
+        """``enqueue`` from the event loop: the job file is written in the outbox's own threads."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            self._executor(), lambda: self.enqueue(destination, study_uid, paths, priority=priority)
+        )
+
+    async def run(self) -> None:
+        """Deliver until cancelled: one task per destination folder, on this event loop; the blocking parts
+        (job files, C-STORE) in the outbox's own threads, so results never wait behind analysis work."""
         self._loop = loop = asyncio.get_running_loop()
+        executor = self._executor()
         tasks: dict[str, asyncio.Task[None]] = {}
         try:
             while True:
@@ -177,6 +195,10 @@ class Outbox:
                 task.cancel()
             await asyncio.gather(*tasks.values(), return_exceptions=True)
             self._loop = None
+            executor.shutdown(
+                wait=False
+            )  # a send in flight finishes on its own; its job file stays consistent
+            self._io = None
 
     def _destinations(self) -> list[str]:
         return [d.name for d in sorted(self.pending_dir.iterdir()) if d.is_dir()]
@@ -184,7 +206,7 @@ class Outbox:
     def _jobs(self, folder: Path) -> list[DeliveryJob]:
         return [j for p in sorted(folder.glob("*.json")) if (j := self._read(p)) is not None]
 
-    async def _deliver(self, folder: Path, executor: Executor) -> None:
+    async def _deliver(self, folder: Path, executor: ThreadPoolExecutor) -> None:
         loop = asyncio.get_running_loop()
         wake = self._wake[folder.name]
         while True:

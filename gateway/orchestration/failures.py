@@ -102,11 +102,8 @@ class FailurePublisher:
         if pipeline.mode is not RolloutMode.SILENT:
             destination = parts.settings.destination_for(study.calling_ae)
             if destination is not None:
-                await loop.run_in_executor(
-                    parts.executor,
-                    lambda: parts.outbox.enqueue(
-                        destination, study.study_instance_uid, paths, priority=job.priority.name
-                    ),
+                await parts.outbox.submit(
+                    destination, study.study_instance_uid, paths, priority=job.priority.name
                 )
         if progress is not None:
             progress.sr_by_series[result_key] = str(sr.SOPInstanceUID)

@@ -328,11 +328,7 @@ class SeriesPipeline:
             )
             return
         priority = "STAT" if run.stat else job.priority.name
-        destination, outbox = run.destination, self.parts.outbox
-        await asyncio.get_running_loop().run_in_executor(
-            self.parts.executor,
-            lambda: outbox.enqueue(destination, study.study_instance_uid, paths, priority=priority),
-        )
+        await self.parts.outbox.submit(run.destination, study.study_instance_uid, paths, priority=priority)
 
     def _report(self, run: _Run, progress: StudyProgress | None) -> None:
         """The canonical ``series analysed`` event, and what the study's completion needs from this series."""

@@ -7,7 +7,6 @@ import asyncio
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +32,7 @@ def _job(n: int, study: str, priority: str = "ROUTINE") -> DeliveryJob:
 
 async def _deliver_until(outbox: Outbox, done: Callable[[], bool], timeout_s: float = 20.0) -> None:
     """Run the outbox on this loop until ``done()`` (or the timeout), then stop it."""
-    executor = ThreadPoolExecutor(2)
-    task = asyncio.create_task(outbox.run(executor))
+    task = asyncio.create_task(outbox.run())
     deadline = time.monotonic() + timeout_s
     try:
         while not done() and time.monotonic() < deadline:
@@ -42,7 +40,6 @@ async def _deliver_until(outbox: Outbox, done: Callable[[], bool], timeout_s: fl
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
-        executor.shutdown(wait=True)
 
 
 def test_stat_first_oldest_first_and_never_ahead_of_an_earlier_job_of_its_study() -> None:
@@ -125,15 +122,12 @@ def test_a_queued_job_wakes_its_idle_destination_at_once_without_a_thread_of_its
     peers = [Peer.parse(f"PACS@127.0.0.1:{port}"), Peer.parse(f"PACS@localhost:{port}")]
 
     async def scenario() -> tuple[float, set[str]]:
-        executor = ThreadPoolExecutor(2, thread_name_prefix="test-executor")
-        task = asyncio.create_task(outbox.run(executor))
+        task = asyncio.create_task(outbox.run())
         try:
             await asyncio.sleep(RESCAN_S * 1.5)  # idle: the rescan has run, nothing is pending
             queued = time.monotonic()
             for peer in peers:  # two destinations
-                await asyncio.get_running_loop().run_in_executor(
-                    executor, lambda p=peer: outbox.enqueue(p, "1.2.3", list(series.paths))
-                )
+                await outbox.submit(peer, "1.2.3", list(series.paths))
             while len(received) < 2 and time.monotonic() - queued < 10:
                 await asyncio.sleep(0.01)
             threads = {t.name for t in threading.enumerate()}
@@ -141,7 +135,6 @@ def test_a_queued_job_wakes_its_idle_destination_at_once_without_a_thread_of_its
         finally:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
-            executor.shutdown(wait=True)
 
     try:
         latency, threads = asyncio.run(scenario())
