@@ -94,7 +94,15 @@ class FailurePublisher:
             incomplete_reason=study.incomplete_reason,
         )
         result_key = f"{series.series_instance_uid}/{pipeline.name}"
-        previous, _ = superseded(parts.spool, parts.results, study.study_instance_uid, result_key, analysis)
+        previous, _ = await loop.run_in_executor(
+            parts.executor,
+            superseded,
+            parts.spool,
+            parts.results,
+            study.study_instance_uid,
+            result_key,
+            analysis,
+        )
         sr = await loop.run_in_executor(
             parts.executor, lambda: build_sr(analysis, findings=[], previous=previous, failure=reason)
         )

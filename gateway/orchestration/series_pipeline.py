@@ -277,7 +277,9 @@ class SeriesPipeline:
         job, pipeline, parts = run.job, run.job.pipeline, self.parts
         assert run.analysis is not None and run.reading is not None
         study_uid = job.study.study_instance_uid
-        run.previous, run.withdrawn = superseded(parts.spool, parts.results, study_uid, run.key, run.analysis)
+        run.previous, run.withdrawn = await asyncio.get_running_loop().run_in_executor(
+            parts.executor, superseded, parts.spool, parts.results, study_uid, run.key, run.analysis
+        )
         started = time.perf_counter()
         try:
             run.encoded = await parts.encoder.encode(
