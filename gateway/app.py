@@ -60,6 +60,7 @@ from gateway.results.encode import ResultEncoder
 logger = logging.getLogger(__name__)
 
 STOP_STACK_DUMP_S = 45.0
+IO_THREADS = 2  # bookkeeping I/O of intake, study completion and report files
 REPORTS_DRAIN_S = 10.0  # how long a stopping gateway waits for FHIR / HL7 deliveries in flight
 LOOP_ANSWER_S = 5.0  # how long /health waits for the event loop's snapshot
 
@@ -89,12 +90,15 @@ class Gateway:
             max_workers=settings.workers + settings.scheduling.stat_workers + 2,
             thread_name_prefix="gateway-work",
         )
-        self.reports = ReportDispatcher(settings, self.audit, self.executor, http=self.http)
+        # Bookkeeping I/O of the shared, serial steps (intake, study completion, report files): threads of its
+        # own, so that routing a new study never queues behind decode and preprocess work.
+        self.io_executor = ThreadPoolExecutor(max_workers=IO_THREADS, thread_name_prefix="gateway-io")
+        self.reports = ReportDispatcher(settings, self.audit, self.io_executor, http=self.http)
         self.metrics = Metrics()
         self.events = EventSink(self.audit, self.metrics)
-        self.tracker = StudyTracker(self.spool, self.results, self.reports, self.events, self.executor)
+        self.tracker = StudyTracker(self.spool, self.results, self.reports, self.events, self.io_executor)
         self.intake = StudyIntake(
-            self.assembler, Router(settings.pipelines), self.tracker, self.events, self.executor
+            self.assembler, Router(settings.pipelines), self.tracker, self.events, self.io_executor
         )
         self.backend, self.dali, self.decoder, self.decoder_reason = select_imaging(settings)
         self.encoder = ResultEncoder(settings.encode_processes)
@@ -204,6 +208,7 @@ class Gateway:
             self._loop_thread.join(timeout=30)
             self._loop_thread = None
         self.executor.shutdown(wait=True, cancel_futures=True)
+        self.io_executor.shutdown(wait=True, cancel_futures=False)
         self.encoder.close()
         if self.triton_server is not None:
             self.triton_server.stop()

@@ -38,7 +38,10 @@ from gateway.core.retry import Backoff
 logger = logging.getLogger(__name__)
 
 RESCAN_S = 1.0  # how often the pending area is read again for jobs written by another process
-IO_THREADS = 4  # the outbox's own threads for job files and C-STORE (never queued behind analysis work)
+# The outbox's own threads for job files and C-STORE (never queued behind analysis work). A destination sends
+# one association at a time, so with as many threads as destinations none waits for another's send (a STAT
+# PACS behind five routine ones did, with four); threads are only started as sends need them.
+IO_THREADS = 32
 MAX_JOBS_PER_ASSOCIATION = 16
 _RANK = {"STAT": 0, "URGENT": 1, "ROUTINE": 2}
 
