@@ -143,8 +143,13 @@ class StudyTracker:
             with contextlib.suppress(Exception):
                 await previous
         await asyncio.get_running_loop().run_in_executor(
-            self.executor, self._mark_processed, study_uid, progress
+            self.executor, self._done_on_disk, study_uid, progress
         )
+
+    def _done_on_disk(self, study_uid: str, progress: StudyProgress) -> None:
+        """The marker, then at once the ``study_done`` event (thread-safe: log, fsynced audit, metrics): a crash
+        between the two would leave a study processed that the audit never saw finish."""
+        self._mark_processed(study_uid, progress)
         self._study_done(study_uid, progress)
 
     def _mark_processed(self, study_uid: str, progress: StudyProgress) -> None:
