@@ -96,10 +96,8 @@ class Gateway:
         self.reports = ReportDispatcher(settings, self.audit, self.io_executor, http=self.http)
         self.metrics = Metrics()
         self.events = EventSink(self.audit, self.metrics)
-        self.tracker = StudyTracker(self.spool, self.results, self.reports, self.events, self.io_executor)
-        self.intake = StudyIntake(
-            self.assembler, Router(settings.pipelines), self.tracker, self.events, self.io_executor
-        )
+        self.tracker = StudyTracker(self.spool, self.results, self.reports, self.events)
+        self.intake = StudyIntake(self.assembler, Router(settings.pipelines), self.tracker, self.events)
         self.backend, self.dali, self.decoder, self.decoder_reason = select_imaging(settings)
         self.encoder = ResultEncoder(settings.encode_processes)
         self.triton_server: TritonServer | None = None
@@ -366,7 +364,6 @@ class Gateway:
             pool.start(self.settings.workers, self.settings.scheduling.stat_workers)
             await self._stop.wait()
             await pool.stop()
-            await self.tracker.drain()
             await self.reports.drain(REPORTS_DRAIN_S)
             for task in tasks:
                 task.cancel()

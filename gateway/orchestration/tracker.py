@@ -3,19 +3,15 @@
 It re-opens a study that was analysed before (late instances, a re-send: the whole study is analysed again as it
 stands in the spool), counts the series still outstanding, collects what each series produced (result UIDs, the
 reports for the RIS, STAT, header repairs, timings) and, when the last one is done, completes the study: FHIR /
-HL7 reports dispatched, the spool's processed marker written (in the executor), the ``study_done`` event
-emitted. Only the event loop calls it; a study whose marker is still being written is "settling", and intake
-waits for it before re-opening that study.
+HL7 reports dispatched, the spool's processed marker written, the ``study_done`` event emitted. Only the event
+loop calls it.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import dataclasses
 import logging
 import time
-from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
 from gateway.core.domain import Study, timing_log_fields
@@ -54,20 +50,13 @@ class StudyProgress:
 
 class StudyTracker:
     def __init__(
-        self,
-        spool: Spool,
-        results: ResultStore,
-        reports: ReportDispatcher,
-        events: EventSink,
-        executor: Executor | None = None,
+        self, spool: Spool, results: ResultStore, reports: ReportDispatcher, events: EventSink
     ) -> None:
         self.spool = spool
         self.results = results
         self.reports = reports
         self.events = events
-        self.executor = executor
         self._progress: dict[str, StudyProgress] = {}
-        self._settling: dict[str, asyncio.Task[None]] = {}  # study -> its completion still being written
 
     def __len__(self) -> int:
         return len(self._progress)
@@ -75,20 +64,8 @@ class StudyTracker:
     def get(self, study_uid: str) -> StudyProgress | None:
         return self._progress.get(study_uid)
 
-    async def settled(self, study_uid: str) -> None:
-        """Wait until the study's last completion (its processed marker) is written."""
-        task = self._settling.get(study_uid)
-        if task is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.shield(task)
-
-    async def drain(self) -> None:
-        """Wait for every completion still being written (a stopping gateway)."""
-        await asyncio.gather(*list(self._settling.values()), return_exceptions=True)
-
     def as_it_stands(self, study: Study) -> Study:
-        """The study to analyse: a study analysed before is re-assembled from everything the spool holds
-        (headers read from disk: call it in the executor)."""
+        """The study to analyse: a study analysed before is re-assembled from everything the spool holds."""
         if not self.spool.processed_instances(study.study_instance_uid):
             return study
         return dataclasses.replace(
@@ -121,39 +98,9 @@ class StudyTracker:
 
     def finish(self, study_uid: str) -> None:
         progress = self._progress.pop(study_uid)
+        study = progress.study
         if progress.reports:  # written and sent in the background: never a cost to the study's completion
             self.reports.submit(self.results.root / study_uid, progress.reports, stat=progress.stat)
-        previous = self._settling.get(study_uid)
-        task = asyncio.create_task(
-            self._complete(study_uid, progress, previous), name=f"study-done-{study_uid[-8:]}"
-        )
-        self._settling[study_uid] = task
-
-        def settled(done: asyncio.Task[None]) -> None:
-            if self._settling.get(study_uid) is done:
-                del self._settling[study_uid]
-
-        task.add_done_callback(settled)
-
-    async def _complete(
-        self, study_uid: str, progress: StudyProgress, previous: asyncio.Task[None] | None
-    ) -> None:
-        """The processed marker (in the executor, after any earlier completion of the study), then the event."""
-        if previous is not None:
-            with contextlib.suppress(Exception):
-                await previous
-        await asyncio.get_running_loop().run_in_executor(
-            self.executor, self._done_on_disk, study_uid, progress
-        )
-
-    def _done_on_disk(self, study_uid: str, progress: StudyProgress) -> None:
-        """The marker, then at once the ``study_done`` event (thread-safe: log, fsynced audit, metrics): a crash
-        between the two would leave a study processed that the audit never saw finish."""
-        self._mark_processed(study_uid, progress)
-        self._study_done(study_uid, progress)
-
-    def _mark_processed(self, study_uid: str, progress: StudyProgress) -> None:
-        study = progress.study
         try:
             self.spool.mark_processed(
                 study_uid,
@@ -165,9 +112,6 @@ class StudyTracker:
             logger.error(
                 "study %s: processed marker not written (%s); a restart re-analyses it", study_uid, exc
             )
-
-    def _study_done(self, study_uid: str, progress: StudyProgress) -> None:
-        study = progress.study
         total = time.time() - study.last_received_at
         fields = {
             "study": study_uid,
