@@ -60,7 +60,7 @@ from gateway.results.encode import ResultEncoder
 logger = logging.getLogger(__name__)
 
 STOP_STACK_DUMP_S = 45.0
-IO_THREADS = 2  # bookkeeping I/O of intake, study completion and report files
+IO_THREADS = 2  # FHIR / HL7 report files
 REPORTS_DRAIN_S = 10.0  # how long a stopping gateway waits for FHIR / HL7 deliveries in flight
 LOOP_ANSWER_S = 5.0  # how long /health waits for the event loop's snapshot
 
@@ -90,8 +90,7 @@ class Gateway:
             max_workers=settings.workers + settings.scheduling.stat_workers + 2,
             thread_name_prefix="gateway-work",
         )
-        # Bookkeeping I/O of the shared, serial steps (intake, study completion, report files): threads of its
-        # own, so that routing a new study never queues behind decode and preprocess work.
+        # Report files on threads of their own: never queued behind decode and preprocess work.
         self.io_executor = ThreadPoolExecutor(max_workers=IO_THREADS, thread_name_prefix="gateway-io")
         self.reports = ReportDispatcher(settings, self.audit, self.io_executor, http=self.http)
         self.metrics = Metrics()

@@ -55,12 +55,6 @@ def _check_port(value: int) -> int:
     return value
 
 
-def _check_pair(value: tuple[float, float] | None) -> tuple[float, float] | None:
-    if value is not None and len(value) != 2:  # tuple[float, float] already enforces; kept for clarity
-        raise ValueError("must be a list of two numbers")
-    return value
-
-
 def _check_listen_port(value: int) -> int:
     if not 0 <= value < 65536:
         raise ValueError(f"must be 0-65535 (0: any free port), got {value}")
@@ -76,7 +70,7 @@ Positive = Annotated[float, Field(gt=0)]
 Seconds = Positive  # a duration, > 0
 NonNegative = Annotated[float, Field(ge=0)]
 Probability = Annotated[float, Field(ge=0, le=1)]
-Pair = Annotated[tuple[float, float], AfterValidator(_check_pair)]
+Pair = tuple[float, float]
 
 
 def base_dir(info: ValidationInfo) -> Path:

@@ -70,7 +70,8 @@ class StatNotifier:
         self.webhook_url = webhook_url
         self.attempts = attempts
         self.timeout_s = timeout_s
-        self.http = http or HttpPoster() if webhook_url else http
+        # The gateway shares one client; a notifier made on its own, with a webhook, gets its own.
+        self.http = http if http is not None or not webhook_url else HttpPoster()
 
     def log(self, event: StatEvent | FailureEvent) -> None:
         if isinstance(event, StatEvent):
