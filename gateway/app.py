@@ -96,7 +96,9 @@ class Gateway:
         self.metrics = Metrics()
         self.events = EventSink(self.audit, self.metrics)
         self.tracker = StudyTracker(self.spool, self.results, self.reports, self.events)
-        self.intake = StudyIntake(self.assembler, Router(settings.pipelines), self.tracker, self.events)
+        self.intake = StudyIntake(
+            self.assembler, Router(settings.pipelines), self.tracker, self.events, self.io_executor
+        )
         self.backend, self.dali, self.decoder, self.decoder_reason = select_imaging(settings)
         self.encoder = ResultEncoder(settings.encode_processes)
         self.triton_server: TritonServer | None = None
@@ -124,6 +126,7 @@ class Gateway:
         log_capabilities(self.backend, self.dali, self.decoder_reason, pipelines=len(self.settings.pipelines))
         try:
             check_port_free(self.settings.receiver.host, self.settings.receiver.port)
+            self.audit.start_writer()
             for folder in (self.settings.spool_dir, self.settings.results_dir, self.settings.outbox_dir):
                 removed = remove_temporary_files(folder)
                 if removed:
@@ -206,6 +209,7 @@ class Gateway:
             self._loop_thread = None
         self.executor.shutdown(wait=True, cancel_futures=True)
         self.io_executor.shutdown(wait=True, cancel_futures=False)
+        self.audit.close()
         self.encoder.close()
         if self.triton_server is not None:
             self.triton_server.stop()
@@ -363,6 +367,7 @@ class Gateway:
             pool.start(self.settings.workers, self.settings.scheduling.stat_workers)
             await self._stop.wait()
             await pool.stop()
+            await self.tracker.drain()
             await self.reports.drain(REPORTS_DRAIN_S)
             for task in tasks:
                 task.cancel()

@@ -8,19 +8,26 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future
+from typing import Any, TypeVar
 
 from gateway.ops.audit import AuditLog
 from gateway.ops.metrics import Metrics
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class EventSink:
     def __init__(self, audit: AuditLog, metrics: Metrics) -> None:
         self.audit = audit
         self.metrics = metrics
+
+    def after_recorded(self, step: Callable[[], T]) -> Future[T]:
+        """Run ``step`` (blocking bookkeeping) once every event recorded so far is on disk, off the caller's
+        thread when the audit has its writer."""
+        return self.audit.then(step)
 
     def record(self, event: str, **fields: Any) -> None:
         """An audit-only event (purge, an output that could not be built, a notification that failed)."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from concurrent.futures import Executor
 
 from gateway.core.domain import Study
 from gateway.ingest.assembler import StudyAssembler
@@ -21,12 +22,18 @@ ASSEMBLY_SLACK_S = 0.01  # past a deadline, so the study is complete when the lo
 
 class StudyIntake:
     def __init__(
-        self, assembler: StudyAssembler, router: Router, tracker: StudyTracker, events: EventSink
+        self,
+        assembler: StudyAssembler,
+        router: Router,
+        tracker: StudyTracker,
+        events: EventSink,
+        executor: Executor | None = None,
     ) -> None:
         self.assembler = assembler
         self.router = router
         self.tracker = tracker
         self.events = events
+        self.executor = executor
 
     async def run(self, queue: JobQueue) -> None:
         """Route each study when it becomes complete, until cancelled."""
@@ -40,15 +47,20 @@ class StudyIntake:
         while True:
             wake.clear()
             for study in self.assembler.pop_complete():
-                self.route(study, queue)
+                await self.route(study, queue)
             delay = self.assembler.seconds_until_next()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(
                     wake.wait(), timeout=None if delay is None else delay + ASSEMBLY_SLACK_S
                 )
 
-    def route(self, study: Study, queue: JobQueue) -> None:
-        study = self.tracker.as_it_stands(study)
+    async def route(self, study: Study, queue: JobQueue) -> None:
+        # A study analysed before is re-read from the spool (its headers): after its last completion is
+        # written, and in the executor.
+        await self.tracker.settled(study.study_instance_uid)
+        study = await asyncio.get_running_loop().run_in_executor(
+            self.executor, self.tracker.as_it_stands, study
+        )
         decision = self.router.route(study)
         for skip in decision.skipped:
             self.events.series_skipped(

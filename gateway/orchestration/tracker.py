@@ -3,12 +3,19 @@
 It re-opens a study that was analysed before (late instances, a re-send: the whole study is analysed again as it
 stands in the spool), counts the series still outstanding, collects what each series produced (result UIDs, the
 reports for the RIS, STAT, header repairs, timings) and, when the last one is done, completes the study: FHIR /
-HL7 reports dispatched, the spool's processed marker written, the ``study_done`` event emitted. Only the event
-loop calls it.
+HL7 reports dispatched, the ``study_done`` event recorded, then the spool's processed marker written. Only the
+event loop calls it.
+
+The marker is written on the audit's writer thread, after the ``study_done`` event is on disk: a crash between the
+two leaves a study audited as done and not marked, which the restarted gateway analyses again (deterministic
+result UIDs: the same objects) - never a study marked processed that the audit never saw finish. Until its marker
+is written a study is "settling", and intake waits for that before it re-opens the study.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
 import logging
 import time
@@ -57,6 +64,7 @@ class StudyTracker:
         self.reports = reports
         self.events = events
         self._progress: dict[str, StudyProgress] = {}
+        self._settling: dict[str, asyncio.Future[None]] = {}  # study -> its marker still being written
 
     def __len__(self) -> int:
         return len(self._progress)
@@ -64,8 +72,20 @@ class StudyTracker:
     def get(self, study_uid: str) -> StudyProgress | None:
         return self._progress.get(study_uid)
 
+    async def settled(self, study_uid: str) -> None:
+        """Wait until the study's last completion (its processed marker) is written."""
+        marking = self._settling.get(study_uid)
+        if marking is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(marking)
+
+    async def drain(self) -> None:
+        """Wait for every processed marker still being written (a stopping gateway)."""
+        await asyncio.gather(*list(self._settling.values()), return_exceptions=True)
+
     def as_it_stands(self, study: Study) -> Study:
-        """The study to analyse: a study analysed before is re-assembled from everything the spool holds."""
+        """The study to analyse: a study analysed before is re-assembled from everything the spool holds
+        (headers read from disk: call it in an executor, after ``settled``)."""
         if not self.spool.processed_instances(study.study_instance_uid):
             return study
         return dataclasses.replace(
@@ -98,9 +118,24 @@ class StudyTracker:
 
     def finish(self, study_uid: str) -> None:
         progress = self._progress.pop(study_uid)
-        study = progress.study
         if progress.reports:  # written and sent in the background: never a cost to the study's completion
             self.reports.submit(self.results.root / study_uid, progress.reports, stat=progress.stat)
+        self._study_done(study_uid, progress)
+        marking = asyncio.wrap_future(
+            self.events.after_recorded(lambda: self._mark_processed(study_uid, progress))
+        )
+        self._settling[study_uid] = marking
+
+        def settled(done: asyncio.Future[None]) -> None:
+            if self._settling.get(study_uid) is done:
+                del self._settling[study_uid]
+            if not done.cancelled() and done.exception() is not None:
+                logger.error("study %s: processed marker not written: %r", study_uid, done.exception())
+
+        marking.add_done_callback(settled)
+
+    def _mark_processed(self, study_uid: str, progress: StudyProgress) -> None:
+        study = progress.study
         try:
             self.spool.mark_processed(
                 study_uid,
@@ -112,6 +147,9 @@ class StudyTracker:
             logger.error(
                 "study %s: processed marker not written (%s); a restart re-analyses it", study_uid, exc
             )
+
+    def _study_done(self, study_uid: str, progress: StudyProgress) -> None:
+        study = progress.study
         total = time.time() - study.last_received_at
         fields = {
             "study": study_uid,

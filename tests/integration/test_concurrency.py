@@ -173,3 +173,77 @@ def test_a_hung_stat_webhook_never_holds_an_analysis_worker(tmp_path: Path, trit
     finally:
         gateway.stop()
         hole.close()
+
+
+def test_the_loop_never_does_file_io_or_dicom_parsing_itself(
+    tmp_path: Path, triton: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Re-opening a study (its headers read back from the spool), the processed marker, the audit trail's
+    fsynced appends, the delivery job file, the superseded results, the FHIR / HL7 documents: all off the event
+    loop's thread. (Before: the loop parsed every spooled header of a re-sent study and fsynced the marker and
+    every audit event.)"""
+    from gateway.delivery.outbox import Outbox
+    from gateway.ingest.spool import Spool
+    from gateway.orchestration import series_pipeline
+    from gateway.reporting.dispatcher import ReportDispatcher
+
+    callers: dict[str, set[str]] = {}
+
+    def watched(owner: Any, name: str) -> None:
+        original = getattr(owner, name)
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            callers.setdefault(name, set()).add(threading.current_thread().name)
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(owner, name, call)
+
+    audited_first: list[bool] = []
+    original_mark = Spool.mark_processed
+
+    def mark_processed(spool: Spool, study_uid: str, *args: Any, **kwargs: Any) -> None:
+        # The study's study_done event is already on disk when its marker is written (the crash-safe order).
+        audit = AuditLog(spool.root.parent / "audit.jsonl")
+        audited_first.append(any(e["study"] == study_uid for e in audit.read() if e["event"] == "study_done"))
+        original_mark(spool, study_uid, *args, **kwargs)
+
+    monkeypatch.setattr(Spool, "mark_processed", mark_processed)
+    for owner, name in (
+        (AuditLog, "_write"),
+        (Spool, "study_records"),
+        (Spool, "mark_processed"),
+        (Outbox, "enqueue"),
+        (ReportDispatcher, "write_documents"),
+        (series_pipeline, "superseded"),
+    ):
+        watched(owner, name)
+    port = free_port()
+    config = tmp_path / "gateway.toml"
+    config.write_text(
+        f'data_dir = "{tmp_path / "data"}"\nquiet_period_s = 0.5\nworkers = 1\n'
+        f'[receiver]\nport = {port}\n[http]\nport = 0\n[triton]\nurl = "{triton}"\n'
+        f'[[peers]]\nae_title = "STORESCU"\nhost = "127.0.0.1"\nport = {free_port()}\n' + PIPELINE
+    )
+    gateway = Gateway(load_settings(config)).start()
+    try:
+        series = write_head_ct(tmp_path / "s", slices=6, rows=128, cols=128, seed=77)
+        for sent in (1, 2):  # the second time the study is re-opened from the spool
+            assert storescu(list(series.paths), port=port, calling_ae="STORESCU").returncode == 0
+            wait_for(
+                lambda n=sent: [e for e in gateway.audit.read() if e["event"] == "study_done"][n - 1 :],
+                timeout_s=90,
+                what=f"study done ({sent})",
+            )
+    finally:
+        gateway.stop()
+    assert set(callers) == {
+        "_write",
+        "study_records",
+        "mark_processed",
+        "enqueue",
+        "write_documents",
+        "superseded",
+    }, callers
+    assert audited_first == [True, True]
+    on_loop = {name for name, threads in callers.items() if "gateway-loop" in threads}
+    assert on_loop == set(), callers
