@@ -7,9 +7,10 @@
 
 Concurrency: association threads only spool and hand records to the assembler (thread-safe). One asyncio loop
 (its own thread) owns the scheduler, the study tracker, the worker pool, the outbox's destination tasks, the
-webhook / FHIR / HL7 sends and the HTTP server (uvicorn); blocking steps (decode, preprocess, file I/O, C-STORE)
-run in the thread pool, encoding in the encoder process pool, inference is awaited on Triton's async gRPC
-client (README "Concurrency").
+webhook / FHIR / HL7 sends and the HTTP server (uvicorn) - what runs there is built by
+``orchestration.runtime.LoopRuntime``; blocking steps (decode, preprocess, file I/O, C-STORE) run in thread
+pools, the audit trail on its writer thread, encoding in the encoder process pool, inference is awaited on
+Triton's async gRPC client (README "Concurrency").
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from clients.http_post import HttpPoster
-from clients.triton import TritonClient
 from gateway.config.settings import Settings
 from gateway.core.domain import InstanceRecord
 from gateway.core.durable import remove_temporary_files
@@ -31,10 +31,8 @@ from gateway.core.errors import GatewayError
 from gateway.core.logs import silence_identifier_warnings
 from gateway.delivery.outbox import Outbox
 from gateway.delivery.store import ResultStore
-from gateway.inference.batcher import CrossStudyBatcher
 from gateway.inference.registry import ModelRegistry, fingerprint_models
 from gateway.inference.server import TritonServer
-from gateway.inference.watch import TritonWatch
 from gateway.ingest.assembler import StudyAssembler
 from gateway.ingest.receiver import StoreSCP, check_port_free
 from gateway.ingest.spool import Spool
@@ -44,15 +42,13 @@ from gateway.ops.events import EventSink
 from gateway.ops.health import LoopState, OtherState, health_report, snapshot_on_loop, update_gauges
 from gateway.ops.http_api import ApiBackend, HttpApi
 from gateway.ops.metrics import Metrics
-from gateway.orchestration.failures import FailurePublisher
 from gateway.orchestration.imaging import log_capabilities, select_imaging
 from gateway.orchestration.intake import StudyIntake
 from gateway.orchestration.notifications import BackgroundNotifications
 from gateway.orchestration.routing import Router
-from gateway.orchestration.scheduler import JobQueue
-from gateway.orchestration.series_pipeline import PipelineParts, SeriesPipeline
+from gateway.orchestration.runtime import LoopRuntime
+from gateway.orchestration.series_pipeline import PipelineParts
 from gateway.orchestration.tracker import StudyTracker
-from gateway.orchestration.workers import WorkerPool
 from gateway.reporting.dispatcher import ReportDispatcher
 from gateway.reporting.notify import StatNotifier
 from gateway.results.encode import ResultEncoder
@@ -60,8 +56,7 @@ from gateway.results.encode import ResultEncoder
 logger = logging.getLogger(__name__)
 
 STOP_STACK_DUMP_S = 45.0
-IO_THREADS = 2  # FHIR / HL7 report files
-REPORTS_DRAIN_S = 10.0  # how long a stopping gateway waits for FHIR / HL7 deliveries in flight
+IO_THREADS = 2  # a re-opened study's headers, FHIR / HL7 report files
 LOOP_ANSWER_S = 5.0  # how long /health waits for the event loop's snapshot
 
 
@@ -106,15 +101,10 @@ class Gateway:
         self.scp: StoreSCP | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: threading.Thread | None = None
-        self._stop: asyncio.Event | None = None
         self._ready = threading.Event()
         self._startup_error: BaseException | None = None
-        self._queue: JobQueue | None = None
         self.model_hashes: dict[str, str] = {}
-        self.watch: TritonWatch | None = None
-        self.pool: WorkerPool | None = None
-        self.triton: TritonClient | None = None
-        self.batcher: CrossStudyBatcher | None = None
+        self.runtime: LoopRuntime | None = None  # built on the loop
         self.api: HttpApi | None = None
         self.disk = retention.DiskForecast(settings.data_dir, settings.receiver.min_free_disk_mb * 2**20)
 
@@ -202,8 +192,8 @@ class Gateway:
         if self.scp is not None:
             self.scp.stop()
             self.scp = None
-        if self._loop is not None and self._stop is not None:
-            self._loop.call_soon_threadsafe(self._stop.set)
+        if self._loop is not None and self.runtime is not None:
+            self._loop.call_soon_threadsafe(self.runtime.stopping.set)
         if self._loop_thread is not None:
             self._loop_thread.join(timeout=30)
             self._loop_thread = None
@@ -266,17 +256,7 @@ class Gateway:
 
     def _snapshot(self) -> LoopState:
         """What the event loop owns, copied; only ever run on the loop."""
-        queue, pool = self._queue, self.pool
-        return LoopState(
-            triton_ready=self.triton_ready,
-            endpoints=self.triton.endpoints if self.triton is not None else [],
-            queue=queue.depth_by_priority() if queue is not None else {},
-            queue_by_pacs=queue.depth_by_pacs() if queue is not None else {},
-            studies_in_flight=len(self.tracker),
-            workers_alive=pool.alive if pool is not None else 0,
-            workers_started=pool is not None and pool.started,
-            resource_error=self.resource_error,
-        )
+        return self.runtime.snapshot() if self.runtime is not None else LoopState()
 
     def _children(self) -> dict[str, Any]:
         """The supervised child processes: restarts and state (Triton only when the gateway started it)."""
@@ -293,22 +273,13 @@ class Gateway:
 
     def _triton_restarted(self) -> None:
         """Called by the Triton supervisor once a restarted server is ready: probe now, not after the backoff."""
-        if self.watch is not None:
-            self.watch.wake_threadsafe()
+        if self.runtime is not None:
+            self.runtime.watch.wake_threadsafe()
 
     def _triton_exited(self) -> None:
         """Called by the Triton supervisor the moment the server dies: workers hold from now on."""
-        if self.watch is not None:
-            self.watch.unavailable_threadsafe()
-
-    @property
-    def triton_ready(self) -> bool:
-        return self.watch is not None and self.watch.ready
-
-    @property
-    def resource_error(self) -> str:
-        """Set while a job is deferred by a full disk / no file descriptors / memory."""
-        return self.pool.resource_error if self.pool is not None else ""
+        if self.runtime is not None:
+            self.runtime.watch.unavailable_threadsafe()
 
     def render_metrics(self) -> bytes:
         update_gauges(self.metrics, self.health(), self.spool.root)
@@ -331,52 +302,6 @@ class Gateway:
             loop.close()
 
     async def _main(self) -> None:
-        self._stop = asyncio.Event()
-        tri = self.settings.triton
-        client = self.triton = TritonClient(
-            self.triton_url,
-            timeout_s=tri.request_timeout_s,
-            max_slices_per_request=tri.max_slices_per_request,
-            observe=self._observe_request,
-            transport=tri.transport,
-        )
-        if tri.cross_study_batching:
-            self.batcher = CrossStudyBatcher(
-                client,
-                max_slices=tri.max_slices_per_request,
-                max_delay_s=tri.batch_delay_ms / 1000.0,
-                observe=lambda model, studies: self.metrics.triton_request_studies.labels(model).observe(
-                    studies
-                ),
-            )
-        try:
-            watch = self.watch = TritonWatch(client, self.triton_url, retry_max_s=tri.retry_max_s)
-            await watch.check_models(self.settings.pipelines, local=self.triton_server is not None)
-            queue = self._queue = JobQueue(self.settings.scheduling)
-            pool = self.pool = self._worker_pool(client, queue, watch)
-            self._ready.set()
-            tasks = [
-                asyncio.create_task(self.intake.run(queue), name="assembler"),
-                asyncio.create_task(watch.run(), name="triton-watch"),
-                asyncio.create_task(self.outbox.run(), name="outbox"),
-                asyncio.create_task(
-                    retention.purge_periodically(self.settings, self.executor, self.metrics, self.events),
-                    name="retention",
-                ),
-            ]
-            pool.start(self.settings.workers, self.settings.scheduling.stat_workers)
-            await self._stop.wait()
-            await pool.stop()
-            await self.tracker.drain()
-            await self.reports.drain(REPORTS_DRAIN_S)
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-        finally:
-            await client.close()
-            await self.http.aclose()
-
-    def _worker_pool(self, client: TritonClient, queue: JobQueue, watch: TritonWatch) -> WorkerPool:
         parts = PipelineParts(
             settings=self.settings,
             executor=self.executor,
@@ -395,16 +320,20 @@ class Gateway:
             metrics=self.metrics,
             model_hashes=self.model_hashes,
         )
-        return WorkerPool(
-            queue=queue,
-            client=client,
-            pipeline=SeriesPipeline(parts, shared_batcher=self.batcher, raise_to_stat=queue.mark_stat),
-            failures=FailurePublisher(parts),
-            tracker=self.tracker,
-            watch=watch,
-            metrics=self.metrics,
+        runtime = LoopRuntime(
+            parts,
+            triton_url=self.triton_url,
+            local_triton=self.triton_server is not None,
+            intake=self.intake,
+            outbox=self.outbox,
+            reports=self.reports,
+            http=self.http,
         )
-
-    def _observe_request(self, model: str, seconds: float, slices: int) -> None:
-        self.metrics.triton_request_seconds.labels(model).observe(seconds)
-        self.metrics.triton_request_slices.labels(model).observe(slices)
+        self.runtime = runtime  # from here a stop() reaches it
+        try:
+            await runtime.prepare()
+        except BaseException:
+            await runtime.close()
+            raise
+        self._ready.set()
+        await runtime.run()
