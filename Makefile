@@ -6,7 +6,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PYVER := $(shell $(PYTHON) -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')
-APT_PACKAGES := dcmtk dicom3tools orthanc pixelmed-apps default-jre-headless libpython$(PYVER) python3-venv
+APT_PACKAGES := dcmtk dicom3tools orthanc pixelmed-apps default-jre-headless libpython$(PYVER) python3-venv postgresql
 ARGS ?=
 PYTEST_ARGS ?=
 
@@ -23,11 +23,13 @@ help:
 setup: system-deps venv models
 
 # Debian packages: DCMTK and Orthanc are the PACS peers of the tests, dicom3tools and PixelMed validate results,
-# libpython is what Triton's Python-backend stub links against.
+# libpython is what Triton's Python-backend stub links against; PostgreSQL is the shared system of record of
+# several gateways (the tests start their own clusters on free loopback ports).
 system-deps:
 	@missing=""; \
 	for c in storescu dciodvfy Orthanc java; do command -v $$c >/dev/null || missing=yes; done; \
 	[ -f /usr/share/java/pixelmed.jar ] || missing=yes; \
+	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing=yes; \
 	ldconfig -p | grep -q "libpython$(PYVER).so.1.0" || missing=yes; \
 	$(PYTHON) -c 'import ensurepip' 2>/dev/null || missing=yes; \
 	if [ -n "$$missing" ]; then \
@@ -38,8 +40,9 @@ system-deps:
 	    echo "missing Debian packages; run as root or: sudo apt-get install $(APT_PACKAGES)"; exit 1; \
 	  fi; \
 	fi
-	@# Debian starts an Orthanc service on install; the tests run their own instances on free ports.
+	@# Debian starts Orthanc and PostgreSQL services on install; the tests run their own instances on free ports.
 	@if [ "$$(id -u)" = 0 ] && command -v service >/dev/null && [ -e /etc/init.d/orthanc ]; then service orthanc stop >/dev/null 2>&1 || true; fi
+	@if [ "$$(id -u)" = 0 ] && command -v service >/dev/null && [ -e /etc/init.d/postgresql ]; then service postgresql stop >/dev/null 2>&1 || true; fi
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)

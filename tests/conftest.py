@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from gateway.config.settings import default_model_repository
+from tests.support.postgres import PostgresCluster, postgres_cluster
 
 # The shared real-data folder sits next to the repository; GATEWAY_REAL_DATA overrides the location.
 REAL_DATA = Path(
@@ -42,6 +43,22 @@ def triton(model_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> 
         yield server.grpc_url
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresCluster]:
+    """A real PostgreSQL cluster on a free loopback port, shared by the session."""
+    with postgres_cluster() as cluster:
+        yield cluster
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """An empty database of each backend: an SQLite file, and a new database on the session's PostgreSQL."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'gateway.db'}"
+    cluster: PostgresCluster = request.getfixturevalue("postgres")
+    return cluster.create_database()
 
 
 # -- privacy: no patient identifier in any log of the test run ---------------------------------------------------

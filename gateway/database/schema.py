@@ -1,0 +1,184 @@
+"""The tables of the system of record (SQLAlchemy Core). Times are Unix seconds (float, as in the audit trail);
+UIDs are DICOM UIDs (at most 64 characters); no table holds a patient name, ID or birth date.
+
+The Alembic migrations in ``migrations/versions`` create exactly this; a test compares the two.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Column,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+
+metadata = MetaData(
+    naming_convention={
+        "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+        "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+UID = String(64)
+AE = String(16)
+Json = JSON().with_variant(JSONB(), "postgresql")
+Id = BigInteger().with_variant(Integer(), "sqlite")  # SQLite autoincrements only INTEGER PRIMARY KEY
+
+studies = Table(
+    "studies",
+    metadata,
+    Column("study_uid", UID, primary_key=True),
+    Column("state", String(20), nullable=False),
+    Column("calling_ae", AE, nullable=False, server_default=""),
+    Column("priority", String(10), nullable=False, server_default="ROUTINE"),
+    Column("stat", Boolean, nullable=False, server_default="0"),
+    Column("instances", Integer, nullable=False, server_default="0"),
+    Column("series", Integer, nullable=False, server_default="0"),
+    Column("findings", Integer, nullable=False, server_default="0"),
+    Column("first_received_at", Float, nullable=False),
+    Column("last_received_at", Float, nullable=False),
+    Column("state_since", Float, nullable=False),
+    Column("node", String(64), nullable=False),
+    Column("detail", Text, nullable=False, server_default=""),
+    Index(None, "state", "priority"),
+    Index(None, "calling_ae", "first_received_at"),
+    Index(None, "first_received_at"),
+)
+
+study_transitions = Table(
+    "study_transitions",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("study_uid", UID, ForeignKey("studies.study_uid", ondelete="CASCADE"), nullable=False),
+    Column("state", String(20), nullable=False),
+    Column("at", Float, nullable=False),
+    Column("node", String(64), nullable=False),
+    Column("detail", Text, nullable=False, server_default=""),
+    Index(None, "study_uid", "at"),
+)
+
+instances = Table(
+    "instances",
+    metadata,
+    Column("sop_instance_uid", UID, primary_key=True),
+    Column("study_uid", UID, nullable=False),
+    Column("series_uid", UID, nullable=False),
+    Column("sop_class_uid", UID, nullable=False),
+    Column("modality", String(16), nullable=False, server_default=""),
+    Column("calling_ae", AE, nullable=False, server_default=""),
+    Column("path", Text, nullable=False),
+    Column("received_at", Float, nullable=False),
+    Column("node", String(64), nullable=False),
+    Index(None, "study_uid", "series_uid"),
+)
+
+series_analyses = Table(
+    "series_analyses",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("study_uid", UID, nullable=False),
+    Column("series_uid", UID, nullable=False),
+    Column("pipeline", String(64), nullable=False),
+    Column("outcome", String(16), nullable=False),  # analysed | failed
+    Column("model_name", String(128), nullable=False, server_default=""),
+    Column("model_version", String(32), nullable=False, server_default=""),
+    Column("model_hash", String(64), nullable=False, server_default=""),
+    Column("algorithm_version", String(32), nullable=False, server_default=""),
+    Column("findings", Integer, nullable=False, server_default="0"),
+    Column("stat", Boolean, nullable=False, server_default="0"),
+    Column("result_uids", Json, nullable=False),
+    Column("timings", Json, nullable=False),
+    Column("reason", Text, nullable=False, server_default=""),
+    Column("at", Float, nullable=False),
+    Column("node", String(64), nullable=False),
+    Index(None, "study_uid"),
+    Index(None, "model_name", "model_version"),
+)
+
+jobs = Table(
+    "jobs",
+    metadata,
+    Column("job_id", String(200), primary_key=True),  # <study>/<series>/<pipeline>
+    Column("study_uid", UID, nullable=False),
+    Column("series_uid", UID, nullable=False),
+    Column("pipeline", String(64), nullable=False),
+    Column("priority", String(10), nullable=False),
+    Column("calling_ae", AE, nullable=False, server_default=""),
+    Column("cost", Integer, nullable=False),  # slices
+    Column("state", String(16), nullable=False),  # queued | running | done | failed
+    Column("attempts", Integer, nullable=False, server_default="0"),
+    Column("enqueued_at", Float, nullable=False),
+    Column("deadline_at", Float, nullable=False),
+    Column("started_at", Float),
+    Column("finished_at", Float),
+    Column("lease_owner", String(64)),
+    Column("lease_expires_at", Float),
+    Index(None, "state", "priority", "enqueued_at"),
+    Index(None, "study_uid"),
+)
+
+deliveries = Table(
+    "deliveries",
+    metadata,
+    Column("job_id", String(64), primary_key=True),
+    Column("study_uid", UID, nullable=False),
+    Column("destination", String(64), nullable=False),
+    Column("state", String(16), nullable=False),  # pending | delivered | dead_letter
+    Column("objects", Integer, nullable=False, server_default="0"),
+    Column("attempts", Integer, nullable=False, server_default="0"),
+    Column("next_try_at", Float),
+    Column("last_error", Text, nullable=False, server_default=""),
+    Column("created_at", Float, nullable=False),
+    Column("updated_at", Float, nullable=False),
+    Index(None, "study_uid"),
+    Index(None, "state"),
+)
+
+notifications = Table(
+    "notifications",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("study_uid", UID, nullable=False),
+    Column("kind", String(32), nullable=False),  # stat | analysis_failure
+    Column("state", String(16), nullable=False),  # sent | failed
+    Column("at", Float, nullable=False),
+    Column("node", String(64), nullable=False),
+    Column("detail", Text, nullable=False, server_default=""),
+    Index(None, "study_uid"),
+)
+
+models = Table(
+    "models",
+    metadata,
+    Column("model", String(128), primary_key=True),
+    Column("triton_version", String(32), primary_key=True),
+    Column("algorithm_version", String(32), primary_key=True),
+    Column("sha256", String(64), nullable=False),
+    Column("first_seen_at", Float, nullable=False),
+    Column("node", String(64), nullable=False),
+)
+
+audit_events = Table(
+    "audit_events",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("at", Float, nullable=False),
+    Column("event", String(64), nullable=False),
+    Column("study_uid", UID),
+    Column("node", String(64), nullable=False),
+    Column("fields", Json, nullable=False),
+    Index(None, "study_uid"),
+    Index(None, "event", "at"),
+)
