@@ -19,6 +19,7 @@ import asyncio
 import dataclasses
 import faulthandler
 import logging
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -29,6 +30,10 @@ from gateway.core.domain import InstanceRecord
 from gateway.core.durable import remove_temporary_files
 from gateway.core.errors import GatewayError
 from gateway.core.logs import silence_identifier_warnings
+from gateway.database import migrate
+from gateway.database.connect import engine_for, shown
+from gateway.database.queries import list_studies, study_timeline
+from gateway.database.recorder import Recorder
 from gateway.delivery.outbox import Outbox
 from gateway.delivery.store import ResultStore
 from gateway.inference.registry import ModelRegistry, fingerprint_models
@@ -74,7 +79,9 @@ class Gateway:
         self.failure_alerts = StatNotifier(
             settings.failure_webhook_url, setting="failure_webhook_url", http=self.http
         )
-        self.audit = AuditLog(settings.audit_log)
+        self.database = engine_for(settings.database_url)
+        self.record = Recorder(self.database, settings.node_id)
+        self.audit = AuditLog(settings.audit_log, node=settings.node_id, mirror=self.record.audit_event)
         self.outbox = Outbox(
             settings.outbox_dir,
             settings.delivery,
@@ -89,7 +96,7 @@ class Gateway:
         self.io_executor = ThreadPoolExecutor(max_workers=IO_THREADS, thread_name_prefix="gateway-io")
         self.reports = ReportDispatcher(settings, self.audit, self.io_executor, http=self.http)
         self.metrics = Metrics()
-        self.events = EventSink(self.audit, self.metrics)
+        self.events = EventSink(self.audit, self.metrics, self.record)
         self.tracker = StudyTracker(self.spool, self.results, self.reports, self.events)
         self.intake = StudyIntake(
             self.assembler, Router(settings.pipelines), self.tracker, self.events, self.io_executor
@@ -116,6 +123,8 @@ class Gateway:
         log_capabilities(self.backend, self.dali, self.decoder_reason, pipelines=len(self.settings.pipelines))
         try:
             check_port_free(self.settings.receiver.host, self.settings.receiver.port)
+            migrate.upgrade(self.database)
+            self.record.start()
             self.audit.start_writer()
             for folder in (self.settings.spool_dir, self.settings.results_dir, self.settings.outbox_dir):
                 removed = remove_temporary_files(folder)
@@ -170,6 +179,8 @@ class Gateway:
                     metrics=self.render_metrics,
                     dead_letters=lambda: [dataclasses.asdict(j) for j in self.outbox.dead_letters()],
                     resend=self.outbox.resend,
+                    studies=lambda where: [row.as_json() for row in list_studies(self.database, where)],
+                    study=self._study_timeline,
                 ),
             )
             assert self._loop is not None
@@ -177,8 +188,9 @@ class Gateway:
 
     def stop(self) -> None:
         logger.info("gateway stopping")
-        # A stop that hangs (seen once under load, not reproduced) leaves every thread's stack on stderr.
-        faulthandler.dump_traceback_later(STOP_STACK_DUMP_S, exit=False)
+        # A stop that hangs (seen once under load, not reproduced) leaves every thread's stack on the process's
+        # stderr (the real one: an embedding application may have replaced sys.stderr with something unfiled).
+        faulthandler.dump_traceback_later(STOP_STACK_DUMP_S, exit=False, file=sys.__stderr__ or 2)
         try:
             self._stop_parts()
         finally:
@@ -200,6 +212,8 @@ class Gateway:
         self.executor.shutdown(wait=True, cancel_futures=True)
         self.io_executor.shutdown(wait=True, cancel_futures=False)
         self.audit.close()
+        self.record.close()
+        self.database.dispose()
         self.encoder.close()
         if self.triton_server is not None:
             self.triton_server.stop()
@@ -217,8 +231,12 @@ class Gateway:
 
     def on_stored(self, record: InstanceRecord) -> None:
         """Called on an association thread once an instance is durable."""
-        self.metrics.instances_received.labels(record.calling_ae or "?").inc()
+        self.events.instance_stored(record)
         self.assembler.add(record)
+
+    def _study_timeline(self, study_uid: str) -> dict[str, Any] | None:
+        timeline = study_timeline(self.database, study_uid)
+        return timeline.as_json() if timeline is not None else None
 
     # -- health and metrics -----------------------------------------------------------------------------------
 
@@ -247,6 +265,12 @@ class Gateway:
                 dead_letters=len(self.outbox.dead_letters()),
                 children=self._children(),
                 disk=self.disk.report(),
+                node=self.settings.node_id,
+                database={
+                    "url": shown(self.settings.database_url),
+                    "backlog": self.record.backlog,
+                    "error": self.record.last_error,
+                },
             ),
         )
         if loop_problem:

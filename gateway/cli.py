@@ -1,4 +1,5 @@
-"""Command line: ``gateway serve``, ``gateway send``, ``gateway echo``, ``gateway config``."""
+"""Command line: ``gateway serve``, ``send``, ``echo``, ``resend``, ``check``, ``purge``, ``token``, ``config``;
+the system of record's ``db``, ``studies`` and ``study`` are in ``cli_studies``."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from gateway import cli_studies
 from gateway.config.settings import Peer, Settings, load_settings
 from gateway.core.errors import ConfigError, GatewayError
 from gateway.core.logs import configure_logging
@@ -33,6 +35,8 @@ examples:
   gateway purge --config site.toml --dry-run      # what retention would remove now
   gateway check /media/new-scanner/ --config site.toml  # onboarding: what would run, be repaired, fail
   gateway token --role operator --name ops         # bearer token for the HTTP admin endpoints
+  gateway studies --priority STAT --since today    # the system of record: studies, states, waits
+  gateway study 1.2.826.0.1.3680043.8.498.1        # one study's timeline
 """
 
 
@@ -190,6 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Load and validate settings, print them.",
     )
     config.add_argument("--config", type=Path, metavar="FILE")
+    cli_studies.add_parsers(sub)
     return parser
 
 
@@ -415,6 +420,7 @@ def main(argv: list[str] | None = None) -> int:
         "check": cmd_check,
         "token": cmd_token,
         "config": cmd_config,
+        **cli_studies.HANDLERS,
     }
     try:
         return handlers[args.command](args)

@@ -8,6 +8,7 @@ checked, and a bad value fails loudly with a :class:`~gateway.core.errors.Config
 from __future__ import annotations
 
 import re
+import socket
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -244,6 +245,22 @@ class Hl7Settings(Section):
         return host, int(port)
 
 
+def _database_url(value: str) -> str:
+    if value and not value.startswith(("sqlite:///", "postgresql://", "postgresql+psycopg://")):
+        raise ValueError(
+            f"must be sqlite:///PATH or postgresql://USER@HOST:PORT/DB, got {value.split('@')[-1]!r}"
+        )
+    return value
+
+
+class DatabaseSettings(Section):
+    # The system of record. Empty: an SQLite file in the data folder (data_dir/gateway.db). Several gateways
+    # share one PostgreSQL: postgresql://USER[:PASSWORD]@HOST:PORT/DATABASE (a password is never logged).
+    url: Annotated[str, AfterValidator(_database_url)] = ""
+    # This gateway's name in the audit trail, /health and the database (empty: the host name).
+    node_id: Annotated[str, Field(max_length=64)] = ""
+
+
 class LogLevel(Choice):
     DEBUG = "DEBUG"
     INFO = "INFO"
@@ -289,6 +306,7 @@ class Settings(Section):
     delivery: DeliverySettings = Field(default_factory=DeliverySettings)
     fhir: FhirSettings = Field(default_factory=FhirSettings)
     hl7: Hl7Settings = Field(default_factory=Hl7Settings)
+    database: DatabaseSettings = Field(default_factory=DatabaseSettings)
     http: HttpSettings = Field(default_factory=HttpSettings)
     scheduling: SchedulingSettings = Field(default_factory=SchedulingSettings)
     retention: RetentionSettings = Field(default_factory=RetentionSettings)
@@ -318,6 +336,14 @@ class Settings(Section):
     @property
     def audit_log(self) -> Path:
         return self.data_dir / "audit.jsonl"
+
+    @property
+    def database_url(self) -> str:
+        return self.database.url or f"sqlite:///{self.data_dir / 'gateway.db'}"
+
+    @property
+    def node_id(self) -> str:
+        return self.database.node_id or socket.gethostname()[:64]
 
     def allowed_calling_aes(self) -> frozenset[str]:
         return frozenset(self.receiver.allowed_calling_aes) | {p.ae_title for p in self.peers}

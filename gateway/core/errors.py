@@ -36,6 +36,10 @@ class ConfigError(GatewayError):
     """The configuration is missing a value or holds a bad one."""
 
 
+class DatabaseError(GatewayError):
+    """The system of record cannot be reached or migrated (at start-up, or by a command)."""
+
+
 class RetryableError(GatewayError):
     """A transient failure: the operation may succeed when retried later."""
 

@@ -13,7 +13,9 @@ from alembic.config import Config
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, Engine, text
+from sqlalchemy.exc import OperationalError
 
+from gateway.core.errors import DatabaseError
 from gateway.database.schema import metadata
 
 logger = logging.getLogger(__name__)
@@ -43,7 +45,20 @@ def current(engine: Engine) -> str | None:
 
 
 def upgrade(engine: Engine, revision: str = "head") -> tuple[str | None, str]:
-    """Migrate the database to ``revision``; returns (before, after)."""
+    """Migrate the database to ``revision``; returns (before, after). Raises ``DatabaseError`` with what to
+    check when the database cannot be reached."""
+    try:
+        return _upgrade(engine, revision)
+    except OperationalError as exc:
+        reason = str(exc.orig if exc.orig is not None else exc).splitlines()[0]
+        raise DatabaseError(
+            f"the system of record at {engine.url.render_as_string(hide_password=True)} cannot be "
+            f"reached or migrated: {reason}. Check [database] url (empty: SQLite in data_dir) and that the "
+            "database server runs."
+        ) from None
+
+
+def _upgrade(engine: Engine, revision: str) -> tuple[str | None, str]:
     with engine.begin() as connection:
         if connection.dialect.name == "postgresql":
             connection.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": PG_MIGRATION_LOCK})

@@ -111,6 +111,13 @@ class Outbox:
             priority=priority if priority in _RANK else "ROUTINE",
         )
         self._write(self.pending_dir / _folder_name(job.destination), job)
+        self.on_event(
+            "delivery_queued",
+            study=study_uid,
+            job=job.job_id,
+            destination=job.destination,
+            objects=len(paths),
+        )
         self._notify(_folder_name(job.destination))
         return job
 

@@ -34,8 +34,12 @@ class AuditLog:
     recorded so far is on disk, ``read`` sees every event recorded before it, and ``close`` writes what is left.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(
+        self, path: Path, *, node: str = "", mirror: Callable[[dict[str, Any]], None] | None = None
+    ) -> None:
         self.path = Path(path)
+        self.node = node  # this gateway's node id, in every event it records
+        self.mirror = mirror  # also handed every event (the system of record's audit table); must not block
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file_lock = threading.Lock()  # one writer of the file at a time (appends, a purge's rewrite)
         self._pending_lock = threading.Lock()  # the events not yet on disk; never held across a write
@@ -60,7 +64,10 @@ class AuditLog:
         self.flush()
 
     def record(self, event: str, **fields: Any) -> None:
-        line = json.dumps({"time": time.time(), "event": event, **fields}, sort_keys=True, default=str)
+        entry = {"time": time.time(), "event": event, **({"node": self.node} if self.node else {}), **fields}
+        line = json.dumps(entry, sort_keys=True, default=str)
+        if self.mirror is not None:
+            self.mirror(json.loads(line))  # what the file holds, JSON types only
         with self._pending_lock:
             self._pending.append((line + "\n").encode())
         self._in_order(self.flush)

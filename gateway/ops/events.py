@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Mapping
+import time
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 from typing import Any, TypeVar
 
+from gateway.core.domain import InstanceRecord
+from gateway.database.recorder import QueuedJob, Recorder, RoutedStudy
 from gateway.ops.audit import AuditLog
 from gateway.ops.metrics import Metrics
 
@@ -20,9 +23,26 @@ T = TypeVar("T")
 
 
 class EventSink:
-    def __init__(self, audit: AuditLog, metrics: Metrics) -> None:
+    def __init__(self, audit: AuditLog, metrics: Metrics, record: Recorder | None = None) -> None:
         self.audit = audit
         self.metrics = metrics
+        self.record_of = record  # the system of record (it also gets every audit event, via the audit log)
+
+    def instance_stored(self, record: InstanceRecord) -> None:
+        """An acknowledged instance (on an association thread: nothing here waits for a disk or a database)."""
+        self.metrics.instances_received.labels(record.calling_ae or "?").inc()
+        if self.record_of is not None:
+            self.record_of.instance_stored(record)
+
+    def study_routed(self, study: RoutedStudy, jobs: Sequence[QueuedJob], *, skipped: int) -> None:
+        """A complete study and the series queued for analysis (the skipped ones are events of their own)."""
+        logger.debug("study %s complete: %d series queued, %d skipped", study.study_uid, len(jobs), skipped)
+        if self.record_of is not None:
+            self.record_of.study_routed(study, jobs, skipped=skipped, at=time.time())
+
+    def series_started(self, job: str, study_uid: str, *, attempts: int) -> None:
+        if self.record_of is not None:
+            self.record_of.job_started(job, study_uid, attempts, time.time())
 
     def after_recorded(self, step: Callable[[], T]) -> Future[T]:
         """Run ``step`` (blocking bookkeeping) once every event recorded so far is on disk, off the caller's

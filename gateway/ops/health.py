@@ -49,6 +49,8 @@ class OtherState:
     dead_letters: int
     children: dict[str, Any]
     disk: dict[str, Any]
+    node: str = ""
+    database: dict[str, Any] = field(default_factory=dict)  # url (no password), backlog, error
 
 
 def health_report(loop: LoopState, other: OtherState) -> dict[str, Any]:
@@ -70,11 +72,18 @@ def health_report(loop: LoopState, other: OtherState) -> dict[str, Any]:
         reasons.append(
             f"audit trail cannot be written ({other.audit_error}): {other.audit_backlog} event(s) held"
         )
+    if other.database.get("error"):
+        reasons.append(
+            f"system of record cannot be written ({other.database['error'][:160]}): "
+            f"{other.database.get('backlog', 0)} write(s) held; studies are still received and analysed"
+        )
     if loop.workers_started and loop.workers_alive < other.workers_configured:
         reasons.append(f"only {loop.workers_alive} of {other.workers_configured} analysis workers alive")
     return {
         "status": "degraded" if reasons else "ok",
         "reasons": reasons,
+        "node": other.node,
+        "database": other.database,
         "triton": {"url": other.triton_url, "ready": triton_ready, "endpoints": loop.endpoints},
         "queue": loop.queue,
         "queue_by_pacs": loop.queue_by_pacs,

@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from fastapi import Depends, FastAPI, Request, Response
+from fastapi import Depends, FastAPI, Path, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -29,6 +29,7 @@ from starlette.exceptions import HTTPException
 
 from gateway.config.settings import HttpSettings, TokenRole
 from gateway.core.errors import ConfigError
+from gateway.database.queries import StudyFilter
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +47,14 @@ class ApiBackend:
     metrics: Callable[[], bytes]
     dead_letters: Callable[[], list[dict[str, Any]]]
     resend: Callable[[list[str] | None], list[str]]
+    studies: Callable[[StudyFilter], list[dict[str, Any]]]
+    study: Callable[[str], dict[str, Any] | None]
+
+
+StateName = Literal[
+    "receiving", "complete", "queued", "analysing", "results_stored", "delivered", "failed", "skipped"
+]
+PriorityName = Literal["STAT", "URGENT", "ROUTINE"]
 
 
 def hash_token(token: str) -> str:
@@ -164,6 +173,51 @@ def build_app(settings: HttpSettings, backend: ApiBackend) -> FastAPI:
     )
     def dead_letters(_: Annotated[TokenRole, Depends(needs(TokenRole.READ_ONLY))]) -> list[dict[str, Any]]:
         return backend.dead_letters()
+
+    @app.get(
+        "/studies",
+        response_model=list[dict[str, Any]],
+        responses={**_UNAUTHORISED, 400: {"model": Error, "description": "a filter is not valid"}},
+        summary="Studies from the system of record, STAT first then newest (read-only role)",
+    )
+    def studies(
+        _: Annotated[TokenRole, Depends(needs(TokenRole.READ_ONLY))],
+        state: Annotated[StateName | None, Query(description="the study's state")] = None,
+        priority: Annotated[PriorityName | None, Query(description="STAT, URGENT or ROUTINE")] = None,
+        pacs: Annotated[str | None, Query(max_length=16, description="the sending PACS's AE title")] = None,
+        since: Annotated[float | None, Query(ge=0, description="first received at or after (Unix s)")] = None,
+        until: Annotated[float | None, Query(ge=0, description="first received before (Unix s)")] = None,
+        waited_more_than_s: Annotated[
+            float | None, Query(ge=0, description="from complete until analysis started")
+        ] = None,
+        limit: Annotated[int, Query(ge=1, le=10_000)] = 100,
+    ) -> list[dict[str, Any]]:
+        return backend.studies(
+            StudyFilter(
+                state=state,
+                priority=priority,
+                pacs=pacs,
+                since=since,
+                until=until,
+                waited_more_than_s=waited_more_than_s,
+                limit=limit,
+            )
+        )
+
+    @app.get(
+        "/studies/{study_uid}",
+        response_model=dict[str, Any],
+        responses={**_UNAUTHORISED, 404: {"model": Error, "description": "no such study"}},
+        summary="One study's timeline: every stage with its time, node and outcome (read-only role)",
+    )
+    def study(
+        _: Annotated[TokenRole, Depends(needs(TokenRole.READ_ONLY))],
+        study_uid: Annotated[str, Path(max_length=64, pattern=r"^[0-9.]+$")],
+    ) -> dict[str, Any]:
+        found = backend.study(study_uid)
+        if found is None:
+            raise HTTPException(404, f"study {study_uid} is not in the system of record")
+        return found
 
     @app.post(
         "/admin/resend",

@@ -11,9 +11,10 @@ import contextlib
 from concurrent.futures import Executor
 
 from gateway.core.domain import Study
+from gateway.database.recorder import QueuedJob, RoutedStudy, job_id
 from gateway.ingest.assembler import StudyAssembler
 from gateway.ops.events import EventSink
-from gateway.orchestration.routing import Router
+from gateway.orchestration.routing import Router, study_priority
 from gateway.orchestration.scheduler import JobQueue
 from gateway.orchestration.tracker import StudyTracker
 
@@ -62,6 +63,33 @@ class StudyIntake:
             self.executor, self.tracker.as_it_stands, study
         )
         decision = self.router.route(study)
+        self.events.study_routed(
+            RoutedStudy(
+                study_uid=study.study_instance_uid,
+                calling_ae=study.calling_ae,
+                priority=study_priority(study).name,
+                instances=study.instance_count,
+                series=len(study.series),
+                first_received_at=study.first_received_at,
+                last_received_at=study.last_received_at,
+            ),
+            [
+                QueuedJob(
+                    job_id=job_id(
+                        study.study_instance_uid, job.series.series_instance_uid, job.pipeline.name
+                    ),
+                    study_uid=study.study_instance_uid,
+                    series_uid=job.series.series_instance_uid,
+                    pipeline=job.pipeline.name,
+                    priority=job.priority.name,
+                    calling_ae=study.calling_ae,
+                    cost=max(1, len(job.series.instances)),
+                    deadline_s=queue.settings.deadline_s.get(job.priority.name, 3600.0),
+                )
+                for job in decision.jobs
+            ],
+            skipped=len(decision.skipped),
+        )
         for skip in decision.skipped:
             self.events.series_skipped(
                 study=study.study_instance_uid,

@@ -34,6 +34,8 @@ class BackgroundNotifications:
         except Exception as exc:  # reported; the analysis it was about has gone on
             logger.error("%s: %s", failed_event.replace("_", " "), exc)
             self.events.record(failed_event, study=event.study_instance_uid, reason=str(exc)[:300])
+            return
+        self.events.record(failed_event.removesuffix("_failed") + "_sent", study=event.study_instance_uid)
 
     async def drain(self, timeout_s: float) -> None:
         if self._in_flight:

@@ -19,6 +19,7 @@ import logging
 
 from gateway.core.errors import InferenceUnavailable, PermanentError, ResourceExhausted, as_resource_error
 from gateway.core.retry import Backoff
+from gateway.database.recorder import job_id
 from gateway.inference.watch import TritonWatch
 from gateway.ops.metrics import Metrics
 from gateway.orchestration.analysis import Inferrer
@@ -104,6 +105,12 @@ class WorkerPool:
 
     async def run(self, job: InferenceJob) -> None:
         """One job, with every outcome contained: nothing it raises (a full disk included) ends the worker."""
+        study_uid = job.study.study_instance_uid
+        self.tracker.events.series_started(
+            job_id(study_uid, job.series.series_instance_uid, job.pipeline.name),
+            study_uid,
+            attempts=job.attempts + 1,
+        )
         try:
             await self.pipeline.run(job, self.client)
             self.resource_error = ""
