@@ -258,6 +258,11 @@ def _targets(report: dict[str, Any]) -> tuple[list[str], dict[str, Any]]:
     if "ingest" in report:
         r = report["ingest"]["gateway_vs_storescp"]
         rows.append(f"| ingest >= 0.8x storescp images/s | {r}x | {_verdict(r >= 0.8)} |")
+        record = report["ingest"].get("with_record_vs_without")
+        if record is not None:
+            rows.append(
+                f"| ingest with the system of record >= 0.95x without | {record}x | {_verdict(record >= 0.95)} |"
+            )
     if "transport" in report:
         triton = [r for r in report["transport"]["results"] if r["path"].startswith("Triton")]
         best = min(triton, key=lambda r: r["ratio"])

@@ -136,7 +136,11 @@ class Gateway:
                 fingerprint_models(
                     self.settings.triton.model_repository,
                     self.settings.pipelines,
-                    ModelRegistry(self.settings.data_dir / "model_registry.json"),
+                    ModelRegistry(
+                        self.settings.data_dir / "model_registry.json",
+                        engine=self.database,
+                        node=self.settings.node_id,
+                    ),
                 )
             )
             if not self.triton_url:

@@ -3,8 +3,9 @@ changed model files under an unchanged version.
 
 The fingerprint covers the pipeline's Triton model and, for an ensemble, every composing model (config.pbtxt
 and all files of the version folders), so editing a detector's ONNX file or a Python step changes it. The first
-fingerprint seen for (model, Triton version, algorithm version) is recorded in ``data_dir/model_registry.json``;
-a later start with different files for the same versions is refused until the version is raised.
+fingerprint seen for (model, Triton version, algorithm version) is recorded in the system of record (shared by
+every gateway on one database; ``data_dir/model_registry.json`` of earlier releases is taken in); a later start
+with different files for the same versions is refused until the version is raised.
 """
 
 from __future__ import annotations
@@ -12,12 +13,17 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
 from collections.abc import Sequence
 from pathlib import Path
+
+from sqlalchemy import Engine, select
+from sqlalchemy.dialects import postgresql, sqlite
 
 from gateway.config.settings import PipelineSettings
 from gateway.core.durable import atomic_write
 from gateway.core.errors import ConfigError
+from gateway.database.schema import models
 from gateway.inference.model_config import ensemble_step_models, read_model_config
 
 logger = logging.getLogger(__name__)
@@ -64,8 +70,16 @@ def model_fingerprint(repository: Path, model: str) -> str:
 
 
 class ModelRegistry:
-    def __init__(self, path: Path) -> None:
+    """The first fingerprint seen for (model, Triton version, algorithm version). In the system of record's
+    ``models`` table when an engine is given - shared by every gateway on the database, so two nodes can never
+    serve different files under one version - else in a JSON file. A JSON registry of an earlier release is
+    taken into the table on first use."""
+
+    def __init__(self, path: Path, *, engine: Engine | None = None, node: str = "") -> None:
         self.path = Path(path)
+        self.engine = engine
+        self.node = node
+        self._imported = False
 
     def _load(self) -> dict[str, str]:
         try:
@@ -78,19 +92,56 @@ class ModelRegistry:
         self, model: str, triton_version: str, algorithm_version: str, fingerprint: str
     ) -> None:
         """Record the fingerprint of these versions, or refuse when the same versions had other files."""
-        key = f"{model}|{triton_version}|{algorithm_version}"
-        known = self._load()
-        previous = known.get(key)
-        if previous is not None and previous != fingerprint:
+        key = (model, triton_version, algorithm_version)
+        previous = self._recorded(key, fingerprint)
+        if previous != fingerprint:
             raise ConfigError(
                 f"model {model!r} (Triton version {triton_version}, algorithm version {algorithm_version}) has "
                 f"changed: its files hash to {fingerprint[:16]}..., but {previous[:16]}... was served under the "
                 "same versions before. Raise the model or algorithm version so results stay traceable."
             )
-        if previous is None:
-            known[key] = fingerprint
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write(self.path, json.dumps(known, indent=2, sort_keys=True).encode())
+
+    def _recorded(self, key: tuple[str, str, str], fingerprint: str) -> str:
+        """The fingerprint on record for ``key``, recording ``fingerprint`` when there is none."""
+        if self.engine is None:
+            known, name = self._load(), "|".join(key)
+            if name not in known:
+                known[name] = fingerprint
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                atomic_write(self.path, json.dumps(known, indent=2, sort_keys=True).encode())
+            return known[name]
+        if not self._imported:
+            for legacy, sha in self._load().items():
+                parts = legacy.split("|")
+                if len(parts) == 3:
+                    self._insert(tuple(parts), sha)  # type: ignore[arg-type]
+            self._imported = True
+        self._insert(key, fingerprint)  # a no-op when any fingerprint is on record (first one wins)
+        with self.engine.connect() as connection:
+            m = models.c
+            found = connection.execute(
+                select(m.sha256).where(
+                    m.model == key[0], m.triton_version == key[1], m.algorithm_version == key[2]
+                )
+            ).scalar_one()
+        return str(found)
+
+    def _insert(self, key: tuple[str, str, str], fingerprint: str) -> None:
+        assert self.engine is not None
+        with self.engine.begin() as connection:
+            dialect = postgresql if connection.dialect.name == "postgresql" else sqlite
+            connection.execute(
+                dialect.insert(models)
+                .values(
+                    model=key[0],
+                    triton_version=key[1],
+                    algorithm_version=key[2],
+                    sha256=fingerprint,
+                    first_seen_at=time.time(),
+                    node=self.node,
+                )
+                .on_conflict_do_nothing()
+            )
 
 
 def local_model_version(repository: Path, model: str) -> str:

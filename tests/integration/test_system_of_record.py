@@ -65,8 +65,10 @@ def test_a_delivered_study_leaves_its_whole_life_in_the_database(
         assert code == 200 and timeline["study"]["state"] == "delivered"
         assert http_json(f"{base}/studies/1.2.3.999", token=READER)[0] == 404
     finally:
-        gateway.stop()
-        orthanc.stop()
+        try:
+            gateway.stop()
+        finally:
+            orthanc.stop()
 
     assert (row.study_uid, row.instances, row.series, row.calling_ae, row.node) == (
         uid,

@@ -74,3 +74,28 @@ def test_gateway_refuses_to_start_with_a_changed_model(tmp_path: Path, model_rep
     )
     with pytest.raises(ConfigError, match="has changed"):
         Gateway(load_settings(config)).start()
+
+
+def test_the_registry_in_the_database_is_shared_and_takes_in_the_old_json(
+    repository: Path, tmp_path: Path, database_url: str
+) -> None:
+    """Two gateways on one database: what one recorded, the other must honour; a JSON registry of an earlier
+    release is taken in on first use (its entry wins over the files now on disk)."""
+    from gateway.database import migrate
+    from gateway.database.connect import engine_for
+
+    engine = engine_for(database_url)
+    migrate.upgrade(engine)
+    try:
+        original = model_fingerprint(repository, ENSEMBLE)
+        (tmp_path / "legacy.json").write_text(json.dumps({f"{ENSEMBLE}|1|0.0.9": "0" * 64}))
+        node_a = ModelRegistry(tmp_path / "legacy.json", engine=engine, node="a")
+        node_b = ModelRegistry(tmp_path / "none.json", engine=engine, node="b")
+        with pytest.raises(ConfigError, match="has changed"):
+            node_a.check_and_record(ENSEMBLE, "1", "0.0.9", original)  # the legacy entry, now in the table
+        node_a.check_and_record(ENSEMBLE, "1", "0.1.0", original)
+        node_b.check_and_record(ENSEMBLE, "1", "0.1.0", original)  # the same files on another node: fine
+        with pytest.raises(ConfigError, match="has changed"):
+            node_b.check_and_record(ENSEMBLE, "1", "0.1.0", "f" * 64)  # other files under node a's versions
+    finally:
+        engine.dispose()
