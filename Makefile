@@ -14,7 +14,7 @@ PYTEST_ARGS ?=
 
 help:
 	@echo "make run    - install what is needed, start Triton and the gateway on 127.0.0.1:11112"
-	@echo "make test   - install what is needed, run ruff, mypy and the whole test suite"
+	@echo "make test   - install what is needed, run ruff, mypy and the whole test suite (the flow again on PostgreSQL)"
 	@echo "make bench  - Locust load benchmark with the SLO gate (fails when a latency target is missed)"
 	@echo "make bench-report - every throughput figure in one run, rewrites benchmarks/README.md (~10 min)"
 	@echo "make bench-stages - per-stage latency of single studies through Orthanc"
@@ -69,8 +69,14 @@ unit: setup
 integration: setup
 	$(VENV)/bin/pytest tests/integration $(PYTEST_ARGS)
 
+# The flow's stateful integration tests run a second time with every gateway on PostgreSQL (a throwaway cluster
+# on a free loopback port; the database-specific tests already run on both backends in the first pass).
+PG_SUITE := tests/integration/test_pipeline_e2e.py tests/integration/test_durability.py \
+	tests/integration/test_concurrency.py tests/integration/test_result_identity.py
+
 test: setup lint typecheck
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
+	$(VENV)/bin/pytest --database=postgresql $(PG_SUITE) $(PYTEST_ARGS)
 
 run: setup
 	$(VENV)/bin/gateway serve $(ARGS)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.config.settings import default_model_repository
+from gateway.config.settings import DATABASE_URL_ENV, default_model_repository
 from tests.support.postgres import PostgresCluster, postgres_cluster
 
 # The shared real-data folder sits next to the repository; GATEWAY_REAL_DATA overrides the location.
@@ -50,6 +50,25 @@ def postgres() -> Iterator[PostgresCluster]:
     """A real PostgreSQL cluster on a free loopback port, shared by the session."""
     with postgres_cluster() as cluster:
         yield cluster
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--database",
+        choices=["sqlite", "postgresql"],
+        default="sqlite",
+        help="the system of record of every gateway a test starts without naming one: SQLite in its data folder "
+        "(the default), or a new database per test on a throwaway PostgreSQL cluster (GATEWAY_DATABASE_URL)",
+    )
+
+
+@pytest.fixture(autouse=True)
+def _gateway_database(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    if request.config.getoption("--database") == "postgresql":
+        cluster: PostgresCluster = request.getfixturevalue("postgres")
+        monkeypatch.setenv(DATABASE_URL_ENV, cluster.create_database())
+    else:
+        monkeypatch.delenv(DATABASE_URL_ENV, raising=False)
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

@@ -7,6 +7,7 @@ checked, and a bad value fails loudly with a :class:`~gateway.core.errors.Config
 
 from __future__ import annotations
 
+import os
 import re
 import socket
 from pathlib import Path
@@ -253,6 +254,11 @@ def _database_url(value: str) -> str:
     return value
 
 
+# The database URL from the environment when the settings leave [database] url empty (a password then never sits in
+# a settings file).
+DATABASE_URL_ENV = "GATEWAY_DATABASE_URL"
+
+
 class DatabaseSettings(Section):
     # The system of record. Empty: an SQLite file in the data folder (data_dir/gateway.db). Several gateways
     # share one PostgreSQL: postgresql://USER[:PASSWORD]@HOST:PORT/DATABASE (a password is never logged).
@@ -372,6 +378,9 @@ def load_settings(config_file: Path | None = None, overrides: dict[str, Any] | N
         base_dir = Path(config_file).resolve().parent
     if overrides:
         raw = sources.merge(raw, overrides)
+    from_env = os.environ.get(DATABASE_URL_ENV, "")
+    if from_env and not raw.get("database", {}).get("url"):
+        raw = sources.merge(raw, {"database": {"url": from_env}})
     try:
         return Settings.model_validate(sources.freeze(raw), context={"base_dir": base_dir})
     except ValidationError as exc:

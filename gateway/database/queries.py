@@ -3,13 +3,20 @@ sending PACS, time, how long they waited), and one study's whole timeline. Read-
 
 from __future__ import annotations
 
+import functools
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 from sqlalchemy import Engine, and_, case, func, select
+from sqlalchemy.exc import OperationalError
 
+from gateway.core.errors import DatabaseError
 from gateway.database import schema as t
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -93,6 +100,21 @@ def _waits() -> Any:
     )
 
 
+def _answered(query: Callable[P, R]) -> Callable[P, R]:
+    """A database that cannot be reached is a ``DatabaseError`` with the reason (callers need no SQLAlchemy)."""
+
+    @functools.wraps(query)
+    def run(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return query(*args, **kwargs)
+        except OperationalError as exc:
+            reason = str(exc.orig if exc.orig is not None else exc).splitlines()[0][:200]
+            raise DatabaseError(f"the system of record cannot be read now: {reason}") from None
+
+    return run
+
+
+@_answered
 def list_studies(engine: Engine, where: StudyFilter, *, now: float | None = None) -> list[StudyRow]:
     """Studies matching ``where``, STAT first, then the newest."""
     now = time.time() if now is None else now
@@ -147,6 +169,7 @@ def _study(row: Any) -> StudyRow:
     )
 
 
+@_answered
 def study_timeline(engine: Engine, study_uid: str) -> StudyTimeline | None:
     """Everything recorded about one study, in time order; None when the study is not known."""
     rows = list_studies(engine, StudyFilter(study_uid=study_uid, limit=1))

@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
 from gateway.config.settings import HttpSettings, TokenRole
-from gateway.core.errors import ConfigError
+from gateway.core.errors import ConfigError, DatabaseError
 from gateway.database.queries import StudyFilter
 
 logger = logging.getLogger(__name__)
@@ -130,6 +130,10 @@ def build_app(settings: HttpSettings, backend: ApiBackend) -> FastAPI:
         message = "not found" if exc.status_code == 404 else str(exc.detail)
         return _error(exc.status_code, message, dict(exc.headers or {}))
 
+    @app.exception_handler(DatabaseError)
+    async def database_down(request: Request, exc: DatabaseError) -> JSONResponse:
+        return _error(503, str(exc))
+
     @app.exception_handler(RequestValidationError)
     async def bad_request(request: Request, exc: RequestValidationError) -> JSONResponse:
         problems = "; ".join(
@@ -177,7 +181,11 @@ def build_app(settings: HttpSettings, backend: ApiBackend) -> FastAPI:
     @app.get(
         "/studies",
         response_model=list[dict[str, Any]],
-        responses={**_UNAUTHORISED, 400: {"model": Error, "description": "a filter is not valid"}},
+        responses={
+            **_UNAUTHORISED,
+            400: {"model": Error, "description": "a filter is not valid"},
+            503: {"model": Error, "description": "the system of record cannot be read now"},
+        },
         summary="Studies from the system of record, STAT first then newest (read-only role)",
     )
     def studies(
@@ -207,7 +215,12 @@ def build_app(settings: HttpSettings, backend: ApiBackend) -> FastAPI:
     @app.get(
         "/studies/{study_uid}",
         response_model=dict[str, Any],
-        responses={**_UNAUTHORISED, 404: {"model": Error, "description": "no such study"}},
+        responses={
+            **_UNAUTHORISED,
+            400: {"model": Error, "description": "not a Study Instance UID"},
+            404: {"model": Error, "description": "no such study"},
+            503: {"model": Error, "description": "the system of record cannot be read now"},
+        },
         summary="One study's timeline: every stage with its time, node and outcome (read-only role)",
     )
     def study(

@@ -87,14 +87,29 @@ def test_every_operation_conforms_to_the_openapi_document(gateway_url: str, tmp_
     [junit] = tmp_path.glob("junit*.xml")
     report = junit.read_text()
     # Every operation of the document was exercised.
-    for operation in ("GET /health", "GET /metrics", "GET /admin/dead-letters", "POST /admin/resend"):
+    for operation in (
+        "GET /health",
+        "GET /metrics",
+        "GET /admin/dead-letters",
+        "POST /admin/resend",
+        "GET /studies",
+        "GET /studies/{study_uid}",
+    ):
         assert operation in report
 
 
 def test_the_document_lists_the_endpoints_and_their_token_scheme(gateway_url: str) -> None:
     status, document = http_json(f"{gateway_url}/openapi.json")
     assert status == 200
-    assert set(document["paths"]) == {"/health", "/metrics", "/admin/dead-letters", "/admin/resend"}
+    assert set(document["paths"]) == {
+        "/health",
+        "/metrics",
+        "/admin/dead-letters",
+        "/admin/resend",
+        "/studies",
+        "/studies/{study_uid}",
+    }
+    assert document["paths"]["/studies"]["get"]["security"] == [{"HTTPBearer": []}]
     assert document["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
     assert "security" not in document["paths"]["/health"]["get"]
     assert document["paths"]["/admin/resend"]["post"]["security"] == [{"HTTPBearer": []}]

@@ -19,19 +19,15 @@ from gateway.database import schema
 from gateway.database.queries import StudyFilter, list_studies
 from gateway.database.states import StudyState
 from gateway.inference.server import free_port
+from gateway.ops.audit import AuditLog
 from gateway.ops.http_api import StateName, hash_token
+from tests.support.postgres import PostgresCluster
 from tests.support.servers import Orthanc, http_json, storescu, wait_for
 
 READER = "reader-token-for-the-system-of-record-test"
 
 
-def test_a_delivered_study_leaves_its_whole_life_in_the_database(
-    tmp_path: Path, triton: str, database_url: str, capsys: pytest.CaptureFixture[str]
-) -> None:
-    port = free_port()
-    # A password in the URL (the test cluster trusts loopback, so any is accepted) must never be shown.
-    database_url = database_url.replace("gateway@", "gateway:s3cret-pw@")
-    orthanc = Orthanc(tmp_path / "orthanc").start()
+def _config(tmp_path: Path, port: int, triton: str, database_url: str, orthanc: Orthanc) -> Path:
     config = tmp_path / "gateway.toml"
     config.write_text(
         f'data_dir = "{tmp_path / "data"}"\nquiet_period_s = 0.5\nworkers = 1\n'
@@ -42,6 +38,17 @@ def test_a_delivered_study_leaves_its_whole_life_in_the_database(
         '[[pipelines]]\nname = "ct"\nmodel = "ct_head_hyperdensity"\nalgorithm_version = "0.1.0"\n'
         'modalities = ["CT"]\ninput_size = [256, 256]\n[pipelines.labels]\n0 = "hemorrhage"\n'
     )
+    return config
+
+
+def test_a_delivered_study_leaves_its_whole_life_in_the_database(
+    tmp_path: Path, triton: str, database_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    port = free_port()
+    # A password in the URL (the test cluster trusts loopback, so any is accepted) must never be shown.
+    database_url = database_url.replace("gateway@", "gateway:s3cret-pw@")
+    orthanc = Orthanc(tmp_path / "orthanc").start()
+    config = _config(tmp_path, port, triton, database_url, orthanc)
     series = write_head_ct(tmp_path / "s", slices=12, lesions=(Lesion(x=260, y=250, slice=6),), seed=91)
     uid = series.study_uid
     gateway = Gateway(load_settings(config)).start()
@@ -125,3 +132,51 @@ def test_a_delivered_study_leaves_its_whole_life_in_the_database(
 
 def test_the_api_offers_every_study_state() -> None:
     assert set(StateName.__args__) == {s.value for s in StudyState}  # type: ignore[attr-defined]
+
+
+def test_with_postgres_down_studies_are_still_received_analysed_and_delivered_then_recorded(
+    tmp_path: Path, triton: str, postgres: PostgresCluster
+) -> None:
+    """The spool is the source of truth: with the database stopped for the whole study, the gateway still
+    acknowledges, analyses and delivers it, /health says what is wrong, /studies answers 503; once PostgreSQL is
+    back, the held writes go in and the study's full life is recorded."""
+    port = free_port()
+    orthanc = Orthanc(tmp_path / "orthanc").start()
+    config = _config(tmp_path, port, triton, postgres.create_database(), orthanc)
+    series = write_head_ct(tmp_path / "s", slices=8, rows=256, cols=256, seed=17)
+    gateway = Gateway(load_settings(config)).start()
+    audit = AuditLog(tmp_path / "data" / "audit.jsonl")
+    try:
+        assert gateway.api is not None
+        base = f"http://127.0.0.1:{gateway.api.port}"
+        postgres.stop()
+        try:
+            assert storescu(list(series.paths), port=port, calling_ae="STORESCU").returncode == 0
+            wait_for(
+                lambda: [e for e in audit.read() if e["event"] == "results_delivered"],
+                timeout_s=120,
+                what="the study to be delivered while PostgreSQL is down",
+            )
+            health = wait_for(
+                lambda: (lambda h: h if h["database"]["error"] else None)(http_json(f"{base}/health")[1]),
+                timeout_s=30,
+                what="/health to report the database",
+            )
+            assert health["status"] == "degraded" and health["database"]["backlog"] > 0
+            assert any("system of record" in reason for reason in health["reasons"])
+            code, answer = http_json(f"{base}/studies", token=READER)
+            assert code == 503 and "cannot be read" in answer["error"]
+        finally:
+            postgres.restart()
+        [row] = wait_for(
+            lambda: list_studies(gateway.database, StudyFilter(state="delivered")),
+            timeout_s=60,
+            what="the held writes to reach PostgreSQL",
+        )
+        assert row.study_uid == series.study_uid and row.instances == 8
+        assert wait_for(lambda: http_json(f"{base}/health")[1]["database"]["error"] == "", timeout_s=30)
+    finally:
+        try:
+            gateway.stop()
+        finally:
+            orthanc.stop()

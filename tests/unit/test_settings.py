@@ -182,3 +182,21 @@ def test_a_listening_port_of_zero_picks_a_free_one_but_a_peer_needs_a_real_port(
     config.write_text("[[peers]]\nae_title = 'PACS'\nport = 0\n")
     with pytest.raises(ConfigError, match=r"peers\[0\]\.port must be 1-65535"):
         load_settings(config)
+
+
+def test_the_database_url_comes_from_the_environment_when_the_settings_leave_it_empty(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from gateway.config.settings import DATABASE_URL_ENV
+
+    monkeypatch.setenv(DATABASE_URL_ENV, "postgresql://gw:pw@127.0.0.1:5432/gateway")
+    assert load_settings(overrides={"data_dir": str(tmp_path)}).database_url.startswith("postgresql://")
+    named = load_settings(overrides={"data_dir": str(tmp_path), "database": {"url": "sqlite:////x/g.db"}})
+    assert named.database_url == "sqlite:////x/g.db"  # the settings file wins
+    monkeypatch.delenv(DATABASE_URL_ENV)
+    assert (
+        load_settings(overrides={"data_dir": str(tmp_path)}).database_url
+        == f"sqlite:///{tmp_path}/gateway.db"
+    )
+    with pytest.raises(ConfigError, match=r"database\.url must be sqlite"):
+        load_settings(overrides={"data_dir": str(tmp_path), "database": {"url": "mysql://a@b/c"}})
