@@ -210,3 +210,17 @@ def _event_detail(fields: dict[str, Any]) -> str:
         if key in fields and fields[key] not in ("", None, [], False):
             parts.append(f"{key}={fields[key]}")
     return " ".join(parts)[:300]
+
+
+def prune(engine: Engine, *, spool_purged: list[str], audit_before: float | None) -> dict[str, int]:
+    """Retention in the system of record: the instance index of studies whose images were purged, and audit
+    events older than ``audit_before``. A study's row and timeline stay (the record outlives the images)."""
+    removed: dict[str, int] = {}
+    with engine.begin() as connection:
+        if spool_purged:
+            result = connection.execute(t.instances.delete().where(t.instances.c.study_uid.in_(spool_purged)))
+            removed["instance rows"] = result.rowcount
+        if audit_before is not None:
+            result = connection.execute(t.audit_events.delete().where(t.audit_events.c.at < audit_before))
+            removed["audit rows"] = result.rowcount
+    return {kind: count for kind, count in removed.items() if count}

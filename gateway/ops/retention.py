@@ -28,7 +28,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy.exc import SQLAlchemyError
+
 from gateway.config.settings import Settings
+from gateway.core.errors import DatabaseError
+from gateway.database import migrate
+from gateway.database.connect import engine_for
+from gateway.database.queries import prune
 from gateway.ingest.spool import PROCESSED_MARKER
 from gateway.ops.audit import AuditLog
 from gateway.ops.events import EventSink
@@ -216,6 +222,7 @@ def execute(settings: Settings, purge: PurgePlan, *, now: float | None = None) -
         removed["audit"] = AuditLog(settings.audit_log).prune_before(
             now - settings.retention.audit_days * DAY_S
         )
+    removed.update(_prune_record(settings, purge, now))
     if removed:
         logger.info(
             "purge: removed %s (%.1f MiB)",
@@ -223,6 +230,24 @@ def execute(settings: Settings, purge: PurgePlan, *, now: float | None = None) -
             sum(i.size_bytes for i in purge.items) / 2**20,
         )
     return removed
+
+
+def _prune_record(settings: Settings, purge: PurgePlan, now: float) -> dict[str, int]:
+    """The same retention in the system of record (when it can be reached; the next purge catches up)."""
+    spool_purged = sorted({item.name for item in purge.items if item.kind == "spool"})
+    audit_before = now - settings.retention.audit_days * DAY_S if settings.retention.audit_days else None
+    if not spool_purged and audit_before is None:
+        return {}
+    engine = engine_for(settings.database_url)
+    try:
+        if migrate.current(engine) is None:
+            return {}
+        return prune(engine, spool_purged=spool_purged, audit_before=audit_before)
+    except (DatabaseError, SQLAlchemyError) as exc:
+        logger.warning("purge: the system of record was not pruned (%s); the next purge tries again", exc)
+        return {}
+    finally:
+        engine.dispose()
 
 
 @dataclass

@@ -174,3 +174,42 @@ def test_disk_forecast_reports_hours_until_the_watermark(
     forecast.sample(now=1800.0)
     report = forecast.report()
     assert report["fill_rate_bytes_per_hour"] == 2 * 2**30 and report["hours_until_watermark"] == 4.0
+
+
+def test_a_purge_prunes_the_system_of_record_too(layout) -> None:
+    """The instance index of purged images and audit rows past audit_days go; the study's record stays."""
+    from sqlalchemy import func, select
+
+    from gateway.core.domain import InstanceRecord
+    from gateway.database import migrate, schema
+    from gateway.database.connect import engine_for
+    from gateway.database.recorder import Recorder
+
+    settings, _ = layout
+    engine = engine_for(settings.database_url)
+    migrate.upgrade(engine)
+    recorder = Recorder(engine, "n").start()
+    for study in ("1.2.1", "1.2.2"):  # old and delivered (purged) / recent (kept)
+        for sop in ("1.2.9.1", "1.2.9.2"):
+            recorder.instance_stored(
+                InstanceRecord(
+                    sop_instance_uid=f"{study}.{sop}",
+                    sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+                    study_instance_uid=study,
+                    series_instance_uid="1.2.9",
+                    path=settings.spool_dir / study / "1.2.9" / f"{sop}.dcm",
+                    calling_ae="PACS",
+                    received_at=NOW - 40 * DAY,
+                )
+            )
+    recorder.audit_event({"time": NOW - 400 * DAY, "event": "study_done", "study": "1.2.1"})
+    recorder.audit_event({"time": NOW - 1 * DAY, "event": "study_done", "study": "1.2.2"})
+    assert recorder.flush()
+    recorder.close()
+    removed = retention.execute(settings, retention.plan(settings, now=NOW), now=NOW)
+    assert removed["instance rows"] == 2 and removed["audit rows"] == 1
+    with engine.connect() as c:
+        left = c.execute(select(schema.instances.c.study_uid)).scalars().all()
+        studies = c.execute(select(func.count()).select_from(schema.studies)).scalar_one()
+    engine.dispose()
+    assert set(left) == {"1.2.2"} and studies == 2
