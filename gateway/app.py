@@ -57,6 +57,8 @@ from gateway.orchestration.tracker import StudyTracker
 from gateway.reporting.dispatcher import ReportDispatcher
 from gateway.reporting.notify import StatNotifier
 from gateway.results.encode import ResultEncoder
+from gateway.workflow.hl7_listener import Hl7Listener
+from gateway.workflow.orders import OrderStore
 
 logger = logging.getLogger(__name__)
 
@@ -99,7 +101,12 @@ class Gateway:
         self.events = EventSink(self.audit, self.metrics, self.record)
         self.tracker = StudyTracker(self.spool, self.results, self.reports, self.events)
         self.intake = StudyIntake(
-            self.assembler, Router(settings.pipelines), self.tracker, self.events, self.io_executor
+            self.assembler,
+            Router(settings.pipelines),
+            self.tracker,
+            self.events,
+            self.io_executor,
+            orders=OrderStore(self.database, settings.node_id),
         )
         self.backend, self.dali, self.decoder, self.decoder_reason = select_imaging(settings)
         self.encoder = ResultEncoder(settings.encode_processes)
@@ -112,6 +119,20 @@ class Gateway:
         self._startup_error: BaseException | None = None
         self.model_hashes: dict[str, str] = {}
         self.runtime: LoopRuntime | None = None  # built on the loop
+        orders = settings.orders
+        self.orders_listener = (
+            Hl7Listener(
+                OrderStore(self.database, settings.node_id),
+                host=orders.host,
+                port=orders.port,
+                application=orders.application,
+                facility=orders.facility,
+                executor=self.io_executor,
+                on_event=self.audit.record,
+            )
+            if orders.enabled
+            else None
+        )
         self.api: HttpApi | None = None
         self.disk = retention.DiskForecast(settings.data_dir, settings.receiver.min_free_disk_mb * 2**20)
 
@@ -363,5 +384,12 @@ class Gateway:
         except BaseException:
             await runtime.close()
             raise
+        listener = self.orders_listener
+        if listener is not None:
+            await listener.start()
         self._ready.set()
-        await runtime.run()
+        try:
+            await runtime.run()
+        finally:
+            if listener is not None:
+                await listener.stop()

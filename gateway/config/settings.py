@@ -267,6 +267,18 @@ class DatabaseSettings(Section):
     node_id: Annotated[str, Field(max_length=64)] = ""
 
 
+class OrdersSettings(Section):
+    # The RIS's HL7 v2 order feed over MLLP: ADT^A01/A04/A08, ORM^O01, OMI^O23; each order is stored (by accession
+    # number) before it is acknowledged. Off unless enabled.
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: ListenPort = 2575
+    application: str = (
+        "AI_GATEWAY"  # MSH-3 / MSH-4 of our acknowledgements when the message names no receiver
+    )
+    facility: str = "AI_GATEWAY"
+
+
 class LogLevel(Choice):
     DEBUG = "DEBUG"
     INFO = "INFO"
@@ -313,6 +325,7 @@ class Settings(Section):
     fhir: FhirSettings = Field(default_factory=FhirSettings)
     hl7: Hl7Settings = Field(default_factory=Hl7Settings)
     database: DatabaseSettings = Field(default_factory=DatabaseSettings)
+    orders: OrdersSettings = Field(default_factory=OrdersSettings)
     http: HttpSettings = Field(default_factory=HttpSettings)
     scheduling: SchedulingSettings = Field(default_factory=SchedulingSettings)
     retention: RetentionSettings = Field(default_factory=RetentionSettings)

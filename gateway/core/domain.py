@@ -89,6 +89,7 @@ class InstanceRecord:
     study_description: str = ""
     series_description: str = ""
     requested_priority: str = ""
+    accession_number: str = ""  # links the study to its order (never logged)
     has_pixel_data: bool = True
 
     def __post_init__(self) -> None:
@@ -126,6 +127,8 @@ class Study:
     last_received_at: float
     requested_priority: str = ""
     incomplete_reason: str = ""  # set when the study's last association was aborted or had refusals
+    accession_number: str = ""
+    order_priority: str = ""  # from the study's active order (HL7 feed), when there is one
 
     def __post_init__(self) -> None:
         _require_uid("study_instance_uid", self.study_instance_uid)

@@ -182,3 +182,22 @@ audit_events = Table(
     Index(None, "study_uid"),
     Index(None, "event", "at"),
 )
+
+orders = Table(
+    "orders",
+    metadata,
+    Column("accession_number", String(64), primary_key=True),
+    Column("patient_key", String(64), nullable=False, server_default=""),  # SHA-256 of PID-3's first ID
+    Column("study_uid", UID, nullable=False, server_default=""),  # when the order names it (OMI IPC-3)
+    Column("priority", String(10), nullable=False),  # STAT | URGENT | ROUTINE
+    Column("reason", Text, nullable=False, server_default=""),  # OBR-31, reason for study
+    Column("procedure_code", String(64), nullable=False, server_default=""),  # OBR-4.1
+    Column("procedure_text", Text, nullable=False, server_default=""),  # OBR-4.2
+    Column("status", String(16), nullable=False),  # active | cancelled
+    Column("message_type", String(16), nullable=False),  # ORM^O01 | OMI^O23
+    Column("control_id", String(64), nullable=False, server_default=""),  # MSH-10 of the last message
+    Column("received_at", Float, nullable=False),
+    Column("updated_at", Float, nullable=False),
+    Column("node", String(64), nullable=False),
+    Index(None, "study_uid"),
+)

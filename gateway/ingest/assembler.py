@@ -137,4 +137,5 @@ def assemble_study(
         first_received_at=first_received_at,
         last_received_at=last_received_at,
         requested_priority=priorities[0] if priorities else "",
+        accession_number=next((r.accession_number for r in records if r.accession_number), ""),
     )

@@ -62,6 +62,7 @@ def record_from_header(ds: Dataset, path: Path, calling_ae: str, received_at: fl
         study_description=_text(ds, "StudyDescription"),
         series_description=_text(ds, "SeriesDescription"),
         requested_priority=_text(ds, "RequestedProcedurePriority"),
+        accession_number=_text(ds, "AccessionNumber")[:64],
         has_pixel_data="PixelData" in ds or "FloatPixelData" in ds or "DoubleFloatPixelData" in ds,
     )
 

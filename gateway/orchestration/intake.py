@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import logging
 from concurrent.futures import Executor
 
 from gateway.core.domain import Study
@@ -17,7 +19,9 @@ from gateway.ops.events import EventSink
 from gateway.orchestration.routing import Router, study_priority
 from gateway.orchestration.scheduler import JobQueue
 from gateway.orchestration.tracker import StudyTracker
+from gateway.workflow.orders import OrderStore
 
+logger = logging.getLogger(__name__)
 ASSEMBLY_SLACK_S = 0.01  # past a deadline, so the study is complete when the loop wakes
 
 
@@ -29,12 +33,14 @@ class StudyIntake:
         tracker: StudyTracker,
         events: EventSink,
         executor: Executor | None = None,
+        orders: OrderStore | None = None,
     ) -> None:
         self.assembler = assembler
         self.router = router
         self.tracker = tracker
         self.events = events
         self.executor = executor
+        self.orders = orders
 
     async def run(self, queue: JobQueue) -> None:
         """Route each study when it becomes complete, until cancelled."""
@@ -55,13 +61,27 @@ class StudyIntake:
                     wake.wait(), timeout=None if delay is None else delay + ASSEMBLY_SLACK_S
                 )
 
+    def _with_order(self, study: Study) -> Study:
+        """The study with its active order's priority (the HL7 feed); as it is when there is none or the
+        system of record cannot be read (the images' own priority still applies). Blocking."""
+        assert self.orders is not None
+        try:
+            order = self.orders.for_study(study.accession_number, study.study_instance_uid)
+        except Exception as exc:
+            logger.warning(
+                "study %s: its order could not be read (%s)", study.study_instance_uid, type(exc).__name__
+            )
+            return study
+        return dataclasses.replace(study, order_priority=order.priority) if order is not None else study
+
     async def route(self, study: Study, queue: JobQueue) -> None:
         # A study analysed before is re-read from the spool (its headers): after its last completion is
         # written, and in the executor.
         await self.tracker.settled(study.study_instance_uid)
-        study = await asyncio.get_running_loop().run_in_executor(
-            self.executor, self.tracker.as_it_stands, study
-        )
+        loop = asyncio.get_running_loop()
+        study = await loop.run_in_executor(self.executor, self.tracker.as_it_stands, study)
+        if self.orders is not None:
+            study = await loop.run_in_executor(self.executor, self._with_order, study)
         decision = self.router.route(study)
         self.events.study_routed(
             RoutedStudy(

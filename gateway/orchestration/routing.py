@@ -68,12 +68,18 @@ def anatomy_candidate(pipeline: PipelineSettings, series: Series) -> bool:
 
 
 def study_priority(study: Study) -> Priority:
-    if study.requested_priority:
-        try:
-            return Priority.parse(study.requested_priority)
-        except ValueError:
-            logger.info("unknown Requested Procedure Priority %r; using ROUTINE", study.requested_priority)
-    return Priority.ROUTINE
+    """The more urgent of the images' Requested Procedure Priority and the study's order (HL7 feed)."""
+    priority = Priority.ROUTINE
+    for source, value in (
+        ("Requested Procedure Priority", study.requested_priority),
+        ("order", study.order_priority),
+    ):
+        if value:
+            try:
+                priority = min(priority, Priority.parse(value))
+            except ValueError:
+                logger.info("unknown %s priority %r; not used", source, value)
+    return priority
 
 
 class Router:

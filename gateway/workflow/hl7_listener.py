@@ -1,0 +1,142 @@
+"""The HL7 v2 listener: an MLLP server on the gateway's event loop that takes the RIS's order feed.
+
+Each message is answered on the connection it came on, in order: ADT^A01 / A04 / A08 are accepted (the gateway
+keeps no demographics; the event is audited), ORM^O01 / OMI^O23 are stored as orders - committed to the system
+of record *before* the acknowledgement, so an accepted order is never lost - and anything else is rejected with
+the reason in ERR. Nothing a sender does (garbage, a half frame, a silent connection, a database that is down)
+crashes the listener or passes silently: every message gets its acknowledgement as MSH-15 asks (``hl7v2``) and
+one log line without patient data (message type and control id only).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from concurrent.futures import Executor
+from typing import Any
+
+from clients.mllp import MAX_FRAME_BYTES, frame, read_frame
+from gateway.workflow.hl7v2 import Er7Message, Hl7Error, Outcome, acknowledgement
+from gateway.workflow.orders import ORDER_MESSAGES, OrderError, OrderStore, order_from_message
+
+logger = logging.getLogger(__name__)
+
+ADT_EVENTS = {"A01", "A04", "A08"}
+IDLE_TIMEOUT_S = 300.0  # a connection silent this long is closed (the RIS reconnects)
+WRITE_TIMEOUT_S = 10.0
+
+
+class Hl7Listener:
+    def __init__(
+        self,
+        store: OrderStore,
+        *,
+        host: str,
+        port: int,
+        application: str,
+        facility: str,
+        executor: Executor | None = None,
+        on_event: Callable[..., None] | None = None,
+    ) -> None:
+        self.store = store
+        self.host = host
+        self.requested_port = port
+        self.application = application
+        self.facility = facility
+        self.executor = executor
+        self.on_event = on_event or (lambda *a, **k: None)
+        self._server: asyncio.Server | None = None
+        self._connections: set[asyncio.Task[Any]] = set()
+
+    @property
+    def port(self) -> int:
+        if self._server is None or not self._server.sockets:
+            return self.requested_port
+        return int(self._server.sockets[0].getsockname()[1])
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(
+            self._serve, self.host, self.requested_port, limit=MAX_FRAME_BYTES
+        )
+        logger.info("HL7 order listener (MLLP) on %s:%d", self.host, self.port)
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            for task in list(self._connections):
+                task.cancel()
+            await asyncio.gather(*self._connections, return_exceptions=True)
+            with contextlib.suppress(Exception):
+                await self._server.wait_closed()
+            self._server = None
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._connections.add(task)
+        try:
+            while True:
+                try:
+                    text = await asyncio.wait_for(read_frame(reader), IDLE_TIMEOUT_S)
+                except (ConnectionError, TimeoutError):
+                    return
+                ack = await self.answer(text)
+                if ack is not None:
+                    writer.write(frame(ack))
+                    await asyncio.wait_for(writer.drain(), WRITE_TIMEOUT_S)
+        except (ConnectionError, TimeoutError):
+            return
+        finally:
+            if task is not None:
+                self._connections.discard(task)
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+
+    async def answer(self, text: str) -> str | None:
+        """Process one message; return its acknowledgement (None when MSH-15 asks for none)."""
+        message: Er7Message | None = None
+        try:
+            message = Er7Message(text)
+        except Hl7Error as exc:
+            outcome = Outcome(status="rejected", reason=str(exc), error_code="100")
+        else:
+            outcome = await self._process(message)
+        kind = "^".join(message.message_type) if message is not None else "?"
+        control = message.control_id[:40] if message is not None else ""
+        if outcome.status == "accepted":
+            logger.info("HL7 %s accepted (control id %s)", kind, control)
+        else:
+            logger.warning("HL7 %s %s (control id %s): %s", kind, outcome.status, control, outcome.reason)
+        self.on_event(
+            f"hl7_{outcome.status}",
+            message=kind,
+            control_id=control,
+            **({"reason": outcome.reason} if outcome.reason else {}),
+        )
+        return acknowledgement(message, outcome, application=self.application, facility=self.facility)
+
+    async def _process(self, message: Er7Message) -> Outcome:
+        kind = message.message_type
+        if kind[0] == "ADT" and kind[1] in ADT_EVENTS:
+            return Outcome(status="accepted")
+        if kind not in ORDER_MESSAGES:
+            return Outcome(
+                status="rejected",
+                reason=f"message type {kind[0]}^{kind[1]} is not taken here",
+                error_code="200",
+            )
+        try:
+            order = order_from_message(message)
+        except OrderError as exc:
+            return Outcome(status="error", reason=str(exc), error_code="101")
+        try:
+            await asyncio.get_running_loop().run_in_executor(self.executor, self.store.save, order)
+        except Exception as exc:  # the database is down or refuses: the sender keeps the message and resends
+            logger.error("HL7 order not stored: %s", type(exc).__name__)
+            return Outcome(
+                status="error", reason="the order cannot be stored now; send it again", error_code="207"
+            )
+        return Outcome(status="accepted")
