@@ -119,19 +119,11 @@ class Gateway:
         self._startup_error: BaseException | None = None
         self.model_hashes: dict[str, str] = {}
         self.runtime: LoopRuntime | None = None  # built on the loop
-        orders = settings.orders
-        self.orders_listener = (
-            Hl7Listener(
-                OrderStore(self.database, settings.node_id),
-                host=orders.host,
-                port=orders.port,
-                application=orders.application,
-                facility=orders.facility,
-                executor=self.io_executor,
-                on_event=self.audit.record,
-            )
-            if orders.enabled
-            else None
+        self.orders_listener = Hl7Listener.for_settings(
+            settings.orders,
+            OrderStore(self.database, settings.node_id),
+            executor=self.io_executor,
+            on_event=self.audit.record,
         )
         self.api: HttpApi | None = None
         self.disk = retention.DiskForecast(settings.data_dir, settings.receiver.min_free_disk_mb * 2**20)
@@ -205,7 +197,9 @@ class Gateway:
                     dead_letters=lambda: [dataclasses.asdict(j) for j in self.outbox.dead_letters()],
                     resend=self.outbox.resend,
                     studies=lambda where: [row.as_json() for row in list_studies(self.database, where)],
-                    study=self._study_timeline,
+                    study=lambda uid: (lambda t: t.as_json() if t else None)(
+                        study_timeline(self.database, uid)
+                    ),
                 ),
             )
             assert self._loop is not None
@@ -258,10 +252,6 @@ class Gateway:
         """Called on an association thread once an instance is durable."""
         self.events.instance_stored(record)
         self.assembler.add(record)
-
-    def _study_timeline(self, study_uid: str) -> dict[str, Any] | None:
-        timeline = study_timeline(self.database, study_uid)
-        return timeline.as_json() if timeline is not None else None
 
     # -- health and metrics -----------------------------------------------------------------------------------
 

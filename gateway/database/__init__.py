@@ -8,5 +8,7 @@ everything that happened to them.
     connect.py     the engine for a URL (SQLite: WAL, full sync, foreign keys; PostgreSQL: psycopg)
     migrate.py     Alembic migrations, run at start-up and by ``gateway db upgrade``
     recorder.py    one writer thread that records what the flow reports, batched, never on the caller's thread
+    writes.py      what the writer does in its transactions: the state machine applied to what it is told
+    jobs.py        what routing reports (a complete study, the series queued from it)
     queries.py     the questions people ask: studies by state / priority / PACS / time, a study's timeline
 """

@@ -17,17 +17,15 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, Engine, func, select, update
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import DBAPIError, OperationalError
 
 from gateway.core.domain import InstanceRecord
 from gateway.core.retry import Backoff
-from gateway.database import schema as t
-from gateway.database.states import StudyState, allowed
+from gateway.database.jobs import QueuedJob, RoutedStudy
+from gateway.database.writes import EventWrites, StudyWrites
 
 logger = logging.getLogger(__name__)
 
@@ -38,39 +36,12 @@ MAX_BACKLOG = 1_000_000
 RETRY = Backoff(0.5, 10.0)
 
 
-@dataclass(frozen=True, kw_only=True)
-class QueuedJob:
-    """A series queued for analysis, as the jobs table records it."""
-
-    job_id: str
-    study_uid: str
-    series_uid: str
-    pipeline: str
-    priority: str
-    calling_ae: str
-    cost: int
-    deadline_s: float
-
-
-@dataclass(frozen=True, kw_only=True)
-class RoutedStudy:
-    study_uid: str
-    calling_ae: str
-    priority: str
-    instances: int
-    series: int
-    first_received_at: float
-    last_received_at: float
-
-
-def job_id(study_uid: str, series_uid: str, pipeline: str) -> str:
-    return f"{study_uid}/{series_uid}/{pipeline}"
-
-
 class Recorder:
     def __init__(self, engine: Engine, node: str) -> None:
         self.engine = engine
         self.node = node
+        self._studies = StudyWrites(node)
+        self._events = EventWrites(self._studies)
         self._pending: list[Item] = []
         self._wake = threading.Condition()
         self._closing = False
@@ -113,14 +84,14 @@ class Recorder:
         self._put(record)
 
     def study_routed(self, study: RoutedStudy, jobs: Sequence[QueuedJob], *, skipped: int, at: float) -> None:
-        self._put(lambda c: self._routed(c, study, jobs, skipped, at))
+        self._put(lambda c: self._studies.routed(c, study, jobs, skipped, at))
 
     def job_started(self, job: str, study_uid: str, attempts: int, at: float) -> None:
-        self._put(lambda c: self._started(c, job, study_uid, attempts, at))
+        self._put(lambda c: self._studies.started(c, job, study_uid, attempts, at))
 
     def audit_event(self, event: Mapping[str, Any]) -> None:
         fields = dict(event)
-        self._put(lambda c: self._event(c, fields))
+        self._put(lambda c: self._events.event(c, fields))
 
     def _put(self, write: Item) -> None:
         with self._wake:
@@ -175,11 +146,11 @@ class Recorder:
                     run.append(item)
                     continue
                 if run:
-                    self._stored(connection, run)
+                    self._studies.stored(connection, run)
                     run = []
                 item(connection)
             if run:
-                self._stored(connection, run)
+                self._studies.stored(connection, run)
         self.written += len(batch) - len(committed)
         if self.last_error:
             logger.info("system of record writable again: held writes written")
@@ -196,7 +167,7 @@ class Recorder:
                     continue
                 with self.engine.begin() as connection:
                     if isinstance(item, InstanceRecord):
-                        self._stored(connection, [item])
+                        self._studies.stored(connection, [item])
                     else:
                         item(connection)
                 self.written += 1
@@ -204,323 +175,3 @@ class Recorder:
                 self.dropped += 1
                 logger.error("system of record: a write was refused and dropped: %s", type(exc).__name__)
                 logger.debug("refused write", exc_info=True)
-
-    # -- writes (on the writer thread, inside its transaction) -----------------------------------------------
-
-    def _insert(self, connection: Connection, table: Any) -> Any:
-        dialect = postgresql if connection.dialect.name == "postgresql" else sqlite
-        return dialect.insert(table)
-
-    def _stored(self, connection: Connection, stored: list[InstanceRecord]) -> None:
-        rows = {
-            r.sop_instance_uid: {
-                "sop_instance_uid": r.sop_instance_uid,
-                "study_uid": r.study_instance_uid,
-                "series_uid": r.series_instance_uid,
-                "sop_class_uid": r.sop_class_uid,
-                "modality": r.modality[:16],
-                "calling_ae": r.calling_ae,
-                "path": str(r.path),
-                "received_at": r.received_at,
-                "node": self.node,
-            }
-            for r in stored
-        }
-        insert = self._insert(connection, t.instances)
-        connection.execute(
-            insert.on_conflict_do_update(
-                index_elements=["sop_instance_uid"],
-                set_={"path": insert.excluded.path, "received_at": insert.excluded.received_at},
-            ),
-            list(rows.values()),
-        )
-        by_study: dict[str, list[InstanceRecord]] = {}
-        for r in stored:
-            by_study.setdefault(r.study_instance_uid, []).append(r)
-        for study_uid, records in by_study.items():
-            first = min(r.received_at for r in records)
-            last = max(r.received_at for r in records)
-            self._ensure_study(connection, study_uid, records[0].calling_ae, first, last)
-            greatest = func.max if connection.dialect.name == "sqlite" else func.greatest  # of two values
-            connection.execute(
-                update(t.studies)
-                .where(t.studies.c.study_uid == study_uid)
-                .values(last_received_at=greatest(t.studies.c.last_received_at, last))
-            )
-            self._move(connection, study_uid, StudyState.RECEIVING, first, "")
-
-    def _ensure_study(
-        self, connection: Connection, study_uid: str, calling_ae: str, first: float, last: float
-    ) -> None:
-        insert = self._insert(connection, t.studies)
-        connection.execute(
-            insert.values(
-                study_uid=study_uid,
-                state=StudyState.RECEIVING.value,
-                calling_ae=calling_ae,
-                first_received_at=first,
-                last_received_at=last,
-                state_since=first,
-                node=self.node,
-            ).on_conflict_do_nothing(index_elements=["study_uid"])
-        )
-        # A study created here starts with its "receiving" transition.
-        if (
-            connection.execute(
-                select(func.count())
-                .select_from(t.study_transitions)
-                .where(t.study_transitions.c.study_uid == study_uid)
-            ).scalar_one()
-            == 0
-        ):
-            connection.execute(
-                t.study_transitions.insert().values(
-                    study_uid=study_uid, state=StudyState.RECEIVING.value, at=first, node=self.node, detail=""
-                )
-            )
-
-    def _state(self, connection: Connection, study_uid: str) -> StudyState | None:
-        query = select(t.studies.c.state).where(t.studies.c.study_uid == study_uid)
-        if connection.dialect.name == "postgresql":
-            query = query.with_for_update()
-        value = connection.execute(query).scalar_one_or_none()
-        return StudyState(value) if value is not None else None
-
-    def _move(self, connection: Connection, study_uid: str, new: StudyState, at: float, detail: str) -> bool:
-        """Move the study to ``new`` when the state machine allows it; record the transition."""
-        current = self._state(connection, study_uid)
-        if current is new or not allowed(current, new):
-            if current is not new:
-                logger.debug("study %s: %s -> %s not allowed, kept", study_uid, current, new)
-            return False
-        connection.execute(
-            update(t.studies)
-            .where(t.studies.c.study_uid == study_uid)
-            .values(state=new.value, state_since=at, node=self.node, detail=detail)
-        )
-        connection.execute(
-            t.study_transitions.insert().values(
-                study_uid=study_uid, state=new.value, at=at, node=self.node, detail=detail
-            )
-        )
-        return True
-
-    def _routed(
-        self, connection: Connection, study: RoutedStudy, jobs: Sequence[QueuedJob], skipped: int, at: float
-    ) -> None:
-        self._ensure_study(
-            connection, study.study_uid, study.calling_ae, study.first_received_at, study.last_received_at
-        )
-        connection.execute(
-            update(t.studies)
-            .where(t.studies.c.study_uid == study.study_uid)
-            .values(
-                calling_ae=study.calling_ae,
-                priority=study.priority,
-                instances=study.instances,
-                series=study.series,
-                first_received_at=study.first_received_at,
-                last_received_at=study.last_received_at,
-            )
-        )
-        if self._state(connection, study.study_uid) is not StudyState.RECEIVING:
-            self._move(connection, study.study_uid, StudyState.RECEIVING, at, "analysed again")
-        self._move(connection, study.study_uid, StudyState.COMPLETE, at, "")
-        if jobs:
-            self._move(connection, study.study_uid, StudyState.QUEUED, at, f"{len(jobs)} series")
-        elif skipped:
-            self._move(connection, study.study_uid, StudyState.SKIPPED, at, "no pipeline applies")
-        if not jobs:
-            return
-        insert = self._insert(connection, t.jobs)
-        rows = [
-            {
-                "job_id": job.job_id,
-                "study_uid": job.study_uid,
-                "series_uid": job.series_uid,
-                "pipeline": job.pipeline,
-                "priority": job.priority,
-                "calling_ae": job.calling_ae,
-                "cost": job.cost,
-                "state": "queued",
-                "attempts": 0,
-                "enqueued_at": at,
-                "deadline_at": at + job.deadline_s,
-                "started_at": None,
-                "finished_at": None,
-            }
-            for job in jobs
-        ]
-        connection.execute(
-            insert.on_conflict_do_update(
-                index_elements=["job_id"],
-                set_={
-                    "state": "queued",
-                    "priority": insert.excluded.priority,
-                    "cost": insert.excluded.cost,
-                    "enqueued_at": insert.excluded.enqueued_at,
-                    "deadline_at": insert.excluded.deadline_at,
-                    "attempts": 0,
-                    "started_at": None,
-                    "finished_at": None,
-                },
-            ),
-            rows,
-        )
-
-    def _started(self, connection: Connection, job: str, study_uid: str, attempts: int, at: float) -> None:
-        connection.execute(
-            update(t.jobs)
-            .where(t.jobs.c.job_id == job)
-            .values(state="running", started_at=at, attempts=attempts, lease_owner=self.node)
-        )
-        self._move(connection, study_uid, StudyState.ANALYSING, at, "")
-
-    def _event(self, connection: Connection, fields: dict[str, Any]) -> None:
-        event = str(fields.get("event", ""))
-        at = float(fields.get("time", time.time()))
-        study = fields.get("study")
-        study_uid = str(study) if isinstance(study, str) else None
-        connection.execute(
-            t.audit_events.insert().values(
-                at=at,
-                event=event,
-                study_uid=study_uid,
-                node=str(fields.get("node") or self.node),
-                fields={k: v for k, v in fields.items() if k not in ("time", "event")},
-            )
-        )
-        derived = _DERIVED.get(event)
-        if derived is not None and study_uid is not None:
-            derived(self, connection, study_uid, fields, at)
-
-    def _series(self, connection: Connection, study_uid: str, fields: dict[str, Any], at: float) -> None:
-        analysed = fields["event"] == "series_analysed"
-        pipeline = str(fields.get("pipeline", ""))
-        series = str(fields.get("series", ""))
-        timings = {k: v for k, v in fields.items() if k.endswith("_ms") and isinstance(v, int | float)}
-        connection.execute(
-            t.series_analyses.insert().values(
-                study_uid=study_uid,
-                series_uid=series,
-                pipeline=pipeline,
-                outcome="analysed" if analysed else "failed",
-                model_name=str(fields.get("model", "")),
-                model_version=str(fields.get("model_version", "")),
-                model_hash=str(fields.get("model_sha256", "") or ""),
-                algorithm_version=str(fields.get("algorithm_version", "")),
-                findings=int(fields.get("findings", 0) or 0),
-                stat=bool(fields.get("stat", False)),
-                result_uids=list(fields.get("results", []) or []),
-                timings=timings,
-                reason=str(fields.get("reason", "")),
-                at=at,
-                node=self.node,
-            )
-        )
-        self._job_finished(
-            connection, job_id(study_uid, series, pipeline), "done" if analysed else "failed", at
-        )
-
-    def _job_finished(self, connection: Connection, job: str, state: str, at: float) -> None:
-        connection.execute(
-            update(t.jobs).where(t.jobs.c.job_id == job).values(state=state, finished_at=at, lease_owner=None)
-        )
-
-    def _skipped_series(
-        self, connection: Connection, study_uid: str, fields: dict[str, Any], at: float
-    ) -> None:
-        pipeline = fields.get("pipeline")
-        if pipeline:  # an anatomy check that found no such anatomy: the job is done, nothing to analyse
-            self._job_finished(
-                connection, job_id(study_uid, str(fields.get("series", "")), str(pipeline)), "skipped", at
-            )
-
-    def _study_done(self, connection: Connection, study_uid: str, fields: dict[str, Any], at: float) -> None:
-        connection.execute(
-            update(t.studies)
-            .where(t.studies.c.study_uid == study_uid)
-            .values(findings=int(fields.get("findings", 0) or 0), stat=bool(fields.get("stat", False)))
-        )
-        routed = int(fields.get("series", 0) or 0) - int(fields.get("skipped", 0) or 0)
-        failed = int(fields.get("failed", 0) or 0)
-        if routed > 0 and failed >= routed:
-            self._move(connection, study_uid, StudyState.FAILED, at, "every routed series failed")
-            return
-        if routed <= 0 and self._state(connection, study_uid) is StudyState.SKIPPED:
-            return
-        self._move(connection, study_uid, StudyState.RESULTS_STORED, at, "")
-        self._delivered_when_all(connection, study_uid, at)
-
-    def _delivery(self, connection: Connection, study_uid: str, fields: dict[str, Any], at: float) -> None:
-        event = fields["event"]
-        job = str(fields.get("job", ""))
-        state = {"delivery_queued": "pending", "results_delivered": "delivered"}.get(event, "dead_letter")
-        insert = self._insert(connection, t.deliveries)
-        values = {
-            "job_id": job,
-            "study_uid": study_uid,
-            "destination": str(fields.get("destination", ""))[:64],
-            "state": state,
-            "objects": int(fields.get("objects", 0) or 0),
-            "attempts": int(fields.get("attempts", 0) or 0),
-            "last_error": str(fields.get("reason", ""))[:1000],
-            "created_at": at,
-            "updated_at": at,
-        }
-        update_set = {k: insert.excluded[k] for k in ("state", "attempts", "last_error", "updated_at")}
-        if state == "pending":  # a late "queued" never undoes a delivery recorded before it
-            update_set = {"updated_at": insert.excluded.updated_at}
-        connection.execute(
-            insert.values(**values).on_conflict_do_update(index_elements=["job_id"], set_=update_set)
-        )
-        if state == "dead_letter":
-            self._move(
-                connection,
-                study_uid,
-                StudyState.FAILED,
-                at,
-                f"delivery to {values['destination']} dead-lettered",
-            )
-        elif state == "delivered":
-            self._delivered_when_all(connection, study_uid, at)
-
-    def _delivered_when_all(self, connection: Connection, study_uid: str, at: float) -> None:
-        states = (
-            connection.execute(select(t.deliveries.c.state).where(t.deliveries.c.study_uid == study_uid))
-            .scalars()
-            .all()
-        )
-        if states and all(s == "delivered" for s in states):
-            self._move(connection, study_uid, StudyState.DELIVERED, at, f"{len(states)} delivery job(s)")
-
-    def _notification(
-        self, connection: Connection, study_uid: str, fields: dict[str, Any], at: float
-    ) -> None:
-        event = str(fields["event"])
-        kind = "stat" if event.startswith("stat_") else "analysis_failure"
-        connection.execute(
-            t.notifications.insert().values(
-                study_uid=study_uid,
-                kind=kind,
-                state="sent" if event.endswith("_sent") else "failed",
-                at=at,
-                node=self.node,
-                detail=str(fields.get("reason", ""))[:1000],
-            )
-        )
-
-
-_DERIVED: dict[str, Callable[[Recorder, Connection, str, dict[str, Any], float], None]] = {
-    "series_analysed": Recorder._series,
-    "series_failed": Recorder._series,
-    "series_skipped": Recorder._skipped_series,
-    "study_done": Recorder._study_done,
-    "delivery_queued": Recorder._delivery,
-    "results_delivered": Recorder._delivery,
-    "delivery_dead_letter": Recorder._delivery,
-    "stat_notification_sent": Recorder._notification,
-    "stat_notification_failed": Recorder._notification,
-    "failure_alert_sent": Recorder._notification,
-    "failure_alert_failed": Recorder._notification,
-}

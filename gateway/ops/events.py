@@ -14,7 +14,8 @@ from concurrent.futures import Future
 from typing import Any, TypeVar
 
 from gateway.core.domain import InstanceRecord
-from gateway.database.recorder import QueuedJob, Recorder, RoutedStudy
+from gateway.database.jobs import QueuedJob, RoutedStudy
+from gateway.database.recorder import Recorder
 from gateway.ops.audit import AuditLog
 from gateway.ops.metrics import Metrics
 

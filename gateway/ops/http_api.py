@@ -103,6 +103,18 @@ def build_app(settings: HttpSettings, backend: ApiBackend) -> FastAPI:
         docs_url=None,  # Swagger UI loads its scripts from a CDN; hospital networks are often offline
         redoc_url=None,
     )
+    needs = _token_roles(settings)
+    _errors_and_limits(app)
+    _operations(app, backend, needs)
+    _studies(app, backend, needs)
+    return app
+
+
+Needs = Callable[[TokenRole], Callable[..., TokenRole]]
+
+
+def _token_roles(settings: HttpSettings) -> Needs:
+    """``needs(role)``: a dependency that admits a bearer token of ``role`` or above."""
     bearer = HTTPBearer(auto_error=False, description="a token made by `gateway token --role ROLE`")
 
     def role_of(credentials: HTTPAuthorizationCredentials | None) -> TokenRole | None:
@@ -124,6 +136,12 @@ def build_app(settings: HttpSettings, backend: ApiBackend) -> FastAPI:
             return found
 
         return check
+
+    return needs
+
+
+def _errors_and_limits(app: FastAPI) -> None:
+    """Every error as ``{"error": ...}``; bodies over MAX_BODY_BYTES refused."""
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
@@ -147,6 +165,10 @@ def build_app(settings: HttpSettings, backend: ApiBackend) -> FastAPI:
         if length and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
             return _error(413, f"request body over {MAX_BODY_BYTES} bytes")
         return await call_next(request)
+
+
+def _operations(app: FastAPI, backend: ApiBackend, needs: Needs) -> None:
+    """Health, metrics and the delivery administration."""
 
     @app.get(
         "/health",
@@ -177,6 +199,21 @@ def build_app(settings: HttpSettings, backend: ApiBackend) -> FastAPI:
     )
     def dead_letters(_: Annotated[TokenRole, Depends(needs(TokenRole.READ_ONLY))]) -> list[dict[str, Any]]:
         return backend.dead_letters()
+
+    @app.post(
+        "/admin/resend",
+        response_model=ResendResult,
+        responses={**_UNAUTHORISED, 400: {"model": Error, "description": "the body is not a resend request"}},
+        summary="Move dead-letter deliveries back to their queue (operator role)",
+    )
+    def resend(
+        _: Annotated[TokenRole, Depends(needs(TokenRole.OPERATOR))], body: ResendRequest | None = None
+    ) -> ResendResult:
+        return ResendResult(resent=backend.resend(body.jobs if body is not None else None))
+
+
+def _studies(app: FastAPI, backend: ApiBackend, needs: Needs) -> None:
+    """The system of record: studies and their timelines."""
 
     @app.get(
         "/studies",
@@ -231,19 +268,6 @@ def build_app(settings: HttpSettings, backend: ApiBackend) -> FastAPI:
         if found is None:
             raise HTTPException(404, f"study {study_uid} is not in the system of record")
         return found
-
-    @app.post(
-        "/admin/resend",
-        response_model=ResendResult,
-        responses={**_UNAUTHORISED, 400: {"model": Error, "description": "the body is not a resend request"}},
-        summary="Move dead-letter deliveries back to their queue (operator role)",
-    )
-    def resend(
-        _: Annotated[TokenRole, Depends(needs(TokenRole.OPERATOR))], body: ResendRequest | None = None
-    ) -> ResendResult:
-        return ResendResult(resent=backend.resend(body.jobs if body is not None else None))
-
-    return app
 
 
 class HttpApi:

@@ -13,7 +13,7 @@ import logging
 from concurrent.futures import Executor
 
 from gateway.core.domain import Study
-from gateway.database.recorder import QueuedJob, RoutedStudy, job_id
+from gateway.database.jobs import QueuedJob, RoutedStudy, job_id
 from gateway.ingest.assembler import StudyAssembler
 from gateway.ops.events import EventSink
 from gateway.orchestration.routing import Router, study_priority

@@ -19,7 +19,7 @@ import logging
 
 from gateway.core.errors import InferenceUnavailable, PermanentError, ResourceExhausted, as_resource_error
 from gateway.core.retry import Backoff
-from gateway.database.recorder import job_id
+from gateway.database.jobs import job_id
 from gateway.inference.watch import TritonWatch
 from gateway.ops.metrics import Metrics
 from gateway.orchestration.analysis import Inferrer

@@ -18,6 +18,7 @@ from concurrent.futures import Executor
 from typing import Any
 
 from clients.mllp import MAX_FRAME_BYTES, frame, read_frame
+from gateway.config.settings import OrdersSettings
 from gateway.workflow.hl7v2 import Er7Message, Hl7Error, Outcome, acknowledgement
 from gateway.workflow.orders import ORDER_MESSAGES, OrderError, OrderStore, order_from_message
 
@@ -49,6 +50,28 @@ class Hl7Listener:
         self.on_event = on_event or (lambda *a, **k: None)
         self._server: asyncio.Server | None = None
         self._connections: set[asyncio.Task[Any]] = set()
+
+    @classmethod
+    def for_settings(
+        cls,
+        settings: OrdersSettings,
+        store: OrderStore,
+        *,
+        executor: Executor | None = None,
+        on_event: Callable[..., None] | None = None,
+    ) -> Hl7Listener | None:
+        """The listener ``[orders]`` asks for, or None when it is off."""
+        if not settings.enabled:
+            return None
+        return cls(
+            store,
+            host=settings.host,
+            port=settings.port,
+            application=settings.application,
+            facility=settings.facility,
+            executor=executor,
+            on_event=on_event,
+        )
 
     @property
     def port(self) -> int:

@@ -88,6 +88,11 @@ class Er7Message:
         return "".join(out)
 
     @property
+    def encoding(self) -> str:
+        """MSH-2: component, repetition, escape and subcomponent characters."""
+        return f"{self.component_sep}{self.repetition_sep}{self.escape_char}{self.subcomponent_sep}"
+
+    @property
     def message_type(self) -> tuple[str, str]:
         """(MSH-9.1, MSH-9.2), e.g. ("ORM", "O01")."""
         return self.get("MSH", 9, 1).upper(), self.get("MSH", 9, 2).upper()
@@ -112,6 +117,14 @@ ORIGINAL = {"accepted": "AA", "error": "AE", "rejected": "AR"}
 ENHANCED = {"accepted": "CA", "error": "CE", "rejected": "CR"}
 
 
+def escape(value: str, field_sep: str, encoding: str) -> str:
+    """``value`` escaped for a message with these delimiters (and line breaks made spaces), so a value we write
+    never breaks the message's structure."""
+    esc = encoding[2]
+    codes = {esc: "E", field_sep: "F", encoding[0]: "S", encoding[1]: "R", encoding[3]: "T"}
+    return "".join(" " if ch in "\r\n" else (f"{esc}{codes[ch]}{esc}" if ch in codes else ch) for ch in value)
+
+
 def acknowledgement(
     message: Er7Message | None, outcome: Outcome, *, application: str, facility: str
 ) -> str | None:
@@ -129,23 +142,10 @@ def acknowledgement(
         code = ENHANCED[outcome.status]
     else:
         code = ORIGINAL[outcome.status]
-    sep = message.field_sep if message is not None else "|"
-    encoding = (
-        f"{message.component_sep}{message.repetition_sep}{message.escape_char}{message.subcomponent_sep}"
-        if message is not None
-        else "^~\\&"
-    )
+    sep, encoding = (message.field_sep, message.encoding) if message is not None else ("|", "^~\\&")
 
-    escapes = {
-        encoding[2]: f"{encoding[2]}E{encoding[2]}",
-        sep: f"{encoding[2]}F{encoding[2]}",
-        encoding[0]: f"{encoding[2]}S{encoding[2]}",
-        encoding[1]: f"{encoding[2]}R{encoding[2]}",
-        encoding[3]: f"{encoding[2]}T{encoding[2]}",
-    }
-
-    def clean(value: str) -> str:  # a value we write is escaped, so it never breaks the message's delimiters
-        return "".join(" " if ch in "\r\n" else escapes.get(ch, ch) for ch in value)
+    def clean(value: str) -> str:
+        return escape(value, sep, encoding)
 
     sender = (message.get("MSH", 5), message.get("MSH", 6)) if message is not None else ("", "")
     receiver = (message.get("MSH", 3), message.get("MSH", 4)) if message is not None else ("", "")

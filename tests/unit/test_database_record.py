@@ -14,8 +14,9 @@ from sqlalchemy import Engine, select
 from gateway.core.domain import InstanceRecord
 from gateway.database import migrate, schema
 from gateway.database.connect import engine_for
+from gateway.database.jobs import QueuedJob, RoutedStudy, job_id
 from gateway.database.queries import StudyFilter, list_studies, study_timeline
-from gateway.database.recorder import QueuedJob, Recorder, RoutedStudy, job_id
+from gateway.database.recorder import Recorder
 from gateway.database.states import StudyState, allowed
 
 STUDY, SERIES = "1.2.826.0.1.3680043.10.1.1", "1.2.826.0.1.3680043.10.1.2"
