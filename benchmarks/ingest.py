@@ -144,22 +144,25 @@ def measure(slices: int, reps: int) -> dict[str, Any]:
         root = Path(tmp)
         series = write_head_ct(root / "series", slices=slices, seed=1)
         copies = [fresh_copy(list(series.paths), root / f"copy{r}")[0] for r in range(reps)]
-        for name, receiver in RECEIVERS.items():
-            rates = []
-            with receiver(root / f"r{len(results)}") as (port, called):
-                for paths in copies:
+        # Receivers take turns within each repetition, so a machine whose speed drifts during the run (a shared
+        # VM) affects every receiver alike and the ratios stay fair.
+        rates: dict[str, list[float]] = {name: [] for name in RECEIVERS}
+        for rep, paths in enumerate(copies):
+            for index, (name, receiver) in enumerate(RECEIVERS.items()):
+                with receiver(root / f"r{index}-{rep}") as (port, called):
                     started = time.perf_counter()
                     done = storescu(paths, port=port, calling_ae="BENCH", called_ae=called)
                     elapsed = time.perf_counter() - started
-                    if done.returncode != 0:
-                        raise RuntimeError(f"storescu to {name} failed: {done.stderr[-500:]}")
-                    rates.append(slices / elapsed)
+                if done.returncode != 0:
+                    raise RuntimeError(f"storescu to {name} failed: {done.stderr[-500:]}")
+                rates[name].append(slices / elapsed)
+        for name, measured in rates.items():
             results.append(
                 {
                     "receiver": name,
-                    "images_per_s_median": round(statistics.median(rates), 1),
-                    "images_per_s_min": round(min(rates), 1),
-                    "images_per_s_max": round(max(rates), 1),
+                    "images_per_s_median": round(statistics.median(measured), 1),
+                    "images_per_s_min": round(min(measured), 1),
+                    "images_per_s_max": round(max(measured), 1),
                 }
             )
     by_name = {r["receiver"]: r["images_per_s_median"] for r in results}

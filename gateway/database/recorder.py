@@ -34,6 +34,7 @@ Write = Callable[[Connection], None]
 Item = Write | InstanceRecord | threading.Event
 MAX_BACKLOG = 1_000_000
 RETRY = Backoff(0.5, 10.0)
+BATCH_LINGER_S = 0.2  # how long a first write waits for others to share its commit
 
 
 class Recorder:
@@ -111,6 +112,12 @@ class Recorder:
                     self._wake.wait()
                 if not self._pending:
                     return
+                linger = not self._closing and not any(isinstance(i, threading.Event) for i in self._pending)
+            if linger:
+                # Group commit: what arrives in the next moment shares this transaction (and its fsync), so a
+                # busy receiver costs a few commits a second, not one per instance (a flush does not wait).
+                time.sleep(BATCH_LINGER_S)
+            with self._wake:
                 batch, self._pending = self._pending, []
             try:
                 self._commit(batch)
