@@ -63,7 +63,7 @@ from gateway.workflow.orders import OrderStore
 logger = logging.getLogger(__name__)
 
 STOP_STACK_DUMP_S = 45.0
-IO_THREADS = 2  # a re-opened study's headers, FHIR / HL7 report files
+IO_THREADS = 2  # FHIR / HL7 report files, order reads of the HL7 listener
 LOOP_ANSWER_S = 5.0  # how long /health waits for the event loop's snapshot
 
 
@@ -96,6 +96,9 @@ class Gateway:
         )
         # Report files on threads of their own: never queued behind decode and preprocess work.
         self.io_executor = ThreadPoolExecutor(max_workers=IO_THREADS, thread_name_prefix="gateway-io")
+        # Intake's blocking steps (a re-opened study's headers, its order) on a thread of their own: the serial step
+        # that queues every study never waits behind report building under load.
+        self.intake_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gateway-intake")
         self.reports = ReportDispatcher(settings, self.audit, self.io_executor, http=self.http)
         self.metrics = Metrics()
         self.events = EventSink(self.audit, self.metrics, self.record)
@@ -105,7 +108,7 @@ class Gateway:
             Router(settings.pipelines),
             self.tracker,
             self.events,
-            self.io_executor,
+            self.intake_executor,
             orders=OrderStore(self.database, settings.node_id),
         )
         self.backend, self.dali, self.decoder, self.decoder_reason = select_imaging(settings)
@@ -230,6 +233,7 @@ class Gateway:
             self._loop_thread = None
         self.executor.shutdown(wait=True, cancel_futures=True)
         self.io_executor.shutdown(wait=True, cancel_futures=False)
+        self.intake_executor.shutdown(wait=True, cancel_futures=True)
         self.audit.close()
         self.record.close()
         self.database.dispose()
