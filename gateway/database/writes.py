@@ -10,10 +10,10 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from sqlalchemy import Connection, func, select, update
-from sqlalchemy.dialects import postgresql, sqlite
 
 from gateway.core.domain import InstanceRecord
 from gateway.database import schema as t
+from gateway.database.connect import upsert
 from gateway.database.jobs import QueuedJob, RoutedStudy, job_id
 from gateway.database.states import StudyState, allowed
 
@@ -25,10 +25,6 @@ class StudyWrites:
 
     def __init__(self, node: str) -> None:
         self.node = node
-
-    def insert(self, connection: Connection, table: Any) -> Any:
-        dialect = postgresql if connection.dialect.name == "postgresql" else sqlite
-        return dialect.insert(table)
 
     def stored(self, connection: Connection, stored: list[InstanceRecord]) -> None:
         rows = {
@@ -45,7 +41,7 @@ class StudyWrites:
             }
             for r in stored
         }
-        insert = self.insert(connection, t.instances)
+        insert = upsert(connection, t.instances)
         connection.execute(
             insert.on_conflict_do_update(
                 index_elements=["sop_instance_uid"],
@@ -71,9 +67,9 @@ class StudyWrites:
     def ensure_study(
         self, connection: Connection, study_uid: str, calling_ae: str, first: float, last: float
     ) -> None:
-        insert = self.insert(connection, t.studies)
         connection.execute(
-            insert.values(
+            upsert(connection, t.studies)
+            .values(
                 study_uid=study_uid,
                 state=StudyState.RECEIVING.value,
                 calling_ae=calling_ae,
@@ -81,7 +77,8 @@ class StudyWrites:
                 last_received_at=last,
                 state_since=first,
                 node=self.node,
-            ).on_conflict_do_nothing(index_elements=["study_uid"])
+            )
+            .on_conflict_do_nothing(index_elements=["study_uid"])
         )
         # A study created here starts with its "receiving" transition.
         if (
@@ -151,7 +148,7 @@ class StudyWrites:
             self.move(connection, study.study_uid, StudyState.SKIPPED, at, "no pipeline applies")
         if not jobs:
             return
-        insert = self.insert(connection, t.jobs)
+        insert = upsert(connection, t.jobs)
         rows = [
             {
                 "job_id": job.job_id,
@@ -292,7 +289,7 @@ class EventWrites:
         event = fields["event"]
         job = str(fields.get("job", ""))
         state = {"delivery_queued": "pending", "results_delivered": "delivered"}.get(event, "dead_letter")
-        insert = self.studies.insert(connection, t.deliveries)
+        insert = upsert(connection, t.deliveries)
         values = {
             "job_id": job,
             "study_uid": study_uid,

@@ -18,11 +18,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from sqlalchemy import Engine, select
-from sqlalchemy.dialects import postgresql, sqlite
 
 from gateway.config.settings import PipelineSettings
 from gateway.core.durable import atomic_write
 from gateway.core.errors import ConfigError
+from gateway.database.connect import upsert
 from gateway.database.schema import models
 from gateway.inference.model_config import ensemble_step_models, read_model_config
 
@@ -129,9 +129,8 @@ class ModelRegistry:
     def _insert(self, key: tuple[str, str, str], fingerprint: str) -> None:
         assert self.engine is not None
         with self.engine.begin() as connection:
-            dialect = postgresql if connection.dialect.name == "postgresql" else sqlite
             connection.execute(
-                dialect.insert(models)
+                upsert(connection, models)
                 .values(
                     model=key[0],
                     triton_version=key[1],

@@ -22,8 +22,8 @@ import time
 from dataclasses import dataclass
 
 from sqlalchemy import Engine, select
-from sqlalchemy.dialects import postgresql, sqlite
 
+from gateway.database.connect import upsert
 from gateway.database.schema import orders as orders_table
 from gateway.workflow.hl7v2 import Er7Message
 
@@ -103,8 +103,7 @@ class OrderStore:
         now = time.time()
         values = {**order.__dict__, "received_at": now, "updated_at": now, "node": self.node}
         with self.engine.begin() as connection:
-            dialect = postgresql if connection.dialect.name == "postgresql" else sqlite
-            insert = dialect.insert(orders_table).values(**values)
+            insert = upsert(connection, orders_table).values(**values)
             changed = {k: insert.excluded[k] for k in values if k not in ("accession_number", "received_at")}
             connection.execute(
                 insert.on_conflict_do_update(index_elements=["accession_number"], set_=changed)
