@@ -33,6 +33,7 @@ from gateway.core.logs import silence_identifier_warnings
 from gateway.database import migrate
 from gateway.database.connect import engine_for, shown
 from gateway.database.queries import list_studies, study_timeline
+from gateway.database.queue import SharedQueue
 from gateway.database.recorder import Recorder
 from gateway.delivery.outbox import Outbox
 from gateway.delivery.store import ResultStore
@@ -82,7 +83,13 @@ class Gateway:
             settings.failure_webhook_url, setting="failure_webhook_url", http=self.http
         )
         self.database = engine_for(settings.database_url)
-        self.record = Recorder(self.database, settings.node_id)
+        cluster = settings.cluster
+        self.record = Recorder(self.database, settings.node_id, claims_jobs=cluster.enabled)
+        self.shared_queue = (
+            SharedQueue(self.database, settings.node_id, settings.scheduling, lease_s=cluster.lease_s)
+            if cluster.enabled
+            else None
+        )
         self.audit = AuditLog(settings.audit_log, node=settings.node_id, mirror=self.record.audit_event)
         self.outbox = Outbox(
             settings.outbox_dir,
@@ -142,7 +149,9 @@ class Gateway:
             migrate.upgrade(self.database)
             self.record.start()
             self.audit.start_writer()
-            for folder in (self.settings.spool_dir, self.settings.results_dir, self.settings.outbox_dir):
+            shared_spool = self.shared_queue is not None  # other nodes may be writing into it right now
+            folders = (self.settings.results_dir, self.settings.outbox_dir)
+            for folder in folders if shared_spool else (self.settings.spool_dir, *folders):
                 removed = remove_temporary_files(folder)
                 if removed:
                     logger.info(
@@ -173,13 +182,30 @@ class Gateway:
             self._ready.wait()
             if self._startup_error is not None:
                 raise self._startup_error
-            for record in self.spool.recover():
+            for record in self.spool.recover(self._studies_to_recover()):
                 self.assembler.add(record)
             self._start_receiver_and_api()
         except BaseException:
             self.stop()
             raise
         return self
+
+    def _studies_to_recover(self) -> set[str] | None:
+        """All unprocessed studies of the spool; in a cluster (a shared spool) only those no live node is
+        receiving or analysing: this node's, and those of nodes that are gone."""
+        if self.shared_queue is None:
+            return None
+        self.shared_queue.heartbeat()
+        return self.shared_queue.studies_to_recover(self.spool.unprocessed_studies())
+
+    def _adopt(self, studies: list[str]) -> None:
+        """A dead node's studies that it had not routed: assembled here (blocking; the cluster's heartbeat task).
+        Also those the database never heard of whose files have been quiet for a lease period."""
+        assert self.shared_queue is not None
+        quiet = self.spool.unprocessed_studies(quiet_for_s=self.settings.cluster.lease_s)
+        unknown = self.shared_queue.studies_to_recover(quiet, unknown_only=True)
+        for record in self.spool.recover(set(studies) | unknown):
+            self.assembler.add(record)
 
     def _start_receiver_and_api(self) -> None:
         self.scp = StoreSCP(
@@ -371,6 +397,8 @@ class Gateway:
             outbox=self.outbox,
             reports=self.reports,
             http=self.http,
+            shared_queue=self.shared_queue,
+            adopt=self._adopt,
         )
         self.runtime = runtime  # from here a stop() reaches it
         try:

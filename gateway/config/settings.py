@@ -279,6 +279,27 @@ class OrdersSettings(Section):
     facility: str = "AI_GATEWAY"
 
 
+class ClusterSettings(Section):
+    """Several gateways on one PostgreSQL database and one shared spool folder (an NFS or CephFS mount): the job
+    queue lives in the database, any node analyses any study, and a node that dies has its studies taken over
+    within one lease. Off by default (one gateway: the queue is in memory, rebuilt from the spool on start)."""
+
+    enabled: bool = False
+    # The spool every node writes and reads (the same path on every node); empty: data_dir/spool.
+    spool_dir: OptionalPath = None
+    lease_s: Seconds = 30.0  # a study whose owner has not renewed its lease this long is taken over
+    heartbeat_s: Seconds = 5.0  # how often a node renews its leases (well under lease_s)
+    poll_s: Seconds = 0.5  # how often an idle worker looks for work that other nodes routed
+
+    @model_validator(mode="after")
+    def _heartbeat_within_lease(self) -> ClusterSettings:
+        if self.heartbeat_s * 3 > self.lease_s:
+            raise ValueError(
+                f"heartbeat_s ({self.heartbeat_s}) must be at most a third of lease_s ({self.lease_s})"
+            )
+        return self
+
+
 class LogLevel(Choice):
     DEBUG = "DEBUG"
     INFO = "INFO"
@@ -326,6 +347,7 @@ class Settings(Section):
     hl7: Hl7Settings = Field(default_factory=Hl7Settings)
     database: DatabaseSettings = Field(default_factory=DatabaseSettings)
     orders: OrdersSettings = Field(default_factory=OrdersSettings)
+    cluster: ClusterSettings = Field(default_factory=ClusterSettings)
     http: HttpSettings = Field(default_factory=HttpSettings)
     scheduling: SchedulingSettings = Field(default_factory=SchedulingSettings)
     retention: RetentionSettings = Field(default_factory=RetentionSettings)
@@ -342,6 +364,8 @@ class Settings(Section):
 
     @property
     def spool_dir(self) -> Path:
+        if self.cluster.enabled and self.cluster.spool_dir is not None:
+            return self.cluster.spool_dir
         return self.data_dir / "spool"
 
     @property

@@ -38,10 +38,10 @@ BATCH_LINGER_S = 0.2  # how long a first write waits for others to share its com
 
 
 class Recorder:
-    def __init__(self, engine: Engine, node: str) -> None:
+    def __init__(self, engine: Engine, node: str, *, claims_jobs: bool = False) -> None:
         self.engine = engine
         self.node = node
-        self._studies = StudyWrites(node)
+        self._studies = StudyWrites(node, claims_jobs=claims_jobs)
         self._events = EventWrites(self._studies)
         self._pending: list[Item] = []
         self._wake = threading.Condition()

@@ -201,3 +201,39 @@ orders = Table(
     Column("node", String(64), nullable=False),
     Index(None, "study_uid"),
 )
+
+# -- the shared queue (several gateways on one database) ----------------------------------------------------------
+
+nodes = Table(
+    "nodes",
+    metadata,
+    Column("node_id", String(64), primary_key=True),
+    Column("started_at", Float, nullable=False),
+    Column("heartbeat_at", Float, nullable=False),
+    Column("stopped_at", Float),  # a clean stop; a node that stops beating without it died
+    Column("adopted_by", String(64)),  # the node that took over a dead node's studies still being received
+    Column("adopted_at", Float),
+)
+
+study_leases = Table(
+    "study_leases",
+    metadata,
+    # The node analysing a study: every series of the study runs there (its results are collected in one place)
+    # while the lease is renewed; a lease that expires lets another node take the whole study over.
+    Column("study_uid", UID, primary_key=True),
+    Column("owner", String(64), nullable=False),
+    Column("claimed_at", Float, nullable=False),
+    Column("expires_at", Float, nullable=False),
+    Column("finished_at", Float),  # the study's completion, written once, by its owner
+    Column("takeovers", Integer, nullable=False, server_default="0"),
+    Index(None, "owner"),
+)
+
+fair_share = Table(
+    "fair_share",
+    metadata,
+    # Stride scheduling across the cluster: each sending PACS's pass (served cost / weight); the row with the
+    # empty AE title holds the virtual time that an idle PACS joins at.
+    Column("calling_ae", AE, primary_key=True),
+    Column("pass_value", Float, nullable=False),
+)

@@ -23,7 +23,8 @@ logger = logging.getLogger(__name__)
 class StudyWrites:
     """Studies, their transitions, instances and jobs."""
 
-    def __init__(self, node: str) -> None:
+    def __init__(self, node: str, *, claims_jobs: bool = False) -> None:
+        self.claims_jobs = claims_jobs
         self.node = node
 
     def stored(self, connection: Connection, stored: list[InstanceRecord]) -> None:
@@ -185,6 +186,9 @@ class StudyWrites:
         )
 
     def started(self, connection: Connection, job: str, study_uid: str, attempts: int, at: float) -> None:
+        if self.claims_jobs:  # the cluster's claim wrote the job's state, lease and attempt itself
+            self.move(connection, study_uid, StudyState.ANALYSING, at, "")
+            return
         connection.execute(
             update(t.jobs)
             .where(t.jobs.c.job_id == job)

@@ -176,10 +176,33 @@ class Spool:
         calling_ae = str(header.file_meta.get("SourceApplicationEntityTitle", "")).strip()
         return record_from_header(header, path, calling_ae, path.stat().st_mtime)
 
-    def recover(self) -> list[InstanceRecord]:
-        """Records of every spooled instance whose study has not been processed with it yet."""
-        records = []
+    def unprocessed_studies(self, *, quiet_for_s: float = 0.0) -> list[str]:
+        """Studies with an instance not yet processed (and, with ``quiet_for_s``, no file newer than that:
+        nobody is still writing them)."""
+        found = []
+        now = time.time()
         for study_dir in sorted(p for p in self.root.iterdir() if p.is_dir()):
+            files = list(study_dir.glob("*/*.dcm"))
+            done = set(self.processed_instances(study_dir.name))
+            if not any(path.stem not in done for path in files):
+                continue
+            if quiet_for_s and any(now - path.stat().st_mtime < quiet_for_s for path in files):
+                continue
+            found.append(study_dir.name)
+        return found
+
+    def recover(self, studies: Iterable[str] | None = None) -> list[InstanceRecord]:
+        """Records of every spooled instance whose study has not been processed with it yet (of ``studies``
+        only, when given: a spool shared by several gateways)."""
+        records = []
+        dirs = (
+            sorted(p for p in self.root.iterdir() if p.is_dir())
+            if studies is None
+            else [
+                self.root / uid for uid in sorted(studies) if is_valid_uid(uid) and (self.root / uid).is_dir()
+            ]
+        )
+        for study_dir in dirs:
             done = set(self.processed_instances(study_dir.name))
             for path in sorted(study_dir.glob("*/*.dcm")):
                 if path.stem in done:

@@ -16,6 +16,7 @@ from gateway.core.domain import Study
 from gateway.database.jobs import QueuedJob, RoutedStudy, job_id
 from gateway.ingest.assembler import StudyAssembler
 from gateway.ops.events import EventSink
+from gateway.orchestration.cluster import ClusterQueue
 from gateway.orchestration.routing import Router, study_priority
 from gateway.orchestration.scheduler import JobQueue
 from gateway.orchestration.tracker import StudyTracker
@@ -42,7 +43,7 @@ class StudyIntake:
         self.executor = executor
         self.orders = orders
 
-    async def run(self, queue: JobQueue) -> None:
+    async def run(self, queue: JobQueue | ClusterQueue) -> None:
         """Route each study when it becomes complete, until cancelled."""
         loop, wake = asyncio.get_running_loop(), asyncio.Event()
 
@@ -74,12 +75,14 @@ class StudyIntake:
             return study
         return dataclasses.replace(study, order_priority=order.priority) if order is not None else study
 
-    async def route(self, study: Study, queue: JobQueue) -> None:
+    async def route(self, study: Study, queue: JobQueue | ClusterQueue) -> None:
         # A study analysed before is re-read from the spool (its headers): after its last completion is
         # written, and in the executor.
         await self.tracker.settled(study.study_instance_uid)
         loop = asyncio.get_running_loop()
+        arrived = study
         study = await loop.run_in_executor(self.executor, self.tracker.as_it_stands, study)
+        reopened = study is not arrived
         if self.orders is not None:
             study = await loop.run_in_executor(self.executor, self._with_order, study)
         decision = self.router.route(study)
@@ -117,6 +120,9 @@ class StudyIntake:
                 reason=skip.reason,
                 modality=skip.modality,
             )
+        if isinstance(queue, ClusterQueue):  # the cluster's queue opens the study where it is analysed
+            queue.routed(study, decision, reopened=reopened)
+            return
         self.tracker.open(study, jobs=len(decision.jobs), skipped=len(decision.skipped))
         for job in decision.jobs:
             queue.put(job)

@@ -7,14 +7,17 @@ owned by the loop; ``snapshot`` copies what ``/health`` shows and runs on the lo
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 from clients.http_post import HttpPoster
 from clients.triton import TritonClient
+from gateway.database.queue import SharedQueue
 from gateway.delivery.outbox import Outbox
 from gateway.inference.batcher import CrossStudyBatcher
 from gateway.inference.watch import TritonWatch
 from gateway.ops import retention
 from gateway.ops.health import LoopState
+from gateway.orchestration.cluster import ClusterQueue
 from gateway.orchestration.failures import FailurePublisher
 from gateway.orchestration.intake import StudyIntake
 from gateway.orchestration.scheduler import JobQueue
@@ -36,6 +39,8 @@ class LoopRuntime:
         outbox: Outbox,
         reports: ReportDispatcher,
         http: HttpPoster,
+        shared_queue: SharedQueue | None = None,
+        adopt: Callable[[list[str]], None] | None = None,
     ) -> None:
         self.parts = parts
         self.triton_url = triton_url
@@ -66,7 +71,22 @@ class LoopRuntime:
             else None
         )
         self.watch = TritonWatch(self.client, triton_url, retry_max_s=tri.retry_max_s)
-        self.queue = JobQueue(parts.settings.scheduling)
+        settings = parts.settings
+        # One gateway: the queue in memory. A cluster: the queue in the shared database (``[cluster] enabled``).
+        self.queue: JobQueue | ClusterQueue = (
+            JobQueue(settings.scheduling)
+            if shared_queue is None
+            else ClusterQueue(
+                shared_queue,
+                settings.cluster,
+                settings.scheduling,
+                tracker=parts.tracker,
+                router=intake.router,
+                spool=parts.spool,
+                executor=intake.executor,
+                adopt=adopt,
+            )
+        )
         self.pool = WorkerPool(
             queue=self.queue,
             client=self.client,
@@ -95,11 +115,15 @@ class LoopRuntime:
                 name="retention",
             ),
         ]
+        if isinstance(self.queue, ClusterQueue):
+            tasks.append(asyncio.create_task(self.queue.run(), name="cluster-heartbeat"))
         try:
             self.pool.start(settings.workers, settings.scheduling.stat_workers)
             await self.stopping.wait()
             await self.pool.stop()
             await self.parts.tracker.drain()
+            if isinstance(self.queue, ClusterQueue):
+                await self.queue.stopped()
             await self.reports.drain(REPORTS_DRAIN_S)
             for task in tasks:
                 task.cancel()

@@ -19,6 +19,7 @@ import contextlib
 import dataclasses
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from gateway.core.domain import Study, timing_log_fields
@@ -65,6 +66,8 @@ class StudyTracker:
         self.events = events
         self._progress: dict[str, StudyProgress] = {}
         self._settling: dict[str, asyncio.Future[None]] = {}  # study -> its marker still being written
+        # Cluster mode: asked before a study is completed; False when another node took the study over.
+        self.completion_guard: Callable[[str], Awaitable[bool]] | None = None
 
     def __len__(self) -> int:
         return len(self._progress)
@@ -118,11 +121,11 @@ class StudyTracker:
 
     def finish(self, study_uid: str) -> None:
         progress = self._progress.pop(study_uid)
-        if progress.reports:  # written and sent in the background: never a cost to the study's completion
-            self.reports.submit(self.results.root / study_uid, progress.reports, stat=progress.stat)
-        self._study_done(study_uid, progress)
-        marking = asyncio.wrap_future(
-            self.events.after_recorded(lambda: self._mark_processed(study_uid, progress))
+        guard = self.completion_guard
+        marking: asyncio.Future[None] = (
+            self._complete(study_uid, progress)
+            if guard is None
+            else asyncio.ensure_future(self._complete_if_allowed(guard, study_uid, progress))
         )
         self._settling[study_uid] = marking
 
@@ -133,6 +136,21 @@ class StudyTracker:
                 logger.error("study %s: processed marker not written: %r", study_uid, done.exception())
 
         marking.add_done_callback(settled)
+
+    async def _complete_if_allowed(
+        self, guard: Callable[[str], Awaitable[bool]], study_uid: str, progress: StudyProgress
+    ) -> None:
+        if await guard(study_uid):
+            await self._complete(study_uid, progress)
+
+    def _complete(self, study_uid: str, progress: StudyProgress) -> asyncio.Future[None]:
+        """Reports dispatched, ``study_done`` recorded, then (on the audit's thread) the processed marker."""
+        if progress.reports:  # written and sent in the background: never a cost to the study's completion
+            self.reports.submit(self.results.root / study_uid, progress.reports, stat=progress.stat)
+        self._study_done(study_uid, progress)
+        return asyncio.wrap_future(
+            self.events.after_recorded(lambda: self._mark_processed(study_uid, progress))
+        )
 
     def _mark_processed(self, study_uid: str, progress: StudyProgress) -> None:
         study = progress.study

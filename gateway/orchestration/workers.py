@@ -23,6 +23,7 @@ from gateway.database.jobs import job_id
 from gateway.inference.watch import TritonWatch
 from gateway.ops.metrics import Metrics
 from gateway.orchestration.analysis import Inferrer
+from gateway.orchestration.cluster import ClusterQueue
 from gateway.orchestration.failures import FailurePublisher
 from gateway.orchestration.routing import InferenceJob
 from gateway.orchestration.scheduler import JobQueue
@@ -39,7 +40,7 @@ class WorkerPool:
     def __init__(
         self,
         *,
-        queue: JobQueue,
+        queue: JobQueue | ClusterQueue,
         client: Inferrer,
         pipeline: SeriesPipeline,
         failures: FailurePublisher,
