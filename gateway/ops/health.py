@@ -31,6 +31,9 @@ class LoopState:
     workers_alive: int = 0
     workers_started: bool = False
     resource_error: str = ""
+    cluster: dict[str, Any] = field(
+        default_factory=dict
+    )  # cluster mode: nodes alive, held studies, last error
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -77,6 +80,11 @@ def health_report(loop: LoopState, other: OtherState) -> dict[str, Any]:
             f"system of record cannot be written ({other.database['error'][:160]}): "
             f"{other.database.get('backlog', 0)} write(s) held; studies are still received and analysed"
         )
+    if loop.cluster.get("error"):
+        reasons.append(
+            f"the cluster's queue cannot be used ({loop.cluster['error'][:160]}): studies are still received; "
+            "analysis resumes when the database answers"
+        )
     if loop.workers_started and loop.workers_alive < other.workers_configured:
         reasons.append(f"only {loop.workers_alive} of {other.workers_configured} analysis workers alive")
     return {
@@ -85,7 +93,8 @@ def health_report(loop: LoopState, other: OtherState) -> dict[str, Any]:
         "node": other.node,
         "database": other.database,
         "triton": {"url": other.triton_url, "ready": triton_ready, "endpoints": loop.endpoints},
-        "queue": loop.queue,
+        "queue": loop.queue,  # in cluster mode: the whole cluster's
+        **({"cluster": loop.cluster} if loop.cluster else {}),
         "queue_by_pacs": loop.queue_by_pacs,
         "studies_pending": other.studies_pending,
         "studies_in_flight": loop.studies_in_flight,

@@ -16,7 +16,7 @@ import contextlib
 import dataclasses
 import logging
 from collections.abc import Callable
-from concurrent.futures import Executor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import Any
 
 from gateway.config.settings import ClusterSettings, SchedulingSettings
@@ -33,6 +33,7 @@ from gateway.orchestration.tracker import StudyTracker
 logger = logging.getLogger(__name__)
 
 DATABASE_RETRY = Backoff(0.5, 5.0)
+QUEUE_THREADS = 3  # claims, completions and the heartbeat may wait on the database at the same time
 
 
 class ClusterQueue:
@@ -54,7 +55,11 @@ class ClusterQueue:
         self.tracker = tracker
         self.router = router
         self.spool = spool
-        self.executor = executor
+        # The database calls: threads of their own, so a slow database never holds up intake or analysis.
+        self._own_executor = executor is None
+        self.executor = executor or ThreadPoolExecutor(
+            max_workers=QUEUE_THREADS, thread_name_prefix="cluster-queue"
+        )
         self.adopt = adopt  # feeds a dead node's unrouted studies to this node's assembler (blocking)
         self._jobs: dict[str, InferenceJob] = {}  # routed here, or rebuilt: job id -> job
         self._held: set[str] = set()  # studies leased to this node and open in its tracker
@@ -204,6 +209,8 @@ class ClusterQueue:
             await self._call(self.shared.stopped)
         except DatabaseError as exc:
             self._failed("releasing this node's studies", exc)
+        if self._own_executor and isinstance(self.executor, ThreadPoolExecutor):
+            self.executor.shutdown(wait=False, cancel_futures=True)
 
     # -- observation ----------------------------------------------------------------------------------------
 
@@ -216,9 +223,15 @@ class ClusterQueue:
     def qsize(self) -> int:
         return sum(self._depth.by_priority.values())
 
-    @property
-    def nodes_alive(self) -> int:
-        return self._depth.nodes_alive
+    def state(self) -> dict[str, Any]:
+        """For ``/health``: the cluster as this node last saw it."""
+        return {
+            "nodes_alive": self._depth.nodes_alive,
+            "running": self._depth.running,
+            "studies_held": len(self._held),
+            "lease_s": self.cluster.lease_s,
+            "error": self.last_error,
+        }
 
     # -- helpers --------------------------------------------------------------------------------------------
 

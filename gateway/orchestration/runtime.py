@@ -83,7 +83,6 @@ class LoopRuntime:
                 tracker=parts.tracker,
                 router=intake.router,
                 spool=parts.spool,
-                executor=intake.executor,
                 adopt=adopt,
             )
         )
@@ -146,6 +145,7 @@ class LoopRuntime:
             workers_alive=self.pool.alive,
             workers_started=self.pool.started,
             resource_error=self.pool.resource_error,
+            cluster=self.queue.state() if isinstance(self.queue, ClusterQueue) else {},
         )
 
     def _observe_request(self, model: str, seconds: float, slices: int) -> None:
