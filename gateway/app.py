@@ -40,6 +40,7 @@ from gateway.delivery.store import ResultStore
 from gateway.inference.registry import ModelRegistry, fingerprint_models
 from gateway.inference.server import TritonServer
 from gateway.ingest.assembler import StudyAssembler
+from gateway.ingest.notices import NoticeSCP
 from gateway.ingest.receiver import StoreSCP, check_port_free
 from gateway.ingest.spool import Spool
 from gateway.ops import retention
@@ -74,7 +75,9 @@ class Gateway:
         self.settings = settings
         self.spool = Spool(settings.spool_dir, min_free_bytes=settings.receiver.min_free_disk_mb * 2**20)
         self.assembler = StudyAssembler(
-            settings.quiet_period_s, incomplete_guard_s=settings.incomplete_guard_s
+            settings.quiet_period_s,
+            incomplete_guard_s=settings.incomplete_guard_s,
+            longest_wait_s=settings.receiver.notice_longest_wait_s,
         )
         self.results = ResultStore(settings.results_dir)
         self.http = HttpPoster()  # webhooks and FHIR: one connection pool, built here, off the loop
@@ -204,7 +207,10 @@ class Gateway:
         assert self.shared_queue is not None
         quiet = self.spool.unprocessed_studies(quiet_for_s=self.settings.cluster.lease_s)
         unknown = self.shared_queue.studies_to_recover(quiet, unknown_only=True)
-        for record in self.spool.recover(set(studies) | unknown):
+        chosen = set(studies) | unknown
+        if unknown:
+            logger.warning("%d spooled study(ies) that no node recorded, adopted here", len(unknown))
+        for record in self.spool.recover(chosen) if chosen else ():
             self.assembler.add(record)
 
     def _start_receiver_and_api(self) -> None:
@@ -215,6 +221,7 @@ class Gateway:
             allowed_calling_aes=self.settings.allowed_calling_aes(),
             on_refused=lambda status: self.metrics.instances_refused.labels(f"0x{status:04X}").inc(),
             on_association_end=self.assembler.association_ended,
+            notices=NoticeSCP(self.assembler) if self.settings.receiver.accept_notices else None,
         )
         self.scp.start()
         if self.settings.http.enabled:

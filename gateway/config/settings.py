@@ -94,6 +94,12 @@ class ReceiverSettings(Section):
     tls_cert_file: TlsFile = None  # DICOM TLS when set (PEM certificate chain of the gateway)
     tls_key_file: TlsFile = None
     tls_ca_file: TlsFile = None  # when set, callers must present a certificate signed by this CA
+    # MPPS (N-CREATE / N-SET) and Instance Availability Notification (N-CREATE) on the same AE: a study closes when
+    # every instance its completed procedure step or notice lists is in the spool, not after the quiet period.
+    accept_notices: bool = True
+    # A study held open by an MPPS in progress closes this long after its last instance if no N-SET COMPLETED
+    # comes (a lost MPPS).
+    notice_longest_wait_s: Seconds = 1800.0
 
     @model_validator(mode="after")
     def _tls_pair(self) -> ReceiverSettings:

@@ -122,6 +122,9 @@ class SharedQueue:
             self._connected_since = now
         return int(held or 0)
 
+    def now(self) -> float:
+        return self._clock()
+
     def may_take_over(self, now: float) -> bool:
         """Only a node connected for a whole lease judges others' leases (an outage is not a death)."""
         return self._connected_since is not None and now - self._connected_since >= self.lease_s

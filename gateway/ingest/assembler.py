@@ -1,6 +1,11 @@
 """Study assembly: group spooled instances by study and series, and declare a study complete once no instance
 has arrived for the quiet period. Thread-safe: association threads add, the engine pops.
 
+A modality's MPPS or an archive's IAN makes completion deterministic: a study whose procedure step is in progress
+is held (no quiet period closes it, only ``longest_wait_s`` after its last instance, against a lost N-SET); a
+completed step or an availability notice lists the study's instances, and the study closes as soon as every one of
+them is in the spool.
+
 A study whose last association ended badly (aborted, dropped, or with refused instances) waits for the longer
 ``incomplete_guard_s`` instead: the sender is likely to retry, and a partial study analysed early would send a
 partial clinical result. A later association that delivers instances of the study and ends in a normal release
@@ -16,6 +21,10 @@ from dataclasses import dataclass, field
 
 from gateway.core.domain import InstanceRecord, Series, Study
 
+NOTICE_SETTLE_S = (
+    0.2  # after the last instance a completeness notice listed (a re-sent copy may follow at once)
+)
+
 
 @dataclass
 class _Pending:
@@ -25,6 +34,21 @@ class _Pending:
     calling_ae: str
     instances: dict[str, InstanceRecord] = field(default_factory=dict)
     incomplete_reason: str = ""
+    notice: _Notice | None = None  # what the modality (MPPS) or the archive (IAN) says the study holds
+
+
+@dataclass
+class _Notice:
+    """A completeness notice for a study: held open while its procedure step is in progress; complete once every
+    listed instance is in the spool."""
+
+    source: str  # "MPPS in progress", "MPPS completed", "IAN"
+    at: float
+    expected: frozenset[str] = frozenset()  # SOP Instance UIDs; empty while only held
+    final: bool = False  # the list is the whole study (MPPS completed / discontinued, IAN)
+
+    def satisfied_by(self, instances: dict[str, InstanceRecord]) -> bool:
+        return self.final and self.expected.issubset(instances)
 
 
 class StudyAssembler:
@@ -33,12 +57,17 @@ class StudyAssembler:
         quiet_period_s: float,
         *,
         incomplete_guard_s: float | None = None,
+        longest_wait_s: float | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if quiet_period_s <= 0:
             raise ValueError(f"quiet_period_s must be > 0, got {quiet_period_s}")
         self.quiet_period_s = quiet_period_s
         self.incomplete_guard_s = max(quiet_period_s, incomplete_guard_s or quiet_period_s)
+        # A study held by a notice that never completes (a lost MPPS N-SET) closes this long after its last
+        # instance, whatever the notice said.
+        self.longest_wait_s = max(self.incomplete_guard_s, longest_wait_s or 0.0)
+        self._notices: dict[str, _Notice] = {}  # notices of studies with no instance here yet
         self._clock = clock
         self._lock = threading.Lock()
         self._pending: dict[str, _Pending] = {}
@@ -57,13 +86,16 @@ class StudyAssembler:
                     first_received_at=record.received_at,
                     last_received_at=record.received_at,
                     calling_ae=record.calling_ae,
+                    notice=self._notices.pop(record.study_instance_uid, None),
                 )
                 self._pending[record.study_instance_uid] = pending
             pending.last_arrival = now
             pending.last_received_at = max(pending.last_received_at, record.received_at)
             # A re-sent instance replaces the earlier copy (same SOP Instance UID, same spool file).
             pending.instances[record.sop_instance_uid] = record
-        if was_empty and self.on_first_pending is not None:
+            # The last instance a notice listed: the study's deadline moved earlier, whoever sleeps must know.
+            listed = pending.notice is not None and pending.notice.satisfied_by(pending.instances)
+        if (was_empty or listed) and self.on_first_pending is not None:
             self.on_first_pending()
 
     def association_ended(self, study_uids: set[str], problem: str) -> None:
@@ -74,26 +106,59 @@ class StudyAssembler:
                 if pending is not None:
                     pending.incomplete_reason = problem
 
+    def hold(self, study_uid: str, source: str) -> None:
+        """The study's procedure step is in progress (MPPS N-CREATE): no quiet period closes it until the step
+        is completed, or until ``longest_wait_s`` after its last instance."""
+        self._notice(study_uid, _Notice(source=source, at=self._clock()))
+
+    def expect(self, study_uid: str, sop_uids: frozenset[str], source: str) -> None:
+        """The study holds exactly these instances (MPPS completed, IAN): it closes as soon as every one of them is
+        in the spool, not after a quiet period."""
+        self._notice(study_uid, _Notice(source=source, at=self._clock(), expected=sop_uids, final=True))
+
+    def _notice(self, study_uid: str, notice: _Notice) -> None:
+        with self._lock:
+            pending = self._pending.get(study_uid)
+            if pending is None:
+                self._notices[study_uid] = notice
+                for uid, old in list(self._notices.items()):  # notices of studies that never came
+                    if notice.at - old.at > self.longest_wait_s:
+                        del self._notices[uid]
+                return
+            if pending.notice is not None and pending.notice.final and not notice.final:
+                return  # an in-progress notice never re-opens a completed list
+            pending.notice = notice
+        if self.on_first_pending is not None:
+            self.on_first_pending()  # the deadline moved: whoever sleeps until the next one wakes up
+
     def pending_studies(self) -> int:
         with self._lock:
             return len(self._pending)
 
-    def _period(self, pending: _Pending) -> float:
-        return self.incomplete_guard_s if pending.incomplete_reason else self.quiet_period_s
+    def _deadline(self, pending: _Pending) -> float:
+        """When the study is complete: a completed notice's last listed instance (plus a moment), a held study at
+        the longest wait, otherwise the quiet period (the longer guard after an association that ended badly)."""
+        notice = pending.notice
+        if notice is not None:
+            if notice.satisfied_by(pending.instances):
+                return max(pending.last_arrival, notice.at) + NOTICE_SETTLE_S
+            return pending.last_arrival + self.longest_wait_s
+        period = self.incomplete_guard_s if pending.incomplete_reason else self.quiet_period_s
+        return pending.last_arrival + period
 
     def seconds_until_next(self, now: float | None = None) -> float | None:
         """How long until the next pending study is complete (0 when one is); None when nothing is pending.
         Later instances only push a deadline back, so a sleep until this time never misses a study."""
         now = self._clock() if now is None else now
         with self._lock:
-            deadlines = [p.last_arrival + self._period(p) for p in self._pending.values()]
+            deadlines = [self._deadline(p) for p in self._pending.values()]
         return max(0.0, min(deadlines) - now) if deadlines else None
 
     def pop_complete(self, now: float | None = None) -> list[Study]:
         """Remove and return the studies that have been quiet for at least the quiet period."""
         now = self._clock() if now is None else now
         with self._lock:
-            ready = [uid for uid, p in self._pending.items() if now - p.last_arrival >= self._period(p)]
+            ready = [uid for uid, p in self._pending.items() if now >= self._deadline(p)]
             popped = [(uid, self._pending.pop(uid)) for uid in ready]
         return [_build_study(uid, pending) for uid, pending in popped]
 

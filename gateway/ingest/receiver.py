@@ -20,6 +20,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from gateway.config.settings import ReceiverSettings
 from gateway.core.domain import InstanceRecord
 from gateway.core.errors import STATUS_SUCCESS, ConfigError, GatewayError, dimse_status_for
+from gateway.ingest.notices import NOTICE_CLASSES, NoticeSCP
 from gateway.ingest.spool import Spool
 
 logger = logging.getLogger(__name__)
@@ -202,6 +203,7 @@ class StoreSCP:
         allowed_calling_aes: frozenset[str],
         on_refused: Callable[[int], None] = lambda status: None,
         on_association_end: Callable[[set[str], str], None] = lambda studies, problem: None,
+        notices: NoticeSCP | None = None,
     ) -> None:
         configure_pynetdicom()
         self.settings = settings
@@ -215,6 +217,9 @@ class StoreSCP:
         for context in StoragePresentationContexts:
             if context.abstract_syntax is not None:
                 ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+        if notices is not None:
+            for sop_class in NOTICE_CLASSES:
+                ae.add_supported_context(sop_class)
         if allowed_calling_aes:
             ae.require_calling_aet = sorted(allowed_calling_aes)
         else:
@@ -227,6 +232,7 @@ class StoreSCP:
             (evt.EVT_CONN_CLOSE, self.tracker.closed),
             (evt.EVT_REJECTED, log_rejection),
             (evt.EVT_DIMSE_RECV, abort_malformed_request),
+            *(notices.handlers if notices is not None else []),
         ]
         self.server: ThreadedAssociationServer | None = None
 

@@ -188,16 +188,26 @@ class ClusterQueue:
     # -- background: heartbeat, depths, adoption ----------------------------------------------------------
 
     async def run(self) -> None:
-        """Renew this node's leases every ``heartbeat_s`` until cancelled; adopt dead nodes' studies."""
+        """Renew this node's leases every ``heartbeat_s`` until cancelled; adopt dead nodes' studies, and once a
+        lease period sweep the shared spool for studies nobody recorded (a node killed before its writes went in)."""
+        loop = asyncio.get_running_loop()
+        next_sweep = loop.time() + self.cluster.lease_s
         while True:
             try:
                 await self._call(self.shared.heartbeat)
                 self._depth = await self._call(self.shared.depth)
+                adopted: list[str] = []
                 for node in await self._call(self.shared.dead_nodes):
                     studies = await self._call(self.shared.adopt, node)
-                    logger.warning("node %s stopped beating: %d of its studies adopted", node, len(studies))
-                    if self.adopt is not None:
-                        await self._call(self.adopt, studies)
+                    logger.warning(
+                        "node %s stopped: %d of its unrouted studies adopted here", node, len(studies)
+                    )
+                    adopted.extend(studies)
+                sweep = loop.time() >= next_sweep and self.shared.may_take_over(self.shared.now())
+                if self.adopt is not None and (adopted or sweep):
+                    await self._call(self.adopt, adopted)
+                if sweep:
+                    next_sweep = loop.time() + self.cluster.lease_s
                 self.last_error = ""
             except DatabaseError as exc:
                 self._failed("heartbeat", exc)

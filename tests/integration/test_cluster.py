@@ -6,6 +6,7 @@ objects (deterministic UIDs); and a database outage stops no node from acknowled
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -14,12 +15,14 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+import pydicom
 import pytest
 from sqlalchemy import create_engine, select
 
 from benchmarks.phantoms import write_head_ct
 from gateway.database import schema
 from gateway.inference.server import free_port
+from gateway.ingest.spool import Spool
 from tests.support.postgres import PostgresCluster
 from tests.support.servers import storescu, wait_for
 
@@ -199,3 +202,34 @@ def test_a_database_outage_stops_no_node_from_acknowledging_and_the_cluster_catc
         )
     finally:
         _stop(nodes)
+
+
+def test_a_spooled_study_that_no_node_recorded_is_adopted_not_lost(tmp_path: Path, triton: str) -> None:
+    """A node killed between acknowledging a study and its database writes leaves the study only in the shared
+    spool: a live node's sweep (once a lease, its files quiet for a lease) assembles and analyses it."""
+    spool_root = tmp_path / "shared-spool"
+    node = Node("node-1", free_port(), tmp_path / "data-1")
+    try:
+        _start(
+            node, url=f"sqlite:///{tmp_path / 'cluster.db'}", spool=spool_root, triton=triton, tmp=tmp_path
+        )
+        wait_for(lambda: _listening(node), timeout_s=120, what="node-1 to listen")
+        series = write_head_ct(tmp_path / "orphan", slices=6, seed=140)
+        spool = Spool(spool_root)
+        for path in series.paths:  # acknowledged by a node that died before recording anything
+            raw = path.read_bytes()
+            offset = raw.index(b"DICM") + 4
+            meta_len = int.from_bytes(raw[offset + 8 : offset + 12], "little")
+            record = spool.store(
+                pydicom.dcmread(path).file_meta, raw[offset + 12 + meta_len :], calling_ae="STORESCU"
+            )
+            old = time.time() - 2 * LEASE_S
+            os.utime(record.path, (old, old))
+        wait_for(
+            lambda: series.study_uid in node.done(),
+            timeout_s=4 * LEASE_S + 60,
+            what="the orphan study analysed",
+        )
+        assert node.done().count(series.study_uid) == 1
+    finally:
+        _stop([node])

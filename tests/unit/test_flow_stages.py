@@ -145,6 +145,49 @@ def test_assembler_says_when_the_next_study_is_due_and_wakes_the_sleeper_once() 
     assert wakes == [100.0, 162.0]
 
 
+def test_an_mpps_in_progress_holds_a_study_past_the_quiet_period_and_its_list_closes_it() -> None:
+    now = [100.0]
+    wakes: list[float] = []
+    assembler = StudyAssembler(5.0, incomplete_guard_s=60.0, longest_wait_s=600.0, clock=lambda: now[0])
+    assembler.on_first_pending = lambda: wakes.append(now[0])
+    assembler.hold("1.2.3", "MPPS in progress")  # before any image: kept until the study starts arriving
+    assembler.add(_record("1.2.3", "1.2.3.1", "1.2.3.1.1"))
+    now[0] = 200.0  # 20 quiet periods later, a gap before the next series
+    assert assembler.pop_complete() == []
+    assembler.add(_record("1.2.3", "1.2.3.2", "1.2.3.2.1"))
+    assembler.expect("1.2.3", frozenset({"1.2.3.1.1", "1.2.3.2.1", "1.2.3.3.1"}), "MPPS completed")
+    now[0] = 260.0
+    assert assembler.pop_complete() == []  # one listed instance is still missing
+    wakes.clear()
+    assembler.add(_record("1.2.3", "1.2.3.3", "1.2.3.3.1"))
+    assert wakes == [260.0]  # the deadline moved earlier: the sleeper is woken
+    assert assembler.seconds_until_next() == pytest.approx(0.2)
+    now[0] = 260.3  # within a second of the last listed instance, not after a quiet period
+    (study,) = assembler.pop_complete()
+    assert study.instance_count == 3 and len(study.series) == 3
+
+
+def test_a_lost_mpps_completion_closes_the_study_at_the_longest_wait() -> None:
+    now = [100.0]
+    assembler = StudyAssembler(5.0, longest_wait_s=600.0, clock=lambda: now[0])
+    assembler.add(_record("1.2.3", "1.2.3.1", "1.2.3.1.1"))
+    assembler.hold("1.2.3", "MPPS in progress")
+    now[0] = 699.0
+    assert assembler.pop_complete() == []
+    now[0] = 700.5
+    assert len(assembler.pop_complete()) == 1
+
+
+def test_an_in_progress_notice_never_reopens_a_completed_list() -> None:
+    now = [100.0]
+    assembler = StudyAssembler(5.0, longest_wait_s=600.0, clock=lambda: now[0])
+    assembler.add(_record("1.2.3", "1.2.3.1", "1.2.3.1.1"))
+    assembler.expect("1.2.3", frozenset({"1.2.3.1.1"}), "IAN")
+    assembler.hold("1.2.3", "MPPS in progress")
+    now[0] = 100.3
+    assert len(assembler.pop_complete()) == 1
+
+
 def _study(series: list[Series], description: str = "", priority: str = "") -> Study:
     return Study(
         study_instance_uid="1.2.3",
