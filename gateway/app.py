@@ -210,7 +210,7 @@ class Gateway:
         chosen = set(studies) | unknown
         if unknown:
             logger.warning("%d spooled study(ies) that no node recorded, adopted here", len(unknown))
-        for record in self.spool.recover(chosen) if chosen else ():
+        for record in self.spool.recover(chosen):
             self.assembler.add(record)
 
     def _start_receiver_and_api(self) -> None:

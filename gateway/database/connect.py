@@ -9,7 +9,7 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, Engine, Table, create_engine, event
+from sqlalchemy import Connection, Engine, Table, create_engine, event, func
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
@@ -67,3 +67,8 @@ def upsert(connection: Connection, table: Table) -> Any:
     """An INSERT that takes ON CONFLICT DO NOTHING / DO UPDATE, in the connection's dialect (same API on both)."""
     dialect = postgresql if connection.dialect.name == "postgresql" else sqlite
     return dialect.insert(table)
+
+
+def greatest(connection: Connection) -> Any:
+    """The larger of two values in the connection's dialect: SQLite's two-argument max(), PostgreSQL's GREATEST."""
+    return func.max if connection.dialect.name == "sqlite" else func.greatest

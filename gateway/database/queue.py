@@ -38,7 +38,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from gateway.config.settings import SchedulingSettings
 from gateway.core.errors import DatabaseError
 from gateway.database import schema as t
-from gateway.database.connect import upsert
+from gateway.database.connect import greatest, upsert
 
 logger = logging.getLogger(__name__)
 
@@ -91,7 +91,7 @@ class SharedQueue:
         """Say this node is alive and renew its leases; returns how many studies it holds."""
         now = self._clock()
         try:
-            with self.engine.begin() as connection:
+            with self._transaction() as connection:
                 connection.execute(
                     upsert(connection, t.nodes)
                     .values(node_id=self.node, started_at=now, heartbeat_at=now)
@@ -115,9 +115,9 @@ class SharedQueue:
                     .where(t.jobs.c.lease_owner == self.node, t.jobs.c.state == "running")
                     .values(lease_expires_at=now + self.lease_s)
                 )
-        except SQLAlchemyError as exc:
+        except DatabaseError:
             self._connected_since = None
-            raise DatabaseError(f"heartbeat failed: {type(exc).__name__}") from exc
+            raise
         if self._connected_since is None:
             self._connected_since = now
         return int(held or 0)
@@ -165,7 +165,7 @@ class SharedQueue:
         now = self._clock()
         j, lease, share = t.jobs, t.study_leases, t.fair_share
         vt = self._virtual_time(connection)
-        greatest = func.max if connection.dialect.name == "sqlite" else func.greatest
+        larger = greatest(connection)
         promote = literal(self.scheduling.promote_fraction)
         rank = case(
             (j.c.priority == "STAT", 0),
@@ -190,7 +190,7 @@ class SharedQueue:
                 j.c.attempts,
                 j.c.enqueued_at,
                 lease.c.owner,
-                greatest(func.coalesce(share.c.pass_value, vt), vt).label("pass_value"),
+                larger(func.coalesce(share.c.pass_value, vt), vt).label("pass_value"),
             )
             .select_from(
                 j.outerjoin(lease, lease.c.study_uid == j.c.study_uid).outerjoin(
@@ -284,14 +284,13 @@ class SharedQueue:
         """Stride scheduling: the served PACS's pass advances by cost / weight; the virtual time follows the
         pass of the PACS served (the lowest among those with work waiting)."""
         share = t.fair_share
-        greatest = func.max if connection.dialect.name == "sqlite" else func.greatest
         advanced = pass_value + max(1, cost) / self.scheduling.weight(pacs)
         for key, value in ((pacs, advanced), (VIRTUAL_TIME, max(vt, pass_value))):
             insert = upsert(connection, share).values(calling_ae=key, pass_value=value)
             connection.execute(
                 insert.on_conflict_do_update(
                     index_elements=["calling_ae"],
-                    set_={"pass_value": greatest(share.c.pass_value, insert.excluded.pass_value)}
+                    set_={"pass_value": greatest(connection)(share.c.pass_value, insert.excluded.pass_value)}
                     if key == VIRTUAL_TIME
                     else {"pass_value": insert.excluded.pass_value},
                 )

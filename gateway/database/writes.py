@@ -13,7 +13,7 @@ from sqlalchemy import Connection, func, select, update
 
 from gateway.core.domain import InstanceRecord
 from gateway.database import schema as t
-from gateway.database.connect import upsert
+from gateway.database.connect import greatest, upsert
 from gateway.database.jobs import QueuedJob, RoutedStudy, job_id
 from gateway.database.states import StudyState, allowed
 
@@ -57,11 +57,10 @@ class StudyWrites:
             first = min(r.received_at for r in records)
             last = max(r.received_at for r in records)
             self.ensure_study(connection, study_uid, records[0].calling_ae, first, last)
-            greatest = func.max if connection.dialect.name == "sqlite" else func.greatest  # of two values
             connection.execute(
                 update(t.studies)
                 .where(t.studies.c.study_uid == study_uid)
-                .values(last_received_at=greatest(t.studies.c.last_received_at, last))
+                .values(last_received_at=greatest(connection)(t.studies.c.last_received_at, last))
             )
             self.move(connection, study_uid, StudyState.RECEIVING, first, "")
 

@@ -63,6 +63,7 @@ class ClusterQueue:
         self.adopt = adopt  # feeds a dead node's unrouted studies to this node's assembler (blocking)
         self._jobs: dict[str, InferenceJob] = {}  # routed here, or rebuilt: job id -> job
         self._held: set[str] = set()  # studies leased to this node and open in its tracker
+        self._skips: dict[str, int] = {}  # study -> series no pipeline applies to (from its routing)
         self._wake = asyncio.Event()
         self._depth = QueueDepth(
             by_priority={p.name: 0 for p in Priority}, by_pacs={}, running=0, nodes_alive=0
@@ -78,6 +79,7 @@ class ClusterQueue:
         if not decision.jobs:
             self.tracker.open(study, jobs=0, skipped=len(decision.skipped))
             return
+        self._skips[study.study_instance_uid] = len(decision.skipped)
         for job in decision.jobs:
             self._jobs[self._id(job)] = job
         if reopened:
@@ -133,8 +135,7 @@ class ClusterQueue:
                 await self._rebuild(claimed)
             jobs = [j for j in self._jobs.values() if j.study.study_instance_uid == uid]
             if jobs and self.tracker.get(uid) is None:
-                skipped = await self._call(self._skipped, jobs[0].study)
-                self.tracker.open(jobs[0].study, jobs=len(jobs), skipped=skipped)
+                self.tracker.open(jobs[0].study, jobs=len(jobs), skipped=self._skips.get(uid, 0))
             self._held.add(uid)
         job = self._jobs.get(claimed.job_id)
         if job is None:
@@ -157,13 +158,12 @@ class ClusterQueue:
             first_received_at=min(r.received_at for r in records),
             last_received_at=max(r.received_at for r in records),
         )
-        for job in self.router.route(study).jobs:
+        decision = self.router.route(study)
+        self._skips[claimed.study_uid] = len(decision.skipped)
+        for job in decision.jobs:
             self._jobs[self._id(job)] = job
         if claimed.takeover:
             logger.warning("study %s taken over: analysed here as it stands in the spool", claimed.study_uid)
-
-    def _skipped(self, study: Study) -> int:
-        return len(self.router.route(study).skipped)
 
     async def _finish_study(self, study_uid: str) -> bool:
         """The tracker's completion guard: only the study's lease owner completes it (once)."""
@@ -179,6 +179,7 @@ class ClusterQueue:
                 self._failed(f"completing study {study_uid}", exc)
                 await asyncio.sleep(DATABASE_RETRY.delay(attempt))
         self._held.discard(study_uid)
+        self._skips.pop(study_uid, None)
         for key in [k for k, j in self._jobs.items() if j.study.study_instance_uid == study_uid]:
             del self._jobs[key]
         if not done:

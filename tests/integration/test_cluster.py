@@ -73,6 +73,13 @@ def _listening(node: Node) -> bool:
         return sock.connect_ex(("127.0.0.1", node.port)) == 0
 
 
+def _start_all(nodes: list[Node], *, url: str, spool: Path, triton: str, tmp: Path) -> None:
+    for node in nodes:
+        _start(node, url=url, spool=spool, triton=triton, tmp=tmp)
+    for node in nodes:
+        wait_for(lambda n=node: _listening(n), timeout_s=120, what=f"{node.name} to listen")
+
+
 def _stop(nodes: list[Node]) -> None:
     for node in nodes:
         if node.process is not None and node.process.poll() is None:
@@ -97,10 +104,7 @@ def test_three_gateways_one_killed_holding_studies_lose_none_and_analyse_none_tw
     nodes = [Node(f"node-{i}", free_port(), tmp_path / f"data-{i}") for i in (1, 2, 3)]
     engine = create_engine(url.replace("postgresql://", "postgresql+psycopg://", 1))
     try:
-        for node in nodes:
-            _start(node, url=url, spool=spool, triton=triton, tmp=tmp_path)
-        for node in nodes:
-            wait_for(lambda n=node: _listening(n), timeout_s=120, what=f"{node.name} to listen")
+        _start_all(nodes, url=url, spool=spool, triton=triton, tmp=tmp_path)
         studies = [write_head_ct(tmp_path / f"st{i}", slices=12, seed=80 + i) for i in range(6)]
         for i, study in enumerate(studies):  # all through two of the three nodes: the third only claims
             target = nodes[i % 2]
@@ -161,10 +165,7 @@ def test_a_database_outage_stops_no_node_from_acknowledging_and_the_cluster_catc
     spool = tmp_path / "shared-spool"
     nodes = [Node(f"node-{i}", free_port(), tmp_path / f"data-{i}") for i in (1, 2)]
     try:
-        for node in nodes:
-            _start(node, url=url, spool=spool, triton=triton, tmp=tmp_path)
-        for node in nodes:
-            wait_for(lambda n=node: _listening(n), timeout_s=120, what=f"{node.name} to listen")
+        _start_all(nodes, url=url, spool=spool, triton=triton, tmp=tmp_path)
         before = [write_head_ct(tmp_path / f"before{i}", slices=8, seed=120 + i) for i in range(2)]
         during = [write_head_ct(tmp_path / f"during{i}", slices=8, seed=130 + i) for i in range(4)]
         for i, study in enumerate(before):
@@ -210,10 +211,9 @@ def test_a_spooled_study_that_no_node_recorded_is_adopted_not_lost(tmp_path: Pat
     spool_root = tmp_path / "shared-spool"
     node = Node("node-1", free_port(), tmp_path / "data-1")
     try:
-        _start(
-            node, url=f"sqlite:///{tmp_path / 'cluster.db'}", spool=spool_root, triton=triton, tmp=tmp_path
+        _start_all(
+            [node], url=f"sqlite:///{tmp_path / 'cluster.db'}", spool=spool_root, triton=triton, tmp=tmp_path
         )
-        wait_for(lambda: _listening(node), timeout_s=120, what="node-1 to listen")
         series = write_head_ct(tmp_path / "orphan", slices=6, seed=140)
         spool = Spool(spool_root)
         for path in series.paths:  # acknowledged by a node that died before recording anything

@@ -23,14 +23,6 @@ STUDY, SERIES = "1.2.826.0.1.3680043.10.1.1", "1.2.826.0.1.3680043.10.1.2"
 
 
 @pytest.fixture
-def engine(database_url: str) -> Iterator[Engine]:
-    engine = engine_for(database_url)
-    migrate.upgrade(engine)
-    yield engine
-    engine.dispose()
-
-
-@pytest.fixture
 def recorder(engine: Engine) -> Iterator[Recorder]:
     recorder = Recorder(engine, "node-a").start()
     yield recorder

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import threading
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,8 +14,7 @@ from sqlalchemy import Engine, select
 
 from gateway.config.settings import SchedulingSettings
 from gateway.core.domain import InstanceRecord
-from gateway.database import migrate, schema
-from gateway.database.connect import engine_for
+from gateway.database import schema
 from gateway.database.jobs import QueuedJob, RoutedStudy, job_id
 from gateway.database.queue import SharedQueue
 from gateway.database.recorder import Recorder
@@ -30,14 +28,6 @@ class Clock:
 
     def __call__(self) -> float:
         return self.now
-
-
-@pytest.fixture
-def engine(database_url: str) -> Iterator[Engine]:
-    engine = engine_for(database_url)
-    migrate.upgrade(engine)
-    yield engine
-    engine.dispose()
 
 
 @pytest.fixture
