@@ -11,10 +11,13 @@ from pathlib import Path
 import pydicom
 from pydicom.dataset import Dataset
 from pynetdicom import AE, build_context
-from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    ModalityWorklistInformationFind,
+    Verification,
+)
 
 from gateway.config.settings import Peer
-from gateway.core.errors import DeliveryError, dimse_accepted
+from gateway.core.errors import DeliveryError, WorklistError, dimse_accepted
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +76,37 @@ def echo(
         return bool(status) and int(status.Status) == 0
     finally:
         assoc.release()
+
+
+def find_worklist(
+    peer: Peer,
+    query: Dataset,
+    *,
+    calling_ae: str = "AI_GATEWAY",
+    timeout_s: float = 10.0,
+    ssl_context: ssl.SSLContext | None = None,
+) -> list[Dataset]:
+    """C-FIND on a Modality Worklist SCP: every matching scheduled procedure step. Raises ``WorklistError`` when the
+    SCP cannot be reached or its answer ends in a failure."""
+    ae = _make_ae(calling_ae, timeout_s)
+    ae.add_requested_context(ModalityWorklistInformationFind)
+    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, tls_args=_tls(ssl_context, peer))
+    if not assoc.is_established:
+        raise WorklistError(f"association with worklist {peer} was rejected, aborted or never connected")
+    matches: list[Dataset] = []
+    try:
+        for status, identifier in assoc.send_c_find(query, ModalityWorklistInformationFind):
+            code = int(status.Status) if status and "Status" in status else -1
+            if code in (0xFF00, 0xFF01):  # pending: one match
+                if identifier is not None:
+                    matches.append(identifier)
+            elif code != 0x0000:
+                reason = "no response (aborted or timed out)" if code < 0 else f"status 0x{code:04X}"
+                raise WorklistError(f"worklist {peer} query failed: {reason}")
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    return matches
 
 
 def store_datasets(

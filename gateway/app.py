@@ -52,6 +52,7 @@ from gateway.ops.metrics import Metrics
 from gateway.orchestration.imaging import log_capabilities, select_imaging
 from gateway.orchestration.intake import StudyIntake
 from gateway.orchestration.notifications import BackgroundNotifications
+from gateway.orchestration.order_watch import OrderWatch
 from gateway.orchestration.routing import Router
 from gateway.orchestration.runtime import LoopRuntime
 from gateway.orchestration.series_pipeline import PipelineParts
@@ -59,8 +60,10 @@ from gateway.orchestration.tracker import StudyTracker
 from gateway.reporting.dispatcher import ReportDispatcher
 from gateway.reporting.notify import StatNotifier
 from gateway.results.encode import ResultEncoder
+from gateway.workflow.context import OrderContext
 from gateway.workflow.hl7_listener import Hl7Listener
 from gateway.workflow.orders import OrderStore
+from gateway.workflow.worklist import WorklistLookup
 
 logger = logging.getLogger(__name__)
 
@@ -113,13 +116,22 @@ class Gateway:
         self.metrics = Metrics()
         self.events = EventSink(self.audit, self.metrics, self.record)
         self.tracker = StudyTracker(self.spool, self.results, self.reports, self.events)
+        self.orders = OrderStore(self.database, settings.node_id)
+        worklist = settings.worklist
+        self.order_context = OrderContext(
+            self.orders,
+            WorklistLookup(worklist.scp, calling_ae=settings.receiver.ae_title, timeout_s=worklist.timeout_s)
+            if worklist.scp is not None
+            else None,
+        )
+        self.order_watch = OrderWatch(self.order_context, self.assembler, self.database).attach()
         self.intake = StudyIntake(
             self.assembler,
             Router(settings.pipelines),
             self.tracker,
             self.events,
             self.intake_executor,
-            orders=OrderStore(self.database, settings.node_id),
+            orders=self.order_context,
         )
         self.backend, self.dali, self.decoder, self.decoder_reason = select_imaging(settings)
         self.encoder = ResultEncoder(settings.encode_processes)
@@ -134,7 +146,7 @@ class Gateway:
         self.runtime: LoopRuntime | None = None  # built on the loop
         self.orders_listener = Hl7Listener.for_settings(
             settings.orders,
-            OrderStore(self.database, settings.node_id),
+            self.orders,
             executor=self.io_executor,
             on_event=self.audit.record,
         )
@@ -267,6 +279,7 @@ class Gateway:
         self.executor.shutdown(wait=True, cancel_futures=True)
         self.io_executor.shutdown(wait=True, cancel_futures=False)
         self.intake_executor.shutdown(wait=True, cancel_futures=True)
+        self.order_watch.close()
         self.audit.close()
         self.record.close()
         self.database.dispose()

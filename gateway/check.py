@@ -18,7 +18,7 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 
 from gateway.config.settings import PipelineSettings, Settings
-from gateway.core.domain import InstanceRecord, Series, Study
+from gateway.core.domain import InstanceRecord
 from gateway.core.errors import GatewayError
 from gateway.core.logs import neutralise, silence_identifier_warnings
 from gateway.ingest.assembler import assemble_study
@@ -57,14 +57,6 @@ class CheckReport:
     @property
     def ok(self) -> bool:
         return not self.refused and all(s.ok for s in self.series)
-
-
-def _rule(pipeline: PipelineSettings, study: Study, series: Series) -> str:
-    if not pipeline.route.body_parts and not pipeline.route.description_patterns:
-        return f"modality {series.modality}"
-    if series.body_part and series.body_part.upper() in pipeline.route.body_parts:
-        return f"modality {series.modality}, body part {series.body_part}"
-    return f"modality {series.modality}, description pattern"
 
 
 def _would_encode(pipeline: PipelineSettings, headers: Sequence[pydicom.Dataset]) -> str:
@@ -129,7 +121,7 @@ def check_files(
             jobs = [
                 job for job in decision.jobs if job.series.series_instance_uid == series.series_instance_uid
             ]
-            check.pipelines = [f"{job.pipeline.name} ({_rule(job.pipeline, study, series)})" for job in jobs]
+            check.pipelines = [f"{job.pipeline.name} ({job.rule})" for job in jobs]
             if not jobs:
                 check.skipped = reasons.get(series.series_instance_uid, "no pipeline applies")
             else:

@@ -72,7 +72,7 @@ def _patterns(value: Any) -> Any:
         try:
             compiled.append(text if isinstance(text, re.Pattern) else re.compile(text))
         except re.error as exc:
-            raise ValueError(f"bad description pattern {text!r}: {exc}") from exc
+            raise ValueError(f"bad pattern {text!r}: {exc}") from exc
     return tuple(compiled)
 
 
@@ -136,6 +136,10 @@ class RoutingRule(Part):
     modalities: Annotated[tuple[str, ...], AfterValidator(_modalities)]
     body_parts: Annotated[tuple[str, ...], AfterValidator(lambda v: tuple(b.upper() for b in v))] = ()
     description_patterns: Annotated[tuple[re.Pattern[str], ...], BeforeValidator(_patterns)] = ()
+    # From the study's order (HL7 feed or worklist): a series of a listed modality is also taken when the order's
+    # requested procedure code is one of these, or its reason for exam matches one of these patterns.
+    procedure_codes: Annotated[tuple[str, ...], AfterValidator(lambda v: tuple(c.upper() for c in v))] = ()
+    reason_patterns: Annotated[tuple[re.Pattern[str], ...], BeforeValidator(_patterns)] = ()
     min_slices: Annotated[int, Field(ge=1)] = 1
     # Content-aware routing: a series of a listed modality that no header rule matched is analysed when this
     # anatomy is in its field of view (preprocessing/anatomy.py); its findings are then incidental.

@@ -273,6 +273,12 @@ class DatabaseSettings(Section):
     node_id: Annotated[str, Field(max_length=64)] = ""
 
 
+def _hl7_field(value: str) -> str:
+    if value and not re.fullmatch(r"[A-Z0-9]{3}-[0-9]+(\.[0-9]+)?", value.upper()):
+        raise ValueError(f"{value!r} is not an HL7 field: SEG-N or SEG-N.C (e.g. OBR-37), or empty")
+    return value.upper()
+
+
 class OrdersSettings(Section):
     # The RIS's HL7 v2 order feed over MLLP: ADT^A01/A04/A08, ORM^O01, OMI^O23; each order is stored (by accession
     # number) before it is acknowledged. Off unless enabled.
@@ -283,6 +289,17 @@ class OrdersSettings(Section):
         "AI_GATEWAY"  # MSH-3 / MSH-4 of our acknowledgements when the message names no receiver
     )
     facility: str = "AI_GATEWAY"
+    # Where an order says how many images its study holds (HL7 v2 has no standard field; "" ignores it). A study
+    # with that many images in the spool closes at once, not after the quiet period.
+    expected_images_field: Annotated[str, AfterValidator(_hl7_field)] = "OBR-37"
+
+
+class WorklistSettings(Section):
+    """A Modality Worklist SCP (C-FIND) to ask for a study's order where no HL7 feed exists: the gateway queries
+    it by accession number when a study starts arriving and keeps what it finds as the study's order."""
+
+    scp: Annotated[Peer | None, BeforeValidator(_peer_or_none)] = None  # AET@host:port; none: not asked
+    timeout_s: Seconds = 5.0
 
 
 class ClusterSettings(Section):
@@ -353,6 +370,7 @@ class Settings(Section):
     hl7: Hl7Settings = Field(default_factory=Hl7Settings)
     database: DatabaseSettings = Field(default_factory=DatabaseSettings)
     orders: OrdersSettings = Field(default_factory=OrdersSettings)
+    worklist: WorklistSettings = Field(default_factory=WorklistSettings)
     cluster: ClusterSettings = Field(default_factory=ClusterSettings)
     http: HttpSettings = Field(default_factory=HttpSettings)
     scheduling: SchedulingSettings = Field(default_factory=SchedulingSettings)

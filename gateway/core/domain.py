@@ -128,7 +128,9 @@ class Study:
     requested_priority: str = ""
     incomplete_reason: str = ""  # set when the study's last association was aborted or had refusals
     accession_number: str = ""
-    order_priority: str = ""  # from the study's active order (HL7 feed), when there is one
+    order_priority: str = ""  # from the study's active order (HL7 feed or worklist), when there is one
+    order_reason: str = ""  # the order's reason for exam (clinical text: never logged)
+    order_procedure_code: str = ""  # the order's requested procedure code
 
     def __post_init__(self) -> None:
         _require_uid("study_instance_uid", self.study_instance_uid)

@@ -78,6 +78,10 @@ class DeliveryError(RetryableError):
     """A result could not be delivered to its destination."""
 
 
+class WorklistError(RetryableError):
+    """The Modality Worklist SCP cannot be asked now (refused, unreachable, or its answer failed)."""
+
+
 class InvalidInstanceError(PermanentError):
     """An instance the gateway refuses to store."""
 

@@ -115,6 +115,18 @@ def _answered(query: Callable[P, R]) -> Callable[P, R]:
 
 
 @_answered
+def was_complete(engine: Engine, study_uid: str) -> bool:
+    """Whether the study was declared complete before (it is being re-opened by later instances)."""
+    with engine.connect() as connection:
+        row = connection.execute(
+            select(t.study_transitions.c.id)
+            .where(t.study_transitions.c.study_uid == study_uid, t.study_transitions.c.state == "complete")
+            .limit(1)
+        ).first()
+    return row is not None
+
+
+@_answered
 def list_studies(engine: Engine, where: StudyFilter, *, now: float | None = None) -> list[StudyRow]:
     """Studies matching ``where``, STAT first, then the newest."""
     now = time.time() if now is None else now

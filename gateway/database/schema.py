@@ -196,6 +196,7 @@ orders = Table(
     Column("status", String(16), nullable=False),  # active | cancelled
     Column("message_type", String(16), nullable=False),  # ORM^O01 | OMI^O23
     Column("control_id", String(64), nullable=False, server_default=""),  # MSH-10 of the last message
+    Column("expected_images", Integer, nullable=True),  # when the order says how many images the study holds
     Column("received_at", Float, nullable=False),
     Column("updated_at", Float, nullable=False),
     Column("node", String(64), nullable=False),

@@ -4,7 +4,8 @@ has arrived for the quiet period. Thread-safe: association threads add, the engi
 A modality's MPPS or an archive's IAN makes completion deterministic: a study whose procedure step is in progress
 is held (no quiet period closes it, only ``longest_wait_s`` after its last instance, against a lost N-SET); a
 completed step or an availability notice lists the study's instances, and the study closes as soon as every one of
-them is in the spool.
+them is in the spool. An order that says how many images the study holds closes it the same way, once that many
+are in the spool (a listed notice, more precise, wins over a count).
 
 A study whose last association ended badly (aborted, dropped, or with refused instances) waits for the longer
 ``incomplete_guard_s`` instead: the sender is likely to retry, and a partial study analysed early would send a
@@ -42,13 +43,18 @@ class _Notice:
     """A completeness notice for a study: held open while its procedure step is in progress; complete once every
     listed instance is in the spool."""
 
-    source: str  # "MPPS in progress", "MPPS completed", "IAN"
+    source: str  # "MPPS in progress", "MPPS completed", "IAN", "order"
     at: float
     expected: frozenset[str] = frozenset()  # SOP Instance UIDs; empty while only held
     final: bool = False  # the list is the whole study (MPPS completed / discontinued, IAN)
+    count: int = 0  # the study holds at least this many instances (an order's expected number of images)
 
     def satisfied_by(self, instances: dict[str, InstanceRecord]) -> bool:
-        return self.final and self.expected.issubset(instances)
+        return self.final and self.expected.issubset(instances) and len(instances) >= self.count
+
+    @property
+    def listed(self) -> bool:
+        return self.final and bool(self.expected)
 
 
 class StudyAssembler:
@@ -74,12 +80,16 @@ class StudyAssembler:
         # Called (outside the lock) when the first study starts waiting: whoever sleeps until the next
         # deadline has no deadline while nothing is pending, and must be woken.
         self.on_first_pending: Callable[[], None] | None = None
+        # Called (outside the lock, on the receiving thread) with (study UID, accession number) when a study
+        # starts waiting: whoever knows its order may say how many images to expect (``expect_count``).
+        self.on_new_study: Callable[[str, str], None] | None = None
 
     def add(self, record: InstanceRecord) -> None:
         now = self._clock()
         with self._lock:
             was_empty = not self._pending
             pending = self._pending.get(record.study_instance_uid)
+            new = pending is None
             if pending is None:
                 pending = _Pending(
                     last_arrival=now,
@@ -97,6 +107,8 @@ class StudyAssembler:
             listed = pending.notice is not None and pending.notice.satisfied_by(pending.instances)
         if (was_empty or listed) and self.on_first_pending is not None:
             self.on_first_pending()
+        if new and self.on_new_study is not None:
+            self.on_new_study(record.study_instance_uid, record.accession_number)
 
     def association_ended(self, study_uids: set[str], problem: str) -> None:
         """An association that stored instances of these studies ended: cleanly (``problem`` empty) or not."""
@@ -116,9 +128,16 @@ class StudyAssembler:
         in the spool, not after a quiet period."""
         self._notice(study_uid, _Notice(source=source, at=self._clock(), expected=sop_uids, final=True))
 
+    def expect_count(self, study_uid: str, count: int, source: str = "order") -> None:
+        """The study holds ``count`` instances (its order says so): it closes as soon as that many are in the
+        spool. A notice that lists the instances (MPPS completed, IAN) is more precise and is kept."""
+        self._notice(study_uid, _Notice(source=source, at=self._clock(), final=True, count=count))
+
     def _notice(self, study_uid: str, notice: _Notice) -> None:
         with self._lock:
             pending = self._pending.get(study_uid)
+            if notice.count and pending is not None and pending.notice is not None and pending.notice.listed:
+                return  # a count never replaces a list
             if pending is None:
                 self._notices[study_uid] = notice
                 for uid, old in list(self._notices.items()):  # notices of studies that never came

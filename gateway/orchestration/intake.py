@@ -20,7 +20,7 @@ from gateway.orchestration.cluster import ClusterQueue
 from gateway.orchestration.routing import Router, study_priority
 from gateway.orchestration.scheduler import JobQueue
 from gateway.orchestration.tracker import StudyTracker
-from gateway.workflow.orders import OrderStore
+from gateway.workflow.context import OrderContext
 
 logger = logging.getLogger(__name__)
 ASSEMBLY_SLACK_S = 0.01  # past a deadline, so the study is complete when the loop wakes
@@ -34,7 +34,7 @@ class StudyIntake:
         tracker: StudyTracker,
         events: EventSink,
         executor: Executor | None = None,
-        orders: OrderStore | None = None,
+        orders: OrderContext | None = None,
     ) -> None:
         self.assembler = assembler
         self.router = router
@@ -63,8 +63,9 @@ class StudyIntake:
                 )
 
     def _with_order(self, study: Study) -> Study:
-        """The study with its active order's priority (the HL7 feed); as it is when there is none or the
-        system of record cannot be read (the images' own priority still applies). Blocking."""
+        """The study with its active order's priority, reason for exam and procedure (the HL7 feed or the
+        worklist); as it is when there is none or the system of record cannot be read (the images' own priority
+        still applies). Blocking."""
         assert self.orders is not None
         try:
             order = self.orders.for_study(study.accession_number, study.study_instance_uid)
@@ -73,7 +74,14 @@ class StudyIntake:
                 "study %s: its order could not be read (%s)", study.study_instance_uid, type(exc).__name__
             )
             return study
-        return dataclasses.replace(study, order_priority=order.priority) if order is not None else study
+        if order is None:
+            return study
+        return dataclasses.replace(
+            study,
+            order_priority=order.priority,
+            order_reason=order.reason,
+            order_procedure_code=order.procedure_code,
+        )
 
     async def route(self, study: Study, queue: JobQueue | ClusterQueue) -> None:
         # A study analysed before is re-read from the spool (its headers): after its last completion is

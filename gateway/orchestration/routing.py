@@ -48,13 +48,19 @@ def header_rule(pipeline: PipelineSettings, study: Study, series: Series) -> str
     """The header rule that routes ``series`` to ``pipeline`` ("" when none does)."""
     if series.modality.upper() not in pipeline.route.modalities:
         return ""
-    if not pipeline.route.body_parts and not pipeline.route.description_patterns:
-        return f"modality {series.modality.upper()}"
-    if series.body_part and series.body_part.upper() in pipeline.route.body_parts:
-        return f"modality {series.modality.upper()}, body part {series.body_part.upper()}"
+    route, modality = pipeline.route, series.modality.upper()
+    if not (route.body_parts or route.description_patterns or route.procedure_codes or route.reason_patterns):
+        return f"modality {modality}"
+    if series.body_part and series.body_part.upper() in route.body_parts:
+        return f"modality {modality}, body part {series.body_part.upper()}"
     texts = [t for t in (series.series_description, study.study_description) if t]
-    if any(p.search(t) for p in pipeline.route.description_patterns for t in texts):
-        return f"modality {series.modality.upper()}, description pattern"
+    if any(p.search(t) for p in route.description_patterns for t in texts):
+        return f"modality {modality}, description pattern"
+    code = study.order_procedure_code.upper()
+    if code and code in route.procedure_codes:
+        return f"modality {modality}, ordered procedure {code}"
+    if study.order_reason and any(p.search(study.order_reason) for p in route.reason_patterns):
+        return f"modality {modality}, reason for exam"  # the reason's text is clinical: not in the rule
     return ""
 
 

@@ -40,8 +40,10 @@ class Hl7Listener:
         facility: str,
         executor: Executor | None = None,
         on_event: Callable[..., None] | None = None,
+        expected_images_field: str = "OBR-37",
     ) -> None:
         self.store = store
+        self.expected_images_field = expected_images_field
         self.host = host
         self.requested_port = port
         self.application = application
@@ -71,6 +73,7 @@ class Hl7Listener:
             facility=settings.facility,
             executor=executor,
             on_event=on_event,
+            expected_images_field=settings.expected_images_field,
         )
 
     @property
@@ -152,7 +155,7 @@ class Hl7Listener:
                 error_code="200",
             )
         try:
-            order = order_from_message(message)
+            order = order_from_message(message, self.expected_images_field)
         except OrderError as exc:
             return Outcome(status="error", reason=str(exc), error_code="101")
         try:

@@ -11,6 +11,8 @@ Where each value is read (the first that is present wins):
     status             ORC-1: CA / OC / DC (cancelled or discontinued) -> cancelled; NW / XO / SC / anything else ->
                        active
     patient            PID-3.1 with its assigning authority PID-3.4, kept only as a SHA-256 (never the ID itself)
+    expected images    HL7 v2 has no standard field for it: the field ``[orders] expected_images_field`` names
+                       (OBR-37 by default, where several RIS put it); a positive whole number, else none
 
 An order without an accession number is an error (AE): there is nothing to key it by.
 """
@@ -47,8 +49,25 @@ class Order:
     procedure_code: str
     procedure_text: str
     status: str
-    message_type: str
+    message_type: str  # ORM^O01 | OMI^O23 | MWL (found by a worklist query)
     control_id: str
+    expected_images: int | None = None  # the study closes once this many images are in the spool
+
+
+def field_spec(text: str) -> tuple[str, int, int] | None:
+    """``"OBR-37"`` or ``"ZDS-2.1"`` (checked by the settings) -> (segment, field, component); None for ``""``."""
+    if not text:
+        return None
+    segment, _, rest = text.upper().partition("-")
+    field, _, component = rest.partition(".")
+    return segment, int(field), int(component or "1")
+
+
+def _expected_images(message: Er7Message, spec: tuple[str, int, int] | None) -> int | None:
+    if spec is None:
+        return None
+    text = message.get(*spec).strip()
+    return int(text) if text.isdigit() and 0 < int(text) <= 1_000_000 else None
 
 
 def patient_key(patient_id: str, authority: str) -> str:
@@ -65,7 +84,7 @@ def _priority(message: Er7Message) -> str:
     return "ROUTINE"
 
 
-def order_from_message(message: Er7Message) -> Order:
+def order_from_message(message: Er7Message, expected_images_field: str = "OBR-37") -> Order:
     kind = message.message_type
     accession = next(
         (v for v in (message.get("IPC", 1), message.get("OBR", 18), message.get("OBR", 3)) if v.strip()), ""
@@ -88,6 +107,7 @@ def order_from_message(message: Er7Message) -> Order:
         status="cancelled" if message.get("ORC", 1).strip().upper() in CANCELLED else "active",
         message_type=f"{kind[0]}^{kind[1]}",
         control_id=message.control_id[:64],
+        expected_images=_expected_images(message, field_spec(expected_images_field)),
     )
 
 
@@ -108,6 +128,10 @@ class OrderStore:
             connection.execute(
                 insert.on_conflict_do_update(index_elements=["accession_number"], set_=changed)
             )
+
+    def expected_images(self, accession_number: str, study_uid: str) -> int | None:
+        order = self.for_study(accession_number, study_uid)
+        return order.expected_images if order is not None else None
 
     def for_study(self, accession_number: str, study_uid: str) -> Order | None:
         """The active order of a study: by its accession number, else one that names its Study Instance UID."""

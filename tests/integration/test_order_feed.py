@@ -207,3 +207,100 @@ def test_the_order_priority_puts_a_routine_looking_study_first(tmp_path: Path, t
     finally:
         gateway.stop()
     assert row.priority == "STAT"
+
+
+def _completed_at(gateway: Gateway, study_uid: str) -> float:
+    from gateway.database.queries import study_timeline
+    from tests.support.servers import wait_for
+
+    def complete() -> float | None:
+        timeline = study_timeline(gateway.database, study_uid)
+        steps = [s.at for s in timeline.steps if s.stage == "complete"] if timeline else []
+        return steps[0] if steps else None
+
+    return float(wait_for(complete, timeout_s=25, what="the study to be complete"))
+
+
+def test_an_order_that_says_how_many_images_closes_the_study_at_the_last_one(
+    gateway: Gateway, tmp_path: Path
+) -> None:
+    """The order (OBR-37) expects 6 images: the study is complete as soon as the sixth is in the spool, not after
+    the 30 s quiet period; an order without a count leaves the quiet period in charge."""
+    from benchmarks.phantoms import write_head_ct
+    from tests.support.servers import storescu
+
+    gateway.assembler.quiet_period_s = 30.0
+    gateway.assembler.incomplete_guard_s = 30.0
+    assert gateway.orders_listener is not None
+    client = MllpClient(gateway.orders_listener.port)
+    counted = ORM.replace("ACC-0001", "ACC-PHANTOM-1").replace(
+        "^Sudden headache \\T\\ vomiting", "|" * 6 + "6"
+    )
+    assert msa(client.exchange(counted))[1] == "AA"
+    client.close()
+    assert OrderStore(gateway.database, "test").expected_images("ACC-PHANTOM-1", "") == 6
+    series = write_head_ct(tmp_path / "s", slices=6, rows=64, cols=64, seed=5)
+    assert (
+        storescu(list(series.paths), port=gateway.settings.receiver.port, calling_ae="STORESCU").returncode
+        == 0
+    )
+    sent = time.time()
+    completed = _completed_at(gateway, series.study_uid)
+    assert completed - sent < 5.0, "closed by the order's count, not the 30 s quiet period"
+    late = gateway.assembler.pending_studies()
+    assert late == 0
+    print(
+        f"\norder count: study complete {completed - sent:.2f} s after the last of its 6 images was acknowledged"
+    )
+
+
+def test_without_an_hl7_feed_the_worklist_gives_the_order_its_priority_and_procedure(
+    tmp_path: Path, triton: str
+) -> None:
+    """No HL7 feed; DCMTK's wlmscpfs holds the worklist. The study's images say ROUTINE and a head pipeline that
+    routes only by the ordered procedure: the worklist's STAT order for the accession number is found by C-FIND,
+    stored, and the study is routed by its procedure code and analysed as STAT."""
+    from pydicom.dataset import Dataset
+
+    from benchmarks.phantoms import write_head_ct
+    from gateway.database.queries import StudyFilter, list_studies
+    from tests.support.servers import WorklistSCP, storescu, wait_for
+
+    code = Dataset()
+    code.CodeValue, code.CodingSchemeDesignator, code.CodeMeaning = "CTHEAD", "L", "CT head"
+    port = free_port()
+    with WorklistSCP(tmp_path / "worklist") as worklist:
+        worklist.add_item(
+            "order1",
+            AccessionNumber="ACC-PHANTOM-1",
+            RequestedProcedurePriority="STAT",
+            RequestedProcedureCodeSequence=[code],
+            ReasonForTheRequestedProcedure="Fall on anticoagulants",
+        )
+        worklist.add_item("other", AccessionNumber="ACC-OTHER", RequestedProcedurePriority="LOW")
+        config = tmp_path / "gateway.toml"
+        config.write_text(
+            f'data_dir = "{tmp_path / "data"}"\nquiet_period_s = 0.5\nworkers = 1\n[receiver]\nport = {port}\n'
+            f'[http]\nenabled = false\n[triton]\nurl = "{triton}"\n'
+            f'[worklist]\nscp = "{worklist.aet}@127.0.0.1:{worklist.port}"\n'
+            '[[pipelines]]\nname = "ct"\nmodel = "ct_head_hyperdensity"\nalgorithm_version = "0.1.0"\n'
+            'modalities = ["CT"]\nbody_parts = ["KNEE"]\nprocedure_codes = ["CTHEAD"]\n'
+            'input_size = [256, 256]\n[pipelines.labels]\n0 = "hemorrhage"\n'
+        )
+        series = write_head_ct(tmp_path / "s", slices=6, rows=128, cols=128, seed=3)
+        gateway = Gateway(load_settings(config)).start()
+        try:
+            assert storescu(list(series.paths), port=port, calling_ae="STORESCU").returncode == 0
+            [row] = wait_for(
+                lambda: list_studies(gateway.database, StudyFilter(state="results_stored")),
+                timeout_s=120,
+                what="the study to be analysed",
+            )
+            order = OrderStore(gateway.database, "test").find("ACC-PHANTOM-1")
+            rules = [e.get("rule") for e in gateway.audit.read() if e["event"] == "series_analysed"]
+        finally:
+            gateway.stop()
+    assert row.priority == "STAT"
+    assert order is not None and order.message_type == "MWL" and order.procedure_code == "CTHEAD"
+    assert order.reason == "Fall on anticoagulants" and order.priority == "STAT"
+    assert rules == ["modality CT, ordered procedure CTHEAD"], rules

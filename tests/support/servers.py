@@ -241,6 +241,78 @@ class MllpListener:
         self.server.server_close()
 
 
+class WorklistSCP:
+    """DCMTK's ``wlmscpfs``: a real Modality Worklist SCP answering C-FIND from worklist files (one per item,
+    ``<dir>/<AE title>/*.wl``), on a free loopback port."""
+
+    def __init__(self, work_dir: Path, *, aet: str = "RIS_MWL") -> None:
+        self.aet = aet
+        self.folder = work_dir / aet
+        self.folder.mkdir(parents=True, exist_ok=True)
+        (self.folder / "lockfile").touch()  # wlmscpfs answers only for a folder with a lockfile
+        self.port = free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def add_item(self, name: str, **attributes: Any) -> Path:
+        """A worklist item: a scheduled CT step with these top-level attributes (keyword = value)."""
+        from pydicom.dataset import Dataset, FileMetaDataset
+        from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+        item = Dataset()
+        item.SpecificCharacterSet = "ISO_IR 100"
+        item.PatientName = "MWL^TEST"
+        item.PatientID = "MWL-PAT-1"
+        item.PatientBirthDate = ""
+        item.PatientSex = "O"
+        item.StudyInstanceUID = generate_uid()
+        item.RequestedProcedureID = "RP1"
+        item.RequestedProcedureDescription = "CT head"
+        item.RequestedProcedurePriority = "ROUTINE"
+        item.ReferringPhysicianName = ""
+        step = Dataset()
+        step.ScheduledStationAETitle = "CT1"
+        step.ScheduledProcedureStepStartDate = "20261202"
+        step.ScheduledProcedureStepStartTime = "1000"
+        step.Modality = "CT"
+        step.ScheduledPerformingPhysicianName = ""
+        step.ScheduledProcedureStepDescription = "CT head"
+        step.ScheduledProcedureStepID = "SPS1"
+        item.ScheduledProcedureStepSequence = [step]
+        for keyword, value in attributes.items():
+            setattr(item, keyword, value)
+        item.file_meta = FileMetaDataset()
+        item.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        item.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.31"
+        item.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        path = self.folder / f"{name}.wl"
+        item.save_as(path, enforce_file_format=True)
+        return path
+
+    def __enter__(self) -> WorklistSCP:
+        binary = require_tool("wlmscpfs")
+        self.process = subprocess.Popen(
+            [binary, "-dfp", str(self.folder.parent), "--single-process", "-ll", "warn", str(self.port)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        deadline = time.monotonic() + 10
+        import socket
+
+        while time.monotonic() < deadline:
+            with socket.socket() as probe:
+                if probe.connect_ex((LOOPBACK, self.port)) == 0:
+                    return self
+            time.sleep(0.05)
+        self.__exit__()
+        raise RuntimeError("wlmscpfs did not start listening")
+
+    def __exit__(self, *exc: object) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(timeout=10)
+            self.process = None
+
+
 PIXELMED_JAR = "/usr/share/java/pixelmed.jar"
 # A PixelMed heuristic, not a defect of our SRs (pinned by test_standards.py::test_pixelmed_misapplies_...): with
 # exactly one 2D Image Region among the Measurement Groups of a container, PixelMed checks every group of it

@@ -1,6 +1,7 @@
 """Spool, assembly, routing and scheduling - the stages before inference."""
 
 import asyncio
+import dataclasses
 import stat
 from pathlib import Path
 
@@ -188,6 +189,40 @@ def test_an_in_progress_notice_never_reopens_a_completed_list() -> None:
     assert len(assembler.pop_complete()) == 1
 
 
+def test_an_order_that_says_how_many_images_closes_the_study_once_they_are_all_in() -> None:
+    now = [100.0]
+    wakes: list[float] = []
+    started: list[tuple[str, str]] = []
+    assembler = StudyAssembler(30.0, longest_wait_s=600.0, clock=lambda: now[0])
+    assembler.on_first_pending = lambda: wakes.append(now[0])
+    assembler.on_new_study = lambda study, accession: started.append((study, accession))
+    assembler.add(_record("1.2.3", "1.2.3.1", "1.2.3.1.1", accession_number="ACC-7"))
+    assembler.add(_record("1.2.3", "1.2.3.1", "1.2.3.1.2", accession_number="ACC-7"))
+    assert started == [("1.2.3", "ACC-7")]  # once per study, with what its order is found by
+    assembler.expect_count("1.2.3", 3)
+    now[0] = 200.0  # past the quiet period: an order that expects more holds the study
+    assert assembler.pop_complete() == []
+    wakes.clear()
+    assembler.add(_record("1.2.3", "1.2.3.2", "1.2.3.2.1"))
+    assert wakes == [200.0]  # the count is reached: the sleeper is woken
+    now[0] = 200.3
+    (study,) = assembler.pop_complete()
+    assert study.instance_count == 3
+
+
+def test_a_listed_notice_wins_over_an_order_count() -> None:
+    now = [100.0]
+    assembler = StudyAssembler(30.0, longest_wait_s=600.0, clock=lambda: now[0])
+    assembler.add(_record("1.2.3", "1.2.3.1", "1.2.3.1.1"))
+    assembler.expect("1.2.3", frozenset({"1.2.3.1.1", "1.2.3.1.2"}), "MPPS completed")
+    assembler.expect_count("1.2.3", 1)  # the order's count is met, the MPPS's list is not
+    now[0] = 101.0
+    assert assembler.pop_complete() == []
+    assembler.add(_record("1.2.3", "1.2.3.1", "1.2.3.1.2"))
+    now[0] = 101.3
+    assert len(assembler.pop_complete()) == 1
+
+
 def _study(series: list[Series], description: str = "", priority: str = "") -> Study:
     return Study(
         study_instance_uid="1.2.3",
@@ -269,6 +304,24 @@ def test_study_description_also_routes_and_priority_comes_from_the_order() -> No
     assert Priority.parse("high") is Priority.URGENT
     with pytest.raises(ValueError):
         Priority.parse("whenever")
+
+
+def test_the_order_routes_by_procedure_code_or_reason_for_exam(tmp_path: Path) -> None:
+    config = tmp_path / "gateway.toml"
+    config.write_text(
+        f'data_dir = "{tmp_path}"\n[[pipelines]]\nname = "head"\nmodel = "m"\nmodalities = ["CT"]\n'
+        'algorithm_version = "1"\nprocedure_codes = ["cthead"]\nreason_patterns = ["(?i)\\\\bbleed"]\ninput_size = [64, 64]\n'
+        '[pipelines.labels]\n0 = "hemorrhage"\n'
+    )
+    router = Router(load_settings(config).pipelines)
+    plain = _study([_series("1.1", "CT", body_part="ABDOMEN")])
+    assert router.route(plain).jobs == ()  # nothing in the headers says head
+    by_code = dataclasses.replace(plain, order_procedure_code="CTHEAD")
+    assert [j.rule for j in router.route(by_code).jobs] == ["modality CT, ordered procedure CTHEAD"]
+    by_reason = dataclasses.replace(plain, order_reason="Fall, query bleed")
+    assert [j.rule for j in router.route(by_reason).jobs] == ["modality CT, reason for exam"]
+    other = dataclasses.replace(plain, order_reason="follow-up, tablebleed", order_procedure_code="CTABD")
+    assert router.route(other).jobs == ()  # another procedure; the pattern matches words, not parts of them
 
 
 def test_job_queue_serves_stat_first_then_fifo() -> None:

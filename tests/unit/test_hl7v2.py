@@ -130,3 +130,14 @@ def test_enhanced_mode_follows_msh15(mode: str, accepted: str | None, rejected: 
 
     assert code("accepted") == accepted
     assert code("rejected") == rejected
+
+
+def test_the_expected_number_of_images_is_read_from_the_configured_field() -> None:
+    with_count = ORM.replace("^Sudden headache \\T\\ vomiting", "^Sudden headache" + "|" * 6 + "240")
+    assert order_from_message(Er7Message(with_count)).expected_images == 240  # OBR-37 by default
+    assert order_from_message(Er7Message(with_count), "").expected_images is None  # not read
+    assert order_from_message(Er7Message(ORM)).expected_images is None  # not sent
+    not_a_count = with_count.replace("|240", "|two hundred")
+    assert order_from_message(Er7Message(not_a_count)).expected_images is None
+    z_segment = ORM.replace("\rPID", "\rZDS|1|96\rPID")
+    assert order_from_message(Er7Message(z_segment), "ZDS-2").expected_images == 96
