@@ -57,6 +57,7 @@ from gateway.orchestration.routing import Router
 from gateway.orchestration.runtime import LoopRuntime
 from gateway.orchestration.series_pipeline import PipelineParts
 from gateway.orchestration.tracker import StudyTracker
+from gateway.reporting.critical_alerts import CriticalAlerts
 from gateway.reporting.dispatcher import ReportDispatcher
 from gateway.reporting.notify import StatNotifier
 from gateway.results.encode import ResultEncoder
@@ -125,6 +126,13 @@ class Gateway:
             else None,
         )
         self.order_watch = OrderWatch(self.order_context, self.assembler, self.database).attach()
+        self.critical = CriticalAlerts.for_settings(
+            settings,
+            self.database,
+            http=self.http,
+            on_event=self.audit.record,
+            observe=lambda step, seconds: self.metrics.critical_result_seconds.labels(step).observe(seconds),
+        )
         self.intake = StudyIntake(
             self.assembler,
             Router(settings.pipelines),
@@ -248,6 +256,7 @@ class Gateway:
                     study=lambda uid: (lambda t: t.as_json() if t else None)(
                         study_timeline(self.database, uid)
                     ),
+                    critical=self.critical,
                 ),
             )
             assert self._loop is not None
@@ -280,6 +289,8 @@ class Gateway:
         self.io_executor.shutdown(wait=True, cancel_futures=False)
         self.intake_executor.shutdown(wait=True, cancel_futures=True)
         self.order_watch.close()
+        if self.critical is not None:
+            self.critical.close()
         self.audit.close()
         self.record.close()
         self.database.dispose()
@@ -408,6 +419,7 @@ class Gateway:
             events=self.events,
             metrics=self.metrics,
             model_hashes=self.model_hashes,
+            critical=self.critical,
         )
         runtime = LoopRuntime(
             parts,

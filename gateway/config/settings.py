@@ -11,7 +11,7 @@ import os
 import re
 import socket
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BeforeValidator, Field, ValidationError, ValidationInfo, model_validator
 
@@ -302,6 +302,74 @@ class WorklistSettings(Section):
     timeout_s: Seconds = 5.0
 
 
+class SmtpSettings(Section):
+    """The mail relay that critical-result e-mails go through."""
+
+    host: str = "127.0.0.1"
+    port: Port = 25
+    sender: str = "ai-gateway@localhost"
+    starttls: bool = False
+    username: str = ""
+    password_file: OptionalPath = None  # a file holding the password (never the password in the settings)
+    timeout_s: Seconds = 10.0
+
+
+class CriticalContact(Section):
+    """Who is told of a critical AI finding at one level of the ladder, and how (one or more channels)."""
+
+    level: Annotated[int, Field(ge=1, le=9)]
+    name: str  # a role or rota, e.g. "on-call neuroradiologist" (recorded as who was notified)
+    sites: tuple[AeTitle | Literal["*"], ...] = ("*",)  # calling AE titles of the sending PACS; "*": any
+    email: str = ""
+    webhook_url: Annotated[str, AfterValidator(_http_url)] = ""
+    hl7: Annotated[str, AfterValidator(_host_port)] = ""  # MLLP host:port of a paging or messaging system
+
+    @model_validator(mode="after")
+    def _a_channel(self) -> CriticalContact:
+        if not (self.email or self.webhook_url or self.hl7):
+            raise ValueError(f"contact {self.name!r} needs at least one of email, webhook_url, hl7")
+        if self.email and not re.fullmatch(r"[^@\s]+@[^@\s]+", self.email):
+            raise ValueError(f"contact {self.name!r}: {self.email!r} is not an e-mail address")
+        return self
+
+
+class CriticalResultsSettings(Section):
+    """Critical results with acknowledgement: a STAT finding notifies the site's level-1 contact once its SR is
+    stored; unacknowledged after ``ack_timeout_s``, the next level; never twice per study and level."""
+
+    enabled: bool = False
+    ack_timeout_s: Seconds = 600.0
+    poll_s: Seconds = 1.0  # how often due escalations are looked for
+    # Where a recipient's browser reaches the gateway's HTTP server (the acknowledgement link's base).
+    public_url: Annotated[str, AfterValidator(_http_url)] = "http://127.0.0.1:8080"
+    # The key that signs acknowledgement links (the same on every node of a cluster); empty: one is made and
+    # kept in data_dir (critical-link.key).
+    link_secret_file: OptionalPath = None
+    link_valid_s: Seconds = 86400.0
+    smtp: SmtpSettings = Field(default_factory=SmtpSettings)
+    contacts: tuple[CriticalContact, ...] = ()
+
+    @model_validator(mode="after")
+    def _ladder(self) -> CriticalResultsSettings:
+        seen: set[tuple[str, int]] = set()
+        for contact in self.contacts:
+            for site in contact.sites:
+                if (site, contact.level) in seen:
+                    raise ValueError(f"two contacts at level {contact.level} for site {site!r}")
+                seen.add((site, contact.level))
+        if self.enabled and not self.contacts:
+            raise ValueError("enabled needs at least one [[critical_results.contacts]]")
+        return self
+
+    def ladder(self, site: str) -> list[CriticalContact]:
+        """The site's contacts by level: per level the one that names the site, else the one for any site."""
+        by_level: dict[int, CriticalContact] = {}
+        for contact in sorted(self.contacts, key=lambda c: (c.level, "*" in c.sites)):
+            if (site in contact.sites or "*" in contact.sites) and contact.level not in by_level:
+                by_level[contact.level] = contact
+        return [by_level[level] for level in sorted(by_level)]
+
+
 class ClusterSettings(Section):
     """Several gateways on one PostgreSQL database and one shared spool folder (an NFS or CephFS mount): the job
     queue lives in the database, any node analyses any study, and a node that dies has its studies taken over
@@ -371,6 +439,7 @@ class Settings(Section):
     database: DatabaseSettings = Field(default_factory=DatabaseSettings)
     orders: OrdersSettings = Field(default_factory=OrdersSettings)
     worklist: WorklistSettings = Field(default_factory=WorklistSettings)
+    critical_results: CriticalResultsSettings = Field(default_factory=CriticalResultsSettings)
     cluster: ClusterSettings = Field(default_factory=ClusterSettings)
     http: HttpSettings = Field(default_factory=HttpSettings)
     scheduling: SchedulingSettings = Field(default_factory=SchedulingSettings)

@@ -238,3 +238,35 @@ fair_share = Table(
     Column("calling_ae", AE, primary_key=True),
     Column("pass_value", Float, nullable=False),
 )
+
+# -- critical results (acknowledgement and escalation) ------------------------------------------------------------
+
+critical_results = Table(
+    "critical_results",
+    metadata,
+    # One row per study and level of the escalation ladder, inserted before its message is sent: the unique key
+    # makes "one message per study per level" hold across restarts and across nodes.
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("study_uid", UID, nullable=False),
+    Column("level", Integer, nullable=False),
+    Column("contact", String(128), nullable=False, server_default=""),  # the contact's name (a role or rota)
+    Column("channels", String(64), nullable=False, server_default=""),  # email,webhook,hl7
+    # sending -> notified | failed -> acknowledged; "unanswered": the ladder ran out (no message)
+    Column("state", String(16), nullable=False),
+    Column("calling_ae", AE, nullable=False, server_default=""),
+    Column("sr_uid", UID, nullable=False, server_default=""),
+    Column("results_stored_at", Float, nullable=False),  # the study's first STAT SR stored
+    Column("created_at", Float, nullable=False),
+    Column("notified_at", Float),
+    Column("acknowledged_at", Float),
+    Column(
+        "acknowledged_by", String(128), nullable=False, server_default=""
+    ),  # token name or "link:<contact>"
+    Column(
+        "summary", Json, nullable=False
+    ),  # what the message says: pipeline, model, findings (no patient data)
+    Column("detail", Text, nullable=False, server_default=""),
+    Column("node", String(64), nullable=False),
+    Index(None, "study_uid", "level", unique=True),
+    Index(None, "state"),
+)

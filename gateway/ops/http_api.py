@@ -18,16 +18,16 @@ import socket
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Protocol
 
 from fastapi import Depends, FastAPI, Path, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
-from gateway.config.settings import HttpSettings, TokenRole
+from gateway.config.settings import HttpSettings, HttpToken, TokenRole
 from gateway.core.errors import ConfigError, DatabaseError
 from gateway.database.queries import StudyFilter
 
@@ -37,6 +37,18 @@ ROLE_RANK = {TokenRole.READ_ONLY: 0, TokenRole.OPERATOR: 1, TokenRole.ADMIN: 2}
 MAX_BODY_BYTES = 1 << 20
 START_TIMEOUT_S = 10.0
 STOP_TIMEOUT_S = 10.0
+
+
+class CriticalApi(Protocol):
+    """The critical-results loop as the API sees it (reporting.critical_alerts.CriticalAlerts)."""
+
+    def acknowledge(self, study_uid: str, by: str) -> dict[str, Any] | None: ...
+
+    def acknowledge_link(
+        self, study_uid: str, level: int, expires: int, signature: str
+    ) -> dict[str, Any]: ...
+
+    def status(self, study_uid: str) -> list[dict[str, Any]]: ...
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -49,6 +61,7 @@ class ApiBackend:
     resend: Callable[[list[str] | None], list[str]]
     studies: Callable[[StudyFilter], list[dict[str, Any]]]
     study: Callable[[str], dict[str, Any] | None]
+    critical: CriticalApi | None = None  # None: [critical_results] is off
 
 
 StateName = Literal[
@@ -107,32 +120,33 @@ def build_app(settings: HttpSettings, backend: ApiBackend) -> FastAPI:
     _errors_and_limits(app)
     _operations(app, backend, needs)
     _studies(app, backend, needs)
+    _critical_results(app, backend, needs)
     return app
 
 
-Needs = Callable[[TokenRole], Callable[..., TokenRole]]
+Needs = Callable[[TokenRole], Callable[..., HttpToken]]
 
 
 def _token_roles(settings: HttpSettings) -> Needs:
     """``needs(role)``: a dependency that admits a bearer token of ``role`` or above."""
     bearer = HTTPBearer(auto_error=False, description="a token made by `gateway token --role ROLE`")
 
-    def role_of(credentials: HTTPAuthorizationCredentials | None) -> TokenRole | None:
+    def token_of(credentials: HTTPAuthorizationCredentials | None) -> HttpToken | None:
         if credentials is None:
             return None
         digest = hash_token(credentials.credentials.strip())
         for token in settings.tokens:
             if hmac.compare_digest(digest, token.sha256):
-                return token.role
+                return token
         return None
 
-    def needs(role: TokenRole) -> Callable[..., TokenRole]:
-        def check(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> TokenRole:
-            found = role_of(credentials)
+    def needs(role: TokenRole) -> Callable[..., HttpToken]:
+        def check(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> HttpToken:
+            found = token_of(credentials)
             if found is None:
                 raise HTTPException(401, "missing or unknown bearer token", {"WWW-Authenticate": "Bearer"})
-            if ROLE_RANK[found] < ROLE_RANK[role]:
-                raise HTTPException(403, f"role {found} may not do this; {role} or above is needed")
+            if ROLE_RANK[found.role] < ROLE_RANK[role]:
+                raise HTTPException(403, f"role {found.role} may not do this; {role} or above is needed")
             return found
 
         return check
@@ -197,7 +211,7 @@ def _operations(app: FastAPI, backend: ApiBackend, needs: Needs) -> None:
         responses=_UNAUTHORISED,
         summary="Deliveries that ran out of attempts (read-only role)",
     )
-    def dead_letters(_: Annotated[TokenRole, Depends(needs(TokenRole.READ_ONLY))]) -> list[dict[str, Any]]:
+    def dead_letters(_: Annotated[HttpToken, Depends(needs(TokenRole.READ_ONLY))]) -> list[dict[str, Any]]:
         return backend.dead_letters()
 
     @app.post(
@@ -207,7 +221,7 @@ def _operations(app: FastAPI, backend: ApiBackend, needs: Needs) -> None:
         summary="Move dead-letter deliveries back to their queue (operator role)",
     )
     def resend(
-        _: Annotated[TokenRole, Depends(needs(TokenRole.OPERATOR))], body: ResendRequest | None = None
+        _: Annotated[HttpToken, Depends(needs(TokenRole.OPERATOR))], body: ResendRequest | None = None
     ) -> ResendResult:
         return ResendResult(resent=backend.resend(body.jobs if body is not None else None))
 
@@ -226,7 +240,7 @@ def _studies(app: FastAPI, backend: ApiBackend, needs: Needs) -> None:
         summary="Studies from the system of record, STAT first then newest (read-only role)",
     )
     def studies(
-        _: Annotated[TokenRole, Depends(needs(TokenRole.READ_ONLY))],
+        _: Annotated[HttpToken, Depends(needs(TokenRole.READ_ONLY))],
         state: Annotated[StateName | None, Query(description="the study's state")] = None,
         priority: Annotated[PriorityName | None, Query(description="STAT, URGENT or ROUTINE")] = None,
         pacs: Annotated[str | None, Query(max_length=16, description="the sending PACS's AE title")] = None,
@@ -261,13 +275,129 @@ def _studies(app: FastAPI, backend: ApiBackend, needs: Needs) -> None:
         summary="One study's timeline: every stage with its time, node and outcome (read-only role)",
     )
     def study(
-        _: Annotated[TokenRole, Depends(needs(TokenRole.READ_ONLY))],
+        _: Annotated[HttpToken, Depends(needs(TokenRole.READ_ONLY))],
         study_uid: Annotated[str, Path(max_length=64, pattern=r"^[0-9.]+$")],
     ) -> dict[str, Any]:
         found = backend.study(study_uid)
         if found is None:
             raise HTTPException(404, f"study {study_uid} is not in the system of record")
         return found
+
+
+StudyUid = Annotated[str, Path(max_length=64, pattern=r"^[0-9.]+$")]
+LinkStudy = Annotated[str, Query(max_length=64, pattern=r"^[0-9.]+$")]
+LinkLevel = Annotated[int, Query(ge=1, le=9)]
+LinkExpires = Annotated[int, Query(ge=0)]
+LinkSignature = Annotated[str, Query(min_length=64, max_length=64, pattern=r"^[0-9a-f]+$")]
+_LINK_PAGE = """<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{title}</title>
+<meta name="viewport" content="width=device-width, initial-scale=1"></head>
+<body style="font: 18px/1.5 system-ui, sans-serif; max-width: 40em; margin: 2em auto; color: #111">
+<h1>{title}</h1><p>{text}</p>{form}</body></html>"""
+
+
+_HTML = {"text/html": {"schema": {"type": "string"}}}
+_LINK_RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: {
+        "description": "a parameter of the link is missing or not valid",
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+    },
+    403: {"description": "the link is not valid or has expired", "content": _HTML},
+    404: {"description": "critical results are not enabled, or the study has none", "content": _HTML},
+}
+_CRITICAL_RESPONSES: dict[int | str, dict[str, Any]] = {
+    **_UNAUTHORISED,
+    400: {"model": Error, "description": "not a Study Instance UID"},
+    404: {"model": Error, "description": "no critical result for the study, or critical results are off"},
+}
+
+
+def _page(status: int, title: str, text: str, form: str = "") -> HTMLResponse:
+    return HTMLResponse(_LINK_PAGE.format(title=title, text=text, form=form), status_code=status)
+
+
+def _critical_results(app: FastAPI, backend: ApiBackend, needs: Needs) -> None:
+    """Critical results: their ladder, and acknowledgement by a token or by the signed link of a message."""
+
+    def loop() -> CriticalApi:
+        if backend.critical is None:
+            raise HTTPException(404, "critical results are not enabled here ([critical_results] enabled)")
+        return backend.critical
+
+    @app.post(
+        "/critical-results/{study_uid}/acknowledge",
+        response_model=dict[str, Any],
+        responses=_CRITICAL_RESPONSES,
+        summary="Acknowledge a study's critical result as the token's holder (any role); stops its escalation",
+    )
+    def acknowledge(
+        token: Annotated[HttpToken, Depends(needs(TokenRole.READ_ONLY))], study_uid: StudyUid
+    ) -> dict[str, Any]:
+        found = loop().acknowledge(study_uid, token.name)
+        if found is None:
+            raise HTTPException(404, f"study {study_uid} has no critical result")
+        return found
+
+    @app.get(
+        "/critical-results/acknowledge",
+        response_class=HTMLResponse,
+        responses=_LINK_RESPONSES,
+        summary="The page a message's signed link opens: one button that acknowledges (a GET changes nothing, "
+        "so a mail scanner that follows links acknowledges nothing)",
+    )
+    def link_page(
+        study: LinkStudy,
+        level: LinkLevel,
+        expires: LinkExpires,
+        sig: LinkSignature,
+    ) -> HTMLResponse:
+        if backend.critical is None:
+            return _page(404, "Not available", "Critical results are not enabled on this gateway.")
+        query = f"study={study}&amp;level={level}&amp;expires={expires}&amp;sig={sig}"
+        action = f"/critical-results/acknowledge/confirm?{query}"
+        form = f'<form method="post" action="{action}"><button type="submit" style="font-size: 1.2em; padding: .5em 1.5em">Acknowledge</button></form>'
+        return _page(
+            200,
+            "Critical AI finding",
+            f"Study {study}: an AI result marked critical is waiting for review (level {level}). "
+            "Acknowledging says you have taken it on; it stops the escalation.",
+            form,
+        )
+
+    @app.post(
+        "/critical-results/acknowledge/confirm",
+        response_class=HTMLResponse,
+        responses=_LINK_RESPONSES,
+        summary="Acknowledge by a message's signed link",
+    )
+    def acknowledge_by_link(
+        study: LinkStudy,
+        level: LinkLevel,
+        expires: LinkExpires,
+        sig: LinkSignature,
+    ) -> HTMLResponse:
+        if backend.critical is None:
+            return _page(404, "Not available", "Critical results are not enabled on this gateway.")
+        found = backend.critical.acknowledge_link(study, level, expires, sig)
+        if "error" in found:
+            status = 404 if found["error"].startswith("no critical") else 403
+            return _page(status, "Not acknowledged", found["error"] + ".")
+        who = "you" if found["first"] else f"{found['by']} (earlier)"
+        return _page(200, "Acknowledged", f"Study {study}: acknowledged by {who}.")
+
+    # After the link's routes: "acknowledge" would otherwise be taken for a study UID (and need a token).
+    @app.get(
+        "/critical-results/{study_uid}",
+        response_model=list[dict[str, Any]],
+        responses=_CRITICAL_RESPONSES,
+        summary="A study's critical-result ladder: each level told, when, and its acknowledgement (read-only role)",
+    )
+    def critical_status(
+        _: Annotated[HttpToken, Depends(needs(TokenRole.READ_ONLY))], study_uid: StudyUid
+    ) -> list[dict[str, Any]]:
+        rows = loop().status(study_uid)
+        if not rows:
+            raise HTTPException(404, f"study {study_uid} has no critical result")
+        return rows
 
 
 class HttpApi:

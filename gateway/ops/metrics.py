@@ -82,6 +82,13 @@ class Metrics:
             buckets=STAGE_BUCKETS,
             registry=r,
         )
+        self.critical_result_seconds = Histogram(
+            "gateway_critical_result_seconds",
+            "Critical results: time from the STAT SR stored to the first notification and to the acknowledgement",
+            ["step"],  # notify | acknowledge
+            buckets=(0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 7200),
+            registry=r,
+        )
         self.queue_depth = Gauge("gateway_queue_depth", "Jobs waiting for a worker", ["priority"], registry=r)
         self.queue_depth_pacs = Gauge(
             "gateway_queue_depth_pacs",

@@ -116,6 +116,9 @@ class LoopRuntime:
         ]
         if isinstance(self.queue, ClusterQueue):
             tasks.append(asyncio.create_task(self.queue.run(), name="cluster-heartbeat"))
+        critical = self.parts.critical
+        if critical is not None:
+            tasks.append(asyncio.create_task(critical.run(self.stopping), name="critical-results"))
         try:
             self.pool.start(settings.workers, settings.scheduling.stat_workers)
             await self.stopping.wait()
@@ -124,6 +127,8 @@ class LoopRuntime:
             if isinstance(self.queue, ClusterQueue):
                 await self.queue.stopped()
             await self.reports.drain(REPORTS_DRAIN_S)
+            if critical is not None:
+                await critical.drain(REPORTS_DRAIN_S)
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)

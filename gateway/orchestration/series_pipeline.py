@@ -40,6 +40,7 @@ from gateway.orchestration.analysis import (
 from gateway.orchestration.notifications import BackgroundNotifications
 from gateway.orchestration.routing import InferenceJob
 from gateway.orchestration.tracker import StudyProgress, StudyTracker
+from gateway.reporting.critical_alerts import CriticalAlerts, CriticalFinding
 from gateway.reporting.notify import StatEvent, StatNotifier
 from gateway.results.common import SeriesAnalysis
 from gateway.results.content import ReportedFinding, SeriesReport, reported_findings
@@ -90,6 +91,7 @@ class PipelineParts:
     events: EventSink
     metrics: Metrics
     model_hashes: Mapping[str, str]
+    critical: CriticalAlerts | None = None  # critical results with acknowledgement ([critical_results])
 
 
 @dataclass
@@ -176,6 +178,8 @@ class SeriesPipeline:
         paths = await self.timed(
             run.timings, "store", self.parts.results.save, job.study.study_instance_uid, self._datasets(run)
         )
+        if run.stat and self.parts.critical is not None:
+            self._raise_critical(run)
         await self._deliver(run, paths)
         self._report(run, progress)
         assert run.reading is not None
@@ -400,6 +404,27 @@ class SeriesPipeline:
             str(ds.SOPInstanceUID) for ds in datasets if ds.Modality != "KO"
         ]
         progress.add_timings(run.timings)
+
+    def _raise_critical(self, run: _Run) -> None:
+        """The STAT series' SR is stored: the critical-result loop tells the site's on-call contact."""
+        job = run.job
+        assert run.analysis is not None and run.output is not None and run.reading is not None
+        assert self.parts.critical is not None
+        found = run.reading.interpretation
+        self.parts.critical.raised(
+            CriticalFinding(
+                study_instance_uid=job.study.study_instance_uid,
+                calling_ae=job.study.calling_ae,
+                accession_number=job.study.accession_number,
+                sr_sop_instance_uid=run.analysis.result_uid("sr"),
+                stored_at=time.time(),
+                pipeline=job.pipeline.name,
+                algorithm=f"{job.pipeline.provenance.algorithm_name} {job.pipeline.provenance.algorithm_version}",
+                model=f"{run.output.model_name} version {run.output.model_version}",
+                findings=len(found.findings),
+                max_confidence=round(max((f.confidence for f in found.findings), default=0.0), 4),
+            )
+        )
 
     async def _notify_stat(self, run: _Run) -> None:
         job = run.job

@@ -188,3 +188,45 @@ def build_priority_update(
     ipc.ipc_3 = _escape(str(header.StudyInstanceUID))
     ipc.ipc_4 = "1"
     return message
+
+
+def build_critical_alert(
+    *,
+    study_uid: str,
+    accession_number: str,
+    text: str,
+    acknowledge_url: str,
+    parties: Hl7Parties = Hl7Parties(),
+    control_id: str | None = None,
+    now: datetime | None = None,
+) -> Message:
+    """ORU^R01 for a paging or messaging system: a critical AI finding to acknowledge (OBX-8 "AA", preliminary),
+    the study and the acknowledgement link. No patient demographics: the case is named by its accession number."""
+    when = (now or datetime.now(timezone.utc)).strftime("%Y%m%d%H%M%S")
+    message = Message("ORU_R01", version=VERSION)
+    _msh(message, "ORU^R01^ORU_R01", parties, control_id or uuid.uuid4().hex[:20], when)
+    group = message.add_group("ORU_R01_PATIENT_RESULT")
+    pid = group.add_group("ORU_R01_PATIENT").pid
+    pid.pid_1 = "1"
+    pid.pid_3 = f"{_escape(accession_number) or 'UNKNOWN'}^^^^AN"  # the case by its accession (table 0203 AN)
+    pid.pid_5 = '""'  # HL7's explicit null: the name is required and deliberately not sent
+    order = group.add_group("ORU_R01_ORDER_OBSERVATION")
+    order.obr.obr_1 = "1"
+    order.obr.obr_3 = _escape(accession_number) or "UNKNOWN"
+    order.obr.obr_4 = "18748-4^Diagnostic imaging study^LN"
+    order.obr.obr_7 = when
+    order.obr.obr_25 = "P"
+    rows = [
+        ("TX", "CRITICAL^Critical AI finding^99AIG", _escape(text)),
+        ("ST", "113014^DICOM Study^DCM", _escape(study_uid)),
+        ("ST", "ACKURL^Acknowledge at^99AIG", _escape(acknowledge_url)),
+    ]
+    for number, (kind, observation, value) in enumerate(rows, start=1):
+        obx = order.add_group("ORU_R01_OBSERVATION").obx
+        obx.obx_1 = str(number)
+        obx.obx_2 = kind
+        obx.obx_3 = observation
+        obx.obx_5 = value
+        obx.obx_8 = "AA"
+        obx.obx_11 = "P"
+    return message

@@ -110,7 +110,14 @@ def test_the_document_lists_the_endpoints_and_their_token_scheme(gateway_url: st
         "/admin/resend",
         "/studies",
         "/studies/{study_uid}",
+        "/critical-results/{study_uid}",
+        "/critical-results/{study_uid}/acknowledge",
+        "/critical-results/acknowledge",
+        "/critical-results/acknowledge/confirm",
     }
+    acknowledge = document["paths"]["/critical-results/{study_uid}/acknowledge"]["post"]
+    assert acknowledge["security"] == [{"HTTPBearer": []}]
+    assert "security" not in document["paths"]["/critical-results/acknowledge/confirm"]["post"]  # signed
     assert document["paths"]["/studies"]["get"]["security"] == [{"HTTPBearer": []}]
     assert document["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
     assert "security" not in document["paths"]["/health"]["get"]

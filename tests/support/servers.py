@@ -241,6 +241,40 @@ class MllpListener:
         self.server.server_close()
 
 
+class SmtpSink:
+    """A real SMTP server (aiosmtpd) on a free loopback port that keeps every message it accepts."""
+
+    def __init__(self) -> None:
+        import email
+        import email.policy
+
+        from aiosmtpd.controller import Controller
+
+        self.messages: list[email.message.EmailMessage] = []
+        self.received_at: list[float] = []  # per message, when it was accepted (Unix s)
+        outer = self
+
+        class Handler:
+            async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+                parsed = email.message_from_bytes(envelope.content, policy=email.policy.default)
+                outer.received_at.append(time.time())
+                outer.messages.append(parsed)  # type: ignore[arg-type]
+                return "250 OK"
+
+        self.port = free_port()
+        self.controller = Controller(Handler(), hostname=LOOPBACK, port=self.port)
+
+    def to(self, address: str) -> list[Any]:
+        return [m for m in self.messages if m["To"] == address]
+
+    def __enter__(self) -> SmtpSink:
+        self.controller.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.controller.stop()
+
+
 class WorklistSCP:
     """DCMTK's ``wlmscpfs``: a real Modality Worklist SCP answering C-FIND from worklist files (one per item,
     ``<dir>/<AE title>/*.wl``), on a free loopback port."""
