@@ -12,6 +12,7 @@ under 2 s on a 2-core machine.
 
 from __future__ import annotations
 
+import shutil
 import statistics
 import sys
 import tempfile
@@ -80,6 +81,7 @@ def measure(slices: int, reps: int) -> dict[str, Any]:
         for message, at in zip(smtp.messages, smtp.received_at, strict=True):
             uid = next(u for u in studies if u in message.get_content())
             mailed.append(at - stored[uid])
+    shutil.rmtree(work, ignore_errors=True)
     gateway_figure = [float(e["seconds_from_sr"]) for e in audit]
     report: dict[str, Any] = {
         "machine": cli.machine(),
