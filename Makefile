@@ -6,11 +6,12 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PYVER := $(shell $(PYTHON) -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')
-APT_PACKAGES := dcmtk dicom3tools orthanc pixelmed-apps default-jre-headless libpython$(PYVER) python3-venv postgresql
+APT_PACKAGES := dcmtk dicom3tools orthanc pixelmed-apps default-jre-headless libpython$(PYVER) python3-venv postgresql \
+	nodejs npm
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: help setup system-deps venv models lint typecheck unit integration test run bench bench-report bench-stages clean
+.PHONY: help setup system-deps venv models test-peers lint typecheck unit integration test run bench bench-report bench-stages clean
 
 help:
 	@echo "make run    - install what is needed, start Triton and the gateway on 127.0.0.1:11112"
@@ -24,10 +25,11 @@ setup: system-deps venv models
 
 # Debian packages: DCMTK and Orthanc are the PACS peers of the tests, dicom3tools and PixelMed validate results,
 # libpython is what Triton's Python-backend stub links against; PostgreSQL is the shared system of record of
-# several gateways (the tests start their own clusters on free loopback ports).
+# several gateways (the tests start their own clusters on free loopback ports); Node.js runs the independent UPS
+# worklist manager of the tests (dcmjs-dimse).
 system-deps:
 	@missing=""; \
-	for c in storescu dciodvfy Orthanc java; do command -v $$c >/dev/null || missing=yes; done; \
+	for c in storescu dciodvfy Orthanc java node npm; do command -v $$c >/dev/null || missing=yes; done; \
 	[ -f /usr/share/java/pixelmed.jar ] || missing=yes; \
 	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing=yes; \
 	ldconfig -p | grep -q "libpython$(PYVER).so.1.0" || missing=yes; \
@@ -52,6 +54,14 @@ $(VENV)/.installed: pyproject.toml
 
 venv: $(VENV)/.installed
 
+# The tests' UPS worklist manager (tests/support/ups, dcmjs-dimse), from its lock file.
+UPS_PEER := tests/support/ups
+$(UPS_PEER)/node_modules/.installed: $(UPS_PEER)/package.json $(UPS_PEER)/package-lock.json
+	npm ci --prefix $(UPS_PEER) --no-audit --no-fund --loglevel=error
+	touch $@
+
+test-peers: system-deps $(UPS_PEER)/node_modules/.installed
+
 models: venv
 	$(PY) scripts/build_models.py
 
@@ -66,7 +76,7 @@ typecheck: venv
 unit: setup
 	$(VENV)/bin/pytest tests/unit $(PYTEST_ARGS)
 
-integration: setup
+integration: setup test-peers
 	$(VENV)/bin/pytest tests/integration $(PYTEST_ARGS)
 
 # The flow's stateful integration tests run a second time with every gateway on PostgreSQL (a throwaway cluster
@@ -74,7 +84,7 @@ integration: setup
 PG_SUITE := tests/integration/test_pipeline_e2e.py tests/integration/test_durability.py \
 	tests/integration/test_concurrency.py tests/integration/test_result_identity.py
 
-test: setup lint typecheck
+test: setup test-peers lint typecheck
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 	$(VENV)/bin/pytest --database=postgresql $(PG_SUITE) $(PYTEST_ARGS)
 

@@ -32,6 +32,7 @@ from gateway.core.errors import GatewayError
 from gateway.core.logs import silence_identifier_warnings
 from gateway.database import migrate
 from gateway.database.connect import engine_for, shown
+from gateway.database.notices import NoticeStore
 from gateway.database.queries import list_studies, study_timeline
 from gateway.database.queue import SharedQueue
 from gateway.database.recorder import Recorder
@@ -118,6 +119,11 @@ class Gateway:
         self.events = EventSink(self.audit, self.metrics, self.record)
         self.tracker = StudyTracker(self.spool, self.results, self.reports, self.events)
         self.orders = OrderStore(self.database, settings.node_id)
+        self.notices = (
+            NoticeSCP(self.assembler, NoticeStore(self.database, settings.node_id))
+            if settings.receiver.accept_notices
+            else None
+        )
         worklist = settings.worklist
         self.order_context = OrderContext(
             self.orders,
@@ -205,8 +211,14 @@ class Gateway:
             self._ready.wait()
             if self._startup_error is not None:
                 raise self._startup_error
+            recovered = set()
             for record in self.spool.recover(self._studies_to_recover()):
                 self.assembler.add(record)
+                recovered.add(record.study_instance_uid)
+            if self.notices is not None and recovered:
+                restored = self.notices.restore(recovered)
+                if restored:
+                    logger.info("%d completeness notice(s) of recovered studies applied again", restored)
             self._start_receiver_and_api()
         except BaseException:
             self.stop()
@@ -232,6 +244,8 @@ class Gateway:
             logger.warning("%d spooled study(ies) that no node recorded, adopted here", len(unknown))
         for record in self.spool.recover(chosen):
             self.assembler.add(record)
+        if self.notices is not None and chosen:
+            self.notices.restore(chosen)  # the dead node's MPPS / IAN of these studies (shared database)
 
     def _start_receiver_and_api(self) -> None:
         self.scp = StoreSCP(
@@ -241,7 +255,7 @@ class Gateway:
             allowed_calling_aes=self.settings.allowed_calling_aes(),
             on_refused=lambda status: self.metrics.instances_refused.labels(f"0x{status:04X}").inc(),
             on_association_end=self.assembler.association_ended,
-            notices=NoticeSCP(self.assembler) if self.settings.receiver.accept_notices else None,
+            notices=self.notices,
         )
         self.scp.start()
         if self.settings.http.enabled:

@@ -292,6 +292,16 @@ class OrdersSettings(Section):
     # Where an order says how many images its study holds (HL7 v2 has no standard field; "" ignores it). A study
     # with that many images in the spool closes at once, not after the quiet period.
     expected_images_field: Annotated[str, AfterValidator(_hl7_field)] = "OBR-37"
+    # MLLP over TLS when set (PEM); with a CA file, the RIS must present a certificate it signed.
+    tls_cert_file: TlsFile = None
+    tls_key_file: TlsFile = None
+    tls_ca_file: TlsFile = None
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> OrdersSettings:
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            raise ValueError("tls_cert_file and tls_key_file must be set together")
+        return self
 
 
 class WorklistSettings(Section):
@@ -300,6 +310,18 @@ class WorklistSettings(Section):
 
     scp: Annotated[Peer | None, BeforeValidator(_peer_or_none)] = None  # AET@host:port; none: not asked
     timeout_s: Seconds = 5.0
+
+
+class UpsSettings(Section):
+    """The worklist manager that hears of every analysed study as a DICOM UPS workitem (IHE AIW-I): created,
+    claimed, given its outcome and the objects stored (Output Information Sequence), and completed."""
+
+    scp: Annotated[Peer | None, BeforeValidator(_peer_or_none)] = None  # AET@host:port; none: not told
+    timeout_s: Seconds = 10.0
+    attempts: Annotated[int, Field(ge=1)] = 5
+    retrieve_ae_title: Annotated[str, Field(max_length=16)] = (
+        ""  # where the outputs can be retrieved (the PACS)
+    )
 
 
 class SmtpSettings(Section):
@@ -440,6 +462,7 @@ class Settings(Section):
     orders: OrdersSettings = Field(default_factory=OrdersSettings)
     worklist: WorklistSettings = Field(default_factory=WorklistSettings)
     critical_results: CriticalResultsSettings = Field(default_factory=CriticalResultsSettings)
+    ups: UpsSettings = Field(default_factory=UpsSettings)
     cluster: ClusterSettings = Field(default_factory=ClusterSettings)
     http: HttpSettings = Field(default_factory=HttpSettings)
     scheduling: SchedulingSettings = Field(default_factory=SchedulingSettings)

@@ -270,3 +270,20 @@ critical_results = Table(
     Index(None, "study_uid", "level", unique=True),
     Index(None, "state"),
 )
+
+# -- completeness notices (MPPS, IAN) -----------------------------------------------------------------------------
+
+completion_notices = Table(
+    "completion_notices",
+    metadata,
+    # Kept before the N-CREATE / N-SET is answered, so that a restart knows which studies a modality still holds
+    # open and which instances it listed (the in-memory assembler is rebuilt from these and the spool).
+    Column("notice_uid", UID, primary_key=True),  # the MPPS or IAN SOP Instance UID
+    Column("kind", String(8), nullable=False),  # MPPS | IAN
+    Column("study_uid", UID, nullable=False),
+    Column("status", String(16), nullable=False),  # IN PROGRESS | COMPLETED | DISCONTINUED | AVAILABLE
+    Column("expected", Json, nullable=False),  # the SOP Instance UIDs listed (empty while in progress)
+    Column("updated_at", Float, nullable=False),
+    Column("node", String(64), nullable=False),
+    Index(None, "study_uid"),
+)

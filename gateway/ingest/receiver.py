@@ -17,6 +17,7 @@ from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, StoragePresentationContexts, _
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
+from clients.tls import server_tls_context
 from gateway.config.settings import ReceiverSettings
 from gateway.core.domain import InstanceRecord
 from gateway.core.errors import STATUS_SUCCESS, ConfigError, GatewayError, dimse_status_for
@@ -182,13 +183,7 @@ class AllowListServer(ThreadedAssociationServer):
 def tls_context(settings: ReceiverSettings) -> ssl.SSLContext | None:
     if settings.tls_cert_file is None or settings.tls_key_file is None:
         return None
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.load_cert_chain(str(settings.tls_cert_file), str(settings.tls_key_file))
-    if settings.tls_ca_file is not None:
-        context.verify_mode = ssl.CERT_REQUIRED
-        context.load_verify_locations(str(settings.tls_ca_file))
-    return context
+    return server_tls_context(settings.tls_cert_file, settings.tls_key_file, settings.tls_ca_file)
 
 
 class StoreSCP:

@@ -146,7 +146,9 @@ class StudyTracker:
     def _complete(self, study_uid: str, progress: StudyProgress) -> asyncio.Future[None]:
         """Reports dispatched, ``study_done`` recorded, then (on the audit's thread) the processed marker."""
         if progress.reports:  # written and sent in the background: never a cost to the study's completion
-            self.reports.submit(self.results.root / study_uid, progress.reports, stat=progress.stat)
+            self.reports.submit(
+                self.results.root / study_uid, progress.reports, stat=progress.stat, results=progress.results
+            )
         self._study_done(study_uid, progress)
         return asyncio.wrap_future(
             self.events.after_recorded(lambda: self._mark_processed(study_uid, progress))

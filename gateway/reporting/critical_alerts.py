@@ -94,7 +94,7 @@ class CriticalAlerts:
         self.parties = parties or Hl7Parties()
         self.smtp_password = smtp_password
         self._in_flight: set[asyncio.Task[None]] = set()
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._escalating: set[str] = set()  # studies whose next level is being told now
 
     @classmethod
     def for_settings(
@@ -158,19 +158,26 @@ class CriticalAlerts:
 
     async def run(self, stopping: asyncio.Event) -> None:
         """Escalate what is due, every ``poll_s``, until ``stopping`` is set."""
-        self._loop = asyncio.get_running_loop()
         while not stopping.is_set():
             try:
                 due = await self._blocking(self.ledger.due, self.settings.ack_timeout_s)
             except Exception as exc:  # the database is away: try again at the next poll
                 logger.warning("critical results: escalations not read now (%s)", type(exc).__name__)
                 due = []
-            for row in due:
-                await self._escalate(row)
+            for row in due:  # each in its own task: a slow mail relay for one study never delays another
+                if row.study_uid not in self._escalating:
+                    self._escalating.add(row.study_uid)
+                    self._spawn(self._escalate(row), f"critical-escalate-{row.study_uid}")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stopping.wait(), self.settings.poll_s)
 
     async def _escalate(self, row: CriticalRow) -> None:
+        try:
+            await self._escalate_once(row)
+        finally:
+            self._escalating.discard(row.study_uid)
+
+    async def _escalate_once(self, row: CriticalRow) -> None:
         higher = [c for c in self.settings.ladder(row.calling_ae) if c.level > row.level]
         if higher:
             logger.warning(
@@ -398,7 +405,7 @@ class CriticalAlerts:
         try:
             await coroutine
         except Exception as exc:  # the ledger is away: the escalation loop retries what is due
-            logger.error("critical result not raised now: %s: %s", type(exc).__name__, exc)
+            logger.error("critical result: a notification step failed: %s: %s", type(exc).__name__, exc)
 
     async def drain(self, timeout_s: float) -> None:
         """Wait (bounded) for notifications in flight; what is unsent is escalated after the restart."""

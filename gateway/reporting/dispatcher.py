@@ -9,14 +9,18 @@ the study's completion or the next study, and holds no thread while it waits.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from pathlib import Path
 
+import pydicom
+
 from clients.http_post import HttpPoster
 from clients.mllp import send_mllp
+from clients.ups import push_completed_workitem
 from gateway.config.settings import Settings
 from gateway.core.durable import atomic_write
 from gateway.core.errors import DeliveryError
@@ -24,9 +28,32 @@ from gateway.core.retry import Backoff
 from gateway.ops.audit import AuditLog
 from gateway.reporting.fhir import build_bundle
 from gateway.reporting.hl7 import Hl7Parties, build_oru, build_priority_update
+from gateway.reporting.ups import (
+    StoredObject,
+    build_completion,
+    build_workitem,
+    transaction_uid,
+    workitem_uid,
+)
 from gateway.results.content import SeriesReport
 
 logger = logging.getLogger(__name__)
+
+
+def stored_objects(folder: Path, results: Sequence[str]) -> list[StoredObject]:
+    """The study's stored result objects among the files of its results folder (headers only). Blocking."""
+    found = []
+    for uid in results:
+        for path in folder.glob(f"*_{uid}.dcm"):
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+            found.append(
+                StoredObject(
+                    sop_class_uid=str(ds.SOPClassUID),
+                    sop_instance_uid=str(ds.SOPInstanceUID),
+                    series_instance_uid=str(ds.SeriesInstanceUID),
+                )
+            )
+    return found
 
 
 class ReportDispatcher:
@@ -52,15 +79,20 @@ class ReportDispatcher:
         )
         self._in_flight: set[asyncio.Task[None]] = set()
 
-    def submit(self, folder: Path, reports: Sequence[SeriesReport], *, stat: bool) -> None:
-        """Write and send the study's documents in the background (only on the event loop)."""
+    def submit(
+        self, folder: Path, reports: Sequence[SeriesReport], *, stat: bool, results: Sequence[str] = ()
+    ) -> None:
+        """Write and send the study's documents in the background (only on the event loop); ``results`` are the
+        UIDs of the objects stored for the study (the UPS workitem lists them)."""
         if not reports:
             return
-        task = asyncio.create_task(self._publish(folder, reports, stat), name="study-reports")
+        task = asyncio.create_task(self._publish(folder, reports, stat, tuple(results)), name="study-reports")
         self._in_flight.add(task)
         task.add_done_callback(self._in_flight.discard)
 
-    async def _publish(self, folder: Path, reports: Sequence[SeriesReport], stat: bool) -> None:
+    async def _publish(
+        self, folder: Path, reports: Sequence[SeriesReport], stat: bool, results: tuple[str, ...] = ()
+    ) -> None:
         study_uid = str(reports[0].header.StudyInstanceUID)
         loop = asyncio.get_running_loop()
         try:
@@ -76,7 +108,47 @@ class ReportDispatcher:
         messages = [(kind, body.decode()) for kind, body in built.items() if kind != "FHIR"]
         if address is not None and messages:
             sends.append(self._send_hl7(study_uid, address, messages))
+        if self.settings.ups.scp is not None and results:
+            sends.append(self._send_ups(folder, reports, results, stat))
         await asyncio.gather(*sends)
+
+    async def _send_ups(
+        self, folder: Path, reports: Sequence[SeriesReport], results: tuple[str, ...], stat: bool
+    ) -> None:
+        """The worklist manager's UPS workitem for the study: created, claimed, given its outcome, completed."""
+        ups = self.settings.ups
+        assert ups.scp is not None
+        study_uid = str(reports[0].header.StudyInstanceUID)
+        loop = asyncio.get_running_loop()
+        try:
+            outputs = await loop.run_in_executor(self.executor, stored_objects, folder, results)
+            created = build_workitem(reports, stat=stat, retrieve_ae=ups.retrieve_ae_title)
+            final = build_completion(reports, outputs, stat=stat, retrieve_ae=ups.retrieve_ae_title)
+        except Exception as exc:  # never a cost to anything else
+            logger.error("study %s: UPS workitem not built: %s", study_uid, type(exc).__name__)
+            self.audit.record("ups_failed", study=study_uid, reason=f"{type(exc).__name__}: {exc}"[:300])
+            return
+        workitem = workitem_uid(study_uid, outputs)
+        push = functools.partial(
+            push_completed_workitem, ups.scp, workitem, created, final,
+            transaction_uid=transaction_uid(workitem), calling_ae=self.settings.receiver.ae_title,
+            timeout_s=ups.timeout_s,
+        )  # fmt: skip
+        for attempt in range(1, ups.attempts + 1):
+            try:
+                done = await loop.run_in_executor(self.executor, push)
+            except DeliveryError as exc:
+                if attempt == ups.attempts:
+                    logger.error("study %s: UPS workitem not completed at %s: %s", study_uid, ups.scp, exc)
+                    self.audit.record("ups_failed", study=study_uid, workitem=workitem, reason=str(exc)[:300])
+                    return
+                await asyncio.sleep(self.backoff.delay(attempt))
+                continue
+            self.audit.record(
+                "ups_completed", study=study_uid, workitem=workitem, outputs=len(outputs), attempts=attempt,
+                outcome=done, priority="HIGH" if stat else "MEDIUM",
+            )  # fmt: skip
+            return
 
     def write_documents(self, folder: Path, reports: Sequence[SeriesReport], stat: bool) -> dict[str, bytes]:
         """Build each document on its own (one that cannot be built never costs the others) and write it

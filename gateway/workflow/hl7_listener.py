@@ -13,11 +13,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 from collections.abc import Callable
 from concurrent.futures import Executor
 from typing import Any
 
 from clients.mllp import MAX_FRAME_BYTES, frame, read_frame
+from clients.tls import server_tls_context
 from gateway.config.settings import OrdersSettings
 from gateway.workflow.hl7v2 import Er7Message, Hl7Error, Outcome, acknowledgement
 from gateway.workflow.orders import ORDER_MESSAGES, OrderError, OrderStore, order_from_message
@@ -41,9 +43,11 @@ class Hl7Listener:
         executor: Executor | None = None,
         on_event: Callable[..., None] | None = None,
         expected_images_field: str = "OBR-37",
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self.store = store
         self.expected_images_field = expected_images_field
+        self.ssl_context = ssl_context
         self.host = host
         self.requested_port = port
         self.application = application
@@ -74,6 +78,11 @@ class Hl7Listener:
             executor=executor,
             on_event=on_event,
             expected_images_field=settings.expected_images_field,
+            ssl_context=server_tls_context(
+                settings.tls_cert_file, settings.tls_key_file, settings.tls_ca_file
+            )
+            if settings.tls_cert_file is not None and settings.tls_key_file is not None
+            else None,
         )
 
     @property
@@ -84,9 +93,19 @@ class Hl7Listener:
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(
-            self._serve, self.host, self.requested_port, limit=MAX_FRAME_BYTES
+            self._serve,
+            self.host,
+            self.requested_port,
+            limit=MAX_FRAME_BYTES,
+            ssl=self.ssl_context,
+            ssl_handshake_timeout=IDLE_TIMEOUT_S if self.ssl_context is not None else None,
         )
-        logger.info("HL7 order listener (MLLP) on %s:%d", self.host, self.port)
+        logger.info(
+            "HL7 order listener (MLLP%s) on %s:%d",
+            " over TLS" if self.ssl_context else "",
+            self.host,
+            self.port,
+        )
 
     async def stop(self) -> None:
         if self._server is not None:

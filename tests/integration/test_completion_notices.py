@@ -20,7 +20,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 
 from benchmarks.phantoms import write_head_ct
 from tests.integration.conftest import Env
-from tests.support.servers import storescu
+from tests.support.servers import storescu, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -126,3 +126,60 @@ def test_an_instance_availability_notification_closes_the_study_without_the_quie
     done = env.wait_study_done(study_uid, timeout_s=25)  # well inside the 30 s quiet period
     assert done["instances"] == 6
     print(f"\nIAN: study done {time.time() - sent:.1f} s after the first instance was sent")
+
+
+def test_an_mpps_in_progress_survives_a_restart_and_its_completion_is_accepted_after_it(
+    tmp_path: Path,
+) -> None:
+    """The modality's step is kept in the system of record before it is answered: a gateway restarted while the
+    step is in progress still holds the recovered study past the quiet period, and accepts the step's N-SET
+    COMPLETED (a step created before the restart), which closes the study."""
+    from gateway.app import Gateway
+    from gateway.config.settings import load_settings
+    from gateway.database.queries import was_complete
+    from gateway.inference.server import free_port
+
+    port = free_port()
+    config = tmp_path / "gateway.toml"
+    config.write_text(
+        f'data_dir = "{tmp_path / "data"}"\nquiet_period_s = 0.5\n[receiver]\nport = {port}\n'
+        '[http]\nenabled = false\n[triton]\nurl = "127.0.0.1:1"\n'
+    )
+    study_uid, step_uid = generate_uid(), generate_uid()
+    series = write_head_ct(tmp_path / "s", slices=4, rows=64, cols=64, seed=304, study_uid=study_uid)
+
+    def association() -> object:
+        ae = AE(ae_title="STORESCU")
+        ae.add_requested_context(ModalityPerformedProcedureStep)
+        assoc = ae.associate("127.0.0.1", port, ae_title="AI_GATEWAY")
+        assert assoc.is_established
+        return assoc
+
+    gateway = Gateway(load_settings(config)).start()
+    try:
+        assoc = association()
+        created = Dataset()
+        created.PerformedProcedureStepStatus = "IN PROGRESS"
+        scheduled = Dataset()
+        scheduled.StudyInstanceUID = study_uid
+        created.ScheduledStepAttributesSequence = [scheduled]
+        assert assoc.send_n_create(created, ModalityPerformedProcedureStep, step_uid)[0].Status == 0  # type: ignore[attr-defined]
+        assoc.release()  # type: ignore[attr-defined]
+        assert storescu(list(series.paths), port=port, calling_ae="STORESCU").returncode == 0
+    finally:
+        gateway.stop()  # the study is spooled, not analysed; its step in progress
+
+    gateway = Gateway(load_settings(config)).start()
+    try:
+        time.sleep(2.0)  # four quiet periods after the recovery
+        assert not was_complete(gateway.database, study_uid), "the restart forgot the MPPS in progress"
+        assoc = association()
+        completed = Dataset()
+        completed.PerformedProcedureStepStatus = "COMPLETED"
+        completed.PerformedSeriesSequence = _series_items(list(series.paths))
+        status, _ = assoc.send_n_set(completed, ModalityPerformedProcedureStep, step_uid)  # type: ignore[attr-defined]
+        assoc.release()  # type: ignore[attr-defined]
+        assert status.Status == 0x0000, "a step created before the restart is known after it"
+        wait_for(lambda: was_complete(gateway.database, study_uid), timeout_s=10, what="the study to close")
+    finally:
+        gateway.stop()

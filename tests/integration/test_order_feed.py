@@ -304,3 +304,53 @@ def test_without_an_hl7_feed_the_worklist_gives_the_order_its_priority_and_proce
     assert order is not None and order.message_type == "MWL" and order.procedure_code == "CTHEAD"
     assert order.reason == "Fall on anticoagulants" and order.priority == "STAT"
     assert rules == ["modality CT, ordered procedure CTHEAD"], rules
+
+
+def test_the_order_feed_over_mutual_tls(tmp_path: Path) -> None:
+    """MLLP over TLS with client certificates: the RIS's certificate gets its ACK; no certificate, or plain TCP,
+    gets no acknowledgement and stores nothing."""
+    import ssl
+
+    from tests.support.pki import make_pki
+
+    pki = make_pki(tmp_path / "pki")
+    config = tmp_path / "gateway.toml"
+    config.write_text(
+        f'data_dir = "{tmp_path / "data"}"\n[receiver]\nport = {free_port()}\n[http]\nenabled = false\n'
+        f'[triton]\nurl = "127.0.0.1:1"\n[orders]\nenabled = true\nport = 0\n'
+        f'tls_cert_file = "{pki["server.pem"]}"\ntls_key_file = "{pki["server.key"]}"\n'
+        f'tls_ca_file = "{pki["ca.pem"]}"\n'
+    )
+    gateway = Gateway(load_settings(config)).start()
+    try:
+        assert gateway.orders_listener is not None
+        port = gateway.orders_listener.port
+        store = OrderStore(gateway.database, "test")
+
+        def exchange(context: ssl.SSLContext | None, message: str) -> str | None:
+            raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+            try:
+                sock = context.wrap_socket(raw, server_hostname="127.0.0.1") if context else raw
+            except (ssl.SSLError, OSError):
+                raw.close()
+                return None
+            client = MllpClient.__new__(MllpClient)
+            client.sock = sock
+            try:
+                client.send(message)
+                return client.ack(timeout_s=5)
+            except (ssl.SSLError, OSError):
+                return None
+            finally:
+                sock.close()
+
+        mutual = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(pki["ca.pem"]))
+        mutual.load_cert_chain(str(pki["client.pem"]), str(pki["client.key"]))
+        assert msa(exchange(mutual, ORM))[1] == "AA"
+        assert store.find("ACC-0001") is not None
+        anonymous = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(pki["ca.pem"]))
+        assert exchange(anonymous, ORM.replace("ACC-0001", "ACC-NOCERT")) is None
+        assert exchange(None, ORM.replace("ACC-0001", "ACC-PLAIN")) is None
+        assert store.find("ACC-NOCERT") is None and store.find("ACC-PLAIN") is None
+    finally:
+        gateway.stop()

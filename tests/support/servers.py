@@ -19,6 +19,19 @@ from gateway.inference.server import free_port
 LOOPBACK = "127.0.0.1"
 
 
+def listening(port: int, *, timeout_s: float) -> bool:
+    """Whether something accepts connections on the loopback ``port`` within ``timeout_s``."""
+    import socket
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with socket.socket() as probe:
+            if probe.connect_ex((LOOPBACK, port)) == 0:
+                return True
+        time.sleep(0.05)
+    return False
+
+
 def require_tool(name: str) -> str:
     import pytest
 
@@ -120,6 +133,54 @@ class Orthanc:
         if not found:
             return []
         return list(self.get(f"/studies/{found[0]}/series"))
+
+    def instance_uids(self, study_uid: str) -> set[str]:
+        found = self.post(
+            "/tools/find",
+            json.dumps({"Level": "Instance", "Query": {"StudyInstanceUID": study_uid}, "Expand": True}),
+        )
+        return {i["MainDicomTags"]["SOPInstanceUID"] for i in found or []}
+
+
+class UpsWorklistManager:
+    """The tests' independent UPS worklist manager (tests/support/ups/manager.js, dcmjs-dimse on Node.js) on a
+    free loopback port; ``workitems()`` reads what it holds (it rewrites its JSON state after every change)."""
+
+    FOLDER = Path(__file__).parent / "ups"
+
+    def __init__(self, work_dir: Path, *, aet: str = "WORKLIST") -> None:
+        self.aet = aet
+        self.port = free_port()
+        self.state = work_dir / "ups-state.json"
+        self.log = work_dir / "ups-manager.log"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def workitems(self) -> dict[str, Any]:
+        return dict(json.loads(self.state.read_text())) if self.state.exists() else {}
+
+    def __enter__(self) -> UpsWorklistManager:
+        import pytest
+
+        node = require_tool("node")
+        if not (self.FOLDER / "node_modules" / "dcmjs-dimse").exists():
+            pytest.skip("dcmjs-dimse is not installed (`make test-peers` runs npm ci in tests/support/ups)")
+        self.state.parent.mkdir(parents=True, exist_ok=True)
+        with self.log.open("wb") as log:
+            self.process = subprocess.Popen(
+                [node, str(self.FOLDER / "manager.js"), "--port", str(self.port), "--aet", self.aet,
+                 "--state", str(self.state)],
+                stdout=log, stderr=subprocess.STDOUT,
+            )  # fmt: skip
+        if listening(self.port, timeout_s=20):
+            return self
+        self.__exit__()
+        raise RuntimeError(f"the UPS worklist manager did not start: {self.log.read_text()[-2000:]}")
+
+    def __exit__(self, *exc: object) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(timeout=10)
+            self.process = None
 
 
 class WebhookReceiver:
@@ -329,14 +390,8 @@ class WorklistSCP:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
         )
-        deadline = time.monotonic() + 10
-        import socket
-
-        while time.monotonic() < deadline:
-            with socket.socket() as probe:
-                if probe.connect_ex((LOOPBACK, self.port)) == 0:
-                    return self
-            time.sleep(0.05)
+        if listening(self.port, timeout_s=10):
+            return self
         self.__exit__()
         raise RuntimeError("wlmscpfs did not start listening")
 

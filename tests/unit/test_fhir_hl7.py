@@ -143,3 +143,70 @@ def test_unreachable_mllp_endpoint_is_a_delivery_error(tmp_path: Path) -> None:
         asyncio.run(
             send_mllp("127.0.0.1", free_port(), "MSH|^~\\&|x", timeout_s=0.5, attempts=2, backoff_s=0.01)
         )
+
+
+def test_the_ups_workitem_names_the_study_its_priority_inputs_and_outputs(
+    reports: list[SeriesReport],
+) -> None:
+    from gateway.reporting.ups import (
+        StoredObject,
+        build_completion,
+        build_workitem,
+        transaction_uid,
+        workitem_uid,
+    )
+
+    header = reports[0].header
+    study_uid = str(header.StudyInstanceUID)
+    created = build_workitem(reports, stat=True, retrieve_ae="PACS1")
+    assert created.ProcedureStepState == "SCHEDULED" and created.ScheduledProcedureStepPriority == "HIGH"
+    assert created.PatientID == header.PatientID and created.AccessionNumber == header.AccessionNumber
+    [source] = created.InputInformationSequence
+    assert source.SeriesInstanceUID == header.SeriesInstanceUID and len(source.ReferencedSOPSequence) == 4
+    assert source.DICOMRetrievalSequence[0].RetrieveAETitle == "PACS1"
+    assert build_workitem(reports, stat=False).ScheduledProcedureStepPriority == "MEDIUM"
+    outputs = [
+        StoredObject(
+            sop_class_uid="1.2.840.10008.5.1.4.1.1.88.34",
+            sop_instance_uid="1.2.3.4.5",
+            series_instance_uid="9.1",
+        ),
+        StoredObject(
+            sop_class_uid="1.2.840.10008.5.1.4.1.1.11.1",
+            sop_instance_uid="1.2.3.4.6",
+            series_instance_uid="9.2",
+        ),
+    ]
+    final = build_completion(reports, outputs, stat=True)
+    [performed] = final.UnifiedProcedureStepPerformedProcedureSequence
+    listed = {
+        r.ReferencedSOPInstanceUID
+        for i in performed.OutputInformationSequence
+        for r in i.ReferencedSOPSequence
+    }
+    assert listed == {"1.2.3.4.5", "1.2.3.4.6"} and len(performed.OutputInformationSequence) == 2
+    words = final.ProcedureStepProgressInformationSequence[0].ProcedureStepProgressDescription
+    assert words.startswith("STAT - critical AI finding") and len(words) <= 64  # LO
+    assert "2 finding(s)" in performed.CommentsOnThePerformedProcedureStep
+    # The same objects, the same workitem (a retry updates it); other objects, another workitem.
+    assert workitem_uid(study_uid, outputs) == workitem_uid(study_uid, list(reversed(outputs)))
+    assert workitem_uid(study_uid, outputs[:1]) != workitem_uid(study_uid, outputs)
+    assert transaction_uid(workitem_uid(study_uid, outputs)) != workitem_uid(study_uid, outputs)
+
+
+def test_the_critical_alert_names_the_case_by_accession_and_carries_no_demographics() -> None:
+    from gateway.reporting.hl7 import build_critical_alert
+
+    message = build_critical_alert(
+        study_uid="1.2.3",
+        accession_number="ACC|7",
+        text="Head CT: 1 finding",
+        acknowledge_url="http://x/a?b=1&c=2",
+    )
+    assert message.validate()
+    text = message.to_er7()
+    parsed = parse_message(text, find_groups=True)
+    assert parsed.msh.msh_9.to_er7() == "ORU^R01^ORU_R01"
+    pid = text.split("\r")[1]
+    assert pid == 'PID|1||ACC\\F\\7^^^^AN||""'  # the case, not the patient
+    assert "OBX|3|ST|ACKURL^Acknowledge at^99AIG||http://x/a?b=1\\T\\c=2|||AA|||P" in text

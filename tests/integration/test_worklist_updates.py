@@ -1,0 +1,161 @@
+"""Worklist updates over DICOM UPS (IHE AIW-I, issue 13 item 4) against an independent worklist manager: a UPS SCP
+built on dcmjs-dimse (Node.js), not on the gateway's code. 50 studies - a quarter of them STAT - each end with their
+workitem COMPLETED at the manager, priority HIGH exactly for the STAT ones, the outcome in words, and an Output
+Information Sequence listing exactly the objects the PACS (Orthanc) received for that study."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from benchmarks.e2e_latency import fresh_copy
+from benchmarks.phantoms import Lesion, write_head_ct
+from gateway.app import Gateway
+from gateway.config.settings import load_settings
+from gateway.inference.server import free_port
+from tests.support.servers import Orthanc, UpsWorklistManager, storescu, wait_for
+
+pytestmark = pytest.mark.integration
+
+STUDIES = 50
+
+
+def _outputs(workitem: dict) -> set[str]:
+    [performed] = workitem["UnifiedProcedureStepPerformedProcedureSequence"]
+    return {
+        ref["ReferencedSOPInstanceUID"]
+        for item in performed["OutputInformationSequence"]
+        for ref in item["ReferencedSOPSequence"]
+    }
+
+
+def test_every_analysed_study_ends_with_its_workitem_completed_listing_what_the_pacs_received(
+    tmp_path: Path, triton: str
+) -> None:
+    port = free_port()
+    orthanc = Orthanc(tmp_path / "orthanc").start()
+    lesion = Lesion(x=60.0, y=60.0, slice=2, radius_mm=6.0, hu=70.0)
+    stat_series = write_head_ct(
+        tmp_path / "stat", slices=4, rows=128, cols=128, pixel_mm=2.0, lesions=(lesion,)
+    )
+    plain_series = write_head_ct(tmp_path / "plain", slices=4, rows=128, cols=128, pixel_mm=2.0, seed=7)
+    try:
+        with UpsWorklistManager(tmp_path / "ups") as manager:
+            config = tmp_path / "gateway.toml"
+            config.write_text(
+                f'data_dir = "{tmp_path / "data"}"\nquiet_period_s = 0.5\nworkers = 2\n[receiver]\nport = {port}\n'
+                f'[http]\nenabled = false\n[triton]\nurl = "{triton}"\n'
+                f'[ups]\nscp = "{manager.aet}@127.0.0.1:{manager.port}"\nretrieve_ae_title = "ORTHANC"\n'
+                f'[[peers]]\nae_title = "STORESCU"\nport = {orthanc.dicom_port}\n'
+                '[[pipelines]]\nname = "ct_hyperdensity"\nmodel = "ct_head_hyperdensity"\n'
+                'algorithm_name = "Head CT Hyperdensity Reference"\nalgorithm_version = "0.1.0"\nmode = "triage"\n'
+                'report_threshold = 0.5\nstat_threshold = 0.7\nmodalities = ["CT"]\ninput_size = [256, 256]\n'
+                '[pipelines.labels]\n0 = "hemorrhage"\n'
+            )
+            gateway = Gateway(load_settings(config)).start()
+            studies: dict[str, bool] = {}  # study UID -> sent as the STAT case
+            try:
+                for n in range(STUDIES):
+                    stat = n % 4 == 0
+                    source = stat_series if stat else plain_series
+                    copies, study_uid = fresh_copy(list(source.paths), tmp_path / f"send{n}")
+                    assert storescu(copies, port=port, calling_ae="STORESCU").returncode == 0
+                    studies[study_uid] = stat
+
+                def all_completed() -> bool:
+                    items = manager.workitems().values()
+                    done = [w for w in items if w.get("ProcedureStepState") == "COMPLETED"]
+                    return len(done) >= STUDIES
+
+                wait_for(all_completed, timeout_s=600, interval_s=0.5, what=f"{STUDIES} completed workitems")
+                audit = gateway.audit.read()
+            finally:
+                gateway.stop()
+            workitems = manager.workitems()
+        analysed = {e["study"]: e for e in audit if e["event"] == "study_done"}
+        by_study = {w["StudyInstanceUID"]: w for w in workitems.values()}
+        assert set(by_study) == set(studies) and len(workitems) == STUDIES  # one workitem per study, no more
+        for study_uid, sent_as_stat in studies.items():
+            workitem = by_study[study_uid]
+            assert workitem["ProcedureStepState"] == "COMPLETED"
+            assert workitem["_history"] == ["SCHEDULED", "IN PROGRESS", "N-SET", "COMPLETED"]
+            stat = analysed[study_uid]["stat"]
+            assert stat == sent_as_stat, "the phantom with the lesion is the STAT one"
+            assert workitem["ScheduledProcedureStepPriority"] == ("HIGH" if stat else "MEDIUM")
+            words = workitem["ProcedureStepProgressInformationSequence"][0][
+                "ProcedureStepProgressDescription"
+            ]
+            assert words.startswith("STAT - critical AI finding" if stat else "AI analysis complete"), words
+            received = wait_for(
+                lambda uid=study_uid: orthanc.instance_uids(uid), timeout_s=30, what="results"
+            )
+            assert _outputs(workitem) == received == set(analysed[study_uid]["results"])
+            [source] = workitem["InputInformationSequence"]
+            assert len(source["ReferencedSOPSequence"]) == 4
+        print(
+            f"\nUPS: {len(workitems)} of {STUDIES} workitems COMPLETED; outputs = the objects Orthanc received"
+        )
+    finally:
+        orthanc.stop()
+
+
+def test_a_push_that_died_half_way_is_finished_by_the_next_and_one_claimed_by_another_is_refused(
+    tmp_path: Path,
+) -> None:
+    """The UPS client against the independent manager, step by step: a workitem an earlier try created and claimed
+    is finished by the next try (same UIDs), a repeat finds it COMPLETED and changes nothing, and a workitem that
+    another performer holds (another Transaction UID) is refused with the manager's status, not overwritten."""
+    from pydicom.dataset import Dataset
+    from pydicom.uid import generate_uid
+    from pynetdicom import AE
+    from pynetdicom.sop_class import UnifiedProcedureStepPush  # type: ignore[attr-defined]
+
+    from clients.ups import push_completed_workitem
+    from gateway.config.settings import Peer
+    from gateway.core.errors import DeliveryError
+
+    def workitem() -> Dataset:
+        ds = Dataset()
+        ds.ProcedureStepState = "SCHEDULED"
+        ds.ScheduledProcedureStepPriority = "MEDIUM"
+        ds.StudyInstanceUID = generate_uid()
+        source = Dataset()
+        source.StudyInstanceUID = ds.StudyInstanceUID
+        ds.InputInformationSequence = [source]
+        return ds
+
+    final = Dataset()
+    performed = Dataset()
+    performed.PerformedProcedureStepEndDateTime = "20261202120000"
+    output = Dataset()
+    output.SeriesInstanceUID = generate_uid()
+    performed.OutputInformationSequence = [output]
+    final.UnifiedProcedureStepPerformedProcedureSequence = [performed]
+
+    with UpsWorklistManager(tmp_path) as manager:
+        peer = Peer(ae_title=manager.aet, port=manager.port)
+
+        def create_and_claim(uid: str, transaction: str) -> None:  # what a try did before it died
+            ae = AE("AI_GATEWAY")
+            ae.add_requested_context(UnifiedProcedureStepPush)
+            assoc = ae.associate("127.0.0.1", manager.port, ae_title=manager.aet)
+            assert assoc.is_established
+            assert assoc.send_n_create(workitem(), UnifiedProcedureStepPush, uid)[0].Status == 0
+            claim = Dataset()
+            claim.ProcedureStepState, claim.TransactionUID = "IN PROGRESS", transaction
+            assert assoc.send_n_action(claim, 1, UnifiedProcedureStepPush, uid)[0].Status == 0
+            assoc.release()
+
+        uid, transaction = generate_uid(), generate_uid()
+        create_and_claim(uid, transaction)
+        push = dict(transaction_uid=transaction, calling_ae="AI_GATEWAY", timeout_s=5.0)
+        assert push_completed_workitem(peer, uid, workitem(), final, **push) == "completed"  # type: ignore[arg-type]
+        assert push_completed_workitem(peer, uid, workitem(), final, **push) == "already completed"  # type: ignore[arg-type]
+        assert manager.workitems()[uid]["_history"] == ["SCHEDULED", "IN PROGRESS", "N-SET", "COMPLETED"]
+
+        held = generate_uid()
+        create_and_claim(held, generate_uid())  # another performer's claim
+        with pytest.raises(DeliveryError, match=r"N-SET .* 0xC301"):
+            push_completed_workitem(peer, held, workitem(), final, **push)  # type: ignore[arg-type]
+        assert manager.workitems()[held]["ProcedureStepState"] == "IN PROGRESS"
