@@ -82,7 +82,9 @@ integration: setup test-peers
 # The flow's stateful integration tests run a second time with every gateway on PostgreSQL (a throwaway cluster
 # on a free loopback port; the database-specific tests already run on both backends in the first pass).
 PG_SUITE := tests/integration/test_pipeline_e2e.py tests/integration/test_durability.py \
-	tests/integration/test_concurrency.py tests/integration/test_result_identity.py
+	tests/integration/test_concurrency.py tests/integration/test_result_identity.py \
+	tests/integration/test_completion_notices.py tests/integration/test_critical_results.py \
+	tests/integration/test_worklist_updates.py
 
 test: setup test-peers lint typecheck
 	$(VENV)/bin/pytest $(PYTEST_ARGS)

@@ -36,6 +36,7 @@ from gateway.database.notices import NoticeStore
 from gateway.database.queries import list_studies, study_timeline
 from gateway.database.queue import SharedQueue
 from gateway.database.recorder import Recorder
+from gateway.database.ups_tasks import TaskStore
 from gateway.delivery.outbox import Outbox
 from gateway.delivery.store import ResultStore
 from gateway.inference.registry import ModelRegistry, fingerprint_models
@@ -44,6 +45,7 @@ from gateway.ingest.assembler import StudyAssembler
 from gateway.ingest.notices import NoticeSCP
 from gateway.ingest.receiver import StoreSCP, check_port_free
 from gateway.ingest.spool import Spool
+from gateway.ingest.ups_tasks import UpsTaskSCP
 from gateway.ops import retention
 from gateway.ops.audit import AuditLog
 from gateway.ops.events import EventSink
@@ -58,6 +60,7 @@ from gateway.orchestration.routing import Router
 from gateway.orchestration.runtime import LoopRuntime
 from gateway.orchestration.series_pipeline import PipelineParts
 from gateway.orchestration.tracker import StudyTracker
+from gateway.orchestration.ups_performer import TaskPerformer
 from gateway.reporting.critical_alerts import CriticalAlerts
 from gateway.reporting.dispatcher import ReportDispatcher
 from gateway.reporting.notify import StatNotifier
@@ -114,14 +117,42 @@ class Gateway:
         # Intake's blocking steps (a re-opened study's headers, its order) on a thread of their own: the serial step
         # that queues every study never waits behind report building under load.
         self.intake_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gateway-intake")
-        self.reports = ReportDispatcher(settings, self.audit, self.io_executor, http=self.http)
+        self.tasks = TaskStore(self.database, settings.node_id) if settings.ups.accept_tasks else None
+        self.reports = ReportDispatcher(
+            settings,
+            self.audit,
+            self.io_executor,
+            http=self.http,
+            tasks=self.tasks,
+            pending_deliveries=self.outbox.pending_for_study,
+        )
         self.metrics = Metrics()
         self.events = EventSink(self.audit, self.metrics, self.record)
         self.tracker = StudyTracker(self.spool, self.results, self.reports, self.events)
         self.orders = OrderStore(self.database, settings.node_id)
+        self.performer = (
+            TaskPerformer(
+                settings,
+                self.tasks,
+                self.spool,
+                self.assembler,
+                on_stored=self.on_stored,
+                on_event=self.audit.record,
+            )
+            if self.tasks is not None
+            else None
+        )
         self.notices = (
-            NoticeSCP(self.assembler, NoticeStore(self.database, settings.node_id))
-            if settings.receiver.accept_notices
+            NoticeSCP(
+                self.assembler,
+                NoticeStore(self.database, settings.node_id),
+                tasks=UpsTaskSCP(
+                    self.tasks, sources=[p.ae_title for p in settings.peers], on_task=self.performer.received
+                )
+                if self.tasks is not None and self.performer is not None
+                else None,
+            )
+            if settings.receiver.accept_notices or self.tasks is not None
             else None
         )
         worklist = settings.worklist
@@ -303,6 +334,8 @@ class Gateway:
         self.io_executor.shutdown(wait=True, cancel_futures=False)
         self.intake_executor.shutdown(wait=True, cancel_futures=True)
         self.order_watch.close()
+        if self.performer is not None:
+            self.performer.close()
         if self.critical is not None:
             self.critical.close()
         self.audit.close()

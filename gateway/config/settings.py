@@ -319,9 +319,15 @@ class UpsSettings(Section):
     scp: Annotated[Peer | None, BeforeValidator(_peer_or_none)] = None  # AET@host:port; none: not told
     timeout_s: Seconds = 10.0
     attempts: Annotated[int, Field(ge=1)] = 5
-    retrieve_ae_title: Annotated[str, Field(max_length=16)] = (
-        ""  # where the outputs can be retrieved (the PACS)
-    )
+    # The AE title the outputs can be retrieved from (the PACS).
+    retrieve_ae_title: Annotated[str, Field(max_length=16)] = ""
+    # Accept workitems pushed to the gateway (UPS Push N-CREATE on the receiver's port): the study named in the
+    # Input Information Sequence is retrieved by C-GET from its Retrieve AE Title (a configured peer), analysed,
+    # and the workitem completed with the objects stored; the manager follows it by N-GET.
+    accept_tasks: bool = False
+    retrieve_timeout_s: Seconds = 120.0
+    # A workitem lists its outputs once they are delivered to the PACS; after this long it goes on regardless.
+    delivery_wait_s: Seconds = 600.0
 
 
 class SmtpSettings(Section):

@@ -84,6 +84,12 @@ TIMELINE_EVENTS = (  # audit events shown in a study's timeline next to its stat
     "fhir_failed",
     "hl7_delivered",
     "hl7_failed",
+    "ups_completed",
+    "ups_failed",
+    "critical_result_notified",
+    "critical_result_failed",
+    "critical_result_acknowledged",
+    "critical_result_unanswered",
 )
 
 

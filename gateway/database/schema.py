@@ -287,3 +287,23 @@ completion_notices = Table(
     Column("node", String(64), nullable=False),
     Index(None, "study_uid"),
 )
+
+# -- UPS tasks pushed to the gateway (IHE AIW-I: a worklist manager asks for an analysis) -------------------------
+
+ups_tasks = Table(
+    "ups_tasks",
+    metadata,
+    Column("workitem_uid", UID, primary_key=True),
+    Column("study_uid", UID, nullable=False),
+    Column("source_ae", AE, nullable=False),  # where the study is retrieved from (C-GET)
+    Column("requester_ae", AE, nullable=False, server_default=""),
+    # SCHEDULED -> IN PROGRESS (retrieving, analysing) -> COMPLETED | CANCELED (with the reason)
+    Column("state", String(16), nullable=False),
+    Column("priority", String(8), nullable=False, server_default="MEDIUM"),
+    Column("outputs", Json, nullable=False),  # [[SOP class, SOP instance, series]] once completed
+    Column("detail", Text, nullable=False, server_default=""),
+    Column("created_at", Float, nullable=False),
+    Column("updated_at", Float, nullable=False),
+    Column("node", String(64), nullable=False),
+    Index(None, "study_uid"),
+)

@@ -150,6 +150,16 @@ class Outbox:
     def pending(self) -> dict[str, int]:
         return {d.name: len(list(d.glob("*.json"))) for d in sorted(self.pending_dir.iterdir()) if d.is_dir()}
 
+    def pending_for_study(self, study_uid: str) -> int:
+        """How many of the study's delivery jobs are still waiting (blocking: reads the job files)."""
+        return sum(
+            1
+            for folder in self.pending_dir.iterdir()
+            if folder.is_dir()
+            for job in self._jobs(folder)
+            if job.study_uid == study_uid
+        )
+
     def dead_letters(self) -> list[DeliveryJob]:
         return [j for p in sorted(self.dead_dir.glob("*.json")) if (j := self._read(p)) is not None]
 

@@ -26,10 +26,12 @@ from pynetdicom import evt
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     InstanceAvailabilityNotification,
     ModalityPerformedProcedureStep,
+    UnifiedProcedureStepPush,
 )
 
 from gateway.core.domain import is_valid_uid
 from gateway.database.notices import NoticeStore
+from gateway.ingest.ups_tasks import UpsTaskSCP
 
 logger = logging.getLogger(__name__)
 
@@ -68,9 +70,12 @@ def referenced_instances(series_sequence: Iterable[Dataset], item_keyword: str) 
 class NoticeSCP:
     """The N-CREATE / N-SET handlers (pynetdicom event handlers, on association threads)."""
 
-    def __init__(self, completion: Completion, store: NoticeStore | None = None) -> None:
+    def __init__(
+        self, completion: Completion, store: NoticeStore | None = None, *, tasks: UpsTaskSCP | None = None
+    ) -> None:
         self.completion = completion
         self.store = store
+        self.tasks = tasks  # UPS workitems pushed to the gateway (N-CREATE / N-GET of UPS Push)
         self._steps: dict[str, tuple[str, str]] = {}  # MPPS SOP Instance UID -> (study UID, status)
         self._lock = threading.Lock()
 
@@ -117,12 +122,22 @@ class NoticeSCP:
 
     @property
     def handlers(self) -> list[Any]:
-        return [(evt.EVT_N_CREATE, self.handle_n_create), (evt.EVT_N_SET, self.handle_n_set)]
+        handlers: list[Any] = [(evt.EVT_N_CREATE, self.handle_n_create), (evt.EVT_N_SET, self.handle_n_set)]
+        if self.tasks is not None:
+            handlers.append((evt.EVT_N_GET, self.tasks.handle_n_get))
+        return handlers
+
+    @property
+    def sop_classes(self) -> tuple[str, ...]:
+        """The SOP classes to accept on the receiver's port."""
+        return (*NOTICE_CLASSES, *((UnifiedProcedureStepPush,) if self.tasks is not None else ()))
 
     def handle_n_create(self, event: evt.Event) -> tuple[int, Dataset | None]:
         request: Any = event.request
         cls = str(request.AffectedSOPClassUID)
         ds = event.attribute_list
+        if cls == UnifiedProcedureStepPush and self.tasks is not None:
+            return self.tasks.handle_n_create(event)
         if cls == InstanceAvailabilityNotification:
             return self._availability(str(request.AffectedSOPInstanceUID or "").strip(), ds), None
         if cls != ModalityPerformedProcedureStep:

@@ -21,7 +21,7 @@ from clients.tls import server_tls_context
 from gateway.config.settings import ReceiverSettings
 from gateway.core.domain import InstanceRecord
 from gateway.core.errors import STATUS_SUCCESS, ConfigError, GatewayError, dimse_status_for
-from gateway.ingest.notices import NOTICE_CLASSES, NoticeSCP
+from gateway.ingest.notices import NoticeSCP
 from gateway.ingest.spool import Spool
 
 logger = logging.getLogger(__name__)
@@ -213,7 +213,7 @@ class StoreSCP:
             if context.abstract_syntax is not None:
                 ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
         if notices is not None:
-            for sop_class in NOTICE_CLASSES:
+            for sop_class in notices.sop_classes:
                 ae.add_supported_context(sop_class)
         if allowed_calling_aes:
             ae.require_calling_aet = sorted(allowed_calling_aes)

@@ -149,6 +149,7 @@ class StudyTracker:
             self.reports.submit(
                 self.results.root / study_uid, progress.reports, stat=progress.stat, results=progress.results
             )
+        self.reports.study_finished(study_uid, self.results.root / study_uid, progress.results)
         self._study_done(study_uid, progress)
         return asyncio.wrap_future(
             self.events.after_recorded(lambda: self._mark_processed(study_uid, progress))

@@ -25,6 +25,7 @@ from gateway.config.settings import Settings
 from gateway.core.durable import atomic_write
 from gateway.core.errors import DeliveryError
 from gateway.core.retry import Backoff
+from gateway.database.ups_tasks import TaskStore
 from gateway.ops.audit import AuditLog
 from gateway.reporting.fhir import build_bundle
 from gateway.reporting.hl7 import Hl7Parties, build_oru, build_priority_update
@@ -38,6 +39,7 @@ from gateway.reporting.ups import (
 from gateway.results.content import SeriesReport
 
 logger = logging.getLogger(__name__)
+DELIVERY_POLL_S = 0.25
 
 
 def stored_objects(folder: Path, results: Sequence[str]) -> list[StoredObject]:
@@ -65,8 +67,14 @@ class ReportDispatcher:
         *,
         http: HttpPoster | None = None,
         backoff_s: float = 1.0,
+        tasks: TaskStore | None = None,
+        pending_deliveries: Callable[[str], int] | None = None,
     ) -> None:
         self.settings = settings
+        self.tasks = tasks  # UPS workitems pushed to the gateway: completed when their study is
+        # The study's result deliveries still waiting (the outbox): a UPS workitem lists its outputs once they are
+        # at the PACS, not before.
+        self.pending_deliveries = pending_deliveries
         self.audit = audit
         self.executor = executor
         self.http = http or HttpPoster()
@@ -89,6 +97,49 @@ class ReportDispatcher:
         task = asyncio.create_task(self._publish(folder, reports, stat, tuple(results)), name="study-reports")
         self._in_flight.add(task)
         task.add_done_callback(self._in_flight.discard)
+
+    def study_finished(self, study_uid: str, folder: Path, results: Sequence[str]) -> None:
+        """The study is done (analysed, failed or skipped): the UPS tasks that asked for it are completed with the
+        objects stored (only on the event loop; in the background)."""
+        if self.tasks is None:
+            return
+        task = asyncio.create_task(self._complete_tasks(study_uid, folder, tuple(results)), name="ups-tasks")
+        self._in_flight.add(task)
+        task.add_done_callback(self._in_flight.discard)
+
+    async def _delivered(self, study_uid: str) -> None:
+        """Wait (bounded by ``[ups] delivery_wait_s``) until the study's results are at their destination."""
+        if self.pending_deliveries is None:
+            return
+        loop = asyncio.get_running_loop()
+        deadline = time.monotonic() + self.settings.ups.delivery_wait_s
+        while await loop.run_in_executor(self.executor, self.pending_deliveries, study_uid):
+            if time.monotonic() > deadline:
+                logger.warning("study %s: results still not delivered; its UPS workitem goes on", study_uid)
+                return
+            await asyncio.sleep(DELIVERY_POLL_S)
+
+    async def _complete_tasks(self, study_uid: str, folder: Path, results: tuple[str, ...]) -> None:
+        assert self.tasks is not None
+        loop = asyncio.get_running_loop()
+        try:
+            tasks = await loop.run_in_executor(self.executor, self.tasks.open_for_study, study_uid)
+            if not tasks:
+                return
+            outputs = await loop.run_in_executor(self.executor, stored_objects, folder, results)
+            await self._delivered(study_uid)
+            listed = [[o.sop_class_uid, o.sop_instance_uid, o.series_instance_uid] for o in outputs]
+            detail = f"{len(listed)} result object(s) stored" if listed else "nothing to analyse"
+            for task in tasks:
+                move = functools.partial(
+                    self.tasks.move, task.workitem_uid, "COMPLETED", detail=detail, outputs=listed
+                )
+                await loop.run_in_executor(self.executor, move)
+                self.audit.record(
+                    "ups_task_completed", study=study_uid, workitem=task.workitem_uid, outputs=len(listed)
+                )
+        except Exception as exc:  # the task stays in progress; logged, never a cost to anything else
+            logger.error("study %s: its UPS task(s) not completed: %s", study_uid, type(exc).__name__)
 
     async def _publish(
         self, folder: Path, reports: Sequence[SeriesReport], stat: bool, results: tuple[str, ...] = ()
@@ -128,6 +179,7 @@ class ReportDispatcher:
             logger.error("study %s: UPS workitem not built: %s", study_uid, type(exc).__name__)
             self.audit.record("ups_failed", study=study_uid, reason=f"{type(exc).__name__}: {exc}"[:300])
             return
+        await self._delivered(study_uid)
         workitem = workitem_uid(study_uid, outputs)
         push = functools.partial(
             push_completed_workitem, ups.scp, workitem, created, final,

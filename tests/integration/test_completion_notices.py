@@ -8,7 +8,6 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import pydicom
 import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
@@ -20,6 +19,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 
 from benchmarks.phantoms import write_head_ct
 from tests.integration.conftest import Env
+from tests.support.notices import series_items
 from tests.support.servers import storescu, wait_for
 
 pytestmark = pytest.mark.integration
@@ -32,24 +32,6 @@ def _association(env: Env) -> object:
     assoc = ae.associate("127.0.0.1", env.gateway.port, ae_title="AI_GATEWAY")
     assert assoc.is_established
     return assoc
-
-
-def _series_items(paths: list[Path]) -> list[Dataset]:
-    by_series: dict[str, list[Dataset]] = {}
-    for path in paths:
-        ds = pydicom.dcmread(path, stop_before_pixels=True)
-        ref = Dataset()
-        ref.ReferencedSOPClassUID = ds.SOPClassUID
-        ref.ReferencedSOPInstanceUID = ds.SOPInstanceUID
-        by_series.setdefault(ds.SeriesInstanceUID, []).append(ref)
-    items = []
-    for series_uid, refs in by_series.items():
-        item = Dataset()
-        item.SeriesInstanceUID = series_uid
-        item.ReferencedImageSequence = refs
-        item.ReferencedSOPSequence = refs
-        items.append(item)
-    return items
 
 
 def _routed(env: Env, study_uid: str) -> list[dict]:
@@ -81,7 +63,7 @@ def test_an_mpps_in_progress_holds_the_study_and_its_completion_closes_it(env: E
 
         completed = Dataset()
         completed.PerformedProcedureStepStatus = "COMPLETED"
-        completed.PerformedSeriesSequence = _series_items(list(first.paths) + list(second.paths))
+        completed.PerformedSeriesSequence = series_items(list(first.paths) + list(second.paths))
         status, _ = assoc.send_n_set(completed, ModalityPerformedProcedureStep, step_uid)
         assert status.Status == 0x0000
         closed_at = time.time()
@@ -110,7 +92,7 @@ def test_an_instance_availability_notification_closes_the_study_without_the_quie
     series = write_head_ct(tmp_path / "s1", slices=6, seed=303, study_uid=study_uid)
     notice = Dataset()
     notice.StudyInstanceUID = study_uid
-    notice.ReferencedSeriesSequence = _series_items(list(series.paths))
+    notice.ReferencedSeriesSequence = series_items(list(series.paths))
     assoc = _association(env)
     try:
         status, _ = assoc.send_n_create(notice, InstanceAvailabilityNotification, generate_uid())
@@ -176,7 +158,7 @@ def test_an_mpps_in_progress_survives_a_restart_and_its_completion_is_accepted_a
         assoc = association()
         completed = Dataset()
         completed.PerformedProcedureStepStatus = "COMPLETED"
-        completed.PerformedSeriesSequence = _series_items(list(series.paths))
+        completed.PerformedSeriesSequence = series_items(list(series.paths))
         status, _ = assoc.send_n_set(completed, ModalityPerformedProcedureStep, step_uid)  # type: ignore[attr-defined]
         assoc.release()  # type: ignore[attr-defined]
         assert status.Status == 0x0000, "a step created before the restart is known after it"

@@ -134,6 +134,16 @@ def test_a_stat_finding_is_notified_escalated_once_per_level_and_acknowledged_by
                 f"http://127.0.0.1:{http_port}/critical-results/{series.study_uid}", token=TOKEN
             )
             assert [(r["level"], r["state"]) for r in ladder] == [(1, "notified"), (2, "acknowledged")]
+
+            def timeline() -> list[
+                str
+            ]:  # the system of record's timeline has the ladder (written in batches)
+                _, found = http_json(f"http://127.0.0.1:{http_port}/studies/{series.study_uid}", token=TOKEN)
+                stages = [step["stage"] for step in found["steps"]]
+                return stages if "critical_result_acknowledged" in stages else []
+
+            stages = wait_for(timeline, timeout_s=10, what="the timeline")
+            assert stages.count("critical_result_notified") == 2
         finally:
             gateway.stop()
 

@@ -1,10 +1,14 @@
-"""Worklist updates over DICOM UPS (IHE AIW-I, issue 13 item 4) against an independent worklist manager: a UPS SCP
-built on dcmjs-dimse (Node.js), not on the gateway's code. 50 studies - a quarter of them STAT - each end with their
-workitem COMPLETED at the manager, priority HIGH exactly for the STAT ones, the outcome in words, and an Output
-Information Sequence listing exactly the objects the PACS (Orthanc) received for that study."""
+"""Worklist updates over DICOM UPS (IHE AIW-I, issue 13 item 4) against an independent worklist manager built on
+dcmjs-dimse (Node.js), not on the gateway's code. Gateway -> manager: 50 studies - a quarter of them STAT - each end
+with their workitem COMPLETED at the manager, priority HIGH exactly for the STAT ones, the outcome in words, and an
+Output Information Sequence listing exactly the objects the PACS (Orthanc) received for that study. Manager ->
+gateway: a workitem pushed to the gateway is retrieved by C-GET, analysed and completed with its results."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -14,7 +18,7 @@ from benchmarks.phantoms import Lesion, write_head_ct
 from gateway.app import Gateway
 from gateway.config.settings import load_settings
 from gateway.inference.server import free_port
-from tests.support.servers import Orthanc, UpsWorklistManager, storescu, wait_for
+from tests.support.servers import Orthanc, UpsWorklistManager, require_tool, storescu, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -159,3 +163,86 @@ def test_a_push_that_died_half_way_is_finished_by_the_next_and_one_claimed_by_an
         with pytest.raises(DeliveryError, match=r"N-SET .* 0xC301"):
             push_completed_workitem(peer, held, workitem(), final, **push)  # type: ignore[arg-type]
         assert manager.workitems()[held]["ProcedureStepState"] == "IN PROGRESS"
+
+
+def _request(manager_folder: Path, **args: str) -> dict:
+    node = require_tool("node")
+    command = [node, str(manager_folder / "request.js")]
+    for key, value in args.items():
+        command += [f"--{key}", value]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=180)
+    assert done.stdout.strip(), done.stderr[-2000:]
+    return dict(json.loads(done.stdout.strip().splitlines()[-1]))
+
+
+def test_a_workitem_pushed_to_the_gateway_is_retrieved_analysed_and_completed(
+    tmp_path: Path, triton: str
+) -> None:
+    """AIW-I the other way round: the independent manager (dcmjs-dimse, as SCU) pushes a workitem naming a study
+    and Orthanc as its source; the gateway retrieves it by C-GET, analyses it, delivers the results to the source,
+    and the manager's N-GET finds the workitem COMPLETED listing exactly those results. A workitem naming a source
+    the gateway does not know, or a workitem UID it holds already, is refused with the DIMSE status."""
+    from pydicom.uid import generate_uid
+
+    port = free_port()
+    orthanc = Orthanc(tmp_path / "orthanc", modalities={"gateway": ["AI_GATEWAY", "127.0.0.1", port]}).start()
+    lesion = Lesion(x=60.0, y=60.0, slice=2, radius_mm=6.0, hu=70.0)
+    series = write_head_ct(tmp_path / "ct", slices=4, rows=128, cols=128, pixel_mm=2.0, lesions=(lesion,))
+    try:
+        orthanc.upload(list(series.paths))
+        sources = orthanc.instance_uids(series.study_uid)
+        assert len(sources) == 4
+        config = tmp_path / "gateway.toml"
+        config.write_text(
+            f'data_dir = "{tmp_path / "data"}"\nquiet_period_s = 30\n[receiver]\nport = {port}\n'
+            f'[http]\nenabled = false\n[triton]\nurl = "{triton}"\n[ups]\naccept_tasks = true\n'
+            f'[[peers]]\nae_title = "ORTHANC"\nport = {orthanc.dicom_port}\n'
+            f'[[peers]]\nae_title = "WORKLIST"\nport = {free_port()}\n'  # allowed to call; never called
+            f'[[peers]]\nae_title = "DEADPACS"\nport = {free_port()}\n'  # nothing listens there
+            '[[pipelines]]\nname = "ct_hyperdensity"\nmodel = "ct_head_hyperdensity"\nalgorithm_version = "0.1.0"\n'
+            'mode = "triage"\nstat_threshold = 0.7\nmodalities = ["CT"]\ninput_size = [256, 256]\n'
+            '[pipelines.labels]\n0 = "hemorrhage"\n'
+        )
+        gateway = Gateway(load_settings(config)).start()
+        workitem = generate_uid()
+        try:
+            common = {
+                "port": str(port),
+                "aet": "AI_GATEWAY",
+                "calling": "WORKLIST",
+                "study": series.study_uid,
+            }
+            started = time.time()
+            answer = _request(UpsWorklistManager.FOLDER, **common, source="ORTHANC", workitem=workitem)
+            took = time.time() - started
+            refused = _request(
+                UpsWorklistManager.FOLDER, **common, source="ELSEWHERE", workitem=generate_uid()
+            )
+            again = _request(UpsWorklistManager.FOLDER, **common, source="ORTHANC", workitem=workitem)
+            unreachable = _request(
+                UpsWorklistManager.FOLDER, **common, source="DEADPACS", workitem=generate_uid()
+            )
+        finally:
+            gateway.stop()
+        assert answer["created"] == 0
+        last = answer["last"]
+        assert last["ProcedureStepState"] == "COMPLETED", last
+        [performed] = last["UnifiedProcedureStepPerformedProcedureSequence"]
+        listed = {
+            ref["ReferencedSOPInstanceUID"]
+            for item in performed["OutputInformationSequence"]
+            for ref in item["ReferencedSOPSequence"]
+        }
+        results = orthanc.instance_uids(series.study_uid) - sources
+        assert listed and listed == results  # the results, delivered back to the source, and nothing else
+        assert refused["created"] == 0x0106 and again["created"] == 0x0111
+        assert (
+            unreachable["last"]["ProcedureStepState"] == "CANCELED"
+        )  # the source cannot be reached: said so
+        [progress] = unreachable["last"]["ProcedureStepProgressInformationSequence"]
+        assert "DEADPACS" in progress["ProcedureStepProgressDescription"]  # why, in the workitem
+        print(
+            f"\nUPS task: pushed, retrieved by C-GET, analysed and COMPLETED in {took:.1f} s (quiet period 30 s)"
+        )
+    finally:
+        orthanc.stop()
