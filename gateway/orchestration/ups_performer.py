@@ -1,12 +1,14 @@
 """Performing the UPS tasks a worklist manager pushed to the gateway (IHE AIW-I): the task's study is retrieved
 by C-GET from the peer it names (off the association thread), every instance spooled and handed to assembly like
-a received one, and the study declared complete once the retrieval has brought it all - no quiet period. The
+a received one (a HIGH workitem's study scheduled as STAT), and the study declared complete once the retrieval
+has brought it all - no quiet period. The
 workitem is IN PROGRESS from the retrieval on; the report dispatcher completes it with the objects stored, and a
 retrieval that fails cancels it with the reason."""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -68,8 +70,9 @@ class TaskPerformer:
                 "ups_task_canceled", study=task.study_uid, workitem=task.workitem_uid, reason=reason
             )
             return
+        urgent = task.priority == "HIGH"  # the manager's HIGH: scheduled as STAT, like a STAT order
         for record in records:
-            self.on_stored(record)
+            self.on_stored(dataclasses.replace(record, requested_priority="STAT") if urgent else record)
         self.tasks.move(task.workitem_uid, "IN PROGRESS", detail=f"analysing {len(records)} instance(s)")
         self.assembler.expect(
             task.study_uid, frozenset(r.sop_instance_uid for r in records), f"UPS task {task.workitem_uid}"

@@ -17,6 +17,7 @@ from benchmarks.e2e_latency import fresh_copy
 from benchmarks.phantoms import Lesion, write_head_ct
 from gateway.app import Gateway
 from gateway.config.settings import load_settings
+from gateway.database.queries import StudyFilter, list_studies
 from gateway.inference.server import free_port
 from tests.support.servers import Orthanc, UpsWorklistManager, require_tool, storescu, wait_for
 
@@ -213,8 +214,11 @@ def test_a_workitem_pushed_to_the_gateway_is_retrieved_analysed_and_completed(
                 "study": series.study_uid,
             }
             started = time.time()
-            answer = _request(UpsWorklistManager.FOLDER, **common, source="ORTHANC", workitem=workitem)
+            answer = _request(
+                UpsWorklistManager.FOLDER, **common, source="ORTHANC", workitem=workitem, priority="HIGH"
+            )
             took = time.time() - started
+            [row] = list_studies(gateway.database, StudyFilter(study_uid=series.study_uid))
             refused = _request(
                 UpsWorklistManager.FOLDER, **common, source="ELSEWHERE", workitem=generate_uid()
             )
@@ -235,6 +239,7 @@ def test_a_workitem_pushed_to_the_gateway_is_retrieved_analysed_and_completed(
         }
         results = orthanc.instance_uids(series.study_uid) - sources
         assert listed and listed == results  # the results, delivered back to the source, and nothing else
+        assert row.priority == "STAT"  # the manager's HIGH workitem is scheduled first
         assert refused["created"] == 0x0106 and again["created"] == 0x0111
         assert (
             unreachable["last"]["ProcedureStepState"] == "CANCELED"
