@@ -94,3 +94,28 @@ def push_completed_workitem(
     finally:
         if assoc.is_established:
             assoc.release()
+
+
+def instance_references(
+    study_uid: str, by_series: dict[str, list[tuple[str, str]]], retrieve_ae: str = ""
+) -> list[Dataset]:
+    """Input / Output Information Sequence items (PS3.3 C.30.4): per series its instances as (SOP Class UID,
+    SOP Instance UID), with the AE title they can be retrieved from when given."""
+    items = []
+    for series_uid, sops in sorted(by_series.items()):
+        item = Dataset()
+        item.TypeOfInstances = "DICOM"
+        item.StudyInstanceUID = study_uid
+        item.SeriesInstanceUID = series_uid
+        refs = []
+        for sop_class, sop_uid in sops:
+            ref = Dataset()
+            ref.ReferencedSOPClassUID, ref.ReferencedSOPInstanceUID = sop_class, sop_uid
+            refs.append(ref)
+        item.ReferencedSOPSequence = refs
+        if retrieve_ae:
+            retrieval = Dataset()
+            retrieval.RetrieveAETitle = retrieve_ae
+            item.DICOMRetrievalSequence = [retrieval]
+        items.append(item)
+    return items

@@ -162,7 +162,9 @@ class Gateway:
             if worklist.scp is not None
             else None,
         )
-        self.order_watch = OrderWatch(self.order_context, self.assembler, self.database).attach()
+        self.order_watch = OrderWatch(self.order_context, self.assembler, self.database)
+        if settings.orders.enabled or worklist.scp is not None or cluster.enabled:  # where an order can exist
+            self.order_watch.attach()
         self.critical = CriticalAlerts.for_settings(
             settings,
             self.database,

@@ -13,6 +13,7 @@ from typing import Any
 
 from pydicom.dataset import Dataset
 
+from clients.ups import instance_references
 from gateway.core.domain import is_valid_uid
 from gateway.database.ups_tasks import TaskStore, UpsTask
 
@@ -104,20 +105,10 @@ def workitem_state(task: UpsTask) -> Dataset:
     progress.ProcedureStepProgressDescription = (task.detail or task.state.lower())[:64]
     ds.ProcedureStepProgressInformationSequence = [progress]
     if task.state == "COMPLETED":
-        by_series: dict[str, list[Dataset]] = {}
+        by_series: dict[str, list[tuple[str, str]]] = {}
         for sop_class, sop_uid, series_uid in task.outputs:
-            ref = Dataset()
-            ref.ReferencedSOPClassUID, ref.ReferencedSOPInstanceUID = sop_class, sop_uid
-            by_series.setdefault(series_uid, []).append(ref)
-        items = []
-        for series_uid, refs in sorted(by_series.items()):
-            item = Dataset()
-            item.TypeOfInstances = "DICOM"
-            item.StudyInstanceUID = task.study_uid
-            item.SeriesInstanceUID = series_uid
-            item.ReferencedSOPSequence = refs
-            items.append(item)
+            by_series.setdefault(series_uid, []).append((sop_class, sop_uid))
         performed = Dataset()
-        performed.OutputInformationSequence = items
+        performed.OutputInformationSequence = instance_references(task.study_uid, by_series)
         ds.UnifiedProcedureStepPerformedProcedureSequence = [performed]
     return ds

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
+from clients.ups import instance_references
 from gateway.results.content import SeriesReport
 
 WORK_CODE = ("AI_ANALYSIS", "99AIG", "AI image analysis")
@@ -47,29 +48,6 @@ def _code(value: str, scheme: str, meaning: str) -> Dataset:
 
 def _now() -> str:
     return time.strftime("%Y%m%d%H%M%S")
-
-
-def _references(
-    study_uid: str, by_series: dict[str, list[tuple[str, str]]], retrieve_ae: str
-) -> list[Dataset]:
-    items = []
-    for series_uid, sops in sorted(by_series.items()):
-        item = Dataset()
-        item.TypeOfInstances = "DICOM"
-        item.StudyInstanceUID = study_uid
-        item.SeriesInstanceUID = series_uid
-        refs = []
-        for sop_class, sop_uid in sops:
-            ref = Dataset()
-            ref.ReferencedSOPClassUID, ref.ReferencedSOPInstanceUID = sop_class, sop_uid
-            refs.append(ref)
-        item.ReferencedSOPSequence = refs
-        if retrieve_ae:
-            retrieval = Dataset()
-            retrieval.RetrieveAETitle = retrieve_ae
-            item.DICOMRetrievalSequence = [retrieval]
-        items.append(item)
-    return items
 
 
 def outcome_in_words(reports: Sequence[SeriesReport], *, stat: bool) -> str:
@@ -111,7 +89,7 @@ def build_workitem(reports: Sequence[SeriesReport], *, stat: bool, retrieve_ae: 
             sources.setdefault(str(source.SeriesInstanceUID), []).append(
                 (str(source.SOPClassUID), str(source.SOPInstanceUID))
             )
-    ds.InputInformationSequence = _references(study_uid, sources, retrieve_ae)
+    ds.InputInformationSequence = instance_references(study_uid, sources, retrieve_ae)
     ds.UnifiedProcedureStepPerformedProcedureSequence = []
     return ds
 
@@ -135,6 +113,6 @@ def build_completion(
     by_series: dict[str, list[tuple[str, str]]] = {}
     for o in outputs:
         by_series.setdefault(o.series_instance_uid, []).append((o.sop_class_uid, o.sop_instance_uid))
-    performed.OutputInformationSequence = _references(study_uid, by_series, retrieve_ae)
+    performed.OutputInformationSequence = instance_references(study_uid, by_series, retrieve_ae)
     ds.UnifiedProcedureStepPerformedProcedureSequence = [performed]
     return ds

@@ -129,10 +129,6 @@ class OrderStore:
                 insert.on_conflict_do_update(index_elements=["accession_number"], set_=changed)
             )
 
-    def expected_images(self, accession_number: str, study_uid: str) -> int | None:
-        order = self.for_study(accession_number, study_uid)
-        return order.expected_images if order is not None else None
-
     def for_study(self, accession_number: str, study_uid: str) -> Order | None:
         """The active order of a study: by its accession number, else one that names its Study Instance UID."""
         order = self.find(accession_number)

@@ -238,7 +238,8 @@ def test_an_order_that_says_how_many_images_closes_the_study_at_the_last_one(
     )
     assert msa(client.exchange(counted))[1] == "AA"
     client.close()
-    assert OrderStore(gateway.database, "test").expected_images("ACC-PHANTOM-1", "") == 6
+    order = OrderStore(gateway.database, "test").find("ACC-PHANTOM-1")
+    assert order is not None and order.expected_images == 6
     series = write_head_ct(tmp_path / "s", slices=6, rows=64, cols=64, seed=5)
     assert (
         storescu(list(series.paths), port=gateway.settings.receiver.port, calling_ae="STORESCU").returncode

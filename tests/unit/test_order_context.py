@@ -59,6 +59,7 @@ def test_a_worklist_match_becomes_the_order_and_is_asked_for_once(engine: Engine
     assert order.reason == "Head trauma" and order.message_type == "MWL"
     assert context.for_study("ACC-1", "1.2.3.4") == order and finder.queries == 1  # kept: not asked again
     assert context.for_study("ACC-2", "1.2.3.9") is None and finder.queries == 2
+    assert context.for_study("ACC-2", "1.2.3.9") is None and finder.queries == 2  # routing: not asked again
 
 
 def test_the_hl7_order_comes_first_and_a_cancelled_one_stays_cancelled(engine: Engine) -> None:
