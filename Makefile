@@ -6,8 +6,9 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PYVER := $(shell $(PYTHON) -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')
-APT_PACKAGES := dcmtk dicom3tools orthanc pixelmed-apps default-jre-headless libpython$(PYVER) python3-venv postgresql \
-	nodejs npm
+APT_PACKAGES := dcmtk dicom3tools orthanc pixelmed-apps default-jre-headless libpython$(PYVER) python3-venv postgresql
+# Node.js only where none is installed: a Node.js from NodeSource already carries npm and conflicts with Debian's.
+NODE_PACKAGES := $(if $(shell command -v node),,nodejs) $(if $(shell command -v npm),,npm)
 ARGS ?=
 PYTEST_ARGS ?=
 
@@ -36,10 +37,10 @@ system-deps:
 	$(PYTHON) -c 'import ensurepip' 2>/dev/null || missing=yes; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then \
-	    echo "installing Debian packages: $(APT_PACKAGES)"; \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(APT_PACKAGES) >/dev/null; \
+	    echo "installing Debian packages: $(APT_PACKAGES) $(NODE_PACKAGES)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(APT_PACKAGES) $(NODE_PACKAGES) >/dev/null; \
 	  else \
-	    echo "missing Debian packages; run as root or: sudo apt-get install $(APT_PACKAGES)"; exit 1; \
+	    echo "missing Debian packages; run as root or: sudo apt-get install $(APT_PACKAGES) $(NODE_PACKAGES)"; exit 1; \
 	  fi; \
 	fi
 	@# Debian starts Orthanc and PostgreSQL services on install; the tests run their own instances on free ports.

@@ -2,6 +2,10 @@
 
 Runs on the event loop. It sleeps until the next pending study's quiet period ends, or until the receiver wakes
 it because a study started waiting while none was - no polling.
+
+A study that closes again while its earlier part is still being analysed (the rest of it arrived late) is routed
+only once that analysis is finished and settled, and then as the spool holds it: the whole study, never the late
+part on its own (one routing at a time per study; parts that close meanwhile join the one waiting).
 """
 
 from __future__ import annotations
@@ -42,6 +46,10 @@ class StudyIntake:
         self.events = events
         self.executor = executor
         self.orders = orders
+        # Studies whose routing waits for their analysis in flight: the study to route (its latest part), or
+        # None while that routing runs.
+        self._later: dict[str, Study | None] = {}
+        self._later_tasks: set[asyncio.Task[None]] = set()
 
     async def run(self, queue: JobQueue | ClusterQueue) -> None:
         """Route each study when it becomes complete, until cancelled."""
@@ -52,15 +60,48 @@ class StudyIntake:
                 loop.call_soon_threadsafe(wake.set)
 
         self.assembler.on_first_pending = wake_up
-        while True:
-            wake.clear()
-            for study in self.assembler.pop_complete():
-                await self.route(study, queue)
-            delay = self.assembler.seconds_until_next()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(
-                    wake.wait(), timeout=None if delay is None else delay + ASSEMBLY_SLACK_S
-                )
+        try:
+            while True:
+                wake.clear()
+                for study in self.assembler.pop_complete():
+                    await self._route_in_turn(study, queue)
+                delay = self.assembler.seconds_until_next()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(
+                        wake.wait(), timeout=None if delay is None else delay + ASSEMBLY_SLACK_S
+                    )
+        finally:
+            for task in self._later_tasks:
+                task.cancel()
+
+    async def _route_in_turn(self, study: Study, queue: JobQueue | ClusterQueue) -> None:
+        """Route the study now, or after its analysis in flight (see the module's text)."""
+        uid = study.study_instance_uid
+        if uid in self._later:  # a routing of this study already waits (or runs): this part joins it
+            waiting = self._later[uid]
+            self._later[uid] = study if waiting is None else _joined(waiting, study)
+        elif self.tracker.busy(uid):
+            logger.info("study %s: more instances while it is analysed; analysed again once it is done", uid)
+            self._later[uid] = study
+            task = asyncio.ensure_future(self._route_when_idle(uid, queue))
+            self._later_tasks.add(task)
+            task.add_done_callback(self._later_tasks.discard)
+        else:
+            await self.route(study, queue)
+
+    async def _route_when_idle(self, uid: str, queue: JobQueue | ClusterQueue) -> None:
+        try:
+            while (study := self._later.get(uid)) is not None:
+                await self.tracker.idle(uid)
+                study = self._later[uid] or study
+                self._later[uid] = None
+                await self.route(study, queue)  # a part that closed meanwhile is routed in the next round
+            self._later.pop(uid, None)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # the study stays in the spool: a restart's recovery analyses it
+            self._later.pop(uid, None)
+            logger.exception("study %s: routing after its analysis in flight failed", uid)
 
     def _with_order(self, study: Study) -> Study:
         """The study with its active order's priority, reason for exam and procedure (the HL7 feed or the
@@ -84,6 +125,7 @@ class StudyIntake:
         )
 
     async def route(self, study: Study, queue: JobQueue | ClusterQueue) -> None:
+        """Route ``study`` and queue its jobs (call it through ``_route_in_turn`` while intake runs)."""
         # A study analysed before is re-read from the spool (its headers): after its last completion is
         # written, and in the executor.
         await self.tracker.settled(study.study_instance_uid)
@@ -134,3 +176,10 @@ class StudyIntake:
         self.tracker.open(study, jobs=len(decision.jobs), skipped=len(decision.skipped))
         for job in decision.jobs:
             queue.put(job)
+
+
+def _joined(earlier: Study, later: Study) -> Study:
+    """Two closings of one study waiting for the same routing: the later, received since the earlier began."""
+    return dataclasses.replace(
+        later, first_received_at=min(earlier.first_received_at, later.first_received_at)
+    )

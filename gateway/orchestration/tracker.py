@@ -1,7 +1,7 @@
 """The study tracker: owns every study from "complete" to "done".
 
 It re-opens a study that was analysed before (late instances, a re-send: the whole study is analysed again as it
-stands in the spool), counts the series still outstanding, collects what each series produced (result UIDs, the
+stands in the spool; intake waits for an analysis still in flight to finish before it re-opens its study), counts the series still outstanding, collects what each series produced (result UIDs, the
 reports for the RIS, STAT, header repairs, timings) and, when the last one is done, completes the study: FHIR /
 HL7 reports dispatched, the ``study_done`` event recorded, then the spool's processed marker written. Only the
 event loop calls it.
@@ -66,6 +66,7 @@ class StudyTracker:
         self.events = events
         self._progress: dict[str, StudyProgress] = {}
         self._settling: dict[str, asyncio.Future[None]] = {}  # study -> its marker still being written
+        self._idle_waiters: dict[str, list[asyncio.Future[None]]] = {}  # study -> who waits for its finish
         # Cluster mode: asked before a study is completed; False when another node took the study over.
         self.completion_guard: Callable[[str], Awaitable[bool]] | None = None
 
@@ -74,6 +75,18 @@ class StudyTracker:
 
     def get(self, study_uid: str) -> StudyProgress | None:
         return self._progress.get(study_uid)
+
+    def busy(self, study_uid: str) -> bool:
+        """Whether the study is being analysed here (opened, not yet finished)."""
+        return study_uid in self._progress
+
+    async def idle(self, study_uid: str) -> None:
+        """Wait until the study's analysis in flight (if any) is finished and its processed marker written."""
+        while study_uid in self._progress:
+            waiter = asyncio.get_running_loop().create_future()
+            self._idle_waiters.setdefault(study_uid, []).append(waiter)
+            await waiter
+        await self.settled(study_uid)
 
     async def settled(self, study_uid: str) -> None:
         """Wait until the study's last completion (its processed marker) is written."""
@@ -136,6 +149,9 @@ class StudyTracker:
                 logger.error("study %s: processed marker not written: %r", study_uid, done.exception())
 
         marking.add_done_callback(settled)
+        for waiter in self._idle_waiters.pop(study_uid, []):
+            if not waiter.done():
+                waiter.set_result(None)
 
     async def _complete_if_allowed(
         self, guard: Callable[[str], Awaitable[bool]], study_uid: str, progress: StudyProgress

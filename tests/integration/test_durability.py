@@ -18,7 +18,7 @@ from benchmarks.phantoms import Lesion, write_head_ct
 from gateway.inference.server import free_port
 from gateway.ops.audit import AuditLog
 from tests.integration.conftest import Env
-from tests.support.servers import Orthanc, storescu, wait_for
+from tests.support.servers import Orthanc, storescu, triton_paused, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -78,6 +78,33 @@ def test_resend_is_idempotent_and_late_instances_supersede_the_sr(env: Env, tmp_
         for r in se.ReferencedSOPSequence
     ]
     assert predecessors == [first["results"][0]]
+
+
+def test_the_late_part_of_a_study_still_being_analysed_is_analysed_with_the_whole_study(
+    env: Env, tmp_path: Path
+) -> None:
+    """The rest of a study that arrives (and closes again) while its first part is still being analysed: the
+    first analysis finishes as it was, then the whole study as the spool holds it is analysed - never the late
+    part on its own, nor a first analysis counted into the second's bookkeeping (the defect: ``as_it_stands``
+    re-read the spool only once a processed marker existed, and ``open`` replaced the study's progress in
+    flight)."""
+    series = write_head_ct(tmp_path / "s", slices=10, lesions=(Lesion(x=260, y=250, slice=5),), seed=52)
+    paths = list(series.paths)
+    with triton_paused(env.triton_url):  # the first part's analysis waits on Triton while the rest arrives
+        assert storescu(paths[:7], port=env.gateway.port, calling_ae="STORESCU").returncode == 0
+        wait_for(
+            lambda: env.gateway.tracker.get(series.study_uid), timeout_s=30, what="first part in analysis"
+        )
+        assert storescu(paths[7:], port=env.gateway.port, calling_ae="STORESCU").returncode == 0
+        time.sleep(1.5)  # the quiet period (1 s): the late part closes again while the first is in flight
+        wait_for(lambda: env.gateway.assembler.pending_studies() == 0, timeout_s=10, what="late part closed")
+    wait_for(lambda: _done_count(env, series.study_uid) == 2, timeout_s=90, what="both analyses done")
+    first, second = env.events("study_done", series.study_uid)
+    assert (first["instances"], second["instances"]) == (7, 10)
+    analysed = env.events("series_analysed", series.study_uid)
+    assert [a["slices"] for a in analysed] == [7, 10]
+    assert analysed[1]["supersedes"] == [analysed[0]["results"][0]]
+    assert second["results"] == analysed[1]["results"]
 
 
 def _start_gateway(config: Path, log: Path) -> subprocess.Popen[bytes]:

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import threading
 import time
 import urllib.request
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -233,6 +236,27 @@ def wait_for(predicate: Any, *, timeout_s: float, interval_s: float = 0.2, what:
             return value
         time.sleep(interval_s)
     raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}")
+
+
+@contextlib.contextmanager
+def triton_paused(grpc_url: str) -> Iterator[None]:
+    """The tritonserver serving ``grpc_url`` stopped (SIGSTOP) for the block: requests sent to it wait, so a test
+    can hold an analysis in flight for as long as it needs, then continue it (SIGCONT)."""
+    port = grpc_url.rsplit(":", 1)[1]
+    pids = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            args = cmdline.read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if args and args[0].endswith(b"tritonserver") and f"--grpc-port={port}".encode() in args:
+            pids.append(int(cmdline.parent.name))
+    assert len(pids) == 1, f"tritonserver for {grpc_url}: found {pids}"
+    os.kill(pids[0], signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(pids[0], signal.SIGCONT)
 
 
 def dciodvfy_errors(path: Path) -> list[str]:
