@@ -6,7 +6,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PYVER := $(shell $(PYTHON) -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')
-APT_PACKAGES := dcmtk dicom3tools orthanc pixelmed-apps default-jre-headless libpython$(PYVER) python3-venv postgresql
+APT_PACKAGES := dcmtk dicom3tools orthanc orthanc-dicomweb pixelmed-apps default-jre-headless libpython$(PYVER) python3-venv postgresql
 # Node.js only where none is installed: a Node.js from NodeSource already carries npm and conflicts with Debian's.
 NODE_PACKAGES := $(if $(shell command -v node),,nodejs) $(if $(shell command -v npm),,npm)
 ARGS ?=
@@ -16,7 +16,7 @@ PYTEST_ARGS ?=
 
 help:
 	@echo "make run    - install what is needed, start Triton and the gateway on 127.0.0.1:11112"
-	@echo "make test   - install what is needed, run ruff, mypy and the whole test suite (the flow again on PostgreSQL)"
+	@echo "make test   - install what is needed, run ruff, mypy and the whole test suite (integration again on PostgreSQL)"
 	@echo "make bench  - Locust load benchmark with the SLO gate (fails when a latency target is missed)"
 	@echo "make bench-report - every throughput figure in one run, rewrites benchmarks/README.md (~10 min)"
 	@echo "make bench-stages - per-stage latency of single studies through Orthanc"
@@ -24,7 +24,7 @@ help:
 
 setup: system-deps venv models
 
-# Debian packages: DCMTK and Orthanc are the PACS peers of the tests, dicom3tools and PixelMed validate results,
+# Debian packages: DCMTK and Orthanc are the PACS peers of the tests (Orthanc's DICOMweb plugin a STOW-RS sender), dicom3tools and PixelMed validate results,
 # libpython is what Triton's Python-backend stub links against; PostgreSQL is the shared system of record of
 # several gateways (the tests start their own clusters on free loopback ports); Node.js runs the independent UPS
 # worklist manager of the tests (dcmjs-dimse).
@@ -32,6 +32,7 @@ system-deps:
 	@missing=""; \
 	for c in storescu dciodvfy Orthanc java node npm; do command -v $$c >/dev/null || missing=yes; done; \
 	[ -f /usr/share/java/pixelmed.jar ] || missing=yes; \
+	[ -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || missing=yes; \
 	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing=yes; \
 	ldconfig -p | grep -q "libpython$(PYVER).so.1.0" || missing=yes; \
 	$(PYTHON) -c 'import ensurepip' 2>/dev/null || missing=yes; \
@@ -80,16 +81,14 @@ unit: setup
 integration: setup test-peers
 	$(VENV)/bin/pytest tests/integration $(PYTEST_ARGS)
 
-# The flow's stateful integration tests run a second time with every gateway on PostgreSQL (a throwaway cluster
-# on a free loopback port; the database-specific tests already run on both backends in the first pass).
-PG_SUITE := tests/integration/test_pipeline_e2e.py tests/integration/test_durability.py \
-	tests/integration/test_concurrency.py tests/integration/test_result_identity.py \
-	tests/integration/test_completion_notices.py tests/integration/test_critical_results.py \
-	tests/integration/test_worklist_updates.py
+# The whole suite runs on SQLite (the default), then the whole integration suite again with every gateway on
+# PostgreSQL (a throwaway cluster on a free loopback port per test worker). Three workers (pytest-xdist): most
+# integration tests wait on servers, not on the CPU, so three fit a 2-core machine and halve the wall time.
+TEST_WORKERS ?= 3
 
 test: setup test-peers lint typecheck
-	$(VENV)/bin/pytest $(PYTEST_ARGS)
-	$(VENV)/bin/pytest --database=postgresql $(PG_SUITE) $(PYTEST_ARGS)
+	$(VENV)/bin/pytest -n $(TEST_WORKERS) $(PYTEST_ARGS)
+	$(VENV)/bin/pytest -n $(TEST_WORKERS) --database=postgresql tests/integration $(PYTEST_ARGS)
 
 run: setup
 	$(VENV)/bin/gateway serve $(ARGS)

@@ -45,6 +45,7 @@ from gateway.ingest.assembler import StudyAssembler
 from gateway.ingest.notices import NoticeSCP
 from gateway.ingest.receiver import StoreSCP, check_port_free
 from gateway.ingest.spool import Spool
+from gateway.ingest.stow import StowStore
 from gateway.ingest.ups_tasks import UpsTaskSCP
 from gateway.ops import retention
 from gateway.ops.audit import AuditLog
@@ -292,6 +293,12 @@ class Gateway:
         )
         self.scp.start()
         if self.settings.http.enabled:
+            stow = StowStore(
+                self.spool,
+                self.on_stored,
+                self.assembler.association_ended,
+                on_refused=lambda status: self.metrics.instances_refused.labels(f"0x{status:04X}").inc(),
+            )
             self.api = HttpApi(
                 self.settings.http,
                 ApiBackend(
@@ -304,6 +311,7 @@ class Gateway:
                         study_timeline(self.database, uid)
                     ),
                     critical=self.critical,
+                    stow=stow.receive,
                 ),
             )
             assert self._loop is not None

@@ -185,8 +185,18 @@ def build_parser() -> argparse.ArgumentParser:
         description="Prints a new random token (give it to the client) and the [[http.tokens]] lines to add to the "
         "settings file. Only the token's SHA-256 is stored.",
     )
-    token.add_argument("--role", choices=["read-only", "operator", "admin"], required=True)
+    token.add_argument(
+        "--role",
+        choices=["read-only", "operator", "admin", "sender"],
+        required=True,
+        help="read-only < operator < admin for the API; sender: may only store instances by STOW-RS",
+    )
     token.add_argument("--name", default="token", help="a label for the token holder")
+    token.add_argument(
+        "--ae-title",
+        default="",
+        help="sender only: the AE title its instances are recorded under (its [[peers]] entry gets the results)",
+    )
 
     config = sub.add_parser(
         "config",
@@ -390,7 +400,10 @@ def cmd_token(args: argparse.Namespace) -> int:
     value = secrets.token_urlsafe(32)
     print(f"token (give to the client, shown once): {value}\n")
     print("add to the settings file:\n")
-    print(f'[[http.tokens]]\nname = "{args.name}"\nrole = "{args.role}"\nsha256 = "{hash_token(value)}"')
+    ae_title = f'ae_title = "{args.ae_title}"\n' if args.ae_title else ""
+    print(
+        f'[[http.tokens]]\nname = "{args.name}"\nrole = "{args.role}"\n{ae_title}sha256 = "{hash_token(value)}"'
+    )
     return 0
 
 

@@ -5,6 +5,7 @@ import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -149,10 +150,28 @@ def identifier_leaks(lines: list[str], root: Path | None, identifiers: set[str])
     return leaks
 
 
+# Leaks reported by pytest-xdist workers, gathered by the controller as each worker finishes.
+_WORKER_LEAKS: list[tuple[str, str]] = []
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: Any, error: Any) -> None:
+    """pytest-xdist, on the controller: keep what the finished worker found in its log records."""
+    _WORKER_LEAKS.extend((where, value) for where, value in node.workeroutput.get("privacy_leaks", []))
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    """Fail the run when a patient identifier of the test data appears in any log line or log file."""
+    """Fail the run when a patient identifier of the test data appears in any log line or log file.
+
+    Under pytest-xdist each worker checks its own log records and hands what it found to the controller, which
+    adds the log files of every worker (they lie under its base temporary folder) and fails the run."""
+    workeroutput = getattr(session.config, "workeroutput", None)
+    if workeroutput is not None:  # an xdist worker: its records only; the controller reads the files
+        workeroutput["privacy_leaks"] = identifier_leaks(_LOG_RECORDS, None, _identifiers())
+        return
     factory = getattr(session.config, "_tmp_path_factory", None)
     leaks = identifier_leaks(_LOG_RECORDS, factory.getbasetemp() if factory else None, _identifiers())
+    leaks += _WORKER_LEAKS
     if leaks:
         reporter = session.config.pluginmanager.get_plugin("terminalreporter")
         if reporter is not None:

@@ -29,6 +29,7 @@ from gateway.config.base import (
     ResolvedPath,
     Seconds,
     Section,
+    check_ae,
     resolve,
 )
 from gateway.config.messages import describe
@@ -198,6 +199,7 @@ class TokenRole(Choice):
     READ_ONLY = "read-only"
     OPERATOR = "operator"
     ADMIN = "admin"
+    SENDER = "sender"  # a system that sends studies by STOW-RS (a VNA, a cloud archive); nothing else
 
 
 def _sha256(value: str) -> str:
@@ -210,6 +212,19 @@ class HttpToken(Section):
     name: str
     role: Annotated[TokenRole, LAX]
     sha256: Annotated[Lower, AfterValidator(_sha256)]  # of the bearer token; the token itself is never stored
+    # STOW-RS: the AE title the sender's instances are recorded under, as a DIMSE sender's calling AE title
+    # (its peer gets the results, fair share and routing rules by site use it); empty: the token's name.
+    ae_title: Annotated[str, BeforeValidator(lambda v: str(v).strip())] = ""
+
+    @model_validator(mode="after")
+    def _sender_ae(self) -> HttpToken:
+        if self.role is TokenRole.SENDER:
+            check_ae(self.source_ae)
+        return self
+
+    @property
+    def source_ae(self) -> str:
+        return self.ae_title or self.name.upper()
 
 
 class HttpSettings(Section):
@@ -217,6 +232,18 @@ class HttpSettings(Section):
     host: str = "127.0.0.1"
     port: ListenPort = 8080
     tokens: tuple[HttpToken, ...] = ()
+    tls_cert_file: TlsFile = None  # HTTPS when set (PEM certificate chain of the gateway)
+    tls_key_file: TlsFile = None
+    tls_ca_file: TlsFile = None  # when set, clients must present a certificate signed by this CA
+    stow_max_bytes: Annotated[int, Field(ge=1 << 20)] = 1 << 30  # one STOW-RS request's body
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> HttpSettings:
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            raise ValueError("tls_cert_file and tls_key_file must be set together")
+        if self.tls_ca_file and not self.tls_cert_file:
+            raise ValueError("tls_ca_file needs tls_cert_file and tls_key_file")
+        return self
 
 
 def _http_url(value: str) -> str:

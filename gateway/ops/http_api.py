@@ -1,8 +1,9 @@
 """HTTP endpoints on the gateway's event loop (FastAPI on uvicorn): ``/health`` and ``/metrics`` (read freely on
-loopback), ``/admin/*`` (bearer tokens with roles) and the OpenAPI document at ``/openapi.json``.
+loopback), ``/admin/*`` (bearer tokens with roles), DICOMweb STOW-RS (``POST /studies``) and the OpenAPI document
+at ``/openapi.json``; HTTPS (optionally mutual) when ``[http] tls_cert_file`` is set.
 
 Roles: read-only < operator < admin. ``GET /admin/dead-letters`` needs read-only, ``POST /admin/resend``
-needs operator. Tokens are configured by SHA-256 digest only and compared in constant time. Errors are JSON
+needs operator. The sender role may only store instances (STOW-RS); admin may too. Tokens are configured by SHA-256 digest only and compared in constant time. Errors are JSON
 ``{"error": "..."}``. Handlers that block (health reads disk statistics, the dead-letter area is files) are plain
 functions, which FastAPI runs in its worker threads, so the loop never waits on them.
 """
@@ -15,12 +16,14 @@ import hashlib
 import hmac
 import logging
 import socket
+import ssl
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, Protocol
 
 from fastapi import Depends, FastAPI, Path, Query, Request, Response
+from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -30,10 +33,13 @@ from starlette.exceptions import HTTPException
 from gateway.config.settings import HttpSettings, HttpToken, TokenRole
 from gateway.core.errors import ConfigError, DatabaseError
 from gateway.database.queries import StudyFilter
+from gateway.ingest.stow import RESPONSE_MEDIA_TYPE, StowOutcome, StowRequestError
 
 logger = logging.getLogger(__name__)
 
-ROLE_RANK = {TokenRole.READ_ONLY: 0, TokenRole.OPERATOR: 1, TokenRole.ADMIN: 2}
+# A sender ranks below read-only: it may store instances (STOW-RS) and read nothing.
+ROLE_RANK = {TokenRole.SENDER: -1, TokenRole.READ_ONLY: 0, TokenRole.OPERATOR: 1, TokenRole.ADMIN: 2}
+STOW_ROLES = frozenset({TokenRole.SENDER, TokenRole.ADMIN})
 MAX_BODY_BYTES = 1 << 20
 START_TIMEOUT_S = 10.0
 STOP_TIMEOUT_S = 10.0
@@ -62,6 +68,8 @@ class ApiBackend:
     studies: Callable[[StudyFilter], list[dict[str, Any]]]
     study: Callable[[str], dict[str, Any] | None]
     critical: CriticalApi | None = None  # None: [critical_results] is off
+    # STOW-RS: (content type, body, source AE title, study UID of the path or None) -> what was stored; blocking.
+    stow: Callable[[str, bytes, str, str | None], StowOutcome] | None = None
 
 
 StateName = Literal[
@@ -121,6 +129,7 @@ def build_app(settings: HttpSettings, backend: ApiBackend) -> FastAPI:
     _operations(app, backend, needs)
     _studies(app, backend, needs)
     _critical_results(app, backend, needs)
+    _stow(app, settings, backend)
     return app
 
 
@@ -175,6 +184,8 @@ def _errors_and_limits(app: FastAPI) -> None:
 
     @app.middleware("http")
     async def limit_body(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        if request.method == "POST" and request.url.path.startswith("/studies"):
+            return await call_next(request)  # STOW-RS: its own limit, counted as the body streams in
         length = request.headers.get("content-length", "")
         if length and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
             return _error(413, f"request body over {MAX_BODY_BYTES} bytes")
@@ -400,6 +411,84 @@ def _critical_results(app: FastAPI, backend: ApiBackend, needs: Needs) -> None:
         return rows
 
 
+_STOW_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"description": "every instance stored (fsynced) - the Store Instances Response Module as DICOM JSON",
+          "content": {RESPONSE_MEDIA_TYPE: {"schema": {"type": "object"}}}},
+    202: {"description": "some instances stored; the Failed SOP Sequence gives each failure's reason",
+          "content": {RESPONSE_MEDIA_TYPE: {"schema": {"type": "object"}}}},
+    400: {"model": Error, "description": "not a well-formed multipart/related body"},
+    401: {"model": Error, "description": "missing or unknown bearer token"},
+    403: {"model": Error, "description": "the token's role may not store instances (sender or admin)"},
+    409: {"description": "no instance stored; the Failed SOP Sequence gives each failure's reason",
+          "content": {RESPONSE_MEDIA_TYPE: {"schema": {"type": "object"}}}},
+    413: {"model": Error, "description": "the body is over [http] stow_max_bytes"},
+    415: {"model": Error, "description": 'not multipart/related; type="application/dicom"'},
+}  # fmt: skip
+
+
+def _stow(app: FastAPI, settings: HttpSettings, backend: ApiBackend) -> None:
+    """DICOMweb STOW-RS: instances stored with the C-STORE rule (on disk, fsynced, before the answer)."""
+    bearer = HTTPBearer(auto_error=False, description="a token of role sender (or admin)")
+
+    def sender(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> HttpToken:
+        if credentials is not None:
+            digest = hash_token(credentials.credentials.strip())
+            for token in settings.tokens:
+                if hmac.compare_digest(digest, token.sha256):
+                    if token.role not in STOW_ROLES:
+                        raise HTTPException(
+                            403, f"role {token.role} may not store instances; sender is needed"
+                        )
+                    return token
+        raise HTTPException(401, "missing or unknown bearer token", {"WWW-Authenticate": "Bearer"})
+
+    async def store(request: Request, token: HttpToken, study_uid: str | None) -> Response:
+        if backend.stow is None:
+            raise HTTPException(404, "not found")
+        length = request.headers.get("content-length", "")
+        limit = settings.stow_max_bytes
+        if length and (not length.isdigit() or int(length) > limit):
+            return _error(413, f"request body over {limit} bytes ([http] stow_max_bytes)")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                return _error(413, f"request body over {limit} bytes ([http] stow_max_bytes)")
+            chunks.append(chunk)
+        content_type = request.headers.get("content-type", "")
+        try:
+            outcome = await run_in_threadpool(
+                backend.stow, content_type, b"".join(chunks), token.source_ae, study_uid
+            )
+        except StowRequestError as exc:
+            return _error(415 if exc.unsupported_media_type else 400, str(exc))
+        return JSONResponse(
+            outcome.response(), status_code=outcome.http_status, media_type=RESPONSE_MEDIA_TYPE
+        )
+
+    @app.post(
+        "/studies",
+        responses=_STOW_RESPONSES,
+        summary="STOW-RS: store instances of any studies (sender role)",
+        openapi_extra={"requestBody": {"required": True, "content": {
+            'multipart/related; type="application/dicom"': {"schema": {"type": "string", "format": "binary"}}}}},
+    )  # fmt: skip
+    async def stow(request: Request, token: Annotated[HttpToken, Depends(sender)]) -> Response:
+        return await store(request, token, None)
+
+    @app.post(
+        "/studies/{study_uid}",
+        responses=_STOW_RESPONSES,
+        summary="STOW-RS: store instances of one study; others are refused (sender role)",
+        openapi_extra={"requestBody": {"required": True, "content": {
+            'multipart/related; type="application/dicom"': {"schema": {"type": "string", "format": "binary"}}}}},
+    )  # fmt: skip
+    async def stow_study(
+        request: Request, token: Annotated[HttpToken, Depends(sender)], study_uid: StudyUid
+    ) -> Response:
+        return await store(request, token, study_uid)
+
+
 class HttpApi:
     """The API served by uvicorn on the gateway's event loop, on a socket bound at start (so that a port in use
     is a clear error at start-up, not a log line)."""
@@ -418,6 +507,10 @@ class HttpApi:
                 lifespan="off",
                 timeout_graceful_shutdown=2,
                 server_header=False,
+                ssl_certfile=settings.tls_cert_file,
+                ssl_keyfile=settings.tls_key_file,
+                ssl_ca_certs=settings.tls_ca_file,
+                ssl_cert_reqs=ssl.CERT_REQUIRED if settings.tls_ca_file else ssl.CERT_NONE,
             )
         )
         self._socket: socket.socket | None = None
@@ -439,7 +532,12 @@ class HttpApi:
                 self.stop()
                 raise ConfigError(f"the HTTP server on {self.settings.host}:{self.port} did not start")
             time.sleep(0.01)
-        logger.info("HTTP health/metrics/admin on %s:%d", self.settings.host, self.port)
+        logger.info(
+            "HTTP%s health/metrics/admin/STOW-RS on %s:%d",
+            "S" if self.settings.tls_cert_file else "",
+            self.settings.host,
+            self.port,
+        )
 
     @property
     def port(self) -> int:

@@ -54,7 +54,9 @@ class Orthanc:
         aet: str = "ORTHANC",
         modalities: dict[str, list[Any]] | None = None,
         dicom_port: int = 0,
+        extra: dict[str, Any] | None = None,
     ) -> None:
+        self.extra = extra or {}  # more configuration (plugins and their sections)
         self.work_dir = work_dir
         self.aet = aet
         self.dicom_port = dicom_port or free_port()
@@ -83,6 +85,7 @@ class Orthanc:
             "Plugins": [],
             "DicomModalities": self.modalities,
             "StableAge": 1,
+            **self.extra,
         }
         path = self.work_dir / "orthanc.json"
         path.write_text(json.dumps(config))
