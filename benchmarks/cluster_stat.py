@@ -2,10 +2,11 @@
 routine series starts within one worker slot, on whichever node has a slot first.
 
 Starts a throwaway PostgreSQL cluster on a free loopback port, one Triton server and ``--nodes`` gateway processes
-(one worker each, ``[cluster] enabled``, one shared spool). It loads the cluster with 200 routine single-series
-studies from four PACS (sent to the nodes in turn), then, per repetition and while the routine backlog is still
-queued, sends one STAT study (Requested Procedure Priority STAT) to the next node and measures, from the system of
-record:
+(one worker each plus the default STAT worker, ``[cluster] enabled``, one shared spool). It queues 200 routine
+single-series studies from four PACS (sent to the nodes at once while Triton is paused, so that they wait in the
+shared queue rather than being analysed as they arrive), resumes Triton, then, per repetition and while the
+routine backlog is still queued, sends one STAT study (Requested Procedure Priority STAT) to the next node and
+measures, from the system of record:
 
 * **queue wait**: from the STAT job's ``enqueued_at`` (routed on the node that received it) to its ``started_at``
   (claimed by whichever node's worker came free first), with how many routine series were queued ahead of it;
@@ -20,11 +21,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -46,7 +49,7 @@ PACS = ("PACS_A", "PACS_B", "PACS_C", "PACS_D")
 
 def _node_config(name: str, port: int, data: Path, *, url: str, spool: Path, triton: str) -> str:
     return (
-        f'data_dir = "{data}"\nquiet_period_s = 1.0\nworkers = 1\n'
+        f'data_dir = "{data}"\nquiet_period_s = 0.3\nworkers = 1\n'
         f'[receiver]\nport = {port}\n[http]\nenabled = false\n[triton]\nurl = "{triton}"\n'
         f'[database]\nurl = "{url}"\nnode_id = "{name}"\n'
         f'[cluster]\nenabled = true\nspool_dir = "{spool}"\nlease_s = 30\nheartbeat_s = 5\npoll_s = 0.5\n'
@@ -117,14 +120,28 @@ def measure(slices: int, reps: int, nodes: int) -> dict[str, Any]:
                 write_head_ct(work / "routine" / f"{k}", slices=slices, rows=64, cols=64, seed=k)
                 for k in tqdm(range(ROUTINE_SERIES), desc="routine studies", leave=False)
             ]
-            for p, ae in enumerate(PACS):  # each PACS sends its quarter to one node, in one association
-                paths = [path for s in routine[p :: len(PACS)] for path in s.paths]
-                assert storescu(paths, port=ports[p % nodes], calling_ae=ae).returncode == 0
-            wait_for(
-                lambda: _queued_routine(engine) >= ROUTINE_SERIES // 2,
-                timeout_s=120,
-                what="the routine backlog to be queued",
-            )
+            # The backlog: Triton paused (SIGSTOP) while the routine studies arrive and are routed, so they
+            # queue up instead of being analysed as they come; then it resumes and the STAT studies follow.
+            paused = triton.server_pid
+            assert paused is not None, "tritonserver is not running"
+            os.kill(paused, signal.SIGSTOP)
+            try:
+                senders = []
+                for p, ae in enumerate(PACS):  # each PACS sends its quarter to one node, all at once
+                    paths = [path for s in routine[p :: len(PACS)] for path in s.paths]
+                    senders.append(threading.Thread(
+                        target=lambda paths=paths, port=ports[p % nodes], ae=ae: storescu(paths, port=port, calling_ae=ae)
+                    ))  # fmt: skip
+                    senders[-1].start()
+                for sender in senders:
+                    sender.join()
+                wait_for(
+                    lambda: _queued_routine(engine) >= ROUTINE_SERIES - 2 * nodes,  # the rest wait on Triton
+                    timeout_s=120,
+                    what="the routine backlog to be queued",
+                )
+            finally:
+                os.kill(paused, signal.SIGCONT)
 
             runs = []
             for rep in tqdm(range(reps), desc="STAT studies", leave=False):
@@ -141,7 +158,7 @@ def measure(slices: int, reps: int, nodes: int) -> dict[str, Any]:
                 )  # fmt: skip
                 runs.append({"wait_s": started - enqueued, "routine_queued": backlog,
                              "sent_to": f"node-{sent_to + 1}", "ran_on": owner})  # fmt: skip
-                time.sleep(1.0)
+                time.sleep(0.2)
 
             with engine.connect() as c:
                 slot = [
@@ -202,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--slices", type=int, default=4, help="slices per series (64x64)")
+    parser.add_argument("--slices", type=int, default=8, help="slices per series (64x64)")
     parser.add_argument("--reps", type=int, default=5, help="STAT studies sent, one after another")
     parser.add_argument("--nodes", type=int, default=3, help="gateway processes on the one database")
     parser.add_argument("--out", type=Path, default=None, help="also write the report as JSON here")

@@ -30,8 +30,20 @@ from gateway.database.writes import EventWrites, StudyWrites
 logger = logging.getLogger(__name__)
 
 Write = Callable[[Connection], None]
-# Instances are grouped (one multi-row insert per run of them); an Event is set once what precedes it is committed.
-Item = Write | InstanceRecord | threading.Event
+
+
+class AfterCommit:
+    """A callback run on the writer thread once every write reported before it is committed."""
+
+    __slots__ = ("callback",)
+
+    def __init__(self, callback: Callable[[], None]) -> None:
+        self.callback = callback
+
+
+# Instances are grouped (one multi-row insert per run of them); an Event is set, an AfterCommit called, once what
+# precedes it is committed - and neither waits for the group commit's linger.
+Item = Write | InstanceRecord | threading.Event | AfterCommit
 MAX_BACKLOG = 1_000_000
 RETRY = Backoff(0.5, 10.0)
 BATCH_LINGER_S = 0.2  # how long a first write waits for others to share its commit
@@ -73,6 +85,11 @@ class Recorder:
                 )
             self._thread = None
 
+    def after_commit(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` (on the writer thread) as soon as everything reported so far is committed, without
+        the group commit's wait: a study's jobs are then claimable at once, by any node."""
+        self._put(AfterCommit(callback))
+
     def flush(self, timeout_s: float = 30.0) -> bool:
         """Wait until everything queued so far is written (tests, ``gateway`` commands); False on timeout."""
         done = threading.Event()
@@ -112,7 +129,9 @@ class Recorder:
                     self._wake.wait()
                 if not self._pending:
                     return
-                linger = not self._closing and not any(isinstance(i, threading.Event) for i in self._pending)
+                linger = not self._closing and not any(
+                    isinstance(i, threading.Event | AfterCommit) for i in self._pending
+                )
             if linger:
                 # Group commit: what arrives in the next moment shares this transaction (and its fsync), so a
                 # busy receiver costs a few commits a second, not one per instance (a flush does not wait).
@@ -142,11 +161,11 @@ class Recorder:
 
     def _commit(self, batch: list[Item]) -> None:
         """Every write of the batch in order, in one transaction (runs of instances as one insert each)."""
-        committed: list[threading.Event] = []
+        committed: list[threading.Event | AfterCommit] = []
         with self.engine.begin() as connection:
             run: list[InstanceRecord] = []
             for item in batch:
-                if isinstance(item, threading.Event):
+                if isinstance(item, threading.Event | AfterCommit):
                     committed.append(item)
                     continue
                 if isinstance(item, InstanceRecord):
@@ -163,14 +182,14 @@ class Recorder:
             logger.info("system of record writable again: held writes written")
             self.last_error = ""
         for done in committed:
-            done.set()
+            _signal(done)
 
     def _one_by_one(self, batch: list[Item]) -> None:
         """A batch failed for a reason other than the database being unreachable: keep every write that works."""
         for item in batch:
             try:
-                if isinstance(item, threading.Event):
-                    item.set()
+                if isinstance(item, threading.Event | AfterCommit):
+                    _signal(item)
                     continue
                 with self.engine.begin() as connection:
                     if isinstance(item, InstanceRecord):
@@ -182,3 +201,13 @@ class Recorder:
                 self.dropped += 1
                 logger.error("system of record: a write was refused and dropped: %s", type(exc).__name__)
                 logger.debug("refused write", exc_info=True)
+
+
+def _signal(done: threading.Event | AfterCommit) -> None:
+    if isinstance(done, threading.Event):
+        done.set()
+        return
+    try:
+        done.callback()
+    except Exception:  # a callback's failure is its own; the writes are committed
+        logger.exception("system of record: a commit callback failed")

@@ -48,8 +48,11 @@ class ClusterQueue:
         spool: Spool,
         executor: Executor | None = None,
         adopt: Callable[[list[str]], None] | None = None,
+        after_commit: Callable[[Callable[[], None]], None] | None = None,
     ) -> None:
         self.shared = shared
+        # The system of record's writer: calls back once a routed study's jobs are committed (claimable).
+        self.after_commit = after_commit
         self.cluster = settings
         self.settings = scheduling
         self.tracker = tracker
@@ -84,7 +87,18 @@ class ClusterQueue:
             self._jobs[self._id(job)] = job
         if reopened:
             self._in_background(self.shared.reopen, [study.study_instance_uid])
-        self._wake.set()
+        if self.after_commit is None:
+            self._wake.set()
+            return
+        # Wake this node's idle workers when the jobs are in the database, not before (a claim before the
+        # commit finds nothing and then sleeps for poll_s).
+        loop = asyncio.get_running_loop()
+
+        def committed() -> None:  # on the writer's thread; a loop that has stopped has no one to wake
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(self._wake.set)
+
+        self.after_commit(committed)
 
     # -- the workers' side ------------------------------------------------------------------------------------
 

@@ -84,6 +84,7 @@ class LoopRuntime:
                 router=intake.router,
                 spool=parts.spool,
                 adopt=adopt,
+                after_commit=parts.events.record_of.after_commit if parts.events.record_of else None,
             )
         )
         self.pool = WorkerPool(

@@ -4,6 +4,7 @@ a database that cannot be written holds the writes, in order, until it can."""
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -236,3 +237,31 @@ def test_writes_wait_while_postgres_is_down_and_catch_up_in_order(postgres: obje
     finally:
         recorder.close()
         engine.dispose()
+
+
+def test_a_commit_callback_runs_once_the_routed_jobs_are_in_the_database(
+    engine: Engine, recorder: Recorder
+) -> None:
+    """What the cluster queue wakes its workers with: a claim made in the callback finds the study's job (a
+    wake-up at routing time came before the commit and found nothing, then slept for poll_s)."""
+    seen: list[list[str]] = []
+    called = threading.Event()
+
+    def committed() -> None:  # on the writer's thread, as the cluster queue's callback is
+        with engine.connect() as c:
+            seen.append(
+                [r[0] for r in c.execute(select(schema.jobs.c.state).where(schema.jobs.c.study_uid == STUDY))]
+            )
+        called.set()
+
+    _route(recorder, time.time())
+    recorder.after_commit(committed)
+    assert called.wait(10)
+    assert seen == [["queued"]]
+
+    def broken() -> None:
+        raise RuntimeError("a callback that fails")
+
+    recorder.after_commit(broken)  # its failure is its own: the writer goes on
+    _route(recorder, time.time(), study=STUDY + ".2")
+    assert recorder.flush(10) and recorder.last_error == ""
