@@ -6,13 +6,13 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PYVER := $(shell $(PYTHON) -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')
-APT_PACKAGES := dcmtk dicom3tools orthanc orthanc-dicomweb pixelmed-apps default-jre-headless libpython$(PYVER) python3-venv postgresql
+APT_PACKAGES := dcmtk libdcmtk-dev strace dicom3tools orthanc orthanc-dicomweb pixelmed-apps default-jre-headless libpython$(PYVER) python3-venv postgresql
 # Node.js only where none is installed: a Node.js from NodeSource already carries npm and conflicts with Debian's.
 NODE_PACKAGES := $(if $(shell command -v node),,nodejs) $(if $(shell command -v npm),,npm)
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: help setup system-deps venv models test-peers lint typecheck unit integration test run bench bench-report bench-stages clean
+.PHONY: help setup system-deps venv models native test-peers lint typecheck unit integration test run bench bench-report bench-stages clean
 
 help:
 	@echo "make run    - install what is needed, start Triton and the gateway on 127.0.0.1:11112"
@@ -22,9 +22,18 @@ help:
 	@echo "make bench-stages - per-stage latency of single studies through Orthanc"
 	@echo "make models - (re)build the reference ONNX models deterministically"
 
-setup: system-deps venv models
+setup: system-deps venv models native
 
-# Debian packages: DCMTK and Orthanc are the PACS peers of the tests (Orthanc's DICOMweb plugin a STOW-RS sender), dicom3tools and PixelMed validate results,
+# The native C-STORE receiver ([receiver] engine = "native"): DCMTK's networking, the gateway's durability rule.
+NATIVE_SRC := gateway/ingest/native/gateway_storescp.cc
+build/gateway-storescp: $(NATIVE_SRC)
+	@mkdir -p build
+	$(CXX) -O2 -std=c++17 -Wall -Wextra -o $@ $(NATIVE_SRC) -ldcmnet -ldcmdata -loflog -lofstd -lpthread
+
+native: system-deps build/gateway-storescp
+
+# Debian packages: DCMTK and Orthanc are the PACS peers of the tests (Orthanc's DICOMweb plugin a STOW-RS sender),
+# libdcmtk-dev builds the native receiver, strace checks its fsync-before-acknowledge order, dicom3tools and PixelMed validate results,
 # libpython is what Triton's Python-backend stub links against; PostgreSQL is the shared system of record of
 # several gateways (the tests start their own clusters on free loopback ports); Node.js runs the independent UPS
 # worklist manager of the tests (dcmjs-dimse).
@@ -33,6 +42,8 @@ system-deps:
 	for c in storescu dciodvfy Orthanc java node npm; do command -v $$c >/dev/null || missing=yes; done; \
 	[ -f /usr/share/java/pixelmed.jar ] || missing=yes; \
 	[ -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || missing=yes; \
+	[ -f /usr/include/dcmtk/dcmnet/scp.h ] || missing=yes; \
+	command -v strace >/dev/null || missing=yes; \
 	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing=yes; \
 	ldconfig -p | grep -q "libpython$(PYVER).so.1.0" || missing=yes; \
 	$(PYTHON) -c 'import ensurepip' 2>/dev/null || missing=yes; \

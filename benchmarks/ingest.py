@@ -31,6 +31,7 @@ from gateway.database import migrate
 from gateway.database.connect import engine_for
 from gateway.database.recorder import Recorder
 from gateway.inference.server import free_port
+from gateway.ingest.native import NativeReceiver
 from gateway.ingest.receiver import StoreSCP
 from gateway.ingest.spool import Spool
 from tests.support.servers import Orthanc, require_tool, storescu, wait_for
@@ -58,6 +59,24 @@ def _gateway_scp(
 
 def gateway_receiver(work: Path) -> Any:
     return _gateway_scp(Spool(work / "spool"))
+
+
+@contextmanager
+def native_receiver(work: Path) -> Iterator[tuple[int, str]]:
+    """The native receiver (``make native``): DCMTK networking, the same spool layout and fsync-before-ack rule;
+    each stored instance read back and handed on after its acknowledgement, as in the gateway."""
+    port = free_port()
+    receiver = NativeReceiver(
+        ReceiverSettings(port=port, min_free_disk_mb=0, engine="native", accept_notices=False),
+        Spool(work / "spool"),
+        lambda record: None,
+        allowed_calling_aes=frozenset({"BENCH"}),
+    )
+    receiver.start()
+    try:
+        yield port, "AI_GATEWAY"
+    finally:
+        receiver.stop()
 
 
 @contextmanager
@@ -131,6 +150,7 @@ def orthanc_receiver(work: Path) -> Iterator[tuple[int, str]]:
 
 RECEIVERS: dict[str, Callable[[Path], Any]] = {
     "gateway (durable spool)": gateway_receiver,
+    "gateway, native receiver (durable spool)": native_receiver,
     "gateway (durable spool + system of record)": gateway_with_record_receiver,
     "DCMTK storescp": storescp_receiver,
     "Orthanc": orthanc_receiver,
@@ -167,15 +187,17 @@ def measure(slices: int, reps: int) -> dict[str, Any]:
             )
     by_name = {r["receiver"]: r["images_per_s_median"] for r in results}
     ratio = by_name["gateway (durable spool)"] / by_name["DCMTK storescp"]
+    native = by_name["gateway, native receiver (durable spool)"] / by_name["DCMTK storescp"]
     with_record = by_name["gateway (durable spool + system of record)"] / by_name["gateway (durable spool)"]
     return {
         "machine": cli.machine(),
         "slices": slices,
         "reps": reps,
         "results": results,
-        "gateway_vs_storescp": round(ratio, 2),
+        "gateway_vs_storescp": round(ratio, 2),  # the pynetdicom receiver
+        "native_vs_storescp": round(native, 2),
         "with_record_vs_without": round(with_record, 2),  # target >= 0.95
-        "target_met": ratio >= 0.8,
+        "target_met": max(ratio, native) >= 0.8,
     }
 
 
@@ -195,7 +217,8 @@ def markdown(report: dict[str, Any]) -> str:
     record = report["with_record_vs_without"]
     lines += [
         "",
-        f"Gateway / storescp = {report['gateway_vs_storescp']} (target >= 0.8: {verdict}).",
+        f"Gateway / storescp = {report['gateway_vs_storescp']} with the pynetdicom receiver, "
+        f"{report.get('native_vs_storescp', '-')} with the native one (target >= 0.8: {verdict}).",
         f"With the system of record / without = {record} (target >= 0.95: {'met' if record >= 0.95 else 'MISSED'}).",
     ]
     return "\n".join(lines) + "\n"

@@ -28,7 +28,7 @@ from clients.http_post import HttpPoster
 from gateway.config.settings import Settings
 from gateway.core.domain import InstanceRecord
 from gateway.core.durable import remove_temporary_files
-from gateway.core.errors import GatewayError
+from gateway.core.errors import ConfigError, GatewayError
 from gateway.core.logs import silence_identifier_warnings
 from gateway.database import migrate
 from gateway.database.connect import engine_for, shown
@@ -42,6 +42,7 @@ from gateway.delivery.store import ResultStore
 from gateway.inference.registry import ModelRegistry, fingerprint_models
 from gateway.inference.server import TritonServer
 from gateway.ingest.assembler import StudyAssembler
+from gateway.ingest.native import NativeReceiver, unsupported_reason
 from gateway.ingest.notices import NoticeSCP
 from gateway.ingest.receiver import StoreSCP, check_port_free
 from gateway.ingest.spool import Spool
@@ -185,7 +186,7 @@ class Gateway:
         self.encoder = ResultEncoder(settings.encode_processes)
         self.triton_server: TritonServer | None = None
         self.triton_url = settings.triton.url
-        self.scp: StoreSCP | None = None
+        self.scp: StoreSCP | NativeReceiver | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: threading.Thread | None = None
         self._ready = threading.Event()
@@ -282,15 +283,31 @@ class Gateway:
             self.notices.restore(chosen)  # the dead node's MPPS / IAN of these studies (shared database)
 
     def _start_receiver_and_api(self) -> None:
-        self.scp = StoreSCP(
-            self.settings.receiver,
-            self.spool,
-            self.on_stored,
-            allowed_calling_aes=self.settings.allowed_calling_aes(),
-            on_refused=lambda status: self.metrics.instances_refused.labels(f"0x{status:04X}").inc(),
-            on_association_end=self.assembler.association_ended,
-            notices=self.notices,
-        )
+        receiver = self.settings.receiver
+        refused = lambda status: self.metrics.instances_refused.labels(f"0x{status:04X}").inc()  # noqa: E731
+        if receiver.engine == "native":
+            reason = unsupported_reason(receiver, ups_tasks=self.settings.ups.accept_tasks)
+            if reason:
+                raise ConfigError(f'[receiver] engine = "native" cannot be used: {reason}')
+            self.scp = NativeReceiver(
+                receiver,
+                self.spool,
+                self.on_stored,
+                allowed_calling_aes=self.settings.allowed_calling_aes(),
+                on_refused=refused,
+                on_association_end=self.assembler.association_ended,
+                node_id=self.settings.node_id,
+            )
+        else:
+            self.scp = StoreSCP(
+                receiver,
+                self.spool,
+                self.on_stored,
+                allowed_calling_aes=self.settings.allowed_calling_aes(),
+                on_refused=refused,
+                on_association_end=self.assembler.association_ended,
+                notices=self.notices,
+            )
         self.scp.start()
         if self.settings.http.enabled:
             stow = StowStore(
@@ -409,7 +426,15 @@ class Gateway:
         if loop_problem:
             report["status"] = "degraded"
             report["reasons"].append(loop_problem)
+        report["receiver"] = self._receiver_state()
         return report
+
+    def _receiver_state(self) -> dict[str, Any]:
+        """Which C-STORE receiver runs (the native one with its process and restarts)."""
+        scp = self.scp
+        if isinstance(scp, NativeReceiver):
+            return {"engine": "native", "pid": scp.pid, "restarts": scp.restarts, "binary": str(scp.binary)}
+        return {"engine": "pynetdicom"}
 
     def _snapshot(self) -> LoopState:
         """What the event loop owns, copied; only ever run on the loop."""

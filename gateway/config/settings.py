@@ -82,6 +82,9 @@ TlsFile = Annotated[OptionalPath, AfterValidator(_existing_file)]
 
 
 class ReceiverSettings(Section):
+    # Which C-STORE receiver runs: "pynetdicom" (Python, every DIMSE service on one port) or "native" (DCMTK,
+    # `make native`; C-STORE and C-ECHO at native speed, the same policy and durability rule).
+    engine: Literal["pynetdicom", "native"] = "pynetdicom"
     ae_title: AeTitle = "AI_GATEWAY"
     host: str = "127.0.0.1"
     port: Port = 11112

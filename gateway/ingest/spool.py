@@ -181,7 +181,7 @@ class Spool:
         nobody is still writing them)."""
         found = []
         now = time.time()
-        for study_dir in sorted(p for p in self.root.iterdir() if p.is_dir()):
+        for study_dir in sorted(p for p in self.root.iterdir() if p.is_dir() and is_valid_uid(p.name)):
             files = list(study_dir.glob("*/*.dcm"))
             done = set(self.processed_instances(study_dir.name))
             if not any(path.stem not in done for path in files):
@@ -196,7 +196,7 @@ class Spool:
         only, when given: a spool shared by several gateways)."""
         records = []
         dirs = (
-            sorted(p for p in self.root.iterdir() if p.is_dir())
+            sorted(p for p in self.root.iterdir() if p.is_dir() and is_valid_uid(p.name))
             if studies is None
             else [
                 self.root / uid for uid in sorted(studies) if is_valid_uid(uid) and (self.root / uid).is_dir()

@@ -132,7 +132,9 @@ def _candidates(
     kept_unanalysed = 0
     kept_undelivered: set[str] = set()
     if settings.spool_dir.is_dir():
-        for study_dir in sorted(p for p in settings.spool_dir.iterdir() if p.is_dir()):
+        for study_dir in sorted(
+            p for p in settings.spool_dir.iterdir() if p.is_dir() and not p.name.startswith(".")
+        ):
             analysed = _analysed_at(study_dir)
             if analysed is None:
                 kept_unanalysed += 1

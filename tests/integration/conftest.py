@@ -3,6 +3,7 @@ and an MLLP listener."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +33,7 @@ timeout_s = 2.0
 
 [receiver]
 port = {port}
-
+{receiver_extra}
 [http]
 port = 0
 
@@ -99,8 +100,9 @@ class Env:
         return [e for e in self.audit.read() if e["event"] == name and e.get("study") == study_uid]
 
 
-@pytest.fixture
-def env(tmp_path: Path, triton: str) -> Iterator[Env]:
+@contextlib.contextmanager
+def running_env(tmp_path: Path, triton: str, receiver_extra: str = "") -> Iterator[Env]:
+    """The gateway and its peers; ``receiver_extra``: more [receiver] settings."""
     port = free_port()
     orthanc = Orthanc(tmp_path / "orthanc", modalities={"gateway": ["AI_GATEWAY", "127.0.0.1", port]}).start()
     with (
@@ -118,6 +120,7 @@ def env(tmp_path: Path, triton: str) -> Iterator[Env]:
                 fhir=fhir.url.replace("/stat", "/fhir"),
                 mllp=mllp.port,
                 port=port,
+                receiver_extra=receiver_extra,
                 triton=triton,
                 orthanc_port=orthanc.dicom_port,
             )
@@ -139,3 +142,16 @@ def env(tmp_path: Path, triton: str) -> Iterator[Env]:
         finally:
             gateway.stop()
             orthanc.stop()
+
+
+@pytest.fixture
+def env(tmp_path: Path, triton: str) -> Iterator[Env]:
+    with running_env(tmp_path, triton) as running:
+        yield running
+
+
+@pytest.fixture
+def native_env(tmp_path: Path, triton: str) -> Iterator[Env]:
+    """The same, with the native receiver (``make native``) in front of the spool."""
+    with running_env(tmp_path, triton, 'engine = "native"\naccept_notices = false\n') as running:
+        yield running

@@ -55,6 +55,17 @@ def outcome(env: Env, case: Case, statuses: list[str]) -> tuple[str, str]:
 def test_every_hostile_case_has_its_defined_outcome_and_a_good_study_is_unaffected(
     env: Env, tmp_path: Path
 ) -> None:
+    hostile_corpus_gets_its_outcomes(env, tmp_path)
+
+
+def test_the_native_receiver_gives_every_hostile_case_the_same_outcome(
+    native_env: Env, tmp_path: Path
+) -> None:
+    assert native_env.gateway.health()["receiver"]["engine"] == "native"
+    hostile_corpus_gets_its_outcomes(native_env, tmp_path)
+
+
+def hostile_corpus_gets_its_outcomes(env: Env, tmp_path: Path) -> None:
     corpus = build_corpus(tmp_path / "corpus")
     assert len(corpus) >= 30
     good = write_head_ct(tmp_path / "good", slices=6, rows=256, cols=256, seed=7)

@@ -1,0 +1,240 @@
+"""The native C-STORE receiver (``gateway-storescp``, DCMTK, built by ``make native``), run and supervised by the
+gateway: ``[receiver] engine = "native"``.
+
+The binary does what the pynetdicom receiver's C-STORE handler does, at C++ speed, with the same rule: an instance
+is acknowledged only once its file and folder are fsynced in the spool. Its policy is built here from the one set
+of settings - AE title, host and port, the calling AE titles and source addresses allowed, the disk watermark,
+timeouts, and the SOP classes and transfer syntaxes the pynetdicom receiver accepts - so both receivers apply the
+same rules. It reports each event as a line on its stdout (see the binary's header); a thread here turns them into
+the same calls the pynetdicom receiver makes (``on_stored`` with the instance's record, read from its header
+after the acknowledgement; ``on_refused``; ``on_association_end``), so nothing polls the spool.
+
+The process is started with the gateway, restarted with backoff when it dies (its port is free again at once: a
+sender retries), and stopped with the gateway; it also stops when its stdin closes or its parent dies, so a
+SIGKILLed gateway leaves nothing listening.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pydicom
+from pynetdicom import ALL_TRANSFER_SYNTAXES, StoragePresentationContexts
+
+from gateway.config.settings import ReceiverSettings
+from gateway.core.domain import InstanceRecord
+from gateway.core.errors import ConfigError
+from gateway.core.retry import Backoff
+from gateway.ingest.spool import Spool, record_from_header
+
+logger = logging.getLogger(__name__)
+
+BINARY_NAME = "gateway-storescp"
+READY_TIMEOUT_S = 10.0
+RESTART_BACKOFF = Backoff(0.5, 10.0)
+
+
+def native_binary() -> Path | None:
+    """The built receiver: ``build/gateway-storescp`` of the source tree (``make native``), else on PATH."""
+    built = Path(__file__).resolve().parents[2] / "build" / BINARY_NAME
+    if built.is_file() and os.access(built, os.X_OK):
+        return built
+    found = shutil.which(BINARY_NAME)
+    return Path(found) if found else None
+
+
+def unsupported_reason(settings: ReceiverSettings, *, ups_tasks: bool) -> str:
+    """Why the native receiver cannot serve these settings ("" when it can)."""
+    if settings.tls_cert_file is not None:
+        return "it does not speak DICOM TLS yet ([receiver] tls_cert_file is set)"
+    if settings.accept_notices or ups_tasks:
+        return (
+            "MPPS / IAN notices and UPS tasks come to the same port and only the pynetdicom receiver answers "
+            "them (set [receiver] accept_notices = false and [ups] accept_tasks = false)"
+        )
+    return ""
+
+
+class NativeReceiver:
+    """The native receiver process, with the interface of :class:`gateway.ingest.receiver.StoreSCP`."""
+
+    engine = "native"
+
+    def __init__(
+        self,
+        settings: ReceiverSettings,
+        spool: Spool,
+        on_stored: Callable[[InstanceRecord], None],
+        *,
+        allowed_calling_aes: frozenset[str],
+        on_refused: Callable[[int], None] = lambda status: None,
+        on_association_end: Callable[[set[str], str], None] = lambda studies, problem: None,
+        node_id: str = "",
+        binary: Path | None = None,
+    ) -> None:
+        found = binary or native_binary()
+        if found is None:
+            raise ConfigError(
+                f'[receiver] engine = "native" but {BINARY_NAME} is not built: run `make native` '
+                '(needs Debian\'s libdcmtk-dev), or set engine = "pynetdicom"'
+            )
+        self.binary = found
+        self.settings = settings
+        self.spool = spool
+        self.on_stored = on_stored
+        self.on_refused = on_refused
+        self.on_association_end = on_association_end
+        self.allowed_calling_aes = allowed_calling_aes
+        self.restarts = 0
+        self._process: subprocess.Popen[bytes] | None = None
+        self._stopping = threading.Event()
+        self._supervisor: threading.Thread | None = None
+        self._log = spool.root.parent / "native-receiver.log"
+        # Instances being received: inside the spool (the rename into place stays on one file system), one folder
+        # per node (a shared spool), emptied at each start (nothing in it was acknowledged).
+        self.incoming = (
+            spool.root / f".incoming-{''.join(c if c.isalnum() else '_' for c in node_id) or 'local'}"
+        )
+
+    def command(self) -> list[str]:
+        s = self.settings
+        if not self.allowed_calling_aes:
+            logger.warning("no calling AE allow-list configured: any AE on the network may send studies")
+        return [
+            str(self.binary),
+            "--spool", str(self.spool.root),
+            "--incoming", str(self.incoming),
+            "--host", s.host,
+            "--port", str(s.port),
+            "--aet", s.ae_title,
+            "--allow-ae", ",".join(sorted(self.allowed_calling_aes)),
+            "--allow-address", ",".join(s.allowed_addresses),
+            "--min-free-bytes", str(self.spool.min_free_bytes),
+            "--max-pdu", str(s.max_pdu_size or 16384),
+            "--acse-timeout", str(max(1, round(s.acse_timeout_s))),
+            "--dimse-timeout", str(max(1, round(s.dimse_timeout_s))),
+            "--sop-classes", ",".join(str(c.abstract_syntax) for c in StoragePresentationContexts),
+            "--transfer-syntaxes", ",".join(ALL_TRANSFER_SYNTAXES),
+        ]  # fmt: skip
+
+    def start(self) -> None:
+        process = self._launch()
+        self._supervisor = threading.Thread(
+            target=self._supervise, args=(process,), name="native-receiver", daemon=True
+        )
+        self._supervisor.start()
+        logger.info(
+            "DICOM receiver %s (native) listening on %s:%d",
+            self.settings.ae_title,
+            self.settings.host,
+            self.port,
+        )
+
+    def _launch(self) -> subprocess.Popen[bytes]:
+        if self.incoming.is_dir():
+            for partial in self.incoming.glob("*.tmp"):
+                partial.unlink(missing_ok=True)
+        with open(self._log, "ab") as log:
+            process = subprocess.Popen(
+                self.command(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, close_fds=True
+            )
+        assert process.stdout is not None
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        first = process.stdout.readline()
+        if not first.startswith(b"READY") or time.monotonic() > deadline:
+            process.kill()
+            process.wait()
+            tail = (
+                self._log.read_text(errors="replace").strip().splitlines()[-3:] if self._log.exists() else []
+            )
+            raise ConfigError(
+                f"the native receiver did not start on {self.settings.host}:{self.settings.port}: "
+                + (" / ".join(tail) or "no reason given")
+            )
+        self._process = process
+        return process
+
+    @property
+    def port(self) -> int:
+        return self.settings.port
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
+
+    def _supervise(self, process: subprocess.Popen[bytes]) -> None:
+        failures = 0
+        while True:
+            self._read_events(process)
+            process.wait()
+            if self._stopping.is_set():
+                return
+            failures += 1
+            self.restarts += 1
+            logger.error(
+                "native receiver exited (code %s); restarting (restart %d)", process.returncode, self.restarts
+            )
+            while not self._stopping.is_set():
+                self._stopping.wait(RESTART_BACKOFF.delay(failures))
+                if self._stopping.is_set():
+                    return
+                try:
+                    process = self._launch()
+                    break
+                except ConfigError as exc:  # the port still held, say: try again later
+                    failures += 1
+                    logger.error("native receiver restart failed: %s", exc)
+
+    def _read_events(self, process: subprocess.Popen[bytes]) -> None:
+        assert process.stdout is not None
+        for raw in process.stdout:
+            fields = raw.decode("utf-8", "replace").rstrip("\n").split("\t")
+            try:
+                self._event(fields)
+            except Exception:  # one bad line must not stop the reader; the spool keeps what was acknowledged
+                logger.exception("native receiver: event %r not handled", fields[0])
+
+    def _event(self, fields: list[str]) -> None:
+        kind = fields[0]
+        if kind == "STORED":
+            path, calling_ae, received_at = Path(fields[1]), fields[2], float(fields[3])
+            try:
+                header = pydicom.dcmread(path, defer_size=1024)
+                record = record_from_header(header, path, calling_ae, received_at)
+            except Exception as exc:  # durable already: recovery reads it again after a restart
+                logger.error("stored instance %s could not be read back (%s)", path.name, type(exc).__name__)
+                return
+            self.on_stored(record)
+        elif kind == "REFUSED":
+            status = int(fields[1], 16)
+            logger.warning("C-STORE from %s refused (status 0x%04X): %s", fields[2], status, fields[3])
+            self.on_refused(status)
+        elif kind == "END":
+            studies = {uid for uid in fields[3].split(",") if uid}
+            if studies:
+                self.on_association_end(studies, fields[2])
+        elif kind == "REJECTED":
+            logger.warning("association from %s rejected: %s", fields[1] or "an address", fields[2])
+
+    def stop(self) -> None:
+        self._stopping.set()
+        process = self._process
+        if process is not None and process.poll() is None:
+            if process.stdin is not None:
+                process.stdin.close()  # the receiver exits when its stdin closes
+            try:
+                process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        if self._supervisor is not None:
+            self._supervisor.join(timeout=10)
+            self._supervisor = None
+        self._process = None

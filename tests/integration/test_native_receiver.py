@@ -1,0 +1,180 @@
+"""The native receiver (``build/gateway-storescp``, ``[receiver] engine = "native"``): acknowledged = fsynced,
+checked at the system-call level with strace; the gateway's policy applied (calling AE allow-list, disk
+watermark); supervised (restarted after a SIGKILL, gone with the gateway). The hostile corpus runs against it in
+``test_hostile_input.py``."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from benchmarks.phantoms import write_head_ct
+from gateway.app import Gateway
+from gateway.config.settings import ReceiverSettings, load_settings
+from gateway.inference.server import free_port
+from gateway.ingest.native import NativeReceiver, native_binary
+from gateway.ingest.spool import Spool
+from tests.integration.test_ack_after_fsync import _durable_before_each_response
+from tests.integration.test_hostile_input import send_raw
+from tests.support.servers import require_tool, storescu, wait_for
+
+pytestmark = pytest.mark.integration
+
+_CALL = re.compile(r"^(?P<pid>\d+) +(?P<name>\w+)\((?P<args>.*)")
+_FD_PATH = re.compile(r"^\d+<(?P<path>[^>]*)>")
+
+
+def _ordered_log(trace: str) -> list[tuple[str, str]]:
+    """strace's lines as (fsync, path) / (rename, "src -> dst") / (response, "") in the order they took effect:
+    an fsync or rename when it returned, a response (a P-DATA-TF written to the association's socket) when it
+    started."""
+    log: list[tuple[str, str]] = []
+    pending: dict[str, tuple[str, str]] = {}  # pid -> the call waiting to be resumed
+    for line in trace.splitlines():
+        resumed = re.match(r"^(\d+) +<\.\.\. (\w+) resumed>", line)
+        if resumed:
+            call = pending.pop(resumed.group(1), None)
+            if call is not None and "= -1" not in line:
+                log.append(call)
+            continue
+        match = _CALL.match(line)
+        if match is None:
+            continue
+        name, args = match.group("name"), match.group("args")
+        entry: tuple[str, str] | None = None
+        if name == "fsync":
+            path = _FD_PATH.match(args)
+            entry = ("fsync", path.group("path")) if path else None
+        elif name == "rename":
+            paths = re.findall(r'"([^"]*)"', args)
+            entry = ("rename", f"{paths[0]} -> {paths[1]}") if len(paths) == 2 else None
+        elif name in ("write", "sendto", "sendmsg") and "<TCP" in args and '"\\4' in args:
+            log.append(("response", ""))  # the response is out the moment the write starts
+            continue
+        if entry is None:
+            continue
+        if "<unfinished ...>" in line:
+            pending[match.group("pid")] = entry
+        elif "= -1" not in line:
+            log.append(entry)
+    return log
+
+
+def test_every_instance_is_fsynced_and_renamed_and_its_folder_fsynced_before_its_response(
+    tmp_path: Path,
+) -> None:
+    binary = native_binary()
+    assert binary is not None, "build/gateway-storescp is not built: run `make native`"
+    strace = require_tool("strace")
+    series = write_head_ct(tmp_path / "series", slices=8, rows=64, cols=64, seed=5)
+    port = free_port()
+    receiver = NativeReceiver(
+        ReceiverSettings(port=port, min_free_disk_mb=0),
+        Spool(tmp_path / "spool"),
+        lambda record: None,
+        allowed_calling_aes=frozenset({"STORESCU"}),
+    )
+    trace = tmp_path / "strace.log"
+    process = subprocess.Popen(
+        [strace, "-f", "-yy", "-s", "4", "-e", "trace=fsync,rename,write,sendto,sendmsg", "-o", str(trace),
+         *receiver.command()],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        assert process.stdout is not None and process.stdout.readline().startswith(b"READY")
+        done = storescu(list(series.paths), port=port, calling_ae="STORESCU")
+        assert done.returncode == 0, done.stderr[-500:]
+    finally:
+        assert process.stdin is not None
+        process.stdin.close()  # the receiver exits when its stdin closes
+        process.wait(timeout=30)
+    log = _ordered_log(trace.read_text())
+    counts = _durable_before_each_response(log)
+    assert len(counts) == 8, log  # one C-STORE response per instance
+    assert counts == list(range(1, 9)), (counts, log)
+    first_response = next(i for i, (kind, _) in enumerate(log) if kind == "response")
+    synced_before = {what for kind, what in log[:first_response] if kind == "fsync"}
+    study_folder = next((tmp_path / "spool").glob("1.*"))
+    assert {str(study_folder.parent), str(study_folder)} <= synced_before
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return Path(f"/proc/{pid}/stat").read_text().split(")")[1].split()[0] != "Z"
+
+
+def _native_gateway(tmp_path: Path, extra: str = "") -> Gateway:
+    config = tmp_path / "gateway.toml"
+    config.write_text(
+        f'data_dir = "{tmp_path / "data"}"\n[receiver]\nport = {free_port()}\nengine = "native"\n'
+        f"accept_notices = false\n{extra}[http]\nenabled = false\n"
+        '[triton]\nurl = "127.0.0.1:1"\n'  # no analysis here: what is received is the subject
+        '[[peers]]\nae_title = "STORESCU"\nhost = "127.0.0.1"\nport = 11112\n'
+    )
+    return Gateway(load_settings(config)).start()
+
+
+def _spooled(tmp_path: Path, study_uid: str) -> int:
+    return len(list((tmp_path / "data" / "spool" / study_uid).glob("*/*.dcm")))
+
+
+def test_the_gateway_supervises_the_native_receiver_and_applies_its_policy(tmp_path: Path) -> None:
+    gateway = _native_gateway(tmp_path)
+    try:
+        health = gateway.health()["receiver"]
+        assert health["engine"] == "native" and health["restarts"] == 0
+        first = write_head_ct(tmp_path / "first", slices=4, rows=128, cols=128, seed=71)
+        assert storescu(list(first.paths), port=gateway.port, calling_ae="STORESCU").returncode == 0
+        assert _spooled(tmp_path, first.study_uid) == 4
+        # Each instance reached the assembler (read back after its acknowledgement), the study is pending.
+        wait_for(
+            lambda: gateway.assembler.pending_studies() == 1, timeout_s=10, what="the study to be pending"
+        )
+
+        # A calling AE title that is not a configured peer is refused at association; nothing is kept.
+        stranger = write_head_ct(tmp_path / "stranger", slices=1, rows=64, cols=64, seed=72)
+        assert storescu(list(stranger.paths), port=gateway.port, calling_ae="STRANGER").returncode != 0
+        assert _spooled(tmp_path, stranger.study_uid) == 0
+
+        # SIGKILLed, it is restarted and receives again.
+        os.kill(health["pid"], signal.SIGKILL)
+        wait_for(lambda: gateway.health()["receiver"]["restarts"] == 1, timeout_s=30, what="a restart")
+        second = write_head_ct(tmp_path / "second", slices=3, rows=128, cols=128, seed=73)
+        wait_for(
+            lambda: storescu(list(second.paths), port=gateway.port, calling_ae="STORESCU").returncode == 0,
+            timeout_s=30,
+            what="the restarted receiver to accept a study",
+        )
+        assert _spooled(tmp_path, second.study_uid) == 3
+        pid = gateway.health()["receiver"]["pid"]
+    finally:
+        gateway.stop()
+    assert not _alive(pid), "the native receiver outlived the gateway"
+
+
+def test_the_native_receiver_refuses_below_the_disk_watermark(tmp_path: Path) -> None:
+    gateway = _native_gateway(tmp_path, "min_free_disk_mb = 1000000000\n")
+    try:
+        series = write_head_ct(tmp_path / "s", slices=2, rows=64, cols=64)
+        assert [send_raw(gateway.port, path) for path in series.paths] == ["0xA700", "0xA700"]
+        assert _spooled(tmp_path, series.study_uid) == 0
+    finally:
+        gateway.stop()
+
+
+def test_settings_the_native_receiver_cannot_serve_are_refused_with_the_reason(tmp_path: Path) -> None:
+    config = tmp_path / "gateway.toml"
+    config.write_text(
+        f'data_dir = "{tmp_path / "data"}"\n[receiver]\nport = {free_port()}\nengine = "native"\n'
+        '[http]\nenabled = false\n[triton]\nurl = "127.0.0.1:1"\n'
+    )
+    with pytest.raises(Exception, match="accept_notices = false"):
+        Gateway(load_settings(config)).start()
