@@ -82,7 +82,12 @@ def test_every_operation_conforms_to_the_openapi_document(gateway_url: str, tmp_
         capture_output=True,
         text=True,
         timeout=600,
-        env={**os.environ, "SCHEMATHESIS_HOOKS": ""},
+        # Our hooks only (STOW-RS bodies), importable from the repository root.
+        env={
+            **os.environ,
+            "SCHEMATHESIS_HOOKS": "tests.support.schemathesis_hooks",
+            "PYTHONPATH": str(Path(__file__).resolve().parents[2]),
+        },
     )
     print(run.stdout[-3000:])
     assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
