@@ -1,5 +1,6 @@
-"""Ingest throughput: the gateway's C-STORE receiver (durable spool on; with and without the system of record)
-vs DCMTK storescp vs Orthanc.
+"""Ingest throughput: the gateway's C-STORE receivers (pynetdicom and native; durable spool on; with and without
+the system of record) vs DCMTK storescp vs Orthanc, on one association and on 4 and 8 concurrent ones, with the
+receiving side's CPU seconds per 1,000 images.
 
 One run on the same machine: a series of 512x512 CT slices is sent with DCMTK storescu (TCP_NODELAY=1 on
 every side) to each receiver in turn, with fresh UIDs each repetition; images/s = slices / wall time of the
@@ -12,10 +13,12 @@ nothing else running.
 from __future__ import annotations
 
 import os
+import resource
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -36,13 +39,38 @@ from gateway.ingest.receiver import StoreSCP
 from gateway.ingest.spool import Spool
 from tests.support.servers import Orthanc, require_tool, storescu, wait_for
 
-Receiver = Callable[[Path], Iterator[tuple[int, str]]]
+Cpu = Callable[[], float]  # cumulative CPU seconds of the receiving side
+Receiver = Callable[[Path, int], Iterator[tuple[int, str, Cpu]]]
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def _self_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _process_cpu(pid: int) -> float:
+    """A process's CPU seconds with its reaped children's, plus its children still in /proc (storescp --fork)."""
+
+    def fields(p: int) -> list[str]:
+        return Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+
+    own = fields(pid)
+    total = sum(int(v) for v in own[11:15])  # utime, stime, cutime, cstime
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            child = stat.read_text().rsplit(")", 1)[1].split()
+            if int(child[1]) == pid:
+                total += int(child[11]) + int(child[12])
+        except (OSError, ValueError, IndexError):
+            continue
+    return total / TICK
 
 
 @contextmanager
 def _gateway_scp(
     spool: Spool, on_stored: Callable[[InstanceRecord], None] = lambda record: None
-) -> Iterator[tuple[int, str]]:
+) -> Iterator[tuple[int, str, Cpu]]:
     port = free_port()
     scp = StoreSCP(
         ReceiverSettings(port=port, min_free_disk_mb=0),
@@ -52,17 +80,17 @@ def _gateway_scp(
     )
     scp.start()
     try:
-        yield port, "AI_GATEWAY"
+        yield port, "AI_GATEWAY", _self_cpu  # the receiver's threads are this process's
     finally:
         scp.stop()
 
 
-def gateway_receiver(work: Path) -> Any:
+def gateway_receiver(work: Path, associations: int) -> Any:
     return _gateway_scp(Spool(work / "spool"))
 
 
 @contextmanager
-def native_receiver(work: Path) -> Iterator[tuple[int, str]]:
+def native_receiver(work: Path, associations: int) -> Iterator[tuple[int, str, Cpu]]:
     """The native receiver (``make native``): DCMTK networking, the same spool layout and fsync-before-ack rule;
     each stored instance read back and handed on after its acknowledgement, as in the gateway."""
     port = free_port()
@@ -73,14 +101,16 @@ def native_receiver(work: Path) -> Iterator[tuple[int, str]]:
         allowed_calling_aes=frozenset({"BENCH"}),
     )
     receiver.start()
+    pid = receiver.pid
+    assert pid is not None
     try:
-        yield port, "AI_GATEWAY"
+        yield port, "AI_GATEWAY", lambda: _process_cpu(pid) + _self_cpu()  # + the read-back thread here
     finally:
         receiver.stop()
 
 
 @contextmanager
-def gateway_with_record_receiver(work: Path) -> Iterator[tuple[int, str]]:
+def gateway_with_record_receiver(work: Path, associations: int) -> Iterator[tuple[int, str, Cpu]]:
     """The same receiver with the system of record on (SQLite, WAL, full sync): each instance is handed to
     the recorder, whose writer thread indexes it in the database while the next ones arrive."""
     engine = engine_for(f"sqlite:///{work / 'gateway.db'}")
@@ -111,16 +141,18 @@ class _DiscardingSpool(Spool):
         )
 
 
-def pynetdicom_only_receiver(work: Path) -> Any:
+def pynetdicom_only_receiver(work: Path, associations: int) -> Any:
     return _gateway_scp(_DiscardingSpool(work / "spool"))
 
 
 @contextmanager
-def storescp_receiver(work: Path) -> Iterator[tuple[int, str]]:
+def storescp_receiver(work: Path, associations: int) -> Iterator[tuple[int, str, Cpu]]:
+    """DCMTK storescp: one process, or ``--fork`` (a process per association) for concurrent associations."""
     port = free_port()
     (work / "storescp").mkdir(parents=True)
     env = dict(os.environ, TCP_NODELAY="1")
-    cmd = [require_tool("storescp"), "-aet", "STORESCP", "-od", str(work / "storescp"), str(port)]
+    fork = ["--fork"] if associations > 1 else []
+    cmd = [require_tool("storescp"), *fork, "-aet", "STORESCP", "-od", str(work / "storescp"), str(port)]
     process = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_for(
@@ -133,22 +165,24 @@ def storescp_receiver(work: Path) -> Iterator[tuple[int, str]]:
             timeout_s=20,
             what="storescp",
         )
-        yield port, "STORESCP"
+        yield port, "STORESCP", lambda: _process_cpu(process.pid)
     finally:
         process.terminate()
         process.wait(timeout=10)
 
 
 @contextmanager
-def orthanc_receiver(work: Path) -> Iterator[tuple[int, str]]:
+def orthanc_receiver(work: Path, associations: int) -> Iterator[tuple[int, str, Cpu]]:
     orthanc = Orthanc(work / "orthanc").start()
+    assert orthanc.process is not None
+    pid = orthanc.process.pid
     try:
-        yield orthanc.dicom_port, orthanc.aet
+        yield orthanc.dicom_port, orthanc.aet, lambda: _process_cpu(pid)
     finally:
         orthanc.stop()
 
 
-RECEIVERS: dict[str, Callable[[Path], Any]] = {
+RECEIVERS: dict[str, Callable[[Path, int], Any]] = {
     "gateway (durable spool)": gateway_receiver,
     "gateway, native receiver (durable spool)": native_receiver,
     "gateway (durable spool + system of record)": gateway_with_record_receiver,
@@ -156,39 +190,88 @@ RECEIVERS: dict[str, Callable[[Path], Any]] = {
     "Orthanc": orthanc_receiver,
     "profile: gateway receiver, spool discarded": pynetdicom_only_receiver,
 }
+CONCURRENT = (
+    "gateway (durable spool)",
+    "gateway, native receiver (durable spool)",
+    "DCMTK storescp",
+    "Orthanc",
+)
 
 
-def measure(slices: int, reps: int) -> dict[str, Any]:
+def _send(paths: list[Path], associations: int, port: int, called: str) -> None:
+    """The series over ``associations`` concurrent storescu associations (a share each)."""
+    shares = [paths[i::associations] for i in range(associations)]
+    outcomes: list[subprocess.CompletedProcess[str]] = []
+    threads = [
+        threading.Thread(
+            target=lambda share=share: outcomes.append(
+                storescu(share, port=port, calling_ae="BENCH", called_ae=called)
+            )
+        )
+        for share in shares
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    failed = [o for o in outcomes if o.returncode != 0]
+    if failed or len(outcomes) != associations:
+        raise RuntimeError(
+            f"storescu failed: {failed[0].stderr[-500:] if failed else 'a sender did not finish'}"
+        )
+
+
+def measure(slices: int, reps: int, associations: tuple[int, ...] = (1, 4, 8)) -> dict[str, Any]:
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         series = write_head_ct(root / "series", slices=slices, seed=1)
+        megabytes = sum(p.stat().st_size for p in series.paths) / 1e6
         copies = [fresh_copy(list(series.paths), root / f"copy{r}")[0] for r in range(reps)]
         # Receivers take turns within each repetition, so a machine whose speed drifts during the run (a shared
         # VM) affects every receiver alike and the ratios stay fair.
-        rates: dict[str, list[float]] = {name: [] for name in RECEIVERS}
+        runs = [(name, n) for n in associations for name in RECEIVERS if n == 1 or name in CONCURRENT]
+        rates: dict[tuple[str, int], list[float]] = {run: [] for run in runs}
+        cpu: dict[tuple[str, int], list[float]] = {run: [] for run in runs}
         for rep, paths in enumerate(copies):
-            for index, (name, receiver) in enumerate(RECEIVERS.items()):
-                with receiver(root / f"r{index}-{rep}") as (port, called):
+            for index, (name, n) in enumerate(runs):
+                with RECEIVERS[name](root / f"r{index}-{rep}", n) as (port, called, cpu_of):
+                    cpu_before = cpu_of()
                     started = time.perf_counter()
-                    done = storescu(paths, port=port, calling_ae="BENCH", called_ae=called)
+                    _send(paths, n, port, called)
                     elapsed = time.perf_counter() - started
-                if done.returncode != 0:
-                    raise RuntimeError(f"storescu to {name} failed: {done.stderr[-500:]}")
-                rates[name].append(slices / elapsed)
-        for name, measured in rates.items():
+                    cpu[(name, n)].append((cpu_of() - cpu_before) / slices * 1000.0)
+                rates[(name, n)].append(slices / elapsed)
+        for (name, n), measured in rates.items():
+            median = statistics.median(measured)
             results.append(
                 {
                     "receiver": name,
-                    "images_per_s_median": round(statistics.median(measured), 1),
+                    "associations": n,
+                    "images_per_s_median": round(median, 1),
                     "images_per_s_min": round(min(measured), 1),
                     "images_per_s_max": round(max(measured), 1),
+                    "mb_per_s_median": round(median * megabytes / slices, 1),
+                    "cpu_s_per_1000_median": round(statistics.median(cpu[(name, n)]), 2),
                 }
             )
-    by_name = {r["receiver"]: r["images_per_s_median"] for r in results}
-    ratio = by_name["gateway (durable spool)"] / by_name["DCMTK storescp"]
-    native = by_name["gateway, native receiver (durable spool)"] / by_name["DCMTK storescp"]
-    with_record = by_name["gateway (durable spool + system of record)"] / by_name["gateway (durable spool)"]
+    by_name = {(r["receiver"], r["associations"]): r for r in results}
+
+    def rate(name: str, n: int = 1) -> float:
+        return float(by_name[(name, n)]["images_per_s_median"])
+
+    storescp = rate("DCMTK storescp")
+    ratio = rate("gateway (durable spool)") / storescp
+    native = rate("gateway, native receiver (durable spool)") / storescp
+    with_record = rate("gateway (durable spool + system of record)") / rate("gateway (durable spool)")
+    concurrent = {
+        n: round(rate("gateway, native receiver (durable spool)", n) / rate("DCMTK storescp", n), 2)
+        for n in associations
+        if n > 1
+    }
+    cpu_ratio = float(
+        by_name[("gateway, native receiver (durable spool)", 1)]["cpu_s_per_1000_median"]
+    ) / max(1e-9, float(by_name[("DCMTK storescp", 1)]["cpu_s_per_1000_median"]))
     return {
         "machine": cli.machine(),
         "slices": slices,
@@ -196,6 +279,8 @@ def measure(slices: int, reps: int) -> dict[str, Any]:
         "results": results,
         "gateway_vs_storescp": round(ratio, 2),  # the pynetdicom receiver
         "native_vs_storescp": round(native, 2),
+        "native_vs_storescp_concurrent": concurrent,  # vs storescp --fork
+        "native_cpu_vs_storescp": round(cpu_ratio, 2),  # target <= 1.5
         "with_record_vs_without": round(with_record, 2),  # target >= 0.95
         "target_met": max(ratio, native) >= 0.8,
     }
@@ -203,15 +288,17 @@ def measure(slices: int, reps: int) -> dict[str, Any]:
 
 def markdown(report: dict[str, Any]) -> str:
     lines = [
-        f"Ingest, {report['slices']} x 512x512 CT slices per run, storescu with TCP_NODELAY=1, "
-        f"{report['reps']} runs ({report['machine']}):",
+        f"Ingest, {report['slices']} x 512x512 CT slices per run, storescu with TCP_NODELAY=1 (one association, or "
+        f"the series shared over concurrent ones), {report['reps']} runs ({report['machine']}):",
         "",
-        "| receiver | images/s median (min-max) |",
-        "|---|---|",
+        "| receiver | associations | images/s median (min-max) | MB/s | CPU s per 1,000 images |",
+        "|---|---|---|---|---|",
     ]
     for r in report["results"]:
         lines.append(
-            f"| {r['receiver']} | {r['images_per_s_median']} ({r['images_per_s_min']}-{r['images_per_s_max']}) |"
+            f"| {r['receiver']} | {r.get('associations', 1)} | {r['images_per_s_median']} "
+            f"({r['images_per_s_min']}-{r['images_per_s_max']}) | {r.get('mb_per_s_median', '-')} | "
+            f"{r.get('cpu_s_per_1000_median', '-')} |"
         )
     verdict = "met" if report["target_met"] else "MISSED"
     record = report["with_record_vs_without"]
@@ -219,8 +306,20 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         f"Gateway / storescp = {report['gateway_vs_storescp']} with the pynetdicom receiver, "
         f"{report.get('native_vs_storescp', '-')} with the native one (target >= 0.8: {verdict}).",
-        f"With the system of record / without = {record} (target >= 0.95: {'met' if record >= 0.95 else 'MISSED'}).",
     ]
+    for n, value in report.get("native_vs_storescp_concurrent", {}).items():
+        lines.append(
+            f"Native / storescp --fork at {n} associations = {value} (target >= 0.8: "
+            f"{'met' if value >= 0.8 else 'MISSED'})."
+        )
+    if "native_cpu_vs_storescp" in report:
+        value = report["native_cpu_vs_storescp"]
+        lines.append(
+            f"Native CPU per 1,000 images / storescp's = {value} (target <= 1.5: {'met' if value <= 1.5 else 'MISSED'})."
+        )
+    lines.append(
+        f"With the system of record / without = {record} (target >= 0.95: {'met' if record >= 0.95 else 'MISSED'})."
+    )
     return "\n".join(lines) + "\n"
 
 

@@ -146,6 +146,11 @@ class Spool:
     def processed_instances(self, study_uid: str) -> list[str]:
         return list(self._marker(study_uid).get("instances", []))
 
+    def has_unprocessed(self, study_uid: str) -> bool:
+        """Whether the spool holds an instance of the study that no completed analysis covered."""
+        done = set(self.processed_instances(study_uid))
+        return any(path.stem not in done for path in (self.root / study_uid).glob("*/*.dcm"))
+
     def previous_result(self, study_uid: str, key: str) -> str | None:
         """The SR SOP Instance UID last written for ``key`` ("<series UID>/<pipeline>") in this study."""
         value = self._marker(study_uid).get("results", {}).get(key)

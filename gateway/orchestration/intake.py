@@ -5,7 +5,8 @@ it because a study started waiting while none was - no polling.
 
 A study that closes again while its earlier part is still being analysed (the rest of it arrived late) is routed
 only once that analysis is finished and settled, and then as the spool holds it: the whole study, never the late
-part on its own (one routing at a time per study; parts that close meanwhile join the one waiting).
+part on its own (one routing at a time per study; parts that close meanwhile join the one waiting) - and not at
+all when the spool holds nothing that analysis did not cover.
 """
 
 from __future__ import annotations
@@ -91,11 +92,17 @@ class StudyIntake:
 
     async def _route_when_idle(self, uid: str, queue: JobQueue | ClusterQueue) -> None:
         try:
+            loop = asyncio.get_running_loop()
             while (study := self._later.get(uid)) is not None:
                 await self.tracker.idle(uid)
                 study = self._later[uid] or study
                 self._later[uid] = None
-                await self.route(study, queue)  # a part that closed meanwhile is routed in the next round
+                # Nothing the finished analysis did not cover (the same instances closed again: a re-send, or
+                # a cluster node adopting a study the database had not heard of yet): no second analysis.
+                if await loop.run_in_executor(self.executor, self.tracker.spool.has_unprocessed, uid):
+                    await self.route(study, queue)  # a part that closed meanwhile is routed in the next round
+                else:
+                    logger.info("study %s closed again with nothing new; its analysis stands", uid)
             self._later.pop(uid, None)
         except asyncio.CancelledError:
             raise

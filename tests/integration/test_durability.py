@@ -107,6 +107,28 @@ def test_the_late_part_of_a_study_still_being_analysed_is_analysed_with_the_whol
     assert second["results"] == analysed[1]["results"]
 
 
+def test_the_same_instances_closing_again_during_their_analysis_are_not_analysed_twice(
+    env: Env, tmp_path: Path
+) -> None:
+    """A re-send (or a cluster node adopting a study the database had not recorded yet) that closes the study again
+    while it is analysed brings nothing the analysis does not cover: one analysis, one completion."""
+    series = write_head_ct(tmp_path / "s", slices=5, rows=128, cols=128, seed=53)
+    with triton_paused(env.triton_url):
+        assert storescu(list(series.paths), port=env.gateway.port, calling_ae="STORESCU").returncode == 0
+        wait_for(
+            lambda: env.gateway.tracker.get(series.study_uid), timeout_s=30, what="the analysis in flight"
+        )
+        assert storescu(list(series.paths), port=env.gateway.port, calling_ae="STORESCU").returncode == 0
+        time.sleep(1.5)  # the quiet period: the re-send closes the study again while it is analysed
+        wait_for(
+            lambda: env.gateway.assembler.pending_studies() == 0, timeout_s=10, what="the re-send closed"
+        )
+    wait_for(lambda: _done_count(env, series.study_uid) == 1, timeout_s=90, what="the analysis")
+    time.sleep(3.0)  # a second analysis, if one were started, would be done by now (5 slices)
+    assert _done_count(env, series.study_uid) == 1
+    assert len(env.events("series_analysed", series.study_uid)) == 1
+
+
 def _start_gateway(config: Path, log: Path) -> subprocess.Popen[bytes]:
     out = open(log, "ab")  # noqa: SIM115 - closed with the process
     return subprocess.Popen(
