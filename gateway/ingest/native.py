@@ -6,8 +6,9 @@ is acknowledged only once its file and folder are fsynced in the spool. Its poli
 of settings - AE title, host and port, the calling AE titles and source addresses allowed, the disk watermark,
 timeouts, and the SOP classes and transfer syntaxes the pynetdicom receiver accepts - so both receivers apply the
 same rules. It reports each event as a line on its stdout (see the binary's header); a thread here turns them into
-the same calls the pynetdicom receiver makes (``on_stored`` with the instance's record, read from its header
-after the acknowledgement; ``on_refused``; ``on_association_end``), so nothing polls the spool.
+the same calls the pynetdicom receiver makes (``on_stored`` with the instance's record - its fields as the receiver
+read them from the header it checked, or, where a value is not plain ASCII, read again here after the
+acknowledgement; ``on_refused``; ``on_association_end``), so nothing polls the spool.
 
 The process is started with the gateway, restarted with backoff when it dies (its port is free again at once: a
 sender retries), and stopped with the gateway; it also stops when its stdin closes or its parent dies, so a
@@ -206,8 +207,13 @@ class NativeReceiver:
         if kind == "STORED":
             path, calling_ae, received_at = Path(fields[1]), fields[2], float(fields[3])
             try:
-                header = pydicom.dcmread(path, defer_size=1024)
-                record = record_from_header(header, path, calling_ae, received_at)
+                record = (
+                    _record_from_fields(path, calling_ae, received_at, fields[4:])
+                    if len(fields) == 14
+                    else record_from_header(
+                        pydicom.dcmread(path, defer_size=1024), path, calling_ae, received_at
+                    )
+                )
             except Exception as exc:  # durable already: recovery reads it again after a restart
                 logger.error("stored instance %s could not be read back (%s)", path.name, type(exc).__name__)
                 return
@@ -238,3 +244,27 @@ class NativeReceiver:
             self._supervisor.join(timeout=10)
             self._supervisor = None
         self._process = None
+
+
+def _record_from_fields(path: Path, calling_ae: str, received_at: float, fields: list[str]) -> InstanceRecord:
+    """The record from the fields the receiver read from the header it checked (as ``record_from_header``
+    builds it from a parsed header)."""
+    sop_class, study, series, modality, body_part, study_desc, series_desc, priority, accession, pixels = (
+        fields
+    )
+    return InstanceRecord(
+        sop_instance_uid=path.stem,
+        sop_class_uid=sop_class,
+        study_instance_uid=study,
+        series_instance_uid=series,
+        path=path,
+        calling_ae=calling_ae,
+        received_at=received_at,
+        modality=modality.upper(),
+        body_part=body_part.upper(),
+        study_description=study_desc,
+        series_description=series_desc,
+        requested_priority=priority,
+        accession_number=accession[:64],
+        has_pixel_data=pixels == "1",
+    )

@@ -11,14 +11,16 @@ import signal
 import subprocess
 from pathlib import Path
 
+import pydicom
 import pytest
 
 from benchmarks.phantoms import write_head_ct
 from gateway.app import Gateway
 from gateway.config.settings import ReceiverSettings, load_settings
+from gateway.core.domain import InstanceRecord
 from gateway.inference.server import free_port
 from gateway.ingest.native import NativeReceiver, native_binary
-from gateway.ingest.spool import Spool
+from gateway.ingest.spool import Spool, record_from_header
 from tests.integration.test_ack_after_fsync import _durable_before_each_response
 from tests.integration.test_hostile_input import send_raw
 from tests.support.servers import require_tool, storescu, wait_for
@@ -180,3 +182,39 @@ def test_settings_the_native_receiver_cannot_serve_are_refused_with_the_reason(t
     )
     with pytest.raises(Exception, match="accept_notices = false"):
         Gateway(load_settings(config)).start()
+
+
+def test_the_records_it_hands_on_are_those_the_python_spool_would_make(tmp_path: Path) -> None:
+    """The receiver sends the record's fields it read from the header; they must equal what the gateway reads
+    with pydicom - and where a value is not plain ASCII (here a description in Latin-1) the gateway reads it."""
+    series = write_head_ct(tmp_path / "s", slices=3, rows=32, cols=32, seed=74, priority="STAT")
+    files = list(series.paths)
+    ds = pydicom.dcmread(files[1])
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    ds.SeriesDescription = "Schädel nativ"
+    ds.AccessionNumber = "ACC 42"
+    ds.save_as(files[1])
+    ds = pydicom.dcmread(files[2])
+    del ds.PixelData
+    ds.save_as(files[2])
+    records: list[InstanceRecord] = []
+    port = free_port()
+    receiver = NativeReceiver(
+        ReceiverSettings(port=port, min_free_disk_mb=0, engine="native", accept_notices=False),
+        Spool(tmp_path / "spool"),
+        records.append,
+        allowed_calling_aes=frozenset({"STORESCU"}),
+    )
+    receiver.start()
+    try:
+        assert storescu(files, port=port, calling_ae="STORESCU").returncode == 0
+        wait_for(lambda: len(records) == 3, timeout_s=10, what="three records")
+    finally:
+        receiver.stop()
+    for record in records:
+        expected = record_from_header(
+            pydicom.dcmread(record.path), record.path, "STORESCU", record.received_at
+        )
+        assert record == expected
+    assert {r.series_description for r in records} >= {"Schädel nativ"}
+    assert sorted(r.has_pixel_data for r in records) == [False, True, True]

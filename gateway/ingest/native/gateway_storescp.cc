@@ -13,7 +13,9 @@
 //
 // It tells the gateway what happened as one line per event on stdout (tab-separated, flushed at once):
 //   READY <port>
-//   STORED <path> <calling AE> <received at, Unix s>
+//   STORED <path> <calling AE> <received at, Unix s> [<SOP class> <study> <series> <modality> <body part>
+//          <study description> <series description> <requested priority> <accession number> <pixel data 1|0>]
+//          (the record's fields when they are plain ASCII single values; else the gateway reads the header)
 //   REFUSED <status hex> <calling AE> <reason>
 //   END <calling AE> <problem: "" | association aborted | instances refused> <study UIDs, comma-separated>
 // It exits when its stdin closes (the gateway is gone) and on SIGTERM; it also asks the kernel for SIGTERM when its
@@ -140,14 +142,47 @@ std::string text_of(DcmItem* item, const DcmTagKey& tag) {
 struct Checked {
     Uint16 status = 0;
     std::string reason, study, series;
+    std::string header;  // the record's fields for the gateway, tab-separated; empty: it reads them itself
 };
+
+// A text value as the gateway's record takes it, or false when only the gateway can decode it faithfully (not
+// plain printable ASCII, or more than one value).
+bool plain_value(DcmItem* item, const DcmTagKey& tag, std::string& out) {
+    out.clear();
+    DcmElement* element = NULL;
+    if (item->findAndGetElement(tag, element).bad() || element == NULL) return true;  // absent: ""
+    if (element->getVM() > 1) return false;
+    OFString value;
+    if (element->getOFString(value, 0).bad() && element->getLength() > 0) return false;
+    for (char c : std::string(value.c_str())) {
+        if (c < 0x20 || c > 0x7e) return false;
+    }
+    out = trimmed(value.c_str());
+    return true;
+}
+
+// Everything the gateway's instance record needs, so that it need not parse the file again.
+std::string record_fields(DcmDataset* ds, const std::string& sop_class, const std::string& study,
+                          const std::string& series) {
+    const DcmTagKey tags[] = {DCM_Modality, DCM_BodyPartExamined, DCM_StudyDescription, DCM_SeriesDescription,
+                              DCM_RequestedProcedurePriority, DCM_AccessionNumber};
+    std::string line = sop_class + "\t" + study + "\t" + series;
+    for (const DcmTagKey& tag : tags) {
+        std::string value;
+        if (!plain_value(ds, tag, value)) return "";
+        line += "\t" + value;
+    }
+    bool pixels = ds->tagExists(DCM_PixelData) || ds->tagExists(DCM_FloatPixelData) ||
+                  ds->tagExists(DCM_DoubleFloatPixelData);
+    return line + (pixels ? "\t1" : "\t0");
+}
 
 // The stored file's header, checked as the Python spool checks it.
 Checked check(const std::string& path, const T_DIMSE_C_StoreRQ& request) {
     Checked out;
     DcmFileFormat file;
-    OFCondition read = file.loadFileUntilTag(path.c_str(), EXS_Unknown, EGL_noChange, DCM_MaxReadLength,
-                                             ERM_autoDetect, DCM_PixelData);
+    // Values longer than 4 KiB (the pixel data) are skipped, not read: the header costs what storescp's does.
+    OFCondition read = file.loadFile(path.c_str(), EXS_Unknown, EGL_noChange, 4096, ERM_autoDetect);
     if (read.bad()) {
         out.status = STATUS_CANNOT_UNDERSTAND;
         out.reason = std::string("dataset cannot be parsed: ") + read.text();
@@ -166,6 +201,8 @@ Checked check(const std::string& path, const T_DIMSE_C_StoreRQ& request) {
     } else if (sop != trimmed(request.AffectedSOPInstanceUID)) {
         out.status = STATUS_CANNOT_UNDERSTAND;
         out.reason = "SOP Instance UID in the dataset differs from the C-STORE request";
+    } else {
+        out.header = record_fields(ds, sop_class, out.study, out.series);
     }
     return out;
 }
@@ -226,7 +263,7 @@ class GatewaySCP : public DcmThreadSCP {
         }
         double received_at = now();
         Uint16 status = 0;
-        std::string reason, final_path;
+        std::string reason, final_path, header;
         if (disk_low()) {
             status = STATUS_OUT_OF_RESOURCES;
             reason = "spool disk below its watermark";
@@ -234,6 +271,7 @@ class GatewaySCP : public DcmThreadSCP {
             Checked checked = check(incoming, request);
             status = checked.status;
             reason = checked.reason;
+            header = checked.header;
             if (status == 0) status = place(incoming, checked, request, final_path, reason);
         }
         if (status != 0) {
@@ -246,7 +284,8 @@ class GatewaySCP : public DcmThreadSCP {
         if (status == 0) {
             char when[32];
             std::snprintf(when, sizeof when, "%.6f", received_at);
-            emit("STORED\t" + final_path + "\t" + clean(calling_ae_) + "\t" + when);
+            emit("STORED\t" + final_path + "\t" + clean(calling_ae_) + "\t" + when + (header.empty() ? "" : "\t") +
+                 header);
         } else {
             char hex[8];
             std::snprintf(hex, sizeof hex, "%04X", status);
