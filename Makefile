@@ -28,7 +28,7 @@ setup: system-deps venv models native
 NATIVE_SRC := gateway/ingest/native/gateway_storescp.cc
 build/gateway-storescp: $(NATIVE_SRC)
 	@mkdir -p build
-	$(CXX) -O2 -std=c++17 -Wall -Wextra -o $@ $(NATIVE_SRC) -ldcmnet -ldcmdata -loflog -lofstd -lpthread
+	$(CXX) -O2 -std=c++17 -Wall -Wextra -o $@ $(NATIVE_SRC) -ldcmtls -ldcmnet -ldcmdata -loflog -lofstd -lssl -lcrypto -lpthread
 
 native: system-deps build/gateway-storescp
 

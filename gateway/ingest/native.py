@@ -53,8 +53,6 @@ def native_binary() -> Path | None:
 
 def unsupported_reason(settings: ReceiverSettings, *, ups_tasks: bool) -> str:
     """Why the native receiver cannot serve these settings ("" when it can)."""
-    if settings.tls_cert_file is not None:
-        return "it does not speak DICOM TLS yet ([receiver] tls_cert_file is set)"
     if settings.accept_notices or ups_tasks:
         return (
             "MPPS / IAN notices and UPS tasks come to the same port and only the pynetdicom receiver answers "
@@ -123,6 +121,8 @@ class NativeReceiver:
             "--dimse-timeout", str(max(1, round(s.dimse_timeout_s))),
             "--sop-classes", ",".join(str(c.abstract_syntax) for c in StoragePresentationContexts),
             "--transfer-syntaxes", ",".join(ALL_TRANSFER_SYNTAXES),
+            *(["--tls-cert", str(s.tls_cert_file), "--tls-key", str(s.tls_key_file)] if s.tls_cert_file else []),
+            *(["--tls-ca", str(s.tls_ca_file)] if s.tls_ca_file else []),
         ]  # fmt: skip
 
     def start(self) -> None:

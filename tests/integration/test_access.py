@@ -26,17 +26,19 @@ def _echo(port: int, context: ssl.SSLContext | None) -> bool:
     return echo(Peer.parse(f"AI_GATEWAY@127.0.0.1:{port}"), calling_ae="TLS_SCU", ssl_context=context)
 
 
-def test_dicom_tls_with_client_certificates(tmp_path: Path, triton: str) -> None:
+@pytest.mark.parametrize("engine", ["pynetdicom", "native"])
+def test_dicom_tls_with_client_certificates(tmp_path: Path, triton: str, engine: str) -> None:
     pki = make_pki(tmp_path / "pki")
     port = free_port()
     config = tmp_path / "gateway.toml"
     config.write_text(
         f'data_dir = "{tmp_path / "data"}"\nquiet_period_s = 1.0\n[http]\nport = 0\n[triton]\nurl = "{triton}"\n'
         f'[receiver]\nport = {port}\ntls_cert_file = "{pki["server.pem"]}"\ntls_key_file = "{pki["server.key"]}"\n'
-        f'tls_ca_file = "{pki["ca.pem"]}"\n'
+        f'tls_ca_file = "{pki["ca.pem"]}"\nengine = "{engine}"\naccept_notices = {str(engine != "native").lower()}\n'
     )
     gateway = Gateway(load_settings(config)).start()
     try:
+        assert gateway.health()["receiver"]["engine"] == engine
         mutual = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(pki["ca.pem"]))
         mutual.load_cert_chain(str(pki["client.pem"]), str(pki["client.key"]))
         assert _echo(port, mutual)

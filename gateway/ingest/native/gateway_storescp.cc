@@ -3,7 +3,8 @@
 //
 // Started and supervised by the gateway (gateway/ingest/native.py), never by hand. Policy comes from the
 // command line, which the gateway builds from its one set of settings: AE title, port, calling AE titles and
-// source addresses allowed, the disk watermark, timeouts. Each association runs on a thread of its own.
+// source addresses allowed, the disk watermark, timeouts, DICOM TLS (optionally mutual). Each association runs on
+// a thread of its own.
 //
 // Per C-STORE: the data set is received exactly as sent (bit-preserving) into --incoming, its header read
 // up to the pixel data and checked like the Python spool does (valid UIDs that can name files, SOP class and
@@ -28,6 +29,7 @@
 #include "dcmtk/dcmnet/diutil.h"
 #include "dcmtk/dcmnet/dulstruc.h"
 #include "dcmtk/dcmnet/scpthrd.h"
+#include "dcmtk/dcmtls/tlslayer.h"
 #include "dcmtk/oflog/oflog.h"
 
 #include <atomic>
@@ -365,7 +367,7 @@ int usage() {
                  "       --transfer-syntaxes UID,...\n"
                  "       [--host ADDR] [--aet AE] [--allow-ae A,B]\n"
                  "       [--allow-address IP,IP] [--min-free-bytes N] [--max-pdu N] [--acse-timeout S]\n"
-                 "       [--dimse-timeout S] [--max-associations N]\n"
+                 "       [--dimse-timeout S] [--max-associations N] [--tls-cert PEM --tls-key PEM [--tls-ca PEM]]\n"
                  "Started by the DICOM AI gateway (receiver engine \"native\"); see its README.\n");
     return 2;
 }
@@ -379,6 +381,7 @@ int main(int argc, char** argv) {
     std::string host = "127.0.0.1", aet = "AI_GATEWAY";
     unsigned long port = 0, max_pdu = 16384, acse = 30, dimse = 60, max_associations = 64;
     std::vector<std::string> sop_classes, transfer_syntaxes;  // what the gateway accepts, from its settings
+    std::string tls_cert, tls_key, tls_ca;  // DICOM TLS (BCP 195 profile); with a CA, callers need a certificate
     for (int i = 1; i < argc; ++i) {
         std::string arg = argv[i];
         if (i + 1 >= argc) return usage();
@@ -397,6 +400,9 @@ int main(int argc, char** argv) {
         else if (arg == "--acse-timeout") acse = std::strtoul(value, NULL, 10);
         else if (arg == "--dimse-timeout") dimse = std::strtoul(value, NULL, 10);
         else if (arg == "--max-associations") max_associations = std::strtoul(value, NULL, 10);
+        else if (arg == "--tls-cert") tls_cert = value;
+        else if (arg == "--tls-key") tls_key = value;
+        else if (arg == "--tls-ca") tls_ca = value;
         else return usage();
     }
     if (policy.spool.empty() || policy.incoming.empty() || port == 0 || port > 65535 || sop_classes.empty() ||
@@ -443,6 +449,24 @@ int main(int argc, char** argv) {
     }
     ::close(listener);
 
+    const bool secure = !tls_cert.empty();
+    if (secure) {
+        DcmTLSTransportLayer* tls = new DcmTLSTransportLayer(NET_ACCEPTOR, NULL, OFTrue);
+        OFCondition ok = tls->setTLSProfile(TSP_Profile_BCP195);
+        if (ok.good()) ok = tls->activateCipherSuites();
+        if (ok.good()) ok = tls->setPrivateKeyFile(tls_key.c_str(), DCF_Filetype_PEM);
+        if (ok.good()) ok = tls->setCertificateFile(tls_cert.c_str(), DCF_Filetype_PEM);
+        if (ok.good() && !tls->checkPrivateKeyMatchesCertificate())
+            ok = makeOFCondition(0, 1, OF_error, "the TLS key does not match the certificate");
+        if (ok.good() && !tls_ca.empty()) ok = tls->addTrustedCertificateFile(tls_ca.c_str(), DCF_Filetype_PEM);
+        tls->setCertificateVerification(tls_ca.empty() ? DCV_ignoreCertificate : DCV_requireCertificate);
+        if (ok.good()) ok = ASC_setTransportLayer(network, tls, 1);
+        if (ok.bad()) {
+            std::fprintf(stderr, "gateway-storescp: TLS cannot be set up: %s\n", ok.text());
+            return 1;
+        }
+    }
+
     // The gateway closing our stdin (or dying) stops us.
     std::thread watch([] {
         char buffer[64];
@@ -458,7 +482,7 @@ int main(int argc, char** argv) {
     for (;;) {
         T_ASC_Association* association = NULL;
         OFCondition received = ASC_receiveAssociation(network, &association, static_cast<long>(max_pdu), NULL,
-                                                      NULL, OFFalse, DUL_BLOCK, 0);
+                                                      NULL, secure ? OFTrue : OFFalse, DUL_BLOCK, 0);
         if (received.bad()) {  // a connection that never sent a valid A-ASSOCIATE-RQ
             if (association != NULL) {
                 ASC_dropSCPAssociation(association);
