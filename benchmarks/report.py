@@ -2,7 +2,8 @@
 ``benchmarks/README.md`` (and ``results/report/report.json``).
 
 Sections, each against its target:
-  ingest      images/s of the gateway's receiver (durable spool) vs DCMTK storescp vs Orthanc
+  ingest      images/s of the gateway's receivers (durable spool) vs DCMTK storescp vs Orthanc, 1/4/8 associations
+  stow        STOW-RS images/s: the gateway's vs Orthanc's DICOMweb plugin
   preprocess  slices/s numpy vs DALI on CPU (CuPy / DALI on GPU when present), with parity
   transport   one batch through the gateway's Triton path (shared memory, gRPC) vs the model in-process
   infer       the Triton ensemble alone: studies/min with the gateway's two workers' concurrency
@@ -31,7 +32,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from benchmarks import cli, ingest, preprocess_throughput, run_bench, transport
+from benchmarks import cli, ingest, preprocess_throughput, run_bench, stow, transport
 from benchmarks.phantoms import Lesion, write_head_ct
 from clients.triton import TritonClient
 from gateway.config.settings import default_model_repository
@@ -39,7 +40,7 @@ from gateway.inference.server import TritonServer
 from preprocessing.series import load_series, model_input
 
 HERE = Path(__file__).resolve().parent
-SECTIONS = ("ingest", "preprocess", "transport", "infer", "load", "stat", "batching")
+SECTIONS = ("ingest", "stow", "preprocess", "transport", "infer", "load", "stat", "batching")
 STUDY_SLICES = 24  # the head CT every load run sends
 STAT_RATIO_TARGET = 1.5
 EFFICIENCY_TARGET = 0.8
@@ -182,6 +183,8 @@ def measure_all(sections: tuple[str, ...], quick: bool, out: Path) -> dict[str, 
         steps.set_postfix_str(section)
         if section == "ingest":
             report["ingest"] = ingest.measure(50 if quick else 200, 1 if quick else 3)
+        elif section == "stow":
+            report["stow"] = stow.measure(50 if quick else 200, 1 if quick else 3, 50)
         elif section == "preprocess":
             report["preprocess"] = preprocess_throughput.measure(16 if quick else 64, 2 if quick else 10)
         elif section == "transport":
@@ -234,7 +237,8 @@ DALI on GPU, Triton on GPU) appear only when the machine has a CUDA device.
 |---|---|
 | `make bench` (`python -m benchmarks.run_bench`) | Locust load test with the SLO gate: simulated PACS -> gateway -> Triton -> SR back; per-study latency per priority against `slo.toml`, exit code 1 on a miss |
 | `make bench-report` (`python -m benchmarks.report`) | this file |
-| `python -m benchmarks.ingest` | C-STORE images/s: gateway vs DCMTK storescp vs Orthanc |
+| `python -m benchmarks.ingest` | C-STORE images/s: gateway (pynetdicom and native receivers) vs DCMTK storescp vs Orthanc, 1/4/8 associations, CPU per 1,000 images |
+| `python -m benchmarks.stow` | STOW-RS images/s: the gateway vs Orthanc's DICOMweb plugin |
 | `python -m benchmarks.preprocess_throughput` | preprocessing slices/s per backend, difference from numpy |
 | `python -m benchmarks.transport` | one batch through the Triton path (shared memory, gRPC) vs in-process |
 | `make bench-stages` (`python -m benchmarks.e2e_latency`) | single studies through Orthanc, time per stage |
@@ -399,6 +403,8 @@ def readme(report: dict[str, Any]) -> str:
             storescp=rates.get("DCMTK storescp"),
             gateway=rates.get("gateway (durable spool)"),
         )
+    if "stow" in report:
+        text += "\n## DICOMweb STOW-RS\n\n" + stow.markdown(report["stow"])
     if "preprocess" in report:
         text += "\n## Preprocessing backends\n\n" + preprocess_throughput.markdown(report["preprocess"])
     if "transport" in report:
