@@ -42,7 +42,7 @@ def gateway_stow(work: Path) -> Iterator[tuple[str, dict[str, str]]]:
     config = work / "gateway.toml"
     work.mkdir(parents=True, exist_ok=True)
     config.write_text(
-        f'data_dir = "{work / "data"}"\nquiet_period_s = 600\n[receiver]\nport = {free_port()}\n'
+        f'data_dir = "{work / "data"}"\nquiet_period_s = 60\n[receiver]\nport = {free_port()}\n'
         '[triton]\nurl = "127.0.0.1:1"\n[http]\nport = 0\n'
         f'[[http.tokens]]\nname = "bench"\nrole = "sender"\nsha256 = "{hash_token(TOKEN)}"\n'
     )
