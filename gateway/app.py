@@ -328,7 +328,7 @@ class Gateway:
                         study_timeline(self.database, uid)
                     ),
                     critical=self.critical,
-                    stow=stow.receive,
+                    stow=stow.open,
                 ),
             )
             assert self._loop is not None

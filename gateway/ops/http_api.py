@@ -35,7 +35,7 @@ from starlette.routing import Match
 from gateway.config.settings import HttpSettings, HttpToken, TokenRole
 from gateway.core.errors import ConfigError, DatabaseError
 from gateway.database.queries import StudyFilter
-from gateway.ingest.stow import RESPONSE_MEDIA_TYPE, StowOutcome, StowRequestError
+from gateway.ingest.stow import RESPONSE_MEDIA_TYPE, StowRequest, StowRequestError
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +43,7 @@ logger = logging.getLogger(__name__)
 ROLE_RANK = {TokenRole.SENDER: -1, TokenRole.READ_ONLY: 0, TokenRole.OPERATOR: 1, TokenRole.ADMIN: 2}
 STOW_ROLES = frozenset({TokenRole.SENDER, TokenRole.ADMIN})
 MAX_BODY_BYTES = 1 << 20
+STOW_FEED_BYTES = 4 << 20  # a STOW-RS body is handed to the storing thread in pieces of about this size
 START_TIMEOUT_S = 10.0
 STOP_TIMEOUT_S = 10.0
 
@@ -70,8 +71,8 @@ class ApiBackend:
     studies: Callable[[StudyFilter], list[dict[str, Any]]]
     study: Callable[[str], dict[str, Any] | None]
     critical: CriticalApi | None = None  # None: [critical_results] is off
-    # STOW-RS: (content type, body, source AE title, study UID of the path or None) -> what was stored; blocking.
-    stow: Callable[[str, bytes, str, str | None], StowOutcome] | None = None
+    # STOW-RS: (content type, source AE title, study UID of the path or None) -> a request to feed the body to.
+    stow: Callable[[str, str, str | None], StowRequest] | None = None
 
 
 StateName = Literal[
@@ -460,19 +461,26 @@ def _stow(app: FastAPI, settings: HttpSettings, backend: ApiBackend) -> None:
         limit = settings.stow_max_bytes
         if length and (not length.isdigit() or int(length) > limit):
             return _error(413, f"request body over {limit} bytes ([http] stow_max_bytes)")
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                return _error(413, f"request body over {limit} bytes ([http] stow_max_bytes)")
-            chunks.append(chunk)
-        content_type = request.headers.get("content-type", "")
         try:
-            outcome = await run_in_threadpool(
-                backend.stow, content_type, b"".join(chunks), token.source_ae, study_uid
-            )
+            stow = backend.stow(request.headers.get("content-type", ""), token.source_ae, study_uid)
         except StowRequestError as exc:
             return _error(415 if exc.unsupported_media_type else 400, str(exc))
+        # Parts are stored as they complete (off the loop, a few MB at a time): one part in memory, not the body.
+        pending, size = bytearray(), 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:  # what was stored stays (acknowledged nowhere, but durable: it is analysed)
+                return _error(413, f"request body over {limit} bytes ([http] stow_max_bytes)")
+            pending += chunk
+            if len(pending) >= STOW_FEED_BYTES:
+                await run_in_threadpool(stow.feed, bytes(pending))
+                pending.clear()
+        try:
+            if pending:
+                await run_in_threadpool(stow.feed, bytes(pending))
+            outcome = await run_in_threadpool(stow.finish)
+        except StowRequestError as exc:
+            return _error(400, str(exc))
         return JSONResponse(
             outcome.response(), status_code=outcome.http_status, media_type=RESPONSE_MEDIA_TYPE
         )

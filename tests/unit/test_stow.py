@@ -7,13 +7,15 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pydicom.dataset import Dataset
 
 from benchmarks.phantoms import write_head_ct
 from gateway.core.domain import InstanceRecord
 from gateway.core.errors import STATUS_CANNOT_UNDERSTAND, STATUS_DATASET_MISMATCH, STATUS_OUT_OF_RESOURCES
 from gateway.ingest.spool import Spool
-from gateway.ingest.stow import StowRequestError, StowStore, dicom_parts
+from gateway.ingest.stow import PartReader, StowRequestError, StowStore, dicom_parts
 
 BOUNDARY = "0f3cf5c0-70e0-41ef-baef-c6f9f65ec3e1"
 CONTENT_TYPE = f'multipart/related; type="application/dicom"; boundary="{BOUNDARY}"'
@@ -99,3 +101,48 @@ def test_a_full_spool_refuses_every_part_out_of_resources(tmp_path: Path) -> Non
     assert [reason for _, _, reason in outcome.failed] == [STATUS_OUT_OF_RESOURCES] * 2
     assert {uid for _, uid, _ in outcome.failed} == {pydicom.dcmread(p).SOPInstanceUID for p in series.paths}
     assert not list((tmp_path / "spool").rglob("*.dcm"))
+
+
+@given(cuts=st.lists(st.integers(min_value=0, max_value=4000), max_size=12))
+@settings(max_examples=120, deadline=None)
+def test_parts_split_as_the_body_streams_in_are_the_same_whatever_the_chunks(cuts: list[int]) -> None:
+    """The body cut anywhere (inside a delimiter, a header, between CR and LF) gives the same parts, each as soon
+    as the data that completes it has arrived."""
+    parts = [b"\x00" * 128 + b"DICM one\r\n-", b"two\r\n\r\n--", b"three" * 300]
+    body = multipart(parts, preamble=b"preamble")
+    reader = PartReader(BOUNDARY.encode())
+    got: list[tuple[str, bytes]] = []
+    start = 0
+    for cut in sorted(c % (len(body) + 1) for c in cuts):
+        got += reader.feed(body[start:cut])
+        start = max(start, cut)
+    got += reader.feed(body[start:]) + reader.close()
+    assert got == [("application/dicom", p) for p in parts]
+
+
+def test_a_streamed_request_keeps_what_it_stored_before_the_body_broke(tmp_path: Path) -> None:
+    series = write_head_ct(tmp_path / "in", slices=2, rows=32, cols=32)
+    files = [p.read_bytes() for p in series.paths]
+    stored: list[InstanceRecord] = []
+    store = StowStore(Spool(tmp_path / "spool"), stored.append)
+    request = store.open(CONTENT_TYPE, "VNA", None)
+    body = multipart(files)
+    request.feed(body[: len(body) // 2 + 200])  # the first part is complete: it is stored now
+    assert len(stored) == 1 and stored[0].path.exists()
+    request.feed(f"\r\n--{BOUNDARY}\r\nno header/body separator".encode())  # a broken framing
+    outcome = request.finish()
+    assert outcome.http_status == 202 and len(outcome.stored) == 1
+    # The second instance, cut short by the broken part, and the rest that could not be split: both refused.
+    assert [reason for *_, reason in outcome.failed] == [STATUS_CANNOT_UNDERSTAND] * 2
+    # A part that is not DICOM is one failure, not the end of the request.
+    other = store.open(CONTENT_TYPE, "VNA", None)
+    other.feed(
+        f"--{BOUNDARY}\r\nContent-Type: application/json\r\n\r\n{{}}\r\n".encode()
+        + f"--{BOUNDARY}\r\nContent-Type: application/dicom\r\n\r\n".encode()
+        + files[1]
+        + f"\r\n--{BOUNDARY}--".encode()
+    )
+    mixed = other.finish()
+    assert (
+        mixed.http_status == 202 and len(mixed.stored) == 1 and mixed.failed[0][2] == STATUS_CANNOT_UNDERSTAND
+    )
