@@ -270,6 +270,13 @@ class StowRequest:
             self._store.on_end(self._studies, "instances refused" if outcome.failed else "")
         return outcome
 
+    def abandon(self, problem: str) -> None:
+        """The body will not be finished (the client went away, or it is over the size limit): what was stored
+        stays, and its studies are told, like an aborted association, so they wait for the rest."""
+        if self._studies:
+            self._store.on_end(self._studies, problem)
+            self._studies = set()
+
     def store_part(self, media: str, part: bytes) -> None:
         store, outcome = self._store, self.outcome
         sop_class = sop_instance = ""

@@ -30,6 +30,7 @@ from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 from starlette.routing import Match
 
 from gateway.config.settings import HttpSettings, HttpToken, TokenRole
@@ -467,14 +468,21 @@ def _stow(app: FastAPI, settings: HttpSettings, backend: ApiBackend) -> None:
             return _error(415 if exc.unsupported_media_type else 400, str(exc))
         # Parts are stored as they complete (off the loop, a few MB at a time): one part in memory, not the body.
         pending, size = bytearray(), 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:  # what was stored stays (acknowledged nowhere, but durable: it is analysed)
-                return _error(413, f"request body over {limit} bytes ([http] stow_max_bytes)")
-            pending += chunk
-            if len(pending) >= STOW_FEED_BYTES:
-                await run_in_threadpool(stow.feed, bytes(pending))
-                pending.clear()
+        try:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if (
+                    size > limit
+                ):  # what was stored stays (durable; held as an incomplete study, then analysed)
+                    stow.abandon("association aborted")
+                    return _error(413, f"request body over {limit} bytes ([http] stow_max_bytes)")
+                pending += chunk
+                if len(pending) >= STOW_FEED_BYTES:
+                    await run_in_threadpool(stow.feed, bytes(pending))
+                    pending.clear()
+        except ClientDisconnect:
+            stow.abandon("association aborted")
+            raise
         try:
             if pending:
                 await run_in_threadpool(stow.feed, bytes(pending))

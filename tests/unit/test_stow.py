@@ -146,3 +146,18 @@ def test_a_streamed_request_keeps_what_it_stored_before_the_body_broke(tmp_path:
     assert (
         mixed.http_status == 202 and len(mixed.stored) == 1 and mixed.failed[0][2] == STATUS_CANNOT_UNDERSTAND
     )
+
+
+def test_a_request_that_will_not_finish_leaves_its_studies_waiting_as_an_aborted_association(
+    tmp_path: Path,
+) -> None:
+    series = write_head_ct(tmp_path / "in", slices=2, rows=32, cols=32)
+    files = [p.read_bytes() for p in series.paths]
+    ended: list[tuple[set[str], str]] = []
+    store = StowStore(Spool(tmp_path / "spool"), lambda r: None, lambda s, p: ended.append((s, p)))
+    request = store.open(CONTENT_TYPE, "VNA", None)
+    body = multipart(files)
+    request.feed(body[: len(body) // 2 + 200])  # one instance stored, then the client goes away
+    request.abandon("association aborted")
+    assert ended == [({series.study_uid}, "association aborted")]
+    assert len(list((tmp_path / "spool").rglob("*.dcm"))) == 1  # what was stored stays
