@@ -99,6 +99,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--triton-url", default="", help="use a running Triton (gRPC host:port) instead")
     parser.add_argument("--workers", type=int, default=2, help="the gateway's concurrent series (workers)")
     parser.add_argument(
+        "--receiver",
+        choices=["pynetdicom", "native"],
+        default="pynetdicom",
+        help="the gateway's C-STORE receiver ([receiver] engine; native needs `make native`)",
+    )
+    parser.add_argument(
         "--no-cross-study-batching",
         action="store_true",
         help="send each study's slices in requests of their own ([triton] cross_study_batching = false)",
@@ -117,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
         config = Path(tmp) / "gateway.toml"
         config.write_text(
             f'data_dir = "{Path(tmp) / "data"}"\nquiet_period_s = {args.quiet_period}\nworkers = {args.workers}\n'
-            f"[receiver]\nport = {gateway_port}\n[http]\nport = 0\n"
+            f'[receiver]\nport = {gateway_port}\nengine = "{args.receiver}"\n'
+            f"accept_notices = {'false' if args.receiver == 'native' else 'true'}\n[http]\nport = 0\n"
             f'[delivery]\ndestination = "BENCH_SCP@127.0.0.1:{scp_port}"\n'
             f'[triton]\nurl = "{args.triton_url}"\n'
             f"cross_study_batching = {'false' if args.no_cross_study_batching else 'true'}\n"
