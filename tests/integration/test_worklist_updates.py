@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import subprocess
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -81,12 +82,19 @@ def test_every_analysed_study_ends_with_its_workitem_completed_listing_what_the_
                 gateway.stop()
             workitems = manager.workitems()
         analysed = {e["study"]: e for e in audit if e["event"] == "study_done"}
+        done_per_study = Counter(e["study"] for e in audit if e["event"] == "study_done")
         by_study = {w["StudyInstanceUID"]: w for w in workitems.values()}
         assert set(by_study) == set(studies) and len(workitems) == STUDIES  # one workitem per study, no more
         for study_uid, sent_as_stat in studies.items():
             workitem = by_study[study_uid]
             assert workitem["ProcedureStepState"] == "COMPLETED"
-            assert workitem["_history"] == ["SCHEDULED", "IN PROGRESS", "N-SET", "COMPLETED"]
+            # Every step is safe to repeat, and is repeated when the manager answers after the timeout (seen on a
+            # loaded CI machine: the N-SET twice): the steps in order, each at least once, and one analysis.
+            steps = [
+                s for i, s in enumerate(workitem["_history"]) if i == 0 or s != workitem["_history"][i - 1]
+            ]
+            assert steps == ["SCHEDULED", "IN PROGRESS", "N-SET", "COMPLETED"], workitem["_history"]
+            assert done_per_study[study_uid] == 1
             stat = analysed[study_uid]["stat"]
             assert stat == sent_as_stat, "the phantom with the lesion is the STAT one"
             assert workitem["ScheduledProcedureStepPriority"] == ("HIGH" if stat else "MEDIUM")
