@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import random
 import shutil
 import signal
 import socket
@@ -45,9 +46,23 @@ RESTART_BACKOFF_S = (1.0, 30.0)
 STABLE_AFTER_S = 60.0
 
 
+# Ports handed out for servers the gateway starts (and the tests' peers): chosen at random below the kernel's
+# ephemeral range (32768-60999 by default), so that a port picked here and bound a moment later cannot meanwhile be
+# given to some process's outgoing connection, nor to another picker's bind(0) - the race several test workers hit.
+FREE_PORTS = (20000, 32000)
+
+
 def free_port() -> int:
     """A currently free TCP port on loopback."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+    for _ in range(200):
+        port = random.randint(*FREE_PORTS)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind((LOOPBACK, port))
+            except OSError:
+                continue
+            return port
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:  # that range is full: any port will do
         sock.bind((LOOPBACK, 0))
         return int(sock.getsockname()[1])
 
