@@ -19,10 +19,10 @@ from __future__ import annotations
 
 import logging
 import os
+import select
 import shutil
 import subprocess
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -147,9 +147,11 @@ class NativeReceiver:
                 self.command(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, close_fds=True
             )
         assert process.stdout is not None
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        first = process.stdout.readline()
-        if not first.startswith(b"READY") or time.monotonic() > deadline:
+        ready, _, _ = select.select(
+            [process.stdout], [], [], READY_TIMEOUT_S
+        )  # a hung start is not waited out
+        first = process.stdout.readline() if ready else b""
+        if not first.startswith(b"READY"):
             process.kill()
             process.wait()
             tail = (
