@@ -67,6 +67,7 @@ from gateway.reporting.critical_alerts import CriticalAlerts
 from gateway.reporting.dispatcher import ReportDispatcher
 from gateway.reporting.notify import StatNotifier
 from gateway.results.encode import ResultEncoder
+from gateway.review.verdicts import Verdicts
 from gateway.workflow.context import OrderContext
 from gateway.workflow.hl7_listener import Hl7Listener
 from gateway.workflow.orders import OrderStore
@@ -329,6 +330,7 @@ class Gateway:
                     ),
                     critical=self.critical,
                     stow=stow.open,
+                    review=Verdicts(self.database, self.settings.review, self.settings.node_id),
                 ),
             )
             assert self._loop is not None

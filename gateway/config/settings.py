@@ -199,10 +199,12 @@ class SchedulingSettings(Section):
 
 
 class TokenRole(Choice):
-    READ_ONLY = "read-only"
-    OPERATOR = "operator"
-    ADMIN = "admin"
+    READ_ONLY = "read-only"  # queues, studies' states, health: no AI results
+    OPERATOR = "operator"  # read-only, and resends dead letters
+    ADMIN = "admin"  # everything an operator and QA may do; models, thresholds and rollout modes
     SENDER = "sender"  # a system that sends studies by STOW-RS (a VNA, a cloud archive); nothing else
+    RADIOLOGIST = "radiologist"  # sees AI results and records verdicts on them
+    QA = "qa"  # sees AI results, verdicts and AI-vs-report discrepancies; assigns peer review
 
 
 def _sha256(value: str) -> str:
@@ -230,6 +232,44 @@ class HttpToken(Section):
         return self.ae_title or self.name.upper()
 
 
+def _http_url(value: str) -> str:
+    if value and not value.startswith(("http://", "https://")):
+        raise ValueError(f"must be an http(s) URL, got {value!r}")
+    return value
+
+
+class OidcSettings(Section):
+    """People sign in with an OpenID Connect provider: the API takes its signed ID / access tokens (JWT) as
+    bearer tokens, checked against the provider's published keys (JWKS). Static tokens stay for machines."""
+
+    issuer: str = ""  # the token's "iss"; empty: OpenID Connect is off
+    audience: str = ""  # the token's "aud" (the client id the provider issued for the gateway)
+    jwks_url: Annotated[str, AfterValidator(_http_url)] = ""  # the provider's JWKS endpoint
+    jwks_file: ResolvedPath | None = None  # or the keys from a file (an offline provider, tests)
+    algorithms: tuple[str, ...] = ("RS256", "ES256")
+    user_claim: str = "sub"  # a pseudonymous user id: what verdicts and audit events record, never a name
+    roles_claim: str = "roles"  # a list of role names (or of the provider's group names mapped by role_map)
+    groups_claim: str = "groups"  # the user's groups (rollout pilot groups)
+    role_map: dict[str, Annotated[TokenRole, LAX]] = Field(default_factory=dict)  # provider's name -> role
+    leeway_s: Annotated[float, Field(ge=0, le=300)] = 30.0  # clock skew allowed on exp / nbf / iat
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.issuer)
+
+    @model_validator(mode="after")
+    def _keys(self) -> OidcSettings:
+        if self.issuer and bool(self.jwks_url) == bool(self.jwks_file):
+            raise ValueError("[http.oidc] needs exactly one of jwks_url or jwks_file")
+        if self.issuer and not self.audience:
+            raise ValueError("[http.oidc] audience must be set (the gateway's client id at the provider)")
+        if not set(self.algorithms) <= {"RS256", "RS384", "RS512", "ES256", "ES384", "PS256", "EdDSA"}:
+            raise ValueError(
+                f"[http.oidc] algorithms must be asymmetric JWT algorithms, got {self.algorithms}"
+            )
+        return self
+
+
 class HttpSettings(Section):
     enabled: bool = True
     host: str = "127.0.0.1"
@@ -239,6 +279,7 @@ class HttpSettings(Section):
     tls_key_file: TlsFile = None
     tls_ca_file: TlsFile = None  # when set, clients must present a certificate signed by this CA
     stow_max_bytes: Annotated[int, Field(ge=1 << 20)] = 1 << 30  # one STOW-RS request's body
+    oidc: OidcSettings = Field(default_factory=OidcSettings)
 
     @model_validator(mode="after")
     def _tls_pair(self) -> HttpSettings:
@@ -247,12 +288,6 @@ class HttpSettings(Section):
         if self.tls_ca_file and not self.tls_cert_file:
             raise ValueError("tls_ca_file needs tls_cert_file and tls_key_file")
         return self
-
-
-def _http_url(value: str) -> str:
-    if value and not value.startswith(("http://", "https://")):
-        raise ValueError(f"must be an http(s) URL, got {value!r}")
-    return value
 
 
 class FhirSettings(Section):
@@ -472,6 +507,30 @@ def _upper_choice(value: Any) -> Any:
     return value.upper() if isinstance(value, str) else value
 
 
+REJECT_REASONS = ("false positive", "not clinically relevant", "wrong location", "wrong measurement", "other")
+
+
+class ReviewSettings(Section):
+    """Radiologists' verdicts on AI findings, final reports read against the AI, and drift alarms."""
+
+    reject_reasons: Annotated[tuple[str, ...], Field(min_length=1)] = REJECT_REASONS
+    report_rules: ResolvedPath | None = None  # a site's own report rule set; default: the packaged one
+    # Drift: CUSUM on the acceptance rate (p0 expected, p1 the fall to detect, h the threshold) and PSI of the
+    # score distribution against the silent-mode baseline (alarm above psi_alarm once psi_min_scores are in).
+    acceptance_expected: Annotated[float, Field(gt=0, lt=1)] = 0.9
+    acceptance_alarm_at: Annotated[float, Field(gt=0, lt=1)] = 0.7
+    cusum_threshold: Annotated[float, Field(gt=0)] = 11.0
+    psi_alarm: Annotated[float, Field(gt=0)] = 0.25
+    psi_min_scores: Annotated[int, Field(ge=10)] = 200
+    alarm_webhook_url: Annotated[str, AfterValidator(_http_url)] = ""  # JSON POST per drift alarm
+
+    @model_validator(mode="after")
+    def _fall(self) -> ReviewSettings:
+        if self.acceptance_alarm_at >= self.acceptance_expected:
+            raise ValueError("[review] acceptance_alarm_at must be below acceptance_expected")
+        return self
+
+
 class Settings(Section):
     data_dir: ResolvedPath
     log_level: Annotated[Annotated[LogLevel, LAX], BeforeValidator(_upper_choice)] = LogLevel.INFO
@@ -503,6 +562,7 @@ class Settings(Section):
     http: HttpSettings = Field(default_factory=HttpSettings)
     scheduling: SchedulingSettings = Field(default_factory=SchedulingSettings)
     retention: RetentionSettings = Field(default_factory=RetentionSettings)
+    review: ReviewSettings = Field(default_factory=ReviewSettings)
     peers: tuple[Peer, ...] = ()
     pipelines: Annotated[tuple[PipelineSettings, ...], AfterValidator(unique_names)] = ()
 

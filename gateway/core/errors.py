@@ -13,7 +13,10 @@ Split by what the caller does next::
           ├── InvalidInstanceError   an instance we refuse to store (bad UIDs, no SOP class) (DIMSE 0xC000)
           │    └── DatasetMismatchError   dataset SOP Class differs from the request (DIMSE 0xA900)
           ├── DecodeError            pixel data missing, truncated or in an undecodable syntax
-          └── InferenceError         the model answered with an error or a malformed result
+          ├── InferenceError         the model answered with an error or a malformed result
+          └── VerdictRefused         a verdict not tied to a current AI result, or malformed (HTTP 4xx)
+               ├── UnknownResultError     no such result or finding (HTTP 404, DIMSE 0xC000)
+               └── ResultNotReviewable    superseded, or silent (never shown) (HTTP 409, DIMSE 0xC000)
 
 ``dimse_status_for`` is the single place where exceptions become DIMSE statuses.
 """
@@ -96,6 +99,25 @@ class DecodeError(PermanentError):
 
 class InferenceError(PermanentError):
     """The inference server answered, but with an error or an unusable result."""
+
+
+class VerdictRefused(PermanentError):
+    """A radiologist's verdict that is malformed (a reason not on the list, a correction without a box ...);
+    nothing is stored."""
+
+    http_status = 422
+
+
+class UnknownResultError(VerdictRefused):
+    """The verdict names a result or finding the gateway never reported."""
+
+    http_status = 404
+
+
+class ResultNotReviewable(VerdictRefused):
+    """The verdict names a result that was superseded by a newer analysis, or a silent one nobody was shown."""
+
+    http_status = 409
 
 
 # DIMSE C-STORE statuses (PS3.4 Annex B.2.3 / PS3.7 Annex C), named in pynetdicom's Status table.

@@ -106,7 +106,7 @@ def _waits() -> Any:
     )
 
 
-def _answered(query: Callable[P, R]) -> Callable[P, R]:
+def answered(query: Callable[P, R]) -> Callable[P, R]:
     """A database that cannot be reached is a ``DatabaseError`` with the reason (callers need no SQLAlchemy)."""
 
     @functools.wraps(query)
@@ -120,7 +120,7 @@ def _answered(query: Callable[P, R]) -> Callable[P, R]:
     return run
 
 
-@_answered
+@answered
 def was_complete(engine: Engine, study_uid: str) -> bool:
     """Whether the study was declared complete before (it is being re-opened by later instances)."""
     with engine.connect() as connection:
@@ -132,7 +132,7 @@ def was_complete(engine: Engine, study_uid: str) -> bool:
     return row is not None
 
 
-@_answered
+@answered
 def list_studies(engine: Engine, where: StudyFilter, *, now: float | None = None) -> list[StudyRow]:
     """Studies matching ``where``, STAT first, then the newest."""
     now = time.time() if now is None else now
@@ -187,7 +187,7 @@ def _study(row: Any) -> StudyRow:
     )
 
 
-@_answered
+@answered
 def study_timeline(engine: Engine, study_uid: str) -> StudyTimeline | None:
     """Everything recorded about one study, in time order; None when the study is not known."""
     rows = list_studies(engine, StudyFilter(study_uid=study_uid, limit=1))

@@ -307,3 +307,65 @@ ups_tasks = Table(
     Column("node", String(64), nullable=False),
     Index(None, "study_uid"),
 )
+
+# -- the radiologist in the loop (verdicts, final reports) ---------------------------------------------------------
+
+ai_findings = Table(
+    "ai_findings",
+    metadata,
+    # Every finding the gateway reported, as written into its SR: what a verdict is tied to.
+    Column("tracking_uid", UID, primary_key=True),  # the finding's Tracking UID in the SR
+    Column("sr_uid", UID, nullable=False),
+    Column("study_uid", UID, nullable=False),
+    Column("series_uid", UID, nullable=False),
+    Column("pipeline", String(64), nullable=False),
+    Column("mode", String(16), nullable=False),  # the pipeline's rollout mode: silent | assist | triage
+    Column("calling_ae", AE, nullable=False, server_default=""),
+    Column("model_name", String(128), nullable=False),
+    Column("model_version", String(32), nullable=False),
+    Column("model_hash", String(64), nullable=False, server_default=""),
+    Column("algorithm_version", String(32), nullable=False, server_default=""),
+    Column("finding_code", String(64), nullable=False),  # code value, scheme and meaning of the finding type
+    Column("finding_scheme", String(16), nullable=False),
+    Column("finding_meaning", String(128), nullable=False),
+    Column("confidence", Float, nullable=False),
+    Column("image_uid", UID, nullable=False, server_default=""),  # the source image the finding is on
+    Column("box", Json),  # [x0, y0, x1, y1] in that image's pixels; null: the whole image
+    Column("stat", Boolean, nullable=False, server_default="0"),
+    Column("reported_at", Float, nullable=False),
+    Column("superseded_by", UID, nullable=False, server_default=""),  # the SR that replaced this finding's
+    Column("node", String(64), nullable=False),
+    Index(None, "sr_uid"),
+    Index(None, "study_uid"),
+    Index(None, "model_name", "model_version"),
+)
+
+verdicts = Table(
+    "verdicts",
+    metadata,
+    # A radiologist's verdict on one AI finding (or a finding the AI missed). One current verdict per finding;
+    # an amendment keeps the verdict it replaces (current = false, amended_by = the new one's id).
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("tracking_uid", UID, nullable=False),  # the AI finding's; a missed finding gets its own
+    Column("sr_uid", UID, nullable=False),  # the AI result the verdict is on ("" for a missed finding)
+    Column("study_uid", UID, nullable=False),
+    Column("kind", String(16), nullable=False),  # accept | reject | modify | missed
+    Column("reason", String(64), nullable=False, server_default=""),  # reject: one of the configured reasons
+    Column("correction", Json),  # modify / missed: box, image, finding type, long axis
+    Column(
+        "reviewer", String(128), nullable=False
+    ),  # a pseudonymous user id (OIDC subject) or a token's name
+    Column("via", String(16), nullable=False),  # http | dicom
+    Column("evidence_uid", UID, nullable=False, server_default=""),  # DICOM: the GSPS / SR / KOS that said it
+    Column("model_name", String(128), nullable=False, server_default=""),
+    Column("model_version", String(32), nullable=False, server_default=""),
+    Column("model_hash", String(64), nullable=False, server_default=""),
+    Column("at", Float, nullable=False),
+    Column("seconds_to_verdict", Float),  # from the result's delivery (or its report when not delivered)
+    Column("current", Boolean, nullable=False),
+    Column("amended_by", BigInteger().with_variant(Integer(), "sqlite")),
+    Column("node", String(64), nullable=False),
+    Index(None, "tracking_uid", "current"),
+    Index(None, "study_uid"),
+    Index(None, "model_name", "model_version", "at"),
+)

@@ -337,11 +337,53 @@ class EventWrites:
             )
         )
 
+    def _findings(self, connection: Connection, study_uid: str, fields: dict[str, Any], at: float) -> None:
+        """The findings of one SR (what verdicts are tied to); the SRs it replaces mark theirs superseded."""
+        sr = str(fields.get("sr", ""))
+        rows = []
+        for item in fields.get("reported", []) or []:
+            code = list(item.get("code") or ["", "", ""])
+            rows.append(
+                {
+                    "tracking_uid": str(item["tracking_uid"]),
+                    "sr_uid": sr,
+                    "study_uid": study_uid,
+                    "series_uid": str(fields.get("series", "")),
+                    "pipeline": str(fields.get("pipeline", "")),
+                    "mode": str(fields.get("mode", "")),
+                    "calling_ae": str(fields.get("calling_ae", ""))[:16],
+                    "model_name": str(fields.get("model", "")),
+                    "model_version": str(fields.get("model_version", "")),
+                    "model_hash": str(fields.get("model_sha256", "") or ""),
+                    "algorithm_version": str(fields.get("algorithm_version", "")),
+                    "finding_code": str(code[0]),
+                    "finding_scheme": str(code[1]),
+                    "finding_meaning": str(code[2])[:128],
+                    "confidence": float(item.get("confidence", 0.0)),
+                    "image_uid": str(item.get("image", "")),
+                    "box": item.get("box"),
+                    "stat": bool(item.get("stat", False)),
+                    "reported_at": at,
+                    "node": self.studies.node,
+                }
+            )
+        if rows:
+            insert = upsert(connection, t.ai_findings)
+            connection.execute(insert.values(rows).on_conflict_do_nothing(index_elements=["tracking_uid"]))
+        replaced = [str(uid) for uid in fields.get("supersedes", []) or [] if str(uid) != sr]
+        if replaced:
+            connection.execute(
+                update(t.ai_findings)
+                .where(t.ai_findings.c.sr_uid.in_(replaced), t.ai_findings.c.superseded_by == "")
+                .values(superseded_by=sr)
+            )
+
 
 _DERIVED: dict[str, Callable[[EventWrites, Connection, str, dict[str, Any], float], None]] = {
     "series_analysed": EventWrites._series,
     "series_failed": EventWrites._series,
     "series_skipped": EventWrites._skipped_series,
+    "findings_reported": EventWrites._findings,
     "study_done": EventWrites._study_done,
     "delivery_queued": EventWrites._delivery,
     "results_delivered": EventWrites._delivery,

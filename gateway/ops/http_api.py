@@ -2,8 +2,9 @@
 loopback), ``/admin/*`` (bearer tokens with roles), DICOMweb STOW-RS (``POST /studies``) and the OpenAPI document
 at ``/openapi.json``; HTTPS (optionally mutual) when ``[http] tls_cert_file`` is set.
 
-Roles: read-only < operator < admin. ``GET /admin/dead-letters`` needs read-only, ``POST /admin/resend``
-needs operator. The sender role may only store instances (STOW-RS); admin may too. Tokens are configured by SHA-256 digest only and compared in constant time. Errors are JSON
+Who may do what is ``identity.ACTS_AS`` (service tokens and OpenID Connect users alike): ``GET
+/admin/dead-letters`` needs read-only, ``POST /admin/resend`` operator; AI findings and verdicts (``review_api``)
+radiologist or QA. The sender role may only store instances (STOW-RS); admin may too. Tokens are configured by SHA-256 digest only and compared in constant time. Errors are JSON
 ``{"error": "..."}``. Handlers that block (health reads disk statistics, the dead-letter area is files) are plain
 functions, which FastAPI runs in its worker threads, so the loop never waits on them.
 """
@@ -12,8 +13,6 @@ functions, which FastAPI runs in its worker threads, so the loop never waits on 
 # token dependencies are local to build_app.
 import asyncio
 import concurrent.futures
-import hashlib
-import hmac
 import logging
 import socket
 import ssl
@@ -33,16 +32,17 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 from starlette.routing import Match
 
-from gateway.config.settings import HttpSettings, HttpToken, TokenRole
+from gateway.config.settings import HttpSettings, TokenRole
 from gateway.core.errors import ConfigError, DatabaseError
 from gateway.database.queries import StudyFilter
 from gateway.ingest.stow import RESPONSE_MEDIA_TYPE, StowRequest, StowRequestError
+from gateway.ops.api_errors import Error
+from gateway.ops.identity import AuthenticationError, Authenticator, Principal, hash_token
+from gateway.ops.review_api import ReviewApi, review_routes
 
 logger = logging.getLogger(__name__)
 
-# A sender ranks below read-only: it may store instances (STOW-RS) and read nothing.
-ROLE_RANK = {TokenRole.SENDER: -1, TokenRole.READ_ONLY: 0, TokenRole.OPERATOR: 1, TokenRole.ADMIN: 2}
-STOW_ROLES = frozenset({TokenRole.SENDER, TokenRole.ADMIN})
+__all__ = ["ApiBackend", "HttpApi", "build_app", "hash_token"]
 MAX_BODY_BYTES = 1 << 20
 STOW_FEED_BYTES = 4 << 20  # a STOW-RS body is handed to the storing thread in pieces of about this size
 START_TIMEOUT_S = 10.0
@@ -74,20 +74,13 @@ class ApiBackend:
     critical: CriticalApi | None = None  # None: [critical_results] is off
     # STOW-RS: (content type, source AE title, study UID of the path or None) -> a request to feed the body to.
     stow: Callable[[str, str, str | None], StowRequest] | None = None
+    review: ReviewApi | None = None  # verdicts on AI findings (None: no system of record to keep them)
 
 
 StateName = Literal[
     "receiving", "complete", "queued", "analysing", "results_stored", "delivered", "failed", "skipped"
 ]
 PriorityName = Literal["STAT", "URGENT", "ROUTINE"]
-
-
-def hash_token(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()
-
-
-class Error(BaseModel):
-    error: str = Field(description="what went wrong, in words")
 
 
 class Health(BaseModel):
@@ -133,33 +126,33 @@ def build_app(settings: HttpSettings, backend: ApiBackend) -> FastAPI:
     _operations(app, backend, needs)
     _studies(app, backend, needs)
     _critical_results(app, backend, needs)
-    _stow(app, settings, backend)
+    _stow(app, settings, backend, needs)
+    if backend.review is not None:
+        review_routes(app, backend.review, needs)
     return app
 
 
-Needs = Callable[[TokenRole], Callable[..., HttpToken]]
+Needs = Callable[..., Callable[..., Principal]]
 
 
 def _token_roles(settings: HttpSettings) -> Needs:
-    """``needs(role)``: a dependency that admits a bearer token of ``role`` or above."""
-    bearer = HTTPBearer(auto_error=False, description="a token made by `gateway token --role ROLE`")
+    """``needs(*roles)``: a dependency that admits a principal acting as one of ``roles`` (identity.ACTS_AS)."""
+    bearer = HTTPBearer(
+        auto_error=False,
+        description="a service token made by `gateway token --role ROLE`, or an OpenID Connect token (JWT)",
+    )
+    authenticator = Authenticator(settings)
 
-    def token_of(credentials: HTTPAuthorizationCredentials | None) -> HttpToken | None:
-        if credentials is None:
-            return None
-        digest = hash_token(credentials.credentials.strip())
-        for token in settings.tokens:
-            if hmac.compare_digest(digest, token.sha256):
-                return token
-        return None
-
-    def needs(role: TokenRole) -> Callable[..., HttpToken]:
-        def check(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> HttpToken:
-            found = token_of(credentials)
-            if found is None:
-                raise HTTPException(401, "missing or unknown bearer token", {"WWW-Authenticate": "Bearer"})
-            if ROLE_RANK[found.role] < ROLE_RANK[role]:
-                raise HTTPException(403, f"role {found.role} may not do this; {role} or above is needed")
+    def needs(*roles: TokenRole) -> Callable[..., Principal]:
+        def check(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> Principal:
+            try:
+                found = authenticator.principal(credentials.credentials if credentials is not None else None)
+            except AuthenticationError as exc:
+                raise HTTPException(401, str(exc), {"WWW-Authenticate": "Bearer"}) from None
+            if not found.may(*roles):
+                held = ", ".join(sorted(r.value for r in found.roles)) or "no role"
+                needed = " or ".join(r.value for r in roles)
+                raise HTTPException(403, f"{held} may not do this; {needed} is needed")
             return found
 
         return check
@@ -197,7 +190,10 @@ def _errors_and_limits(app: FastAPI) -> None:
 
     @app.middleware("http")
     async def limit_body(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        if request.method == "POST" and request.url.path.startswith("/studies"):
+        path = request.url.path.rstrip("/")
+        if request.method == "POST" and (
+            path == "/studies" or (path.startswith("/studies/") and path.count("/") == 2)
+        ):
             return await call_next(request)  # STOW-RS: its own limit, counted as the body streams in
         length = request.headers.get("content-length", "")
         if length and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
@@ -235,7 +231,7 @@ def _operations(app: FastAPI, backend: ApiBackend, needs: Needs) -> None:
         responses=_UNAUTHORISED,
         summary="Deliveries that ran out of attempts (read-only role)",
     )
-    def dead_letters(_: Annotated[HttpToken, Depends(needs(TokenRole.READ_ONLY))]) -> list[dict[str, Any]]:
+    def dead_letters(_: Annotated[Principal, Depends(needs(TokenRole.READ_ONLY))]) -> list[dict[str, Any]]:
         return backend.dead_letters()
 
     @app.post(
@@ -245,7 +241,7 @@ def _operations(app: FastAPI, backend: ApiBackend, needs: Needs) -> None:
         summary="Move dead-letter deliveries back to their queue (operator role)",
     )
     def resend(
-        _: Annotated[HttpToken, Depends(needs(TokenRole.OPERATOR))], body: ResendRequest | None = None
+        _: Annotated[Principal, Depends(needs(TokenRole.OPERATOR))], body: ResendRequest | None = None
     ) -> ResendResult:
         return ResendResult(resent=backend.resend(body.jobs if body is not None else None))
 
@@ -264,7 +260,7 @@ def _studies(app: FastAPI, backend: ApiBackend, needs: Needs) -> None:
         summary="Studies from the system of record, STAT first then newest (read-only role)",
     )
     def studies(
-        _: Annotated[HttpToken, Depends(needs(TokenRole.READ_ONLY))],
+        _: Annotated[Principal, Depends(needs(TokenRole.READ_ONLY))],
         state: Annotated[StateName | None, Query(description="the study's state")] = None,
         priority: Annotated[PriorityName | None, Query(description="STAT, URGENT or ROUTINE")] = None,
         pacs: Annotated[str | None, Query(max_length=16, description="the sending PACS's AE title")] = None,
@@ -299,7 +295,7 @@ def _studies(app: FastAPI, backend: ApiBackend, needs: Needs) -> None:
         summary="One study's timeline: every stage with its time, node and outcome (read-only role)",
     )
     def study(
-        _: Annotated[HttpToken, Depends(needs(TokenRole.READ_ONLY))],
+        _: Annotated[Principal, Depends(needs(TokenRole.READ_ONLY))],
         study_uid: Annotated[str, Path(max_length=64, pattern=r"^[0-9.]+$")],
     ) -> dict[str, Any]:
         found = backend.study(study_uid)
@@ -354,7 +350,7 @@ def _critical_results(app: FastAPI, backend: ApiBackend, needs: Needs) -> None:
         summary="Acknowledge a study's critical result as the token's holder (any role); stops its escalation",
     )
     def acknowledge(
-        token: Annotated[HttpToken, Depends(needs(TokenRole.READ_ONLY))], study_uid: StudyUid
+        token: Annotated[Principal, Depends(needs(TokenRole.READ_ONLY))], study_uid: StudyUid
     ) -> dict[str, Any]:
         found = loop().acknowledge(study_uid, token.name)
         if found is None:
@@ -416,7 +412,7 @@ def _critical_results(app: FastAPI, backend: ApiBackend, needs: Needs) -> None:
         summary="A study's critical-result ladder: each level told, when, and its acknowledgement (read-only role)",
     )
     def critical_status(
-        _: Annotated[HttpToken, Depends(needs(TokenRole.READ_ONLY))], study_uid: StudyUid
+        _: Annotated[Principal, Depends(needs(TokenRole.READ_ONLY))], study_uid: StudyUid
     ) -> list[dict[str, Any]]:
         rows = loop().status(study_uid)
         if not rows:
@@ -439,23 +435,11 @@ _STOW_RESPONSES: dict[int | str, dict[str, Any]] = {
 }  # fmt: skip
 
 
-def _stow(app: FastAPI, settings: HttpSettings, backend: ApiBackend) -> None:
+def _stow(app: FastAPI, settings: HttpSettings, backend: ApiBackend, needs: Needs) -> None:
     """DICOMweb STOW-RS: instances stored with the C-STORE rule (on disk, fsynced, before the answer)."""
-    bearer = HTTPBearer(auto_error=False, description="a token of role sender (or admin)")
+    sender = needs(TokenRole.SENDER)
 
-    def sender(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> HttpToken:
-        if credentials is not None:
-            digest = hash_token(credentials.credentials.strip())
-            for token in settings.tokens:
-                if hmac.compare_digest(digest, token.sha256):
-                    if token.role not in STOW_ROLES:
-                        raise HTTPException(
-                            403, f"role {token.role} may not store instances; sender is needed"
-                        )
-                    return token
-        raise HTTPException(401, "missing or unknown bearer token", {"WWW-Authenticate": "Bearer"})
-
-    async def store(request: Request, token: HttpToken, study_uid: str | None) -> Response:
+    async def store(request: Request, token: Principal, study_uid: str | None) -> Response:
         if backend.stow is None:
             raise HTTPException(404, "not found")
         length = request.headers.get("content-length", "")
@@ -500,7 +484,7 @@ def _stow(app: FastAPI, settings: HttpSettings, backend: ApiBackend) -> None:
         openapi_extra={"requestBody": {"required": True, "content": {
             'multipart/related; type="application/dicom"': {"schema": {"type": "string", "format": "binary"}}}}},
     )  # fmt: skip
-    async def stow(request: Request, token: Annotated[HttpToken, Depends(sender)]) -> Response:
+    async def stow(request: Request, token: Annotated[Principal, Depends(sender)]) -> Response:
         return await store(request, token, None)
 
     @app.post(
@@ -511,7 +495,7 @@ def _stow(app: FastAPI, settings: HttpSettings, backend: ApiBackend) -> None:
             'multipart/related; type="application/dicom"': {"schema": {"type": "string", "format": "binary"}}}}},
     )  # fmt: skip
     async def stow_study(
-        request: Request, token: Annotated[HttpToken, Depends(sender)], study_uid: StudyUid
+        request: Request, token: Annotated[Principal, Depends(sender)], study_uid: StudyUid
     ) -> Response:
         return await store(request, token, study_uid)
 

@@ -380,8 +380,48 @@ class SeriesPipeline:
             timings=run.timings,
             priority=job.priority.name,
         )
+        self._findings_reported(run)
         if progress is not None:
             self._collect(run, progress)
+
+    def _findings_reported(self, run: _Run) -> None:
+        """Each finding as its SR states it (Tracking UID, type, confidence, image, box): what the radiologists'
+        verdicts are tied to, in the system of record. Silent pipelines' findings too (the pilot's baseline)."""
+        assert run.encoded is not None and run.analysis is not None and run.output is not None
+        sr = run.encoded.get("SR")
+        if sr is None:
+            return
+        job, pipeline = run.job, run.job.pipeline
+        found = run.reading.interpretation.findings if run.reading is not None else ()
+        self.parts.events.record(
+            "findings_reported",
+            study=job.study.study_instance_uid,
+            series=job.series.series_instance_uid,
+            pipeline=pipeline.name,
+            mode=pipeline.mode.value,
+            calling_ae=job.study.calling_ae,
+            sr=str(sr.SOPInstanceUID),
+            model=run.output.model_name,
+            model_version=run.output.model_version,
+            model_sha256=run.analysis.model_sha256,
+            algorithm_version=pipeline.provenance.algorithm_version,
+            supersedes=[str(ds.SOPInstanceUID) for ds in run.previous if ds.Modality == "SR"],
+            reported=[
+                {
+                    "tracking_uid": reported.tracking_uid,
+                    "code": [
+                        reported.finding_type.value,
+                        reported.finding_type.scheme,
+                        reported.finding_type.meaning,
+                    ],
+                    "confidence": round(finding.confidence, 4),
+                    "image": finding.sop_instance_uid,
+                    "box": list(finding.bbox) if finding.bbox is not None else None,
+                    "stat": run.stat and finding.confidence >= pipeline.output.stat_threshold,
+                }
+                for reported, finding in zip(run.reported, found, strict=True)
+            ],
+        )
 
     def _collect(self, run: _Run, progress: StudyProgress) -> None:
         """What the study's completion needs from this series: result UIDs, the report for the RIS, timings."""

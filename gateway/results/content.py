@@ -152,7 +152,7 @@ def reported_findings(analysis: SeriesAnalysis) -> list[ReportedFinding]:
         out.append(
             ReportedFinding(
                 tracking_identifier=f"AI finding {number}",
-                tracking_uid=str(hd.UID()),
+                tracking_uid=analysis.result_uid(f"finding-{number}"),  # the same analysis, the same UIDs
                 finding_type=finding.label,
                 finding_site=finding_site(str(header.get("BodyPartExamined", ""))),
                 region=region,

@@ -119,7 +119,13 @@ def test_the_document_lists_the_endpoints_and_their_token_scheme(gateway_url: st
         "/critical-results/{study_uid}/acknowledge",
         "/critical-results/acknowledge",
         "/critical-results/acknowledge/confirm",
+        "/studies/{study_uid}/findings",
+        "/studies/{study_uid}/verdicts",
+        "/studies/{study_uid}/verdicts/fhir",
     }
+    verdicts = document["paths"]["/studies/{study_uid}/verdicts"]["post"]
+    assert verdicts["security"] == [{"HTTPBearer": []}]
+    assert {"201", "404", "409", "422"} <= set(verdicts["responses"])
     acknowledge = document["paths"]["/critical-results/{study_uid}/acknowledge"]["post"]
     assert acknowledge["security"] == [{"HTTPBearer": []}]
     assert "security" not in document["paths"]["/critical-results/acknowledge/confirm"]["post"]  # signed
