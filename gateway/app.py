@@ -67,7 +67,7 @@ from gateway.reporting.critical_alerts import CriticalAlerts
 from gateway.reporting.dispatcher import ReportDispatcher
 from gateway.reporting.notify import StatNotifier
 from gateway.results.encode import ResultEncoder
-from gateway.review.verdicts import Verdicts
+from gateway.review.service import Review
 from gateway.workflow.context import OrderContext
 from gateway.workflow.hl7_listener import Hl7Listener
 from gateway.workflow.orders import OrderStore
@@ -194,11 +194,13 @@ class Gateway:
         self._startup_error: BaseException | None = None
         self.model_hashes: dict[str, str] = {}
         self.runtime: LoopRuntime | None = None  # built on the loop
+        self.review = Review(self.database, settings)
         self.orders_listener = Hl7Listener.for_settings(
             settings.orders,
             self.orders,
             executor=self.io_executor,
             on_event=self.audit.record,
+            reports=self.review.reports,
         )
         self.api: HttpApi | None = None
         self.disk = retention.DiskForecast(settings.data_dir, settings.receiver.min_free_disk_mb * 2**20)
@@ -330,7 +332,7 @@ class Gateway:
                     ),
                     critical=self.critical,
                     stow=stow.open,
-                    review=Verdicts(self.database, self.settings.review, self.settings.node_id),
+                    review=self.review,
                 ),
             )
             assert self._loop is not None

@@ -37,3 +37,11 @@ def finding_type(key: str) -> CodedConcept:
 def finding_site(body_part: str) -> CodedConcept | None:
     """The anatomic site for a BodyPartExamined value, or ``None`` when the table has no entry."""
     return _table()["sites"].get(body_part.strip().upper()) if body_part else None
+
+
+def finding_key(code: CodedConcept) -> str | None:
+    """The terminology key of a finding type code ("hemorrhage" for SCT 50960005), or None for a site's own."""
+    for key, known in _table()["findings"].items():
+        if known.value == code.value and known.scheme == code.scheme:
+            return key.lower()
+    return None

@@ -28,6 +28,7 @@ class RoutedStudy:
     series: int
     first_received_at: float
     last_received_at: float
+    accession_number: str = ""
 
 
 def job_id(study_uid: str, series_uid: str, pipeline: str) -> str:

@@ -52,9 +52,11 @@ studies = Table(
     Column("state_since", Float, nullable=False),
     Column("node", String(64), nullable=False),
     Column("detail", Text, nullable=False, server_default=""),
+    Column("accession_number", String(64), nullable=False, server_default=""),  # links the final report
     Index(None, "state", "priority"),
     Index(None, "calling_ae", "first_received_at"),
     Index(None, "first_received_at"),
+    Index(None, "accession_number"),
 )
 
 study_transitions = Table(
@@ -321,6 +323,7 @@ ai_findings = Table(
     Column("pipeline", String(64), nullable=False),
     Column("mode", String(16), nullable=False),  # the pipeline's rollout mode: silent | assist | triage
     Column("calling_ae", AE, nullable=False, server_default=""),
+    Column("accession_number", String(64), nullable=False, server_default=""),  # links the final report
     Column("model_name", String(128), nullable=False),
     Column("model_version", String(32), nullable=False),
     Column("model_hash", String(64), nullable=False, server_default=""),
@@ -337,6 +340,7 @@ ai_findings = Table(
     Column("node", String(64), nullable=False),
     Index(None, "sr_uid"),
     Index(None, "study_uid"),
+    Index(None, "accession_number"),
     Index(None, "model_name", "model_version"),
 )
 
@@ -368,4 +372,70 @@ verdicts = Table(
     Index(None, "tracking_uid", "current"),
     Index(None, "study_uid"),
     Index(None, "model_name", "model_version", "at"),
+)
+
+result_views = Table(
+    "result_views",
+    metadata,
+    # A radiologist opened a study's AI findings (the "viewed before sign-off" of an AI-assisted report).
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("study_uid", UID, nullable=False),
+    Column("viewer", String(128), nullable=False),  # pseudonymous user id or token name
+    Column("at", Float, nullable=False),
+    Index(None, "study_uid", "at"),
+)
+
+final_reports = Table(
+    "final_reports",
+    metadata,
+    # Signed reports from the RIS (HL7 ORU^R01); a corrected report is a new row, the comparison moves to it.
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("accession_number", String(64), nullable=False),
+    Column(
+        "study_uid", UID, nullable=False, server_default=""
+    ),  # "" until a study with the accession is known
+    Column("status", String(1), nullable=False),  # OBR-25: F final, C corrected, P preliminary ...
+    Column("signed_at", Float, nullable=False),
+    Column("received_at", Float, nullable=False),
+    Column("control_id", String(64), nullable=False, server_default=""),
+    Column("text", Text, nullable=False),  # clinical text: the QA evidence; never logged
+    Column("ai_delivered_before", Boolean, nullable=False, server_default="0"),
+    Column("ai_viewed_before", Boolean, nullable=False, server_default="0"),
+    Column(
+        "ai_assisted", Boolean, nullable=False, server_default="0"
+    ),  # delivered and viewed before sign-off
+    Column("node", String(64), nullable=False),
+    Index(None, "accession_number"),
+    Index(None, "study_uid"),
+)
+
+report_comparisons = Table(
+    "report_comparisons",
+    metadata,
+    # Per final report, pipeline and finding type: what the AI said against what the report says.
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("report_id", BigInteger().with_variant(Integer(), "sqlite"), nullable=False),
+    Column("study_uid", UID, nullable=False),
+    Column("accession_number", String(64), nullable=False),
+    Column("pipeline", String(64), nullable=False),
+    Column("mode", String(16), nullable=False),
+    Column("calling_ae", AE, nullable=False, server_default=""),
+    Column("finding_type", String(64), nullable=False),  # the terminology key ("hemorrhage")
+    Column("model_name", String(128), nullable=False),
+    Column("model_version", String(32), nullable=False),
+    Column("ai_positive", Boolean, nullable=False),
+    Column("max_confidence", Float),
+    Column("report_label", String(16), nullable=False),  # positive | negative | uncertain
+    Column("outcome", String(16), nullable=False),  # concordant | ai_only | report_only | uncertain
+    Column("evidence", Text, nullable=False, server_default=""),  # the deciding sentence of the report
+    Column("current", Boolean, nullable=False),  # false once a corrected report replaced it
+    Column("qa_state", String(16), nullable=False),  # none | open | assigned | closed
+    Column("assigned_to", String(128), nullable=False, server_default=""),
+    Column("qa_note", String(256), nullable=False, server_default=""),
+    Column("at", Float, nullable=False),
+    Column("updated_at", Float, nullable=False),
+    Column("node", String(64), nullable=False),
+    Index(None, "study_uid"),
+    Index(None, "qa_state", "at"),
+    Index(None, "model_name", "model_version"),
 )

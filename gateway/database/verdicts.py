@@ -28,6 +28,7 @@ class AiFindingRow:
     pipeline: str
     mode: str
     calling_ae: str
+    accession_number: str
     model_name: str
     model_version: str
     model_hash: str

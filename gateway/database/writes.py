@@ -137,6 +137,7 @@ class StudyWrites:
                 series=study.series,
                 first_received_at=study.first_received_at,
                 last_received_at=study.last_received_at,
+                accession_number=study.accession_number[:64],
             )
         )
         if self.state(connection, study.study_uid) is not StudyState.RECEIVING:
@@ -352,6 +353,7 @@ class EventWrites:
                     "pipeline": str(fields.get("pipeline", "")),
                     "mode": str(fields.get("mode", "")),
                     "calling_ae": str(fields.get("calling_ae", ""))[:16],
+                    "accession_number": str(fields.get("accession_number", ""))[:64],
                     "model_name": str(fields.get("model", "")),
                     "model_version": str(fields.get("model_version", "")),
                     "model_hash": str(fields.get("model_sha256", "") or ""),

@@ -9,7 +9,7 @@ A verdict that names no current, shown AI result is refused with 404 / 409 and n
 from collections.abc import Callable
 from typing import Annotated, Any, Literal, Protocol
 
-from fastapi import Depends, FastAPI, Path
+from fastapi import Depends, FastAPI, Path, Query
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
@@ -24,15 +24,31 @@ Uid = Annotated[str, Field(pattern=UID_PATTERN, max_length=64)]
 
 
 class ReviewApi(Protocol):
-    """The verdict service as the API sees it (review.verdicts.Verdicts behind review.service.Review)."""
+    """The review side as the API sees it (review.service.Review)."""
 
-    def findings(self, study_uid: str) -> list[dict[str, Any]]: ...
+    def findings(self, study_uid: str, viewer: str | None = None) -> list[dict[str, Any]]: ...
 
     def record(self, study_uid: str, body: dict[str, Any], reviewer: str) -> dict[str, Any]: ...
 
     def history(self, study_uid: str) -> list[dict[str, Any]]: ...
 
     def fhir(self, study_uid: str) -> dict[str, Any]: ...
+
+    def comparisons(self, study_uid: str) -> list[dict[str, Any]]: ...
+
+    def discrepancies(self, state: str | None) -> list[dict[str, Any]]: ...
+
+    def assign(self, item: int, to: str, by: str) -> dict[str, Any] | None: ...
+
+    def close(self, item: int, note: str, by: str) -> dict[str, Any] | None: ...
+
+
+class AssignIn(BaseModel):
+    to: str = Field(min_length=1, max_length=128, description="the peer reviewer's user id")
+
+
+class CloseIn(BaseModel):
+    note: str = Field(default="", max_length=200, description="the peer review's outcome, in a few words")
 
 
 class CorrectionIn(BaseModel):
@@ -78,8 +94,60 @@ def review_routes(app: FastAPI, review: ReviewApi, needs: Callable[..., Callable
         responses=_REFUSED,
         tags=["review"],
     )
-    def findings(_: Annotated[Principal, Depends(readers)], study_uid: StudyUid) -> list[dict[str, Any]]:
-        return review.findings(study_uid)
+    def findings(
+        principal: Annotated[Principal, Depends(readers)], study_uid: StudyUid
+    ) -> list[dict[str, Any]]:
+        # A radiologist opening the findings is what makes a later report "AI-assisted".
+        return review.findings(study_uid, principal.name if principal.may(TokenRole.RADIOLOGIST) else None)
+
+    @app.get(
+        "/studies/{study_uid}/comparisons",
+        summary="The study's AI-vs-final-report comparisons, per pipeline and finding type",
+        responses=_REFUSED,
+        tags=["review"],
+    )
+    def study_comparisons(
+        _: Annotated[Principal, Depends(readers)], study_uid: StudyUid
+    ) -> list[dict[str, Any]]:
+        return review.comparisons(study_uid)
+
+    qa = needs(TokenRole.QA)
+
+    @app.get(
+        "/qa/discrepancies",
+        summary="Discordant AI-vs-report cases for peer review (newest first)",
+        responses=_REFUSED,
+        tags=["qa"],
+    )
+    def discrepancies(
+        _: Annotated[Principal, Depends(qa)],
+        state: Annotated[Literal["open", "assigned", "closed"] | None, Query()] = None,
+    ) -> list[dict[str, Any]]:
+        return review.discrepancies(state)
+
+    @app.post(
+        "/qa/discrepancies/{item}/assign",
+        summary="Assign a discrepancy for peer review",
+        responses=_REFUSED,
+        tags=["qa"],
+    )
+    def assign(
+        principal: Annotated[Principal, Depends(qa)], item: Annotated[int, Path(ge=1)], body: AssignIn
+    ) -> Any:
+        found = review.assign(item, body.to, principal.name)
+        return found if found is not None else JSONResponse({"error": "no such open item"}, status_code=404)
+
+    @app.post(
+        "/qa/discrepancies/{item}/close",
+        summary="Close a discrepancy after peer review",
+        responses=_REFUSED,
+        tags=["qa"],
+    )
+    def close(
+        principal: Annotated[Principal, Depends(qa)], item: Annotated[int, Path(ge=1)], body: CloseIn
+    ) -> Any:
+        found = review.close(item, body.note, principal.name)
+        return found if found is not None else JSONResponse({"error": "no such open item"}, status_code=404)
 
     @app.get(
         "/studies/{study_uid}/verdicts",

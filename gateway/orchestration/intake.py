@@ -152,6 +152,7 @@ class StudyIntake:
                 series=len(study.series),
                 first_received_at=study.first_received_at,
                 last_received_at=study.last_received_at,
+                accession_number=study.accession_number,
             ),
             [
                 QueuedJob(

@@ -400,6 +400,7 @@ class SeriesPipeline:
             pipeline=pipeline.name,
             mode=pipeline.mode.value,
             calling_ae=job.study.calling_ae,
+            accession_number=job.study.accession_number,
             sr=str(sr.SOPInstanceUID),
             model=run.output.model_name,
             model_version=run.output.model_version,

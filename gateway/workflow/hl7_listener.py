@@ -1,9 +1,9 @@
-"""The HL7 v2 listener: an MLLP server on the gateway's event loop that takes the RIS's order feed.
+"""The HL7 v2 listener: an MLLP server on the gateway's event loop that takes the RIS's order and report feeds.
 
 Each message is answered on the connection it came on, in order: ADT^A01 / A04 / A08 are accepted (the gateway
-keeps no demographics; the event is audited), ORM^O01 / OMI^O23 are stored as orders - committed to the system
-of record *before* the acknowledgement, so an accepted order is never lost - and anything else is rejected with
-the reason in ERR. Nothing a sender does (garbage, a half frame, a silent connection, a database that is down)
+keeps no demographics; the event is audited), ORM^O01 / OMI^O23 are stored as orders and ORU^R01 as final
+reports (when a report sink is given) - committed to the system of record *before* the acknowledgement, so an
+accepted message is never lost - and anything else is rejected with the reason in ERR. Nothing a sender does (garbage, a half frame, a silent connection, a database that is down)
 crashes the listener or passes silently: every message gets its acknowledgement as MSH-15 asks (``hl7v2``) and
 one log line without patient data (message type and control id only).
 """
@@ -21,6 +21,7 @@ from typing import Any
 from clients.mllp import MAX_FRAME_BYTES, frame, read_frame
 from clients.tls import server_tls_context
 from gateway.config.settings import OrdersSettings
+from gateway.workflow.final_reports import REPORT_MESSAGES, FinalReport, ReportError, report_from_message
 from gateway.workflow.hl7v2 import Er7Message, Hl7Error, Outcome, acknowledgement
 from gateway.workflow.orders import ORDER_MESSAGES, OrderError, OrderStore, order_from_message
 
@@ -44,8 +45,10 @@ class Hl7Listener:
         on_event: Callable[..., None] | None = None,
         expected_images_field: str = "OBR-37",
         ssl_context: ssl.SSLContext | None = None,
+        reports: Callable[[FinalReport], object] | None = None,
     ) -> None:
         self.store = store
+        self.reports = reports  # stores a final report durably (blocking; run in the executor)
         self.expected_images_field = expected_images_field
         self.ssl_context = ssl_context
         self.host = host
@@ -65,6 +68,7 @@ class Hl7Listener:
         *,
         executor: Executor | None = None,
         on_event: Callable[..., None] | None = None,
+        reports: Callable[[FinalReport], object] | None = None,
     ) -> Hl7Listener | None:
         """The listener ``[orders]`` asks for, or None when it is off."""
         if not settings.enabled:
@@ -77,6 +81,7 @@ class Hl7Listener:
             facility=settings.facility,
             executor=executor,
             on_event=on_event,
+            reports=reports,
             expected_images_field=settings.expected_images_field,
             ssl_context=server_tls_context(
                 settings.tls_cert_file, settings.tls_key_file, settings.tls_ca_file
@@ -167,6 +172,8 @@ class Hl7Listener:
         kind = message.message_type
         if kind[0] == "ADT" and kind[1] in ADT_EVENTS:
             return Outcome(status="accepted")
+        if kind in REPORT_MESSAGES and self.reports is not None:
+            return await self._report(message)
         if kind not in ORDER_MESSAGES:
             return Outcome(
                 status="rejected",
@@ -183,5 +190,20 @@ class Hl7Listener:
             logger.error("HL7 order not stored: %s", type(exc).__name__)
             return Outcome(
                 status="error", reason="the order cannot be stored now; send it again", error_code="207"
+            )
+        return Outcome(status="accepted")
+
+    async def _report(self, message: Er7Message) -> Outcome:
+        try:
+            report = report_from_message(message)
+        except ReportError as exc:
+            return Outcome(status="error", reason=str(exc), error_code="101")
+        assert self.reports is not None
+        try:
+            await asyncio.get_running_loop().run_in_executor(self.executor, self.reports, report)
+        except Exception as exc:  # the database is down or refuses: the sender keeps the message and resends
+            logger.error("HL7 report not stored: %s", type(exc).__name__)
+            return Outcome(
+                status="error", reason="the report cannot be stored now; send it again", error_code="207"
             )
         return Outcome(status="accepted")

@@ -29,6 +29,7 @@ def upgrade() -> None:
         sa.Column("pipeline", sa.String(length=64), nullable=False),
         sa.Column("mode", sa.String(length=16), nullable=False),
         sa.Column("calling_ae", sa.String(length=16), server_default="", nullable=False),
+        sa.Column("accession_number", sa.String(length=64), server_default="", nullable=False),
         sa.Column("model_name", sa.String(length=128), nullable=False),
         sa.Column("model_version", sa.String(length=32), nullable=False),
         sa.Column("model_hash", sa.String(length=64), server_default="", nullable=False),
@@ -48,6 +49,9 @@ def upgrade() -> None:
     with op.batch_alter_table("ai_findings", schema=None) as batch_op:
         batch_op.create_index(batch_op.f("ix_ai_findings_sr_uid"), ["sr_uid"], unique=False)
         batch_op.create_index(batch_op.f("ix_ai_findings_study_uid"), ["study_uid"], unique=False)
+        batch_op.create_index(
+            batch_op.f("ix_ai_findings_accession_number"), ["accession_number"], unique=False
+        )
         batch_op.create_index(
             batch_op.f("ix_ai_findings_model_name_model_version"),
             ["model_name", "model_version"],
@@ -97,6 +101,7 @@ def downgrade() -> None:
     op.drop_table("verdicts")
     with op.batch_alter_table("ai_findings", schema=None) as batch_op:
         batch_op.drop_index(batch_op.f("ix_ai_findings_model_name_model_version"))
+        batch_op.drop_index(batch_op.f("ix_ai_findings_accession_number"))
         batch_op.drop_index(batch_op.f("ix_ai_findings_study_uid"))
         batch_op.drop_index(batch_op.f("ix_ai_findings_sr_uid"))
     op.drop_table("ai_findings")
