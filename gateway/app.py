@@ -30,6 +30,7 @@ from gateway.core.domain import InstanceRecord
 from gateway.core.durable import remove_temporary_files
 from gateway.core.errors import ConfigError, GatewayError
 from gateway.core.logs import silence_identifier_warnings
+from gateway.core.retry import Backoff
 from gateway.database import migrate
 from gateway.database.connect import engine_for, shown
 from gateway.database.notices import NoticeStore
@@ -67,6 +68,7 @@ from gateway.reporting.critical_alerts import CriticalAlerts
 from gateway.reporting.dispatcher import ReportDispatcher
 from gateway.reporting.notify import StatNotifier
 from gateway.results.encode import ResultEncoder
+from gateway.review.monitoring import DriftWatch, publish_metrics
 from gateway.review.service import Review
 from gateway.workflow.context import OrderContext
 from gateway.workflow.hl7_listener import Hl7Listener
@@ -487,6 +489,27 @@ class Gateway:
             self._ready.set()
             loop.close()
 
+    def _drift_watch(self) -> DriftWatch:
+        async def post(url: str, body: bytes) -> int:
+            return await self.http.post(
+                url,
+                body,
+                content_type="application/json",
+                timeout_s=10.0,
+                attempts=3,
+                backoff=Backoff(base_s=1.0, max_s=30.0),
+                what="drift alarm",
+            )
+
+        return DriftWatch(
+            self.database,
+            self.settings.review,
+            publish=lambda stats: publish_metrics(self.metrics, stats),
+            post=post,
+            record_event=self.audit.record,
+            executor=self.io_executor,
+        )
+
     async def _main(self) -> None:
         parts = PipelineParts(
             settings=self.settings,
@@ -527,9 +550,11 @@ class Gateway:
         listener = self.orders_listener
         if listener is not None:
             await listener.start()
+        drift = asyncio.create_task(self._drift_watch().run(), name="drift-watch")
         self._ready.set()
         try:
             await runtime.run()
         finally:
+            drift.cancel()
             if listener is not None:
                 await listener.stop()

@@ -19,6 +19,7 @@ from gateway.database import migrate
 from gateway.database.connect import engine_for, shown
 from gateway.database.queries import StudyFilter, StudyRow, list_studies, study_timeline
 from gateway.database.states import StudyState
+from gateway.review.governance import governance_report
 
 EXAMPLES = """\
 examples:
@@ -102,6 +103,27 @@ def add_parsers(sub: Any) -> None:
     _common(study)
     study.add_argument("study_uid", metavar="UID", help="Study Instance UID")
     study.add_argument("--json", action="store_true", help="JSON instead of text")
+
+    report = sub.add_parser(
+        "report",
+        help="the governance report of one model: versions, volumes, verdicts, report concordance, drift alarms",
+        description="What a governance committee reads before moving a model from silent to assist to triage: "
+        "its version history, the pipelines and rollout modes that use it, per version and site the studies, "
+        "positive rate, radiologists' acceptance and time to verdict, sensitivity and PPV against the signed "
+        "reports, the score drift (PSI) and acceptance CUSUM, and every drift alarm. Printed as Markdown; "
+        "--out also writes it with a CSV of the numbers.",
+        epilog="examples:\n  gateway report --model ct_head_hyperdensity --since 2026-11-01 --out reports/\n"
+        "  gateway report --model cxr_opacity --since 30d --config site.toml",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _common(report)
+    report.add_argument("--model", required=True, help="the model's name in the Triton repository")
+    report.add_argument(
+        "--since", type=_since, default=0.0, metavar="WHEN", help="today, 30d, or a date (default: all)"
+    )
+    report.add_argument(
+        "--out", type=Path, metavar="DIR", help="also write governance-MODEL.md and .csv here"
+    )
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -243,4 +265,21 @@ def cmd_study(args: argparse.Namespace) -> int:
     return 0
 
 
-HANDLERS = {"db": cmd_db, "studies": cmd_studies, "study": cmd_study}
+def cmd_report(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    engine = _open(settings)
+    try:
+        report = governance_report(engine, settings, args.model, args.since)
+    finally:
+        engine.dispose()
+    print(report.markdown, end="")
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        stem = f"governance-{re.sub(r'[^A-Za-z0-9_.-]', '_', args.model)}"
+        (args.out / f"{stem}.md").write_text(report.markdown)
+        (args.out / f"{stem}.csv").write_text(report.csv)
+        print(f"\nwritten: {args.out / f'{stem}.md'}, {args.out / f'{stem}.csv'}", file=sys.stderr)
+    return 0
+
+
+HANDLERS = {"db": cmd_db, "studies": cmd_studies, "study": cmd_study, "report": cmd_report}

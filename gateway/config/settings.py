@@ -523,6 +523,7 @@ class ReviewSettings(Section):
     psi_alarm: Annotated[float, Field(gt=0)] = 0.25
     psi_min_scores: Annotated[int, Field(ge=10)] = 200
     alarm_webhook_url: Annotated[str, AfterValidator(_http_url)] = ""  # JSON POST per drift alarm
+    monitor_interval_s: Seconds = 300.0  # how often model statistics and drift are evaluated
 
     @model_validator(mode="after")
     def _fall(self) -> ReviewSettings:

@@ -439,3 +439,21 @@ report_comparisons = Table(
     Index(None, "qa_state", "at"),
     Index(None, "model_name", "model_version"),
 )
+
+drift_alarms = Table(
+    "drift_alarms",
+    metadata,
+    # A drift alarm of a model version at a site: the acceptance CUSUM fired (at the n-th verdict) or the score
+    # distribution moved from its baseline (PSI; once per model version and site). Written once: the unique key
+    # makes "one webhook per alarm" hold across restarts and nodes.
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("model_name", String(128), nullable=False),
+    Column("model_version", String(32), nullable=False),
+    Column("site", AE, nullable=False),  # the sending PACS's calling AE title
+    Column("kind", String(16), nullable=False),  # acceptance | scores
+    Column("at_count", Integer, nullable=False),  # verdicts (acceptance) or 0 (scores)
+    Column("value", Float, nullable=False),  # the acceptance rate of the window, or the PSI
+    Column("at", Float, nullable=False),
+    Column("notified", Boolean, nullable=False, server_default="0"),
+    Index(None, "model_name", "model_version", "site", "kind", "at_count", unique=True),
+)

@@ -90,6 +90,31 @@ class Metrics:
             registry=r,
         )
         self.queue_depth = Gauge("gateway_queue_depth", "Jobs waiting for a worker", ["priority"], registry=r)
+        model = ["model", "version", "site"]
+        self.model_acceptance = Gauge(
+            "gateway_model_acceptance_rate",
+            "Share of AI findings accepted (or modified) by radiologists",
+            model,
+            registry=r,
+        )
+        self.model_positive_rate = Gauge(
+            "gateway_model_positive_rate", "Share of analysed studies with an AI finding", model, registry=r
+        )
+        self.model_cusum = Gauge(
+            "gateway_model_acceptance_cusum",
+            "CUSUM statistic of the acceptance rate (alarm above its threshold)",
+            model,
+            registry=r,
+        )
+        self.model_psi = Gauge(
+            "gateway_model_score_psi",
+            "Population stability index of the scores against the baseline",
+            model,
+            registry=r,
+        )
+        self.model_alarms = Gauge(
+            "gateway_model_drift_alarms", "Drift alarms raised so far", [*model, "kind"], registry=r
+        )
         self.queue_depth_pacs = Gauge(
             "gateway_queue_depth_pacs",
             "Jobs waiting for a worker, per sending PACS (calling AE)",

@@ -1,4 +1,4 @@
-"""Final reports from the RIS, their comparison with the AI (QA items), and who viewed the AI results.
+"""Final reports from the RIS, their comparison with the AI (QA items), who viewed the AI results, drift alarms.
 
 Revision ID: 0009
 Revises: 0008
@@ -92,8 +92,31 @@ def upgrade() -> None:
             unique=False,
         )
 
+    op.create_table(
+        "drift_alarms",
+        sa.Column("id", ID, autoincrement=True, nullable=False),
+        sa.Column("model_name", sa.String(length=128), nullable=False),
+        sa.Column("model_version", sa.String(length=32), nullable=False),
+        sa.Column("site", sa.String(length=16), nullable=False),
+        sa.Column("kind", sa.String(length=16), nullable=False),
+        sa.Column("at_count", sa.Integer(), nullable=False),
+        sa.Column("value", sa.Float(), nullable=False),
+        sa.Column("at", sa.Float(), nullable=False),
+        sa.Column("notified", sa.Boolean(), server_default="0", nullable=False),
+        sa.PrimaryKeyConstraint("id", name=op.f("pk_drift_alarms")),
+    )
+    with op.batch_alter_table("drift_alarms", schema=None) as batch_op:
+        batch_op.create_index(
+            batch_op.f("ix_drift_alarms_model_name_model_version_site_kind_at_count"),
+            ["model_name", "model_version", "site", "kind", "at_count"],
+            unique=True,
+        )
+
 
 def downgrade() -> None:
+    with op.batch_alter_table("drift_alarms", schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f("ix_drift_alarms_model_name_model_version_site_kind_at_count"))
+    op.drop_table("drift_alarms")
     for table, indexes in (
         ("report_comparisons", ("model_name_model_version", "qa_state_at", "study_uid")),
         ("final_reports", ("study_uid", "accession_number")),
