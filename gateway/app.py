@@ -68,6 +68,7 @@ from gateway.reporting.critical_alerts import CriticalAlerts
 from gateway.reporting.dispatcher import ReportDispatcher
 from gateway.reporting.notify import StatNotifier
 from gateway.results.encode import ResultEncoder
+from gateway.review.dicom_verdicts import DicomVerdicts
 from gateway.review.monitoring import DriftWatch, publish_metrics
 from gateway.review.service import Review
 from gateway.workflow.context import OrderContext
@@ -312,6 +313,7 @@ class Gateway:
                 on_refused=refused,
                 on_association_end=self.assembler.association_ended,
                 notices=self.notices,
+                intercept=DicomVerdicts(self.review.verdicts, self.settings.data_dir / "verdicts"),
             )
         self.scp.start()
         if self.settings.http.enabled:

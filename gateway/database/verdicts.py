@@ -167,3 +167,13 @@ def insert_verdict(
             .values(current=False, amended_by=new_id)
         )
         return _verdict(connection.execute(select(v).where(v.c.id == new_id)).one())
+
+
+@answered
+def findings_on_images(engine: Engine, image_uids: list[str]) -> list[AiFindingRow]:
+    """The AI findings drawn on these images (superseded ones too: the caller tells them apart)."""
+    if not image_uids:
+        return []
+    f = t.ai_findings
+    with engine.connect() as connection:
+        return [_finding(r) for r in connection.execute(select(f).where(f.c.image_uid.in_(image_uids)))]

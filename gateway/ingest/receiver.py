@@ -11,8 +11,9 @@ import logging
 import ssl
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
+from pydicom.dataset import Dataset
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, StoragePresentationContexts, _config, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
@@ -87,14 +88,32 @@ def handle_echo(event: evt.Event) -> int:
     return STATUS_SUCCESS
 
 
+class StoreIntercept(Protocol):
+    """Takes some instances instead of the spool (a radiologist's verdict stored back by a viewer): called
+    for the SOP classes it names, it answers None (not one of its own: spool it) or the status to send."""
+
+    sop_classes: frozenset[str]
+
+    def __call__(self, ds: Dataset, calling_ae: str) -> int | Dataset | None: ...
+
+
 def handle_store(
     event: evt.Event,
     spool: Spool,
     on_stored: Callable[[InstanceRecord], None],
     on_refused: Callable[[int], None],
     tracker: AssociationTracker | None = None,
-) -> int:
+    intercept: StoreIntercept | None = None,
+) -> int | Dataset:
     calling_ae = event.assoc.requestor.ae_title.strip()
+    if intercept is not None and str(event.request.AffectedSOPClassUID) in intercept.sop_classes:
+        try:
+            answer = intercept(event.dataset, calling_ae)
+        except Exception as exc:  # a broken object must never take the receiver down
+            logger.exception("C-STORE from %s: the verdict check failed: %s", calling_ae, type(exc).__name__)
+            answer = None  # stored as any instance; nothing is lost
+        if answer is not None:
+            return answer
     try:
         record = spool.store(
             event.file_meta, event.encoded_dataset(include_meta=False), calling_ae=calling_ae
@@ -199,6 +218,7 @@ class StoreSCP:
         on_refused: Callable[[int], None] = lambda status: None,
         on_association_end: Callable[[set[str], str], None] = lambda studies, problem: None,
         notices: NoticeSCP | None = None,
+        intercept: StoreIntercept | None = None,
     ) -> None:
         configure_pynetdicom()
         self.settings = settings
@@ -223,7 +243,7 @@ class StoreSCP:
         self.tracker = AssociationTracker(on_association_end)
         self.handlers: list[Any] = [
             (evt.EVT_C_ECHO, handle_echo),
-            (evt.EVT_C_STORE, handle_store, [spool, on_stored, on_refused, self.tracker]),
+            (evt.EVT_C_STORE, handle_store, [spool, on_stored, on_refused, self.tracker, intercept]),
             (evt.EVT_CONN_CLOSE, self.tracker.closed),
             (evt.EVT_REJECTED, log_rejection),
             (evt.EVT_DIMSE_RECV, abort_malformed_request),
