@@ -226,6 +226,11 @@ class PipelineSettings(Section):
 
     name: str
     mode: Annotated[RolloutMode, LAX] = RolloutMode.ASSIST
+    # A pilot: the mode holds only for studies from these sending PACS (calling AE titles; their destinations
+    # get the results), the pipeline is silent for every other; and only users of these identity-provider
+    # groups see its findings in the API (QA and admin see all). Empty: no restriction.
+    pilot_sites: Annotated[tuple[str, ...], AfterValidator(lambda v: tuple(a.strip() for a in v))] = ()
+    pilot_groups: tuple[str, ...] = ()
     route: RoutingRule
     input: InputSpec
     output: OutputSpec
@@ -251,7 +256,12 @@ class PipelineSettings(Section):
 
     def flat(self) -> dict[str, Any]:
         """The pipeline as its flat ``[[pipelines]]`` table (values as validated)."""
-        table: dict[str, Any] = {"name": self.name, "mode": self.mode}
+        table: dict[str, Any] = {
+            "name": self.name,
+            "mode": self.mode,
+            "pilot_sites": self.pilot_sites,
+            "pilot_groups": self.pilot_groups,
+        }
         for part in _PARTS:
             table.update(getattr(self, part).model_dump(by_alias=True))
         table["labels"] = dict(self.output.labels)
@@ -260,6 +270,16 @@ class PipelineSettings(Section):
     def replace(self, **changes: Any) -> PipelineSettings:
         """A copy with some flat keys changed (``report_threshold=0.0``), validated like the file."""
         return PipelineSettings.model_validate({**self.flat(), **changes})
+
+    def mode_for(self, calling_ae: str) -> RolloutMode:
+        """The rollout mode for a study from ``calling_ae``: silent outside the pilot's sites."""
+        if self.pilot_sites and calling_ae.strip() not in self.pilot_sites:
+            return RolloutMode.SILENT
+        return self.mode
+
+    def shown_to(self, groups: frozenset[str]) -> bool:
+        """May a user of ``groups`` see this pipeline's findings?"""
+        return not self.pilot_groups or bool(groups & set(self.pilot_groups))
 
     @property
     def model(self) -> str:

@@ -26,9 +26,13 @@ Uid = Annotated[str, Field(pattern=UID_PATTERN, max_length=64)]
 class ReviewApi(Protocol):
     """The review side as the API sees it (review.service.Review)."""
 
-    def findings(self, study_uid: str, viewer: str | None = None) -> list[dict[str, Any]]: ...
+    def findings(
+        self, study_uid: str, viewer: str | None = None, groups: frozenset[str] | None = None
+    ) -> list[dict[str, Any]]: ...
 
-    def record(self, study_uid: str, body: dict[str, Any], reviewer: str) -> dict[str, Any]: ...
+    def record(
+        self, study_uid: str, body: dict[str, Any], reviewer: str, groups: frozenset[str] | None = None
+    ) -> dict[str, Any]: ...
 
     def history(self, study_uid: str) -> list[dict[str, Any]]: ...
 
@@ -85,6 +89,11 @@ _REFUSED: dict[int | str, dict[str, Any]] = {
 StudyUid = Annotated[str, Path(pattern=UID_PATTERN, max_length=64)]
 
 
+def _pilot_groups(principal: Principal) -> frozenset[str] | None:
+    """The groups that decide which pilots' findings a radiologist sees (QA and admin see every finding)."""
+    return None if principal.may(TokenRole.QA) else principal.groups
+
+
 def review_routes(app: FastAPI, review: ReviewApi, needs: Callable[..., Callable[..., Principal]]) -> None:
     readers = needs(*RESULT_READERS)
 
@@ -98,7 +107,11 @@ def review_routes(app: FastAPI, review: ReviewApi, needs: Callable[..., Callable
         principal: Annotated[Principal, Depends(readers)], study_uid: StudyUid
     ) -> list[dict[str, Any]]:
         # A radiologist opening the findings is what makes a later report "AI-assisted".
-        return review.findings(study_uid, principal.name if principal.may(TokenRole.RADIOLOGIST) else None)
+        return review.findings(
+            study_uid,
+            principal.name if principal.may(TokenRole.RADIOLOGIST) else None,
+            _pilot_groups(principal),
+        )
 
     @app.get(
         "/studies/{study_uid}/comparisons",
@@ -181,7 +194,11 @@ def review_routes(app: FastAPI, review: ReviewApi, needs: Callable[..., Callable
     ) -> Any:
         try:
             return await run_in_threadpool(
-                review.record, study_uid, body.model_dump(exclude_none=True), principal.name
+                review.record,
+                study_uid,
+                body.model_dump(exclude_none=True),
+                principal.name,
+                _pilot_groups(principal),
             )
         except VerdictRefused as exc:
             return JSONResponse({"error": str(exc)}, status_code=exc.http_status)

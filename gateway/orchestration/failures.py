@@ -107,7 +107,7 @@ class FailurePublisher:
             parts.executor, lambda: build_sr(analysis, findings=[], previous=previous, failure=reason)
         )
         paths = await loop.run_in_executor(parts.executor, parts.results.save, study.study_instance_uid, [sr])
-        if pipeline.mode is not RolloutMode.SILENT:
+        if pipeline.mode_for(study.calling_ae) is not RolloutMode.SILENT:
             destination = parts.settings.destination_for(study.calling_ae)
             if destination is not None:
                 await parts.outbox.submit(

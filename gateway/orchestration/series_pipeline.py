@@ -247,7 +247,7 @@ class SeriesPipeline:
         job, pipeline = run.job, run.job.pipeline
         assert run.reading is not None and run.loaded is not None and run.output is not None
         found = run.reading.interpretation
-        run.stat = found.stat and pipeline.mode is RolloutMode.TRIAGE
+        run.stat = found.stat and pipeline.mode_for(job.study.calling_ae) is RolloutMode.TRIAGE
         if run.stat and self.raise_to_stat is not None:
             raised = self.raise_to_stat(job.study.study_instance_uid)
             if raised:
@@ -320,8 +320,10 @@ class SeriesPipeline:
 
     async def _deliver(self, run: _Run, paths: list[Path]) -> None:
         job, pipeline, study = run.job, run.job.pipeline, run.job.study
-        if pipeline.mode is RolloutMode.SILENT:
-            logger.info("pipeline %s is silent: results recorded, not sent", pipeline.name)
+        if pipeline.mode_for(study.calling_ae) is RolloutMode.SILENT:
+            logger.info(
+                "pipeline %s is silent for %s: results recorded, not sent", pipeline.name, study.calling_ae
+            )
             return
         if not paths:
             return
@@ -346,7 +348,7 @@ class SeriesPipeline:
             "study": job.study.study_instance_uid,
             "series": job.series.series_instance_uid,
             "pipeline": pipeline.name,
-            "mode": pipeline.mode.value,
+            "mode": pipeline.mode_for(job.study.calling_ae).value,
             "model": run.output.model_name,
             "model_version": run.output.model_version,
             "algorithm_version": pipeline.provenance.algorithm_version,
@@ -398,7 +400,7 @@ class SeriesPipeline:
             study=job.study.study_instance_uid,
             series=job.series.series_instance_uid,
             pipeline=pipeline.name,
-            mode=pipeline.mode.value,
+            mode=pipeline.mode_for(job.study.calling_ae).value,
             calling_ae=job.study.calling_ae,
             accession_number=job.study.accession_number,
             sr=str(sr.SOPInstanceUID),
@@ -433,7 +435,7 @@ class SeriesPipeline:
         progress.results.extend(str(ds.SOPInstanceUID) for ds in datasets)
         if sr is not None:
             progress.sr_by_series[run.key] = str(sr.SOPInstanceUID)
-            if pipeline.mode is not RolloutMode.SILENT:
+            if pipeline.mode_for(run.job.study.calling_ae) is not RolloutMode.SILENT:
                 progress.reports.append(
                     SeriesReport(
                         analysis=run.analysis,

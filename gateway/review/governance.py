@@ -81,8 +81,10 @@ def governance_report(engine: Engine, settings: Settings, model: str, since: flo
     ] or ["| - | - | - | never loaded |"]
     lines += ["", "## Pipelines and rollout modes (current settings)", ""]
     lines += [
-        f"- **{p.name}**: mode **{p.mode.value}**, report threshold {p.output.report_threshold}, "
-        f"STAT threshold {p.output.stat_threshold}"
+        f"- **{p.name}**: mode **{p.mode.value}**"
+        + (f" at the pilot sites {', '.join(p.pilot_sites)} (silent elsewhere)" if p.pilot_sites else "")
+        + (f", shown to the groups {', '.join(p.pilot_groups)}" if p.pilot_groups else "")
+        + f", report threshold {p.output.report_threshold}, STAT threshold {p.output.stat_threshold}"
         for p in pipelines
     ] or ["- no pipeline of the current settings uses this model"]
     lines += [

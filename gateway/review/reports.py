@@ -112,13 +112,14 @@ class FinalReports:
                 confidence = analysed.max_confidence_by_code.get(code.value)
                 reading = read_report(report.text, key, self.rules)
                 outcome = outcome_of(confidence is not None, reading.label)
-                shown = pipeline.mode is not RolloutMode.SILENT
+                mode = pipeline.mode_for(analysed.calling_ae)
+                shown = mode is not RolloutMode.SILENT
                 rows.append(
                     {
                         "study_uid": study,
                         "accession_number": report.accession_number,
                         "pipeline": pipeline.name,
-                        "mode": pipeline.mode.value,
+                        "mode": mode.value,
                         "calling_ae": analysed.calling_ae,
                         "finding_type": key,
                         "model_name": analysed.model_name,

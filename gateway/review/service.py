@@ -15,16 +15,22 @@ from gateway.review.verdicts import Verdicts
 
 class Review:
     def __init__(self, engine: Engine, settings: Settings) -> None:
-        self.verdicts = Verdicts(engine, settings.review, settings.node_id)
+        self.verdicts = Verdicts(
+            engine, settings.review, settings.node_id, {p.name: p for p in settings.pipelines}
+        )
         self.reports = FinalReports(engine, settings, settings.node_id)
 
-    def findings(self, study_uid: str, viewer: str | None = None) -> list[dict[str, Any]]:
+    def findings(
+        self, study_uid: str, viewer: str | None = None, groups: frozenset[str] | None = None
+    ) -> list[dict[str, Any]]:
         if viewer is not None:
             self.reports.viewed(study_uid, viewer)
-        return self.verdicts.findings(study_uid)
+        return self.verdicts.findings(study_uid, groups)
 
-    def record(self, study_uid: str, body: Mapping[str, Any], reviewer: str) -> dict[str, Any]:
-        return self.verdicts.record(study_uid, body, reviewer)
+    def record(
+        self, study_uid: str, body: Mapping[str, Any], reviewer: str, groups: frozenset[str] | None = None
+    ) -> dict[str, Any]:
+        return self.verdicts.record(study_uid, body, reviewer, groups)
 
     def history(self, study_uid: str) -> list[dict[str, Any]]:
         return self.verdicts.history(study_uid)

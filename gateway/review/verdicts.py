@@ -23,6 +23,7 @@ from typing import Any
 from pydicom.uid import generate_uid
 from sqlalchemy import Engine
 
+from gateway.config.pipeline import PipelineSettings
 from gateway.config.settings import ReviewSettings
 from gateway.core.domain import RolloutMode
 from gateway.core.errors import ConfigError, ResultNotReviewable, UnknownResultError, VerdictRefused
@@ -129,17 +130,32 @@ class VerdictRequest:
 class Verdicts:
     """Verdicts recorded against the system of record (HTTP and DICOM alike)."""
 
-    def __init__(self, engine: Engine, settings: ReviewSettings, node: str) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        settings: ReviewSettings,
+        node: str,
+        pipelines: Mapping[str, PipelineSettings] | None = None,
+    ) -> None:
         self.engine = engine
         self.settings = settings
         self.node = node
         self.reasons = {r.lower(): r for r in settings.reject_reasons}
+        self.pipelines = dict(pipelines or {})
 
-    def findings(self, study_uid: str) -> list[dict[str, Any]]:
-        """The study's AI findings with their current verdict (none yet: null)."""
+    def shown(self, finding: AiFindingRow, groups: frozenset[str] | None) -> bool:
+        """Is ``finding`` shown to a user of ``groups`` (None: a role that sees every finding)?"""
+        pipeline = self.pipelines.get(finding.pipeline)
+        return groups is None or pipeline is None or pipeline.shown_to(groups)
+
+    def findings(self, study_uid: str, groups: frozenset[str] | None = None) -> list[dict[str, Any]]:
+        """The study's AI findings with their current verdict (none yet: null); a pilot's findings only for
+        users of its groups."""
         current = {v.tracking_uid: v for v in verdicts_of(self.engine, study_uid) if v.current}
         out = []
         for f in findings_of(self.engine, study_uid):
+            if not self.shown(f, groups):
+                continue
             item = f.as_json()
             verdict = current.get(f.tracking_uid)
             item["verdict"] = verdict.as_json() if verdict is not None else None
@@ -153,12 +169,20 @@ class Verdicts:
         """The study's verdicts (amended ones too, marked so) as a FHIR Bundle."""
         return verdicts_bundle(verdicts_of(self.engine, study_uid))
 
-    def record(self, study_uid: str, body: Mapping[str, Any], reviewer: str) -> dict[str, Any]:
-        """An HTTP verdict (JSON body) as the signed-in ``reviewer``."""
-        return self.store(VerdictRequest.from_json(study_uid, body), reviewer).as_json()
+    def record(
+        self, study_uid: str, body: Mapping[str, Any], reviewer: str, groups: frozenset[str] | None = None
+    ) -> dict[str, Any]:
+        """An HTTP verdict (JSON body) as the signed-in ``reviewer`` of ``groups``."""
+        return self.store(VerdictRequest.from_json(study_uid, body), reviewer, groups=groups).as_json()
 
     def store(
-        self, request: VerdictRequest, reviewer: str, *, via: str = "http", evidence_uid: str = ""
+        self,
+        request: VerdictRequest,
+        reviewer: str,
+        *,
+        via: str = "http",
+        evidence_uid: str = "",
+        groups: frozenset[str] | None = None,
     ) -> VerdictRow:
         """Check ``request`` and store it as its finding's current verdict; VerdictRefused and nothing stored
         when it names no current, shown AI finding or says something malformed."""
@@ -179,8 +203,15 @@ class Verdicts:
                 at=time.time(),
             ),
             self.node,
-            lambda found: _reviewable(request, found),
+            lambda found: self._reviewable(request, found, groups),
         )
+
+    def _reviewable(
+        self, request: VerdictRequest, found: AiFindingRow | None, groups: frozenset[str] | None
+    ) -> None:
+        _reviewable(request, found)
+        if found is not None and not self.shown(found, groups):
+            raise ResultNotReviewable(f"result {found.sr_uid} is a pilot's, not shown to this user's groups")
 
     def _validate(self, request: VerdictRequest) -> None:
         if not _UID.match(request.study_uid):

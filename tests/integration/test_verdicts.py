@@ -29,7 +29,7 @@ OPS = "operator-token"
 PIPELINES = (
     '[[pipelines]]\nname = "{name}"\nmodel = "ct_head_hyperdensity"\nalgorithm_version = "0.1.0"\n'
     'mode = "{mode}"\nreport_threshold = 0.5\nstat_threshold = 0.7\nmodalities = ["CT"]\n'
-    'input_size = [256, 256]\n[pipelines.labels]\n0 = "hemorrhage"\n'
+    'input_size = [256, 256]\n{extra}[pipelines.labels]\n0 = "hemorrhage"\n'
 )
 
 
@@ -43,8 +43,11 @@ def _config(tmp_path: Path, triton: str, provider: Provider, *, port: int, http:
         f'[[http.tokens]]\nname = "ops"\nrole = "operator"\nsha256 = "{hash_token(OPS)}"\n'
         f"{provider.config()}"
         f'[triton]\nurl = "{triton}"\n'
-        + PIPELINES.format(name="ct_hyperdensity", mode="triage")
-        + PIPELINES.format(name="ct_hyperdensity_pilot", mode="silent")
+        + PIPELINES.format(name="ct_hyperdensity", mode="triage", extra="")
+        + PIPELINES.format(name="ct_hyperdensity_pilot", mode="silent", extra="")
+        # Pilots: shown only to the neuro pilot group; triage only for another PACS (silent for this one).
+        + PIPELINES.format(name="ct_neuro_pilot", mode="assist", extra='pilot_groups = ["neuro-pilot"]\n')
+        + PIPELINES.format(name="ct_other_site", mode="triage", extra='pilot_sites = ["OTHER_PACS"]\n')
     )
     return config
 
@@ -73,20 +76,30 @@ def test_verdicts_over_http_with_openid_connect_and_roles(tmp_path: Path, triton
 
             assert storescu(first, port=port, calling_ae="STORESCU").returncode == 0
             wait_for(
-                lambda: len(_reported(gateway, study)) == 2, timeout_s=120, what="both pipelines' findings"
+                lambda: len(_reported(gateway, study)) == 4, timeout_s=120, what="every pipeline's findings"
             )
+            everyone = {"ct_hyperdensity", "ct_hyperdensity_pilot", "ct_other_site"}  # not the group's pilot
             findings = wait_for(
                 lambda: (
-                    lambda r: (
-                        r[1] if r[0] == 200 and {f["mode"] for f in r[1]} == {"triage", "silent"} else None
-                    )
+                    lambda r: r[1] if r[0] == 200 and {f["pipeline"] for f in r[1]} == everyone else None
                 )(http_json(f"{url}/findings", token=dr)),
                 timeout_s=20,
                 what="the findings in the system of record",
             )
             shown = [f for f in findings if f["mode"] == "triage"]
-            silent = [f for f in findings if f["mode"] == "silent"]
+            silent = [f for f in findings if f["pipeline"] == "ct_hyperdensity_pilot"]
             assert shown and silent and all(f["verdict"] is None for f in findings)
+            # A pilot outside its sites is silent; a pilot for a group is seen by that group (and QA) only.
+            assert {f["mode"] for f in findings if f["pipeline"] == "ct_other_site"} == {"silent"}
+            neuro = idp.token("u-77", ["radiologist"], groups=["neuro-pilot"])
+            for token, sees in ((neuro, True), (idp.token("u-qa", ["qa"]), True), (dr, False)):
+                listed = {f["pipeline"] for f in http_json(f"{url}/findings", token=token)[1]}
+                assert ("ct_neuro_pilot" in listed) is sees, listed
+            piloted = next(
+                f for f in http_json(f"{url}/findings", token=neuro)[1] if f["pipeline"] == "ct_neuro_pilot"
+            )
+            hidden = {"kind": "accept", "sr_uid": piloted["sr_uid"], "tracking_uid": piloted["tracking_uid"]}
+            assert http_json(f"{url}/verdicts", method="POST", token=dr, body=hidden)[0] == 409  # never shown
             # The findings are the SR's: same Tracking UIDs, same SR, the model's identity with them.
             [sr] = {f["sr_uid"] for f in shown}
             sr_path = next((tmp_path / "data" / "results" / study).glob("SR_*.dcm"))
