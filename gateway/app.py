@@ -21,6 +21,7 @@ import faulthandler
 import logging
 import sys
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -33,6 +34,7 @@ from gateway.core.logs import silence_identifier_warnings
 from gateway.core.retry import Backoff
 from gateway.database import migrate
 from gateway.database.connect import engine_for, shown
+from gateway.database.monitoring import record_pipeline_changes
 from gateway.database.notices import NoticeStore
 from gateway.database.queries import list_studies, study_timeline
 from gateway.database.queue import SharedQueue
@@ -219,6 +221,7 @@ class Gateway:
             migrate.upgrade(self.database)
             self.record.start()
             self.audit.start_writer()
+            self._audit_pipeline_changes()
             shared_spool = self.shared_queue is not None  # other nodes may be writing into it right now
             folders = (self.settings.results_dir, self.settings.outbox_dir)
             for folder in folders if shared_spool else (self.settings.spool_dir, *folders):
@@ -490,6 +493,20 @@ class Gateway:
         finally:
             self._ready.set()
             loop.close()
+
+    def _audit_pipeline_changes(self) -> None:
+        """Models, rollout modes, pilots and thresholds are changed in the settings file: every change a start
+        sees is kept (before / after) in the system of record and the audit log."""
+        changes = record_pipeline_changes(
+            self.database,
+            {p.name: p.governed() for p in self.settings.pipelines},
+            node=self.settings.node_id,
+            source="settings at start-up",
+            at=time.time(),
+        )
+        for change in changes:
+            logger.info("pipeline %s: governed settings changed (audited)", change["pipeline"])
+            self.audit.record("pipeline_changed", **change)
 
     def _drift_watch(self) -> DriftWatch:
         async def post(url: str, body: bytes) -> int:

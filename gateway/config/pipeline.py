@@ -271,6 +271,18 @@ class PipelineSettings(Section):
         """A copy with some flat keys changed (``report_threshold=0.0``), validated like the file."""
         return PipelineSettings.model_validate({**self.flat(), **changes})
 
+    def governed(self) -> dict[str, Any]:
+        """What a governance committee approves: the model, the rollout mode and pilot, the thresholds."""
+        return {
+            "model": self.model,
+            "algorithm_version": self.provenance.algorithm_version,
+            "mode": self.mode.value,
+            "pilot_sites": list(self.pilot_sites),
+            "pilot_groups": list(self.pilot_groups),
+            "report_threshold": self.output.report_threshold,
+            "stat_threshold": self.output.stat_threshold,
+        }
+
     def mode_for(self, calling_ae: str) -> RolloutMode:
         """The rollout mode for a study from ``calling_ae``: silent outside the pilot's sites."""
         if self.pilot_sites and calling_ae.strip() not in self.pilot_sites:

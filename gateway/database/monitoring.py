@@ -217,3 +217,37 @@ def model_names(engine: Engine) -> list[str]:
     with engine.connect() as connection:
         query = select(a.c.model_name).where(a.c.model_name != "").distinct().order_by(a.c.model_name)
         return [name for (name,) in connection.execute(query)]
+
+
+@answered
+def record_pipeline_changes(
+    engine: Engine, current: dict[str, dict[str, Any]], *, node: str, source: str, at: float
+) -> list[dict[str, Any]]:
+    """Compare each pipeline's governed settings with the last recorded ones and keep what changed (with the
+    value before); a pipeline seen for the first time has no "before", one gone no "after". Returns the changes."""
+    p = t.pipeline_changes
+    with engine.begin() as connection:
+        latest: dict[str, Any] = {}
+        for row in connection.execute(select(p).order_by(p.c.at, p.c.id)):
+            latest[row.pipeline] = row.after
+        changes = []
+        for name in sorted(set(latest) | set(current)):
+            before, after = latest.get(name), current.get(name)
+            if before == after:
+                continue
+            changes.append({"pipeline": name, "before": before, "after": after})
+        for change in changes:
+            connection.execute(p.insert().values(**change, at=at, node=node, source=source))
+        return changes
+
+
+@answered
+def pipeline_changes(
+    engine: Engine, pipelines: list[str] | None = None, since: float = 0.0
+) -> list[dict[str, Any]]:
+    p = t.pipeline_changes
+    query = select(p).where(p.c.at >= since)
+    if pipelines is not None:
+        query = query.where(p.c.pipeline.in_(pipelines))
+    with engine.connect() as connection:
+        return [dict(r._mapping) for r in connection.execute(query.order_by(p.c.at, p.c.id))]

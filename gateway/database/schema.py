@@ -457,3 +457,18 @@ drift_alarms = Table(
     Column("notified", Boolean, nullable=False, server_default="0"),
     Index(None, "model_name", "model_version", "site", "kind", "at_count", unique=True),
 )
+
+pipeline_changes = Table(
+    "pipeline_changes",
+    metadata,
+    # Every change of a pipeline's model, rollout mode, thresholds or pilot, with what it was before: seen by a
+    # gateway at start-up (the settings file is where sites change them) and kept for governance.
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("pipeline", String(64), nullable=False),
+    Column("at", Float, nullable=False),
+    Column("node", String(64), nullable=False),
+    Column("source", Text, nullable=False, server_default=""),  # the settings file that said it
+    Column("before", Json),  # null: a new pipeline
+    Column("after", Json),  # null: a pipeline removed
+    Index(None, "pipeline", "at"),
+)

@@ -40,6 +40,8 @@ class ReviewApi(Protocol):
 
     def comparisons(self, study_uid: str) -> list[dict[str, Any]]: ...
 
+    def pipelines(self) -> dict[str, Any]: ...
+
     def discrepancies(self, state: str | None) -> list[dict[str, Any]]: ...
 
     def assign(self, item: int, to: str, by: str) -> dict[str, Any] | None: ...
@@ -125,6 +127,15 @@ def review_routes(app: FastAPI, review: ReviewApi, needs: Callable[..., Callable
         return review.comparisons(study_uid)
 
     qa = needs(TokenRole.QA)
+
+    @app.get(
+        "/admin/pipelines",
+        summary="Every pipeline's model, rollout mode, pilot and thresholds, and each audited change of them",
+        responses=_REFUSED,
+        tags=["admin"],
+    )
+    def pipelines(_: Annotated[Principal, Depends(needs(TokenRole.ADMIN))]) -> dict[str, Any]:
+        return review.pipelines()
 
     @app.get(
         "/qa/discrepancies",

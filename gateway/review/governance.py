@@ -8,11 +8,12 @@ import csv
 import datetime as dt
 import io
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy import Engine
 
 from gateway.config.settings import Settings
-from gateway.database.monitoring import alarms, model_history
+from gateway.database.monitoring import alarms, model_history, pipeline_changes
 from gateway.review.monitoring import ModelSiteStats, evaluate
 
 CSV_COLUMNS = (
@@ -56,6 +57,27 @@ def _pct(value: float | None) -> str:
 
 def _num(value: float | None, digits: int = 3) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
+
+
+GOVERNED = (
+    "model",
+    "algorithm_version",
+    "mode",
+    "pilot_sites",
+    "pilot_groups",
+    "report_threshold",
+    "stat_threshold",
+)
+
+
+def _diff(before: dict[str, Any] | None, after: dict[str, Any] | None) -> str:
+    """The change in words, keys in one order (JSONB keeps none)."""
+    if before is None or after is None:
+        values = after or before or {}
+        return ", ".join(f"{k} {values[k]}" for k in GOVERNED if k in values)
+    return ", ".join(
+        f"{k} {before.get(k)} -> {after.get(k)}" for k in GOVERNED if before.get(k) != after.get(k)
+    )
 
 
 def governance_report(engine: Engine, settings: Settings, model: str, since: float) -> GovernanceReport:
@@ -105,6 +127,15 @@ def governance_report(engine: Engine, settings: Settings, model: str, since: flo
         )
     if not stats:
         lines.append("| - | - | 0 | - | 0 | 0 | - | - | - | - | - | - | - |")
+    changes = pipeline_changes(engine, [p.name for p in pipelines], since) if pipelines else []
+    lines += ["", "## Changes of rollout mode, pilot, thresholds and model (audited)", ""]
+    lines += [
+        f"- {_date(c['at'])}: **{c['pipeline']}** "
+        + ("added" if c["before"] is None else "removed" if c["after"] is None else "changed")
+        + ": "
+        + _diff(c["before"], c["after"])
+        for c in changes
+    ] or ["- none in the period"]
     lines += ["", "## Drift alarms", ""]
     lines += [
         f"- {_date(a['at'])}: version {a['model_version']} at {a['site'] or '-'}: "

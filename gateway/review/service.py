@@ -9,6 +9,7 @@ from typing import Any
 from sqlalchemy import Engine
 
 from gateway.config.settings import Settings
+from gateway.database.monitoring import pipeline_changes
 from gateway.review.reports import FinalReports
 from gateway.review.verdicts import Verdicts
 
@@ -37,6 +38,13 @@ class Review:
 
     def fhir(self, study_uid: str) -> dict[str, Any]:
         return self.verdicts.fhir(study_uid)
+
+    def pipelines(self) -> dict[str, Any]:
+        """The governed settings of every pipeline now, and every audited change of them."""
+        return {
+            "pipelines": {name: p.governed() for name, p in self.verdicts.pipelines.items()},
+            "changes": pipeline_changes(self.verdicts.engine),
+        }
 
     def comparisons(self, study_uid: str) -> list[dict[str, Any]]:
         return self.reports.study_comparisons(study_uid)

@@ -18,14 +18,15 @@ from prometheus_client import generate_latest
 from pydicom.uid import generate_uid
 
 from clients.http_post import HttpPoster
+from gateway.app import Gateway
 from gateway.cli import main
 from gateway.config.settings import load_settings
 from gateway.core.retry import Backoff
 from gateway.database import migrate
-from gateway.database import schema as t
 from gateway.database.connect import engine_for
 from gateway.database.jobs import RoutedStudy
 from gateway.database.writes import EventWrites, StudyWrites
+from gateway.inference.server import free_port
 from gateway.ops.metrics import Metrics
 from gateway.review.monitoring import DriftWatch, publish_metrics
 from gateway.review.reports import FinalReports
@@ -50,16 +51,7 @@ def _seed(engine: object, rng: random.Random) -> dict[str, list[tuple[str, str, 
     start = time.time() - 20 * 86400
     shown, silent, negative = [], [], []
     with engine.begin() as connection:  # type: ignore[attr-defined]
-        connection.execute(
-            t.models.insert().values(
-                model=MODEL,
-                triton_version="1",
-                algorithm_version="0.1.0",
-                sha256="ab" * 32,
-                first_seen_at=start,
-                node="seed",
-            )
-        )
+        # The model itself is in the system of record already: the gateway's start fingerprinted it.
         for n in range(520):
             at = start + n * 60
             study, series = str(generate_uid()), str(generate_uid())
@@ -153,6 +145,22 @@ def test_drift_alarms_and_the_governance_report_on_a_seeded_history(
             + PIPELINES.format(name="ct_hyperdensity", mode="triage")
             + PIPELINES.format(name="ct_hyperdensity_pilot", mode="silent")
         )
+        # The committee's history: the pipeline ran silent first, then the site switched it to triage with a
+        # higher STAT threshold (two starts of a gateway, the settings file edited in between).
+        final = config.read_text()
+        pilot = final.replace(
+            'mode = "triage"\nreport_threshold = 0.5\nstat_threshold = 0.7',
+            'mode = "silent"\nreport_threshold = 0.5\nstat_threshold = 0.6',
+            1,
+        )
+        assert pilot != final
+        for text in (pilot, final):
+            config.write_text(
+                text
+                + f'[receiver]\nport = {free_port()}\n[http]\nenabled = false\n[triton]\nurl = "127.0.0.1:1"\n'
+            )
+            Gateway(load_settings(config)).start().stop()
+        config.write_text(final)
         settings = load_settings(config)
         engine = engine_for(settings.database_url)
         migrate.upgrade(engine)
@@ -280,6 +288,8 @@ def test_drift_alarms_and_the_governance_report_on_a_seeded_history(
         )
         assert f"| 1 | {SITE} | 520 | 96.2 % | 750 (250) | 500 |" in printed
         assert "| 80 / 20 / 5 / 15 | 94.1 % | 80.0 % |" in printed
+        assert "**ct_hyperdensity** changed: mode silent -> triage, stat_threshold 0.6 -> 0.7" in printed
+        assert "**ct_hyperdensity_pilot** added: model ct_head_hyperdensity" in printed
         assert "acceptance fell to" in printed and "score distribution moved from its baseline" in printed
         [row] = list(csv.DictReader(io.StringIO((out / f"governance-{MODEL}.csv").read_text())))
         assert (

@@ -122,6 +122,11 @@ def test_the_document_lists_the_endpoints_and_their_token_scheme(gateway_url: st
         "/studies/{study_uid}/findings",
         "/studies/{study_uid}/verdicts",
         "/studies/{study_uid}/verdicts/fhir",
+        "/studies/{study_uid}/comparisons",
+        "/qa/discrepancies",
+        "/qa/discrepancies/{item}/assign",
+        "/qa/discrepancies/{item}/close",
+        "/admin/pipelines",
     }
     verdicts = document["paths"]["/studies/{study_uid}/verdicts"]["post"]
     assert verdicts["security"] == [{"HTTPBearer": []}]

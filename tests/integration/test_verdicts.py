@@ -222,5 +222,12 @@ def test_verdicts_over_http_with_openid_connect_and_roles(tmp_path: Path, triton
             }
             assert http_json(f"{url}/verdicts", method="POST", token=dr, body=fresh)[0] == 201
             assert idp.fetches >= 1  # the keys came from the provider's JWKS endpoint
+            # What the committee governs, and its audited history (the first start added every pipeline).
+            assert http_json(f"{base}/admin/pipelines", token=dr)[0] == 403
+            status, governed = http_json(f"{base}/admin/pipelines", token=idp.token("u-admin", ["admin"]))
+            assert status == 200 and governed["pipelines"]["ct_other_site"]["pilot_sites"] == ["OTHER_PACS"]
+            assert {c["pipeline"] for c in governed["changes"] if c["before"] is None} == set(
+                governed["pipelines"]
+            )
         finally:
             gateway.stop()

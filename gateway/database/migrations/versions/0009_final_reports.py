@@ -1,4 +1,5 @@
-"""Final reports from the RIS, their comparison with the AI (QA items), who viewed the AI results, drift alarms.
+"""Final reports from the RIS, their comparison with the AI (QA items), who viewed the AI results, drift alarms,
+and the audited changes of pipelines.
 
 Revision ID: 0009
 Revises: 0008
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 from alembic import op
+from sqlalchemy.dialects import postgresql
 
 revision = "0009"
 down_revision = "0008"
@@ -16,6 +18,7 @@ branch_labels = None
 depends_on = None
 
 ID = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+JSON = sa.JSON().with_variant(postgresql.JSONB(), "postgresql")
 
 
 def upgrade() -> None:
@@ -112,8 +115,25 @@ def upgrade() -> None:
             unique=True,
         )
 
+    op.create_table(
+        "pipeline_changes",
+        sa.Column("id", ID, autoincrement=True, nullable=False),
+        sa.Column("pipeline", sa.String(length=64), nullable=False),
+        sa.Column("at", sa.Float(), nullable=False),
+        sa.Column("node", sa.String(length=64), nullable=False),
+        sa.Column("source", sa.Text(), server_default="", nullable=False),
+        sa.Column("before", JSON, nullable=True),
+        sa.Column("after", JSON, nullable=True),
+        sa.PrimaryKeyConstraint("id", name=op.f("pk_pipeline_changes")),
+    )
+    with op.batch_alter_table("pipeline_changes", schema=None) as batch_op:
+        batch_op.create_index(batch_op.f("ix_pipeline_changes_pipeline_at"), ["pipeline", "at"], unique=False)
+
 
 def downgrade() -> None:
+    with op.batch_alter_table("pipeline_changes", schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f("ix_pipeline_changes_pipeline_at"))
+    op.drop_table("pipeline_changes")
     with op.batch_alter_table("drift_alarms", schema=None) as batch_op:
         batch_op.drop_index(batch_op.f("ix_drift_alarms_model_name_model_version_site_kind_at_count"))
     op.drop_table("drift_alarms")
