@@ -12,11 +12,12 @@ NODE_PACKAGES := $(if $(shell command -v node),,nodejs) $(if $(shell command -v 
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: help setup system-deps venv models native test-peers lint typecheck unit integration test run bench bench-report bench-stages clean
+.PHONY: help setup system-deps venv models native test-peers lint typecheck unit integration test run demo bench bench-report bench-stages clean
 
 help:
 	@echo "make run    - install what is needed, start Triton and the gateway on 127.0.0.1:11112"
 	@echo "make test   - install what is needed, run ruff, mypy and the whole test suite (integration again on PostgreSQL)"
+	@echo "make demo   - with the gateway running (make run), send one synthetic study per pipeline and show the results"
 	@echo "make bench  - Locust load benchmark with the SLO gate (fails when a latency target is missed)"
 	@echo "make bench-report - every throughput figure in one run, rewrites benchmarks/README.md (~10 min)"
 	@echo "make bench-stages - per-stage latency of single studies through Orthanc"
@@ -103,6 +104,9 @@ test: setup test-peers lint typecheck
 
 run: setup
 	$(VENV)/bin/gateway serve $(ARGS)
+
+demo: venv
+	$(VENV)/bin/gateway demo $(ARGS)
 
 bench: setup
 	$(PY) -m benchmarks.run_bench $(ARGS)

@@ -36,9 +36,9 @@ from sqlalchemy import Engine, create_engine, func, select
 from tqdm import tqdm
 
 from benchmarks import cli
-from benchmarks.phantoms import write_head_ct
 from gateway.config.settings import default_model_repository
 from gateway.database import schema as t
+from gateway.demo.phantoms import write_head_ct
 from gateway.inference.server import TritonServer, free_port
 from tests.support.postgres import postgres_cluster
 from tests.support.servers import listening, storescu, wait_for

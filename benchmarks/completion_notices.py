@@ -30,11 +30,11 @@ from pynetdicom.sop_class import ModalityPerformedProcedureStep  # type: ignore[
 from sqlalchemy import func, select
 
 from benchmarks import cli
-from benchmarks.phantoms import write_head_ct
 from gateway.app import Gateway
 from gateway.config.settings import load_settings
 from gateway.core.logs import configure_logging
 from gateway.database import schema as t
+from gateway.demo.phantoms import write_head_ct
 from gateway.inference.server import free_port
 from tests.support.notices import series_items
 from tests.support.servers import storescu, wait_for

@@ -22,10 +22,10 @@ from typing import Any
 
 from benchmarks import cli
 from benchmarks.e2e_latency import fresh_copy
-from benchmarks.phantoms import Lesion, write_head_ct
 from gateway.app import Gateway
 from gateway.config.settings import load_settings
 from gateway.core.logs import configure_logging
+from gateway.demo.phantoms import Lesion, write_head_ct
 from gateway.inference.server import free_port
 from tests.support.servers import SmtpSink, WebhookReceiver, storescu, wait_for
 

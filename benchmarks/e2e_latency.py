@@ -22,10 +22,10 @@ import pydicom
 from pydicom.uid import generate_uid
 
 from benchmarks import cli
-from benchmarks.phantoms import Lesion, write_head_ct
 from gateway.app import Gateway
 from gateway.config.settings import load_settings
 from gateway.core.logs import configure_logging
+from gateway.demo.phantoms import Lesion, write_head_ct
 from gateway.inference.server import free_port
 from gateway.ops.audit import AuditLog
 from tests.support.servers import Orthanc, storescu, wait_for

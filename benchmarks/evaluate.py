@@ -48,10 +48,10 @@ from typing import Any
 import numpy as np
 import pydicom
 
-from benchmarks.phantoms import Lesion, Nodule, Opacity, write_chest_ct, write_cxr, write_head_ct
 from clients.triton import TritonClient
 from gateway.config.settings import PipelineSettings, Settings, default_model_repository, load_settings
 from gateway.core.domain import Finding
+from gateway.demo.phantoms import Lesion, Nodule, Opacity, write_chest_ct, write_cxr, write_head_ct
 from gateway.ingest.assembler import assemble_study
 from gateway.ingest.spool import record_from_header
 from gateway.orchestration.analysis import Reading, analyse

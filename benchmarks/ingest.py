@@ -27,12 +27,12 @@ from typing import Any
 
 from benchmarks import cli
 from benchmarks.e2e_latency import fresh_copy
-from benchmarks.phantoms import write_head_ct
 from gateway.config.settings import ReceiverSettings
 from gateway.core.domain import InstanceRecord
 from gateway.database import migrate
 from gateway.database.connect import engine_for
 from gateway.database.recorder import Recorder
+from gateway.demo.phantoms import write_head_ct
 from gateway.inference.server import free_port
 from gateway.ingest.native import NativeReceiver
 from gateway.ingest.receiver import StoreSCP

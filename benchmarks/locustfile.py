@@ -39,7 +39,7 @@ from locust import User, between, constant_pacing, events, task
 from pydicom.uid import generate_uid
 from pynetdicom import AE, evt
 
-from benchmarks.phantoms import Lesion, Nodule, Opacity, write_chest_ct, write_cxr, write_head_ct
+from gateway.demo.phantoms import Lesion, Nodule, Opacity, write_chest_ct, write_cxr, write_head_ct
 
 GATEWAY = os.environ.get("BENCH_GATEWAY", "127.0.0.1:11112")
 GATEWAY_AE = os.environ.get("BENCH_GATEWAY_AE", "AI_GATEWAY")

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks import cli
-from benchmarks.phantoms import write_head_ct
+from gateway.demo.phantoms import write_head_ct
 from preprocessing.backend import NUMPY, select_backend
 from preprocessing.dali_pipeline import DaliPreprocessor, supports
 from preprocessing.dali_pipeline import available as dali_available

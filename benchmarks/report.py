@@ -33,9 +33,9 @@ import numpy as np
 from tqdm import tqdm
 
 from benchmarks import cli, ingest, preprocess_throughput, run_bench, stow, transport
-from benchmarks.phantoms import Lesion, write_head_ct
 from clients.triton import TritonClient
 from gateway.config.settings import default_model_repository
+from gateway.demo.phantoms import Lesion, write_head_ct
 from gateway.inference.server import TritonServer
 from preprocessing.series import load_series, model_input
 

@@ -25,9 +25,9 @@ import httpx
 
 from benchmarks import cli
 from benchmarks.e2e_latency import fresh_copy
-from benchmarks.phantoms import write_head_ct
 from gateway.app import Gateway
 from gateway.config.settings import load_settings
+from gateway.demo.phantoms import write_head_ct
 from gateway.inference.server import free_port
 from gateway.ops.http_api import hash_token
 from tests.support.servers import Orthanc

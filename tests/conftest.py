@@ -101,7 +101,7 @@ def pytest_configure(config: pytest.Config) -> None:
 
 def _identifiers() -> set[str]:
     """Patient names, IDs and birth dates of every test input: the phantoms and the shared real data."""
-    from benchmarks.phantoms import PATIENT_BIRTH_DATE, PATIENT_ID, PATIENT_NAME
+    from gateway.demo.phantoms import PATIENT_BIRTH_DATE, PATIENT_ID, PATIENT_NAME
 
     values = {PATIENT_NAME, PATIENT_NAME.replace("^", " "), PATIENT_ID, PATIENT_BIRTH_DATE}
     import pydicom

@@ -11,10 +11,10 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from benchmarks.phantoms import write_head_ct
 from clients.dicom_scu import echo, store_datasets
 from gateway.app import Gateway
 from gateway.config.settings import Peer, load_settings
+from gateway.demo.phantoms import write_head_ct
 from gateway.inference.server import free_port
 from tests.support.pki import make_pki
 from tests.support.servers import storescu

@@ -16,9 +16,9 @@ from typing import Any
 import pytest
 from pynetdicom.transport import AssociationSocket
 
-from benchmarks.phantoms import write_head_ct
 from gateway.config.settings import ReceiverSettings
 from gateway.core.domain import InstanceRecord
+from gateway.demo.phantoms import write_head_ct
 from gateway.inference.server import free_port
 from gateway.ingest.receiver import StoreSCP
 from gateway.ingest.spool import Spool

@@ -19,8 +19,8 @@ import pydicom
 import pytest
 from sqlalchemy import create_engine, select
 
-from benchmarks.phantoms import write_head_ct
 from gateway.database import schema
+from gateway.demo.phantoms import write_head_ct
 from gateway.inference.server import free_port
 from gateway.ingest.spool import Spool
 from tests.support.postgres import PostgresCluster

@@ -17,7 +17,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     ModalityPerformedProcedureStep,
 )
 
-from benchmarks.phantoms import write_head_ct
+from gateway.demo.phantoms import write_head_ct
 from tests.integration.conftest import Env
 from tests.support.notices import series_items
 from tests.support.servers import storescu, wait_for

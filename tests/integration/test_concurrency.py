@@ -12,9 +12,9 @@ from typing import Any
 
 import pytest
 
-from benchmarks.phantoms import Lesion, write_head_ct
 from gateway.app import Gateway
 from gateway.config.settings import load_settings
+from gateway.demo.phantoms import Lesion, write_head_ct
 from gateway.inference.server import free_port
 from gateway.ops.audit import AuditLog
 from gateway.orchestration.scheduler import JobQueue

@@ -9,9 +9,9 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from benchmarks.phantoms import Nodule, write_chest_ct, write_head_ct
 from gateway.app import Gateway
 from gateway.config.settings import load_settings
+from gateway.demo.phantoms import Nodule, write_chest_ct, write_head_ct
 from gateway.inference.server import free_port
 from gateway.ops.audit import AuditLog
 from tests.support.analysis import content_items

@@ -16,12 +16,12 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.phantoms import PATIENT_NAME, Lesion, write_head_ct
 from clients.http_post import HttpPoster
 from gateway.app import Gateway
 from gateway.config.settings import load_settings
 from gateway.database import migrate
 from gateway.database.connect import engine_for
+from gateway.demo.phantoms import PATIENT_NAME, Lesion, write_head_ct
 from gateway.inference.server import free_port
 from gateway.ops.http_api import hash_token
 from gateway.reporting.critical_alerts import CriticalAlerts, CriticalFinding

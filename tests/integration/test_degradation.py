@@ -13,9 +13,9 @@ from pydicom.dataset import Dataset
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 
-from benchmarks.phantoms import write_head_ct
 from gateway.app import Gateway
 from gateway.config.settings import load_settings
+from gateway.demo.phantoms import write_head_ct
 from gateway.inference.server import TritonServer, free_port
 from gateway.ops.audit import AuditLog
 from gateway.ops.http_api import hash_token

@@ -14,7 +14,7 @@ import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
-from benchmarks.phantoms import Lesion, write_head_ct
+from gateway.demo.phantoms import Lesion, write_head_ct
 from gateway.inference.server import free_port
 from gateway.ops.audit import AuditLog
 from tests.integration.conftest import Env

@@ -21,9 +21,9 @@ from pynetdicom import AE
 from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 
-from benchmarks.phantoms import Lesion, write_head_ct
 from gateway.app import Gateway
 from gateway.config.settings import load_settings
+from gateway.demo.phantoms import Lesion, write_head_ct
 from gateway.inference.server import free_port
 from gateway.ingest.receiver import StoreSCP
 from gateway.ingest.spool import Spool

@@ -10,10 +10,10 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from benchmarks.phantoms import Lesion, write_head_ct
 from gateway.app import Gateway
 from gateway.config.settings import load_settings
 from gateway.database import schema as t
+from gateway.demo.phantoms import Lesion, write_head_ct
 from gateway.inference.server import free_port
 from gateway.ops.http_api import hash_token
 from tests.integration.test_order_feed import MllpClient, msa

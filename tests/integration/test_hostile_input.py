@@ -9,7 +9,7 @@ import pydicom
 import pytest
 from pynetdicom import AE, build_context
 
-from benchmarks.phantoms import write_head_ct
+from gateway.demo.phantoms import write_head_ct
 from tests.integration.conftest import Env
 from tests.support.hostile import Case, build_corpus
 from tests.support.servers import wait_for

@@ -14,10 +14,10 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from benchmarks.phantoms import write_head_ct
 from gateway.app import Gateway
 from gateway.config.settings import ReceiverSettings, load_settings
 from gateway.core.domain import InstanceRecord
+from gateway.demo.phantoms import write_head_ct
 from gateway.inference.server import free_port
 from gateway.ingest.native import NativeReceiver, native_binary
 from gateway.ingest.spool import Spool, record_from_header

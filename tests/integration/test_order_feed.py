@@ -177,8 +177,8 @@ def test_with_the_database_down_an_order_is_answered_ae_so_the_ris_sends_it_agai
 def test_the_order_priority_puts_a_routine_looking_study_first(tmp_path: Path, triton: str) -> None:
     """The images say nothing of urgency; the RIS's order for their accession number says STAT: the study is
     scheduled (and recorded) as STAT."""
-    from benchmarks.phantoms import write_head_ct
     from gateway.database.queries import StudyFilter, list_studies
+    from gateway.demo.phantoms import write_head_ct
     from tests.support.servers import storescu, wait_for
 
     port = free_port()
@@ -226,7 +226,7 @@ def test_an_order_that_says_how_many_images_closes_the_study_at_the_last_one(
 ) -> None:
     """The order (OBR-37) expects 6 images: the study is complete as soon as the sixth is in the spool, not after
     the 30 s quiet period; an order without a count leaves the quiet period in charge."""
-    from benchmarks.phantoms import write_head_ct
+    from gateway.demo.phantoms import write_head_ct
     from tests.support.servers import storescu
 
     gateway.assembler.quiet_period_s = 30.0
@@ -263,8 +263,8 @@ def test_without_an_hl7_feed_the_worklist_gives_the_order_its_priority_and_proce
     stored, and the study is routed by its procedure code and analysed as STAT."""
     from pydicom.dataset import Dataset
 
-    from benchmarks.phantoms import write_head_ct
     from gateway.database.queries import StudyFilter, list_studies
+    from gateway.demo.phantoms import write_head_ct
     from tests.support.servers import WorklistSCP, storescu, wait_for
 
     code = Dataset()

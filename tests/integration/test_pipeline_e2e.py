@@ -14,9 +14,9 @@ import pydicom
 import pytest
 import tritonclient.grpc as grpcclient
 
-from benchmarks.phantoms import Lesion, write_head_ct
 from gateway.app import Gateway
 from gateway.config.settings import default_model_repository, load_settings
+from gateway.demo.phantoms import Lesion, write_head_ct
 from gateway.inference.registry import model_fingerprint
 from gateway.inference.server import free_port
 from gateway.results.content import read_measurement_report

@@ -205,7 +205,7 @@ def test_third_party_nhwc_classifier_runs_end_to_end_without_code_changes(
 
 
 def test_silent_mode_records_results_but_sends_nothing(tmp_path: Path, triton: str) -> None:
-    from benchmarks.phantoms import Lesion, write_head_ct
+    from gateway.demo.phantoms import Lesion, write_head_ct
     from tests.support.servers import Orthanc, WebhookReceiver
 
     orthanc = Orthanc(tmp_path / "orthanc").start()

@@ -9,7 +9,7 @@ import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
-from benchmarks.phantoms import Lesion, write_head_ct
+from gateway.demo.phantoms import Lesion, write_head_ct
 from tests.integration.conftest import Env
 from tests.support.servers import storescu, wait_for
 

@@ -13,7 +13,7 @@ import pytest
 from fhir.resources.R4B.bundle import Bundle
 from hl7apy.parser import parse_message
 
-from benchmarks.phantoms import Lesion, write_head_ct
+from gateway.demo.phantoms import Lesion, write_head_ct
 from tests.integration.conftest import Env
 from tests.support.servers import (
     KNOWN_PIXELMED_TID_1410_HEURISTIC,
@@ -241,7 +241,7 @@ def test_pixelmed_misapplies_tid_1410_only_to_the_study_assessment_group_of_a_on
     the container, ``count(...) = 1``), whereas TID 1500 includes TID 1410, 1411 and 1501 per group. The
     study-level assessment group (TID 1501: triage score, CAD summary, STAT flag; no region by design) is then
     checked against TID 1410 rows 5 / 7. The finding group itself passes TID 1410, dciodvfy and dsrdump."""
-    from benchmarks.phantoms import write_cxr
+    from gateway.demo.phantoms import write_cxr
     from gateway.results.sr import build_sr
     from preprocessing.series import load_series
     from tests.support.analysis import make_analysis, make_finding

@@ -15,10 +15,10 @@ import pytest
 import requests
 from dicomweb_client.api import DICOMwebClient
 
-from benchmarks.phantoms import Lesion, write_head_ct
 from gateway.app import Gateway
 from gateway.config.settings import load_settings
 from gateway.core.errors import STATUS_CANNOT_UNDERSTAND, STATUS_DATASET_MISMATCH
+from gateway.demo.phantoms import Lesion, write_head_ct
 from gateway.inference.server import free_port
 from gateway.ops.audit import AuditLog
 from gateway.ops.http_api import hash_token

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.phantoms import write_head_ct
 from gateway.app import Gateway
 from gateway.config.settings import load_settings
+from gateway.demo.phantoms import write_head_ct
 from gateway.inference.server import free_port
 from gateway.ops.audit import AuditLog
 from tests.support.servers import http_json, storescu, wait_for

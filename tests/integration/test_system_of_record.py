@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, select
 
-from benchmarks.phantoms import Lesion, write_head_ct
 from gateway import cli
 from gateway.app import Gateway
 from gateway.config.settings import load_settings
 from gateway.database import schema
 from gateway.database.queries import StudyFilter, list_studies
 from gateway.database.states import StudyState
+from gateway.demo.phantoms import Lesion, write_head_ct
 from gateway.inference.server import free_port
 from gateway.ops.audit import AuditLog
 from gateway.ops.http_api import StateName, hash_token

@@ -11,9 +11,9 @@ import pydicom
 import pytest
 import tritonclient.grpc as grpcclient
 
-from benchmarks.phantoms import Lesion, Nodule, Opacity, write_chest_ct, write_cxr, write_head_ct
 from gateway.app import Gateway
 from gateway.config.settings import load_settings
+from gateway.demo.phantoms import Lesion, Nodule, Opacity, write_chest_ct, write_cxr, write_head_ct
 from gateway.inference.server import free_port
 from gateway.ops.audit import AuditLog
 from gateway.results.content import read_measurement_report

@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from benchmarks.phantoms import Lesion, write_head_ct
 from clients.triton import DetectionOutput, TritonClient
 from gateway.core.domain import Priority
 from gateway.core.errors import InferenceUnavailable
+from gateway.demo.phantoms import Lesion, write_head_ct
 from gateway.inference.batcher import CrossStudyBatcher
 from gateway.inference.server import free_port
 from preprocessing.series import load_series, model_input

@@ -12,9 +12,9 @@ import pydicom
 import pytest
 from fhir.resources.R4B.bundle import Bundle
 
-from benchmarks.phantoms import Lesion, write_head_ct
 from gateway.app import Gateway
 from gateway.config.settings import load_settings
+from gateway.demo.phantoms import Lesion, write_head_ct
 from gateway.inference.server import free_port
 from gateway.ops.http_api import hash_token
 from gateway.results.content import read_measurement_report

@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 
 from benchmarks.e2e_latency import fresh_copy
-from benchmarks.phantoms import Lesion, write_head_ct
 from gateway.app import Gateway
 from gateway.config.settings import load_settings
 from gateway.database.queries import StudyFilter, list_studies
+from gateway.demo.phantoms import Lesion, write_head_ct
 from gateway.inference.server import free_port
 from tests.support.servers import Orthanc, UpsWorklistManager, require_tool, storescu, wait_for
 

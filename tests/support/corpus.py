@@ -17,7 +17,7 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from pydicom.uid import generate_uid
 
-from benchmarks.phantoms import write_cxr, write_head_ct
+from gateway.demo.phantoms import write_cxr, write_head_ct
 
 IMAGE_MODALITIES = ("CT", "MR", "CR", "DX")
 

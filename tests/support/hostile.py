@@ -27,7 +27,7 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from benchmarks.phantoms import write_head_ct
+from gateway.demo.phantoms import write_head_ct
 
 
 @dataclass(frozen=True)

@@ -10,8 +10,8 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from benchmarks.phantoms import PATIENT_ID, PATIENT_NAME, write_head_ct
 from gateway.cli import main
+from gateway.demo.phantoms import PATIENT_ID, PATIENT_NAME, write_head_ct
 
 CONFIG = """
 data_dir = "{data}"

@@ -63,7 +63,7 @@ def test_privacy_scan_finds_an_identifier_in_a_log_line_or_file() -> None:
     import tempfile
     from pathlib import Path
 
-    from benchmarks.phantoms import PATIENT_ID, PATIENT_NAME
+    from gateway.demo.phantoms import PATIENT_ID, PATIENT_NAME
     from tests.conftest import identifier_leaks
 
     # Outside pytest's temporary folders, which the session-wide scan reads: this file leaks on purpose.

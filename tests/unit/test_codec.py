@@ -11,7 +11,7 @@ import pydicom
 import pytest
 from pydicom import uid
 
-from benchmarks.phantoms import write_head_ct
+from gateway.demo.phantoms import write_head_ct
 from preprocessing import codec
 from preprocessing.decode import decode_dataset
 

@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from benchmarks.phantoms import write_cxr, write_head_ct
+from gateway.demo.phantoms import write_cxr, write_head_ct
 from preprocessing.dali_pipeline import DaliPreprocessor, available, supports
 from preprocessing.decode import decode_file
 from preprocessing.normalize import prepare_stack

@@ -12,9 +12,9 @@ import pytest
 from fhir.resources.R4B.bundle import Bundle
 from hl7apy.parser import parse_message
 
-from benchmarks.phantoms import PATIENT_ID, write_head_ct
 from clients.mllp import ack_code, send_mllp
 from gateway.core.errors import DeliveryError
+from gateway.demo.phantoms import PATIENT_ID, write_head_ct
 from gateway.reporting.fhir import build_bundle
 from gateway.reporting.hl7 import build_oru, build_priority_update
 from gateway.results.content import SeriesReport, reported_findings

@@ -9,10 +9,10 @@ import pydicom
 import pytest
 from pydicom.dataset import FileMetaDataset
 
-from benchmarks.phantoms import write_head_ct
 from gateway.config.settings import load_settings
 from gateway.core.domain import InstanceRecord, Priority, Series, Study
 from gateway.core.errors import InvalidInstanceError, SpoolFullError
+from gateway.demo.phantoms import write_head_ct
 from gateway.ingest.assembler import StudyAssembler
 from gateway.ingest.spool import Spool
 from gateway.orchestration.routing import InferenceJob, Router

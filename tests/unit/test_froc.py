@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from benchmarks.evaluate import CaseResult, Detection, MatchRule, Target, detections_of, froc, match
-from benchmarks.phantoms import write_head_ct
 from gateway.core.domain import CodedConcept, Finding
+from gateway.demo.phantoms import write_head_ct
 from preprocessing.series import load_series
 
 RADIOGRAPH = MatchRule(xy_margin_mm=5.0, z_margin_mm=0.0, duplicates_are_false_positives=True)

@@ -18,10 +18,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from benchmarks.phantoms import write_head_ct
 from clients.triton import DetectionOutput
 from gateway.config.settings import load_settings
 from gateway.core.errors import DecodeError, InvalidInstanceError
+from gateway.demo.phantoms import write_head_ct
 from gateway.ingest.spool import Spool
 from gateway.orchestration.interpret import interpret
 from preprocessing.normalize import resize_bilinear

@@ -4,8 +4,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from benchmarks.phantoms import write_head_ct
 from gateway.core.errors import DecodeError
+from gateway.demo.phantoms import write_head_ct
 from preprocessing.decode import decode_file
 from preprocessing.geometry import order_slices
 from preprocessing.normalize import apply_window, prepare_stack, rescale_to_hu, resize_bilinear

@@ -14,8 +14,8 @@ import pydicom
 import pytest
 from pydicom.dataset import Dataset
 
-from benchmarks.phantoms import write_head_ct
 from gateway.delivery.store import encode
+from gateway.demo.phantoms import write_head_ct
 from gateway.results.content import reported_findings
 from gateway.results.encode import encode_results
 from gateway.results.hygiene import clean_header, clean_headers

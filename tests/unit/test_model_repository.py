@@ -11,8 +11,8 @@ from ensemble_steps.detection import heatmap_to_detections, hyperdensity_channel
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
-from benchmarks.phantoms import head_slice
 from gateway.config.settings import default_model_repository, load_settings
+from gateway.demo.phantoms import head_slice
 
 REPO = default_model_repository()
 

@@ -13,8 +13,8 @@ import re
 import pytest
 from hl7apy.parser import parse_message
 
-from benchmarks.phantoms import write_head_ct
 from gateway.core.logs import CONTINUATION, handler_for, neutralise
+from gateway.demo.phantoms import write_head_ct
 from gateway.reporting.fhir import build_bundle
 from gateway.reporting.hl7 import build_oru, build_priority_update
 from gateway.results.content import SeriesReport, reported_findings

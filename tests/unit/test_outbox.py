@@ -13,9 +13,9 @@ from typing import Any
 import pydicom
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 
-from benchmarks.phantoms import write_head_ct
 from gateway.config.settings import DeliverySettings, Peer
 from gateway.delivery.outbox import DeliveryJob, Outbox, next_batch
+from gateway.demo.phantoms import write_head_ct
 from gateway.inference.server import free_port
 
 

@@ -10,7 +10,7 @@ import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
-from benchmarks.phantoms import write_head_ct
+from gateway.demo.phantoms import write_head_ct
 from gateway.results import encode
 from gateway.results.content import reported_findings
 from gateway.results.encode import encode_results

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.phantoms import write_chest_ct, write_head_ct
 from gateway.config.settings import PipelineSettings, load_settings
 from gateway.core.domain import CodedConcept, Finding
+from gateway.demo.phantoms import write_chest_ct, write_head_ct
 from gateway.orchestration.plausibility import check_findings
 from preprocessing.series import LoadedSeries, load_series
 

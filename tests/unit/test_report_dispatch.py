@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.phantoms import write_head_ct
 from gateway.config.settings import load_settings
+from gateway.demo.phantoms import write_head_ct
 from gateway.ops.audit import AuditLog
 from gateway.reporting.dispatcher import ReportDispatcher
 from gateway.results.content import SeriesReport, reported_findings

@@ -8,7 +8,7 @@ import dataclasses
 
 import pytest
 
-from benchmarks.phantoms import write_head_ct
+from gateway.demo.phantoms import write_head_ct
 from preprocessing.series import LoadedSeries, load_series
 from tests.support.analysis import make_analysis
 

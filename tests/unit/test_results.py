@@ -7,12 +7,12 @@ import numpy as np
 import pydicom
 import pytest
 
-from benchmarks.phantoms import write_head_ct
 from clients.triton import DetectionOutput
 from gateway.config.settings import load_settings
 from gateway.core.domain import CodedConcept, Finding
 from gateway.core.errors import InvalidInstanceError
 from gateway.delivery.store import encode
+from gateway.demo.phantoms import write_head_ct
 from gateway.orchestration.interpret import interpret
 from gateway.results.common import SeriesAnalysis
 from gateway.results.content import read_measurement_report, reported_findings

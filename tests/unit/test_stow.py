@@ -11,9 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydicom.dataset import Dataset
 
-from benchmarks.phantoms import write_head_ct
 from gateway.core.domain import InstanceRecord
 from gateway.core.errors import STATUS_CANNOT_UNDERSTAND, STATUS_DATASET_MISMATCH, STATUS_OUT_OF_RESOURCES
+from gateway.demo.phantoms import write_head_ct
 from gateway.ingest.spool import Spool
 from gateway.ingest.stow import PartReader, StowRequestError, StowStore, dicom_parts
 
