@@ -31,7 +31,8 @@ from gateway.core.errors import ConfigError
 logger = logging.getLogger(__name__)
 
 # Which roles each role acts as. Admin runs the gateway and reviews QA, but records no verdicts (a verdict is a
-# radiologist's). Read-only and operator see the gateway's work, not the AI's findings.
+# radiologist's). Read-only and operator see the gateway's work (studies, queues), not the AI's findings;
+# radiologists and QA see that work too (the worklist).
 ACTS_AS: dict[TokenRole, frozenset[TokenRole]] = {
     TokenRole.READ_ONLY: frozenset({TokenRole.READ_ONLY}),
     TokenRole.OPERATOR: frozenset({TokenRole.OPERATOR, TokenRole.READ_ONLY}),
@@ -39,8 +40,8 @@ ACTS_AS: dict[TokenRole, frozenset[TokenRole]] = {
         {TokenRole.ADMIN, TokenRole.OPERATOR, TokenRole.READ_ONLY, TokenRole.QA, TokenRole.SENDER}
     ),
     TokenRole.SENDER: frozenset({TokenRole.SENDER}),
-    TokenRole.RADIOLOGIST: frozenset({TokenRole.RADIOLOGIST}),
-    TokenRole.QA: frozenset({TokenRole.QA}),
+    TokenRole.RADIOLOGIST: frozenset({TokenRole.RADIOLOGIST, TokenRole.READ_ONLY}),
+    TokenRole.QA: frozenset({TokenRole.QA, TokenRole.READ_ONLY}),
 }
 RESULT_READERS = (TokenRole.RADIOLOGIST, TokenRole.QA)  # who may see AI findings (admin acts as QA)
 

@@ -62,7 +62,7 @@ def encode_results(
     """
     builders: list[tuple[str, Callable[[], Any]]] = [
         ("SR", lambda: build_sr(analysis, findings=reported, previous=previous)),
-        ("GSPS", lambda: build_gsps(analysis)),
+        ("GSPS", lambda: build_gsps(analysis, mask)),
     ]
     if mask is not None:
         builders.append(("SEG", lambda: build_seg(analysis, mask)))

@@ -1,8 +1,12 @@
 """Grayscale Softcopy Presentation State drawing each finding on the images it was found on.
 
-One GSPS per analysed series with findings: a named graphic layer (``AI_FINDINGS``) holds a rectangle and a
-text label with class and confidence per finding, on exactly the annotated images, with the pipeline's
-display window.
+One GSPS per analysed series with findings, with the pipeline's display window, on three layers a viewer can
+toggle one by one:
+
+- ``AI_FINDINGS``: a rectangle and a text label with class and confidence per finding, on its image;
+- ``AI_HEATMAP``: where the model gives a mask, its outline at the report threshold on the images with findings
+  (closed POLYLINE contours along the mask's pixel edges, the way commercial AI results draw a region);
+- ``AI_SCORE``: the study-level score as a text in the top-left corner of every referenced image.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from pydicom.pixels import pack_bits
 from gateway.core.domain import Finding
 from gateway.results.common import MANUFACTURER, SOFTWARE_VERSION, SeriesAnalysis
 from gateway.results.content import rectangle
+from gateway.results.contours import outlines
 
 GSPS_SERIES_NUMBER = 9902
 # Defined terms of BodyPartExamined (PS3.16 CID 4031 / Annex L) that name no paired structure: Laterality is not
@@ -79,9 +84,31 @@ UNPAIRED_BODY_PARTS = frozenset(
     }
 )
 LAYER_NAME = "AI_FINDINGS"
+HEATMAP_LAYER = "AI_HEATMAP"
+SCORE_LAYER = "AI_SCORE"
 
 
-def build_gsps(analysis: SeriesAnalysis) -> GrayscaleSoftcopyPresentationState | None:
+def mask_outlines(analysis: SeriesAnalysis, mask: np.ndarray | None) -> dict[str, list[np.ndarray]]:
+    """SOP Instance UID -> the mask's outlines on that image, in its pixels (the mask is on the model grid)."""
+    if mask is None or mask.ndim != 3 or mask.shape[0] != len(analysis.sources):
+        return {}
+    binary = mask >= analysis.report_threshold if np.issubdtype(mask.dtype, np.floating) else mask > 0
+    out = {}
+    for plane, source in zip(binary, analysis.sources, strict=True):
+        if not plane.any():
+            continue
+        scale = np.asarray(
+            [int(source.Columns) / plane.shape[1], int(source.Rows) / plane.shape[0]], dtype=np.float32
+        )
+        loops = [loop * scale for loop in outlines(plane)]
+        if loops:
+            out[str(source.SOPInstanceUID)] = loops
+    return out
+
+
+def build_gsps(
+    analysis: SeriesAnalysis, mask: np.ndarray | None = None
+) -> GrayscaleSoftcopyPresentationState | None:
     """The presentation state for a series, or ``None`` when there is nothing to draw."""
     if not analysis.findings:
         return None
@@ -89,12 +116,51 @@ def build_gsps(analysis: SeriesAnalysis) -> GrayscaleSoftcopyPresentationState |
     per_image: dict[str, list[Finding]] = defaultdict(list)
     for finding in analysis.findings:
         per_image[finding.sop_instance_uid].append(finding)
+    # Outlines on the images the findings are on: the presentation state (and its box overlay, for viewers that
+    # only render overlays) applies to exactly those.
+    contours = {uid: loops for uid, loops in mask_outlines(analysis, mask).items() if uid in per_image}
     images = [by_uid[uid] for uid in by_uid if uid in per_image]
     layer = GraphicLayer(
         layer_name=LAYER_NAME, order=1, description=f"AI findings: {analysis.algorithm_name}"
     )
+    heatmap = GraphicLayer(
+        layer_name=HEATMAP_LAYER,
+        order=2,
+        description=f"AI heat map outline at {analysis.report_threshold:g}",
+    )
+    score = GraphicLayer(layer_name=SCORE_LAYER, order=3, description="AI study-level score")
     annotations = []
     for image in images:
+        uid = str(image.SOPInstanceUID)
+        if uid in contours:
+            annotations.append(
+                GraphicAnnotation(
+                    referenced_images=[image],
+                    graphic_layer=heatmap,
+                    graphic_objects=[
+                        GraphicObject(
+                            graphic_type=GraphicTypeValues.POLYLINE,
+                            graphic_data=loop,
+                            units=AnnotationUnitsValues.PIXEL,
+                        )
+                        for loop in contours[uid]
+                    ],
+                )
+            )
+        annotations.append(
+            GraphicAnnotation(
+                referenced_images=[image],
+                graphic_layer=score,
+                text_objects=[
+                    TextObject(
+                        text_value=f"{analysis.algorithm_name[:40]}: score {analysis.study_score:.0%}"[:64],
+                        units=AnnotationUnitsValues.PIXEL,
+                        anchor_point=(8.0, 8.0),
+                        anchor_point_visible=False,
+                    )
+                ],
+            )
+        )
         graphics, texts = [], []
         image_level = 0
         for finding in per_image[str(image.SOPInstanceUID)]:
@@ -141,7 +207,7 @@ def build_gsps(analysis: SeriesAnalysis) -> GrayscaleSoftcopyPresentationState |
         content_label="AI_FINDINGS",
         content_description=f"{analysis.algorithm_name} {analysis.algorithm_version}"[:64],
         graphic_annotations=annotations,
-        graphic_layers=[layer],
+        graphic_layers=[layer, heatmap, score],
         voi_lut_transformations=[SoftcopyVOILUTTransformation(window_center=center, window_width=width)],
     )
     _copy_from_source(gsps, images[0])

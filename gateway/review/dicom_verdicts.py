@@ -45,6 +45,7 @@ from gateway.core.errors import (
 from gateway.core.terminology import finding_key
 from gateway.database.verdicts import AiFindingRow, findings_in, findings_on_images
 from gateway.results.content import read_measurement_report
+from gateway.results.gsps import HEATMAP_LAYER, SCORE_LAYER
 from gateway.review.verdicts import Correction, VerdictKind, VerdictRequest, Verdicts
 
 logger = logging.getLogger(__name__)
@@ -217,6 +218,8 @@ class DicomVerdicts:
             return None  # a presentation state of the radiologist's own, not an edited AI result
         boxes: dict[str, list[tuple[float, float, float, float]]] = {}
         for annotation in ds.get("GraphicAnnotationSequence", []):
+            if str(annotation.get("GraphicLayer", "")) in (HEATMAP_LAYER, SCORE_LAYER):
+                continue  # the AI's heat map outline and score: not findings
             images = [str(r.ReferencedSOPInstanceUID) for r in annotation.get("ReferencedImageSequence", [])]
             for graphic in annotation.get("GraphicObjectSequence", []):
                 if str(graphic.get("GraphicAnnotationUnits", "PIXEL")) != "PIXEL":

@@ -111,6 +111,9 @@ def test_edited_gsps_edited_sr_and_rejection_kos_become_verdicts(tmp_path: Path,
         kept, moved = findings[0], findings[1]
         annotations = []
         for annotation in edited.GraphicAnnotationSequence:
+            if annotation.GraphicLayer != "AI_FINDINGS":
+                annotations.append(annotation)  # the heat map outline and the score stay as they were
+                continue
             images = {str(r.ReferencedSOPInstanceUID) for r in annotation.ReferencedImageSequence}
             objects = []
             for graphic in annotation.get("GraphicObjectSequence", []):

@@ -102,8 +102,17 @@ def test_final_reports_are_compared_with_the_ai_and_discrepancies_become_qa_item
         wait_for(
             lambda: orthanc.instance_uids(positive), timeout_s=60, what="the results delivered to the PACS"
         )
+        # The analyses are in the system of record (its writer commits in groups, after the audit line).
+        wait_for(
+            lambda: (
+                http_json(f"{base}/studies/{negative}", token=DR)[1].get("study", {}).get("state")
+                in ("results_stored", "delivered")
+            ),
+            timeout_s=30,
+            what="the AI-negative study recorded",
+        )
         findings = wait_for(
-            lambda: (lambda r: r[1] if r[0] == 200 and r[1] else None)(
+            lambda: (lambda r: r[1] if r[0] == 200 and len({f["pipeline"] for f in r[1]}) == 2 else None)(
                 http_json(f"{base}/studies/{positive}/findings", token=DR)  # the radiologist opens them
             ),
             timeout_s=20,

@@ -96,10 +96,14 @@ def test_orders_are_stored_before_their_ack_and_every_message_is_answered(
         adt = "MSH|^~\\&|RIS|HOSP|AI_GATEWAY|HOSP|20261202||ADT^A08|MSG0004|P|2.5\rPID|1||PAT1^^^HOSP||DOE^JANE\r"
         assert msa(client.exchange(adt))[1] == "AA"
 
-        unknown = ORM.replace("ORM^O01", "ORU^R01").replace("MSG0001", "MSG0005")
+        unknown = ORM.replace("ORM^O01", "SIU^S12").replace("MSG0001", "MSG0005")
         ack = client.exchange(unknown)
         assert msa(ack)[1] == "AR"
-        assert Er7Message(ack or "").get("ERR", 8) == "message type ORU^R01 is not taken here"
+        assert Er7Message(ack or "").get("ERR", 8) == "message type SIU^S12 is not taken here"
+        # A report is taken (test_final_reports.py); this one has no text, so it is an error, not a rejection.
+        textless = ORM.replace("ORM^O01", "ORU^R01").replace("MSG0001", "MSG0006")
+        ack = client.exchange(textless)
+        assert msa(ack)[1] == "AE" and "no report text" in str(ack)
 
         no_accession = ORM.replace("ACC-0001", "").replace("|PLC1|FIL1|CTHEAD", "|PLC1||CTHEAD")
         ack = client.exchange(no_accession.replace("MSG0001", "MSG0006"))

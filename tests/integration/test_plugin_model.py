@@ -184,6 +184,7 @@ def test_third_party_nhwc_classifier_runs_end_to_end_without_code_changes(
             texts = [
                 t.UnformattedTextValue
                 for a in pydicom.dcmread(pr_path).GraphicAnnotationSequence
+                if a.GraphicLayer == "AI_FINDINGS"
                 for t in a.TextObjectSequence
             ]
             assert texts == [f"Opacity {finding.measurement('CONFIDENCE'):.0%}"]

@@ -115,7 +115,12 @@ def test_positive_study_results_pass_every_validator(env: Env, tmp_path: Path) -
     assert re.search(r"graphic 1: points=5 type=polyline", log)
     overlay = _pgm(tmp_path / "ovl_0101.pgm")  # the overlay DCMTK activated on the AI layer, as rendered
     ys, xs = np.nonzero(overlay)
-    [box] = [f for a in gsps.GraphicAnnotationSequence for f in a.GraphicObjectSequence]
+    [box] = [
+        f
+        for a in gsps.GraphicAnnotationSequence
+        if a.GraphicLayer == "AI_FINDINGS"
+        for f in a.GraphicObjectSequence
+    ]
     corners = np.asarray(box.GraphicData, dtype=float).reshape(-1, 2)
     assert abs(xs.min() - corners[:, 0].min()) <= 1 and abs(xs.max() - corners[:, 0].max()) <= 1
     assert abs(ys.min() - corners[:, 1].min()) <= 1 and abs(ys.max() - corners[:, 1].max()) <= 1

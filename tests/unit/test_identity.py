@@ -45,7 +45,8 @@ def test_people_and_machines_become_principals_with_their_roles(tmp_path: Path) 
         (TokenRole.ADMIN, [TokenRole.OPERATOR, TokenRole.QA, TokenRole.SENDER], [TokenRole.RADIOLOGIST]),
         (TokenRole.OPERATOR, [TokenRole.READ_ONLY], [TokenRole.QA, TokenRole.RADIOLOGIST, TokenRole.ADMIN]),
         (TokenRole.READ_ONLY, [], [TokenRole.QA, TokenRole.RADIOLOGIST, TokenRole.OPERATOR]),
-        (TokenRole.RADIOLOGIST, [], [TokenRole.QA, TokenRole.READ_ONLY, TokenRole.ADMIN]),
+        (TokenRole.RADIOLOGIST, [TokenRole.READ_ONLY], [TokenRole.QA, TokenRole.OPERATOR, TokenRole.ADMIN]),
+        (TokenRole.QA, [TokenRole.READ_ONLY], [TokenRole.RADIOLOGIST, TokenRole.OPERATOR, TokenRole.ADMIN]),
     ],
 )
 def test_what_each_role_acts_as(role: TokenRole, allowed: list[TokenRole], refused: list[TokenRole]) -> None:

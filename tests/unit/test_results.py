@@ -1,6 +1,7 @@
 """SR (TID 1500) and GSPS built from an analysis: content checked by parsing back, and by dciodvfy."""
 
 import dataclasses
+from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,8 @@ from gateway.demo.phantoms import write_head_ct
 from gateway.orchestration.interpret import interpret
 from gateway.results.common import SeriesAnalysis
 from gateway.results.content import read_measurement_report, reported_findings
-from gateway.results.gsps import LAYER_NAME, build_gsps
+from gateway.results.contours import outlines
+from gateway.results.gsps import HEATMAP_LAYER, LAYER_NAME, SCORE_LAYER, build_gsps
 from gateway.results.sr import build_sr
 from preprocessing.series import load_series
 from tests.support.analysis import make_analysis, make_finding
@@ -189,17 +191,73 @@ def test_gsps_draws_each_finding_on_its_image_in_a_named_layer(loaded, tmp_path:
     path.write_bytes(encode(gsps))
     ds = pydicom.dcmread(path)
     assert ds.Modality == "PR" and ds.StudyInstanceUID == loaded.headers[0].StudyInstanceUID
-    assert [layer.GraphicLayer for layer in ds.GraphicLayerSequence] == [LAYER_NAME]
+    assert [layer.GraphicLayer for layer in ds.GraphicLayerSequence] == [
+        LAYER_NAME,
+        HEATMAP_LAYER,
+        SCORE_LAYER,
+    ]
     referenced = {
         r.ReferencedSOPInstanceUID for s in ds.ReferencedSeriesSequence for r in s.ReferencedImageSequence
     }
     assert referenced == {f.sop_instance_uid for f in findings}
-    assert len(ds.GraphicAnnotationSequence) == 2
-    texts = [t.UnformattedTextValue for a in ds.GraphicAnnotationSequence for t in a.TextObjectSequence]
+    on_layer = defaultdict(list)
+    for annotation in ds.GraphicAnnotationSequence:
+        on_layer[annotation.GraphicLayer].append(annotation)
+    assert len(on_layer[LAYER_NAME]) == 2 and HEATMAP_LAYER not in on_layer  # no mask: no outline
+    texts = [t.UnformattedTextValue for a in on_layer[LAYER_NAME] for t in a.TextObjectSequence]
     assert sorted(texts) == ["Hemorrhage 60%", "Hemorrhage 80%"]
+    scores = {t.UnformattedTextValue for a in on_layer[SCORE_LAYER] for t in a.TextObjectSequence}
+    assert len(on_layer[SCORE_LAYER]) == 2 and len(scores) == 1 and "score" in scores.pop()
     assert ds.SoftcopyVOILUTSequence[0].WindowCenter == 40
     assert ds.BodyPartExamined == "HEAD"
     assert dciodvfy_errors(path) == []
+
+
+def test_gsps_outlines_the_heat_map_on_its_own_layer(loaded, tmp_path: Path) -> None:
+    finding = _finding(loaded, 1, 0.8)
+    analysis = _analysis(loaded, (finding,), stat=False)
+    rows, cols = int(loaded.headers[0].Rows), int(loaded.headers[0].Columns)
+    mask = np.zeros(
+        (len(analysis.sources), rows // 2, cols // 2), dtype=np.uint8
+    )  # the model grid: half size
+    mask[1, 10:20, 30:44] = 1  # on the finding's slice
+    mask[2, 5:9, 5:9] = 1  # and on the next, where there is no finding: not drawn
+    gsps = build_gsps(analysis, mask)
+    path = tmp_path / "pr.dcm"
+    path.write_bytes(encode(gsps))
+    ds = pydicom.dcmread(path)
+    outlines_by_image = {
+        a.ReferencedImageSequence[0].ReferencedSOPInstanceUID: a.GraphicObjectSequence
+        for a in ds.GraphicAnnotationSequence
+        if a.GraphicLayer == HEATMAP_LAYER
+    }
+    assert set(outlines_by_image) == {loaded.images[1].sop_instance_uid}  # only where the findings are
+    [outline] = outlines_by_image[loaded.images[1].sop_instance_uid]
+    assert outline.GraphicType == "POLYLINE" and outline.GraphicAnnotationUnits == "PIXEL"
+    points = np.asarray(outline.GraphicData, dtype=float).reshape(-1, 2)
+    assert (points[0] == points[-1]).all()  # closed
+    # Scaled from the model grid to the image: columns 30..44 and rows 10..20 of the half-size grid.
+    assert (
+        points[:, 0].min() == 60
+        and points[:, 0].max() == 88
+        and points[:, 1].min() == 20
+        and points[:, 1].max() == 40
+    )
+    assert 0x60003000 in ds  # one image, its boxes: the overlay for overlay-only viewers stays
+    assert dciodvfy_errors(path) == []
+
+
+def test_outlines_follow_the_pixel_edges() -> None:
+    mask = np.zeros((10, 10), dtype=bool)
+    mask[1:8, 1:8] = True
+    mask[3:5, 3:5] = False  # a hole: its own loop
+    mask[9, 9] = True  # one pixel: below min_pixels
+    loops = outlines(mask)
+    assert [loop.tolist() for loop in loops] == [
+        [[1, 1], [8, 1], [8, 8], [1, 8], [1, 1]],
+        [[3, 5], [5, 5], [5, 3], [3, 3], [3, 5]],
+    ]
+    assert outlines(np.zeros((4, 4))) == []
 
 
 def test_interpret_maps_boxes_to_source_pixels_and_drops_bad_detections(loaded) -> None:
@@ -244,7 +302,7 @@ def test_gsps_overlay_only_when_it_is_right_for_every_referenced_image(loaded) -
     moved = dataclasses.replace(_finding(loaded, 3), bbox=(10.0, 10.0, 20.0, 20.0))
     double = build_gsps(_analysis(loaded, (_finding(loaded, 2), moved), stat=False))
     assert double is not None and 0x60003000 not in double  # boxes differ per image: vector graphics only
-    assert len(double.GraphicAnnotationSequence) == 2
+    assert len([a for a in double.GraphicAnnotationSequence if a.GraphicLayer == LAYER_NAME]) == 2
 
 
 def test_class_scores_become_image_level_findings_on_the_best_image(loaded) -> None:
