@@ -6,7 +6,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PYVER := $(shell $(PYTHON) -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')
-APT_PACKAGES := dcmtk libdcmtk-dev strace dicom3tools orthanc orthanc-dicomweb pixelmed-apps default-jre-headless libpython$(PYVER) python3-venv postgresql
+APT_PACKAGES := dcmtk libdcmtk-dev strace dicom3tools orthanc orthanc-dicomweb pixelmed-apps default-jre-headless libpython$(PYVER) python3-venv postgresql chromium
 # Node.js only where none is installed: a Node.js from NodeSource already carries npm and conflicts with Debian's.
 NODE_PACKAGES := $(if $(shell command -v node),,nodejs) $(if $(shell command -v npm),,npm)
 ARGS ?=

@@ -252,6 +252,12 @@ class OidcSettings(Section):
     groups_claim: str = "groups"  # the user's groups (rollout pilot groups)
     role_map: dict[str, Annotated[TokenRole, LAX]] = Field(default_factory=dict)  # provider's name -> role
     leeway_s: Annotated[float, Field(ge=0, le=300)] = 30.0  # clock skew allowed on exp / nbf / iat
+    # The dashboard's sign-in in the browser (authorization code with PKCE): the provider's endpoints, and the
+    # public client the dashboard is registered as (default: the audience).
+    authorization_endpoint: Annotated[str, AfterValidator(_http_url)] = ""
+    token_endpoint: Annotated[str, AfterValidator(_http_url)] = ""
+    client_id: str = ""
+    scope: str = "openid"
 
     @property
     def enabled(self) -> bool:

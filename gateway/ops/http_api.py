@@ -37,6 +37,7 @@ from gateway.core.errors import ConfigError, DatabaseError
 from gateway.database.queries import StudyFilter
 from gateway.ingest.stow import RESPONSE_MEDIA_TYPE, StowRequest, StowRequestError
 from gateway.ops.api_errors import Error
+from gateway.ops.dashboard import dashboard_routes
 from gateway.ops.identity import AuthenticationError, Authenticator, Principal, hash_token
 from gateway.ops.review_api import ReviewApi, review_routes
 
@@ -129,6 +130,7 @@ def build_app(settings: HttpSettings, backend: ApiBackend) -> FastAPI:
     _stow(app, settings, backend, needs)
     if backend.review is not None:
         review_routes(app, backend.review, needs)
+    dashboard_routes(app, settings, backend.studies, needs)
     return app
 
 

@@ -1,0 +1,185 @@
+// The dashboard's triage worklist: sign-in (OpenID Connect authorization code with PKCE, or a service token),
+// the studies from GET /studies, kept current by the server-sent events of GET /events/worklist.
+// No framework, no build step, nothing loaded from elsewhere.
+
+const TOKEN_KEY = "gateway.token";
+const RANK = { STAT: 0, URGENT: 1, ROUTINE: 2 };
+const rows = new Map(); // study UID -> the latest row
+// When each study first appeared on this page, and when it first showed as STAT (ms since the epoch): read by
+// the browser tests for the live-update latency.
+window.gatewayDashboard = { appeared: {}, stat: {} };
+
+const $ = (id) => document.getElementById(id);
+
+function show(id, visible) { $(id).hidden = !visible; }
+
+function message(text) { $("message").textContent = text; show("message", Boolean(text)); }
+
+function base64url(bytes) {
+  return btoa(String.fromCharCode(...new Uint8Array(bytes))).replace(/\+/g, "-").replace(/\//g, "_").replace(/=+$/, "");
+}
+
+function randomString(n) { return base64url(crypto.getRandomValues(new Uint8Array(n))); }
+
+function claims(token) {
+  const parts = token.split(".");
+  if (parts.length !== 3) return null;
+  try { return JSON.parse(atob(parts[1].replace(/-/g, "+").replace(/_/g, "/"))); } catch { return null; }
+}
+
+async function api(path, options = {}) {
+  const token = sessionStorage.getItem(TOKEN_KEY);
+  const response = await fetch(path, { ...options, headers: { ...(options.headers || {}), Authorization: `Bearer ${token}` } });
+  if (response.status === 401) { signOut("Your sign-in has expired or was refused: sign in again."); throw new Error("401"); }
+  return response;
+}
+
+// -- sign-in ---------------------------------------------------------------------------------------------------
+
+async function startOidc(config) {
+  const verifier = randomString(48);
+  const challenge = base64url(await crypto.subtle.digest("SHA-256", new TextEncoder().encode(verifier)));
+  const state = randomString(16);
+  sessionStorage.setItem("gateway.pkce", JSON.stringify({ verifier, state }));
+  const url = new URL(config.authorization_endpoint);
+  url.search = new URLSearchParams({
+    response_type: "code", client_id: config.client_id, redirect_uri: `${location.origin}/ui/`,
+    scope: config.scope, state, code_challenge: challenge, code_challenge_method: "S256",
+  }).toString();
+  location.assign(url.toString());
+}
+
+async function finishOidc(config, params) {
+  const pending = JSON.parse(sessionStorage.getItem("gateway.pkce") || "null");
+  sessionStorage.removeItem("gateway.pkce");
+  history.replaceState(null, "", "/ui/");
+  if (!pending || pending.state !== params.get("state")) { message("The sign-in answer did not match: try again."); return; }
+  const response = await fetch(config.token_endpoint, {
+    method: "POST",
+    headers: { "Content-Type": "application/x-www-form-urlencoded" },
+    body: new URLSearchParams({
+      grant_type: "authorization_code", code: params.get("code"), redirect_uri: `${location.origin}/ui/`,
+      client_id: config.client_id, code_verifier: pending.verifier,
+    }),
+  });
+  if (!response.ok) { message(`The identity provider refused the sign-in (${response.status}).`); return; }
+  const answer = await response.json();
+  sessionStorage.setItem(TOKEN_KEY, answer.access_token || answer.id_token);
+}
+
+function signOut(text = "") {
+  sessionStorage.removeItem(TOKEN_KEY);
+  show("worklist", false); show("who", false); show("sign-out", false); show("sign-in", true);
+  message(text);
+}
+
+// -- the worklist ----------------------------------------------------------------------------------------------
+
+function priorityOf(row) { return row.stat ? "STAT" : row.priority; }
+
+function ago(seconds) {
+  const s = Math.max(0, Date.now() / 1000 - seconds);
+  if (s < 90) return `${Math.round(s)} s ago`;
+  if (s < 5400) return `${Math.round(s / 60)} min ago`;
+  return `${(s / 3600).toFixed(1)} h ago`;
+}
+
+function render() {
+  const body = $("studies").tBodies[0];
+  const sorted = [...rows.values()].sort((a, b) =>
+    (RANK[priorityOf(a)] - RANK[priorityOf(b)]) || (b.first_received_at - a.first_received_at));
+  body.replaceChildren(...sorted.map((row) => {
+    const tr = document.createElement("tr");
+    tr.dataset.studyUid = row.study_uid;
+    tr.dataset.stat = String(priorityOf(row) === "STAT");
+    tr.tabIndex = 0;
+    const cells = [
+      () => { const b = document.createElement("span"); b.className = `badge ${priorityOf(row)}`; b.textContent = priorityOf(row); return b; },
+      () => row.study_uid,
+      () => row.calling_ae || "-",
+      () => row.state.replace("_", " "),
+      () => String(row.findings),
+      () => ago(row.first_received_at),
+    ];
+    cells.forEach((cell, i) => {
+      const td = document.createElement("td");
+      if (i === 1) td.className = "uid";
+      const value = cell();
+      if (typeof value === "string") td.textContent = value; else td.append(value);
+      tr.append(td);
+    });
+    return tr;
+  }));
+}
+
+function upsert(row) {
+  const known = rows.get(row.study_uid);
+  if (!known) window.gatewayDashboard.appeared[row.study_uid] = Date.now();
+  if (priorityOf(row) === "STAT" && (!known || priorityOf(known) !== "STAT")) {
+    window.gatewayDashboard.stat[row.study_uid] = Date.now();
+    $("announce").textContent = `STAT study from ${row.calling_ae || "a PACS"}: ${row.state.replace("_", " ")}`;
+  }
+  rows.set(row.study_uid, row);
+}
+
+async function listen() {
+  $("live").classList.remove("off");
+  try {
+    const response = await api("/events/worklist", { headers: { Accept: "text/event-stream" } });
+    if (!response.ok) throw new Error(String(response.status));
+    const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+    let buffer = "";
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) break;
+      buffer += value;
+      let end;
+      while ((end = buffer.indexOf("\n\n")) >= 0) {
+        const block = buffer.slice(0, end);
+        buffer = buffer.slice(end + 2);
+        const data = block.split("\n").filter((l) => l.startsWith("data: ")).map((l) => l.slice(6)).join("\n");
+        if (block.includes("event: study") && data) { upsert(JSON.parse(data)); render(); }
+      }
+    }
+  } catch (error) {
+    if (error.message === "401") return;
+  }
+  $("live").classList.add("off");
+  setTimeout(listen, 2000); // the server went away or the network dropped: listen again
+}
+
+async function showWorklist() {
+  const response = await api("/studies?limit=200");
+  if (response.status === 403) {
+    const reason = (await response.json()).error;
+    message(`Signed in, but this account may not see the worklist (${reason}). Ask for the radiologist, qa or read-only role.`);
+    return;
+  }
+  if (!response.ok) { message(`The gateway answered ${response.status}.`); return; }
+  for (const row of await response.json()) upsert(row);
+  render();
+  show("sign-in", false); show("worklist", true);
+  listen();
+  setInterval(render, 30000); // "arrived ... ago" stays true
+}
+
+async function main() {
+  const config = await (await fetch("/ui/config.json")).json();
+  const params = new URLSearchParams(location.search);
+  if (config.oidc && params.has("code")) await finishOidc(config.oidc, params);
+  $("token-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    sessionStorage.setItem(TOKEN_KEY, $("token").value.trim());
+    location.reload();
+  });
+  $("sign-out").addEventListener("click", () => signOut());
+  if (config.oidc) { show("oidc-box", true); $("oidc").addEventListener("click", () => startOidc(config.oidc)); }
+  const token = sessionStorage.getItem(TOKEN_KEY);
+  if (!token) { show("sign-in", true); return; }
+  const who = claims(token);
+  $("who").textContent = who ? `signed in as ${who.sub} (${(who.roles || []).join(", ") || "no role"})` : "service token";
+  show("who", true); show("sign-out", true);
+  await showWorklist();
+}
+
+main().catch((error) => message(`The dashboard could not start: ${error.message}`));

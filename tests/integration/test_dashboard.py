@@ -1,0 +1,98 @@
+"""The dashboard's triage worklist in a real browser (issue 16, items 1 and 2): Playwright drives Debian's
+Chromium headless against the real gateway; the user signs in with OpenID Connect (authorization code with PKCE
+against the local provider), a STAT study appears live (server-sent events, no reload), a user without a role
+is refused, and screenshots are kept under build/test-artifacts/."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from gateway.app import Gateway
+from gateway.config.settings import load_settings
+from gateway.demo.phantoms import PATIENT_NAME, Lesion, write_head_ct
+from gateway.inference.server import free_port
+from tests.support.oidc import Provider
+from tests.support.servers import require_tool, storescu
+
+pytestmark = pytest.mark.integration
+
+ARTIFACTS = Path(__file__).resolve().parents[2] / "build" / "test-artifacts"
+
+
+def test_the_worklist_shows_a_stat_study_live_and_refuses_a_user_without_a_role(
+    tmp_path: Path, triton: str
+) -> None:
+    chromium = require_tool("chromium")
+    from playwright.sync_api import sync_playwright
+
+    series = write_head_ct(
+        tmp_path / "ct",
+        slices=10,
+        rows=256,
+        cols=256,
+        pixel_mm=1.0,
+        seed=5,
+        lesions=(Lesion(x=130.0, y=120.0, slice=4, radius_mm=8.0, hu=70.0),),
+    )
+    http, port = free_port(), free_port()
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with Provider() as idp:
+        config = tmp_path / "gateway.toml"
+        config.write_text(
+            f'data_dir = "{tmp_path / "data"}"\nquiet_period_s = 0.5\nworkers = 1\n[receiver]\nport = {port}\n'
+            f"[http]\nport = {http}\n{idp.config()}"
+            f'[triton]\nurl = "{triton}"\n'
+            '[[pipelines]]\nname = "ct_hyperdensity"\nmodel = "ct_head_hyperdensity"\nalgorithm_version = "0.1.0"\n'
+            'mode = "triage"\nreport_threshold = 0.5\nstat_threshold = 0.7\nmodalities = ["CT"]\n'
+            'input_size = [256, 256]\n[pipelines.labels]\n0 = "hemorrhage"\n'
+        )
+        gateway = Gateway(load_settings(config)).start()
+        try:
+            with sync_playwright() as pw:
+                browser = pw.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+                page = browser.new_page(viewport={"width": 1920, "height": 1080})  # a reading-room monitor
+                page.goto(f"http://127.0.0.1:{http}/ui/")
+                page.get_by_role("button", name="Sign in with your hospital account").click()
+                page.locator("#worklist:not([hidden])").wait_for(timeout=20_000)
+                assert "signed in as u-4711 (radiologist)" in page.locator("#who").inner_text()
+                assert page.locator("#live").inner_text() == "live"
+
+                assert storescu(list(series.paths), port=port, calling_ae="STORESCU").returncode == 0
+                uid = series.study_uid
+                page.locator(f'tr[data-study-uid="{uid}"][data-stat="true"]').wait_for(timeout=120_000)
+                shown_at = page.evaluate(f"window.gatewayDashboard.stat['{uid}']") / 1000.0
+                [stored] = [
+                    e["time"]
+                    for e in gateway.audit.read()
+                    if e["event"] == "series_analysed" and e["study"] == uid
+                ]  # the SR is stored before this event is recorded
+                latency = shown_at - stored
+                print(
+                    f"\nSTAT study on the worklist {latency:.2f} s after its SR was stored (live, no reload)"
+                )
+                assert 0 < latency < 30, "the STAT row came through the live feed"
+                row = page.locator(f'tr[data-study-uid="{uid}"]')
+                assert row.locator(".badge").inner_text() == "STAT"
+                assert (
+                    page.locator("#studies tbody tr").first.get_attribute("data-study-uid") == uid
+                )  # STAT first
+                assert (
+                    "STAT study from STORESCU" in page.locator("#announce").inner_text()
+                )  # said to screen readers
+                assert page.locator("#studies caption").is_visible()
+                assert PATIENT_NAME not in page.content() and "PHANTOM" not in page.content()
+                page.screenshot(path=str(ARTIFACTS / "worklist.png"), full_page=True)
+
+                idp.user = ("u-9", [], [])  # signed in, but no gateway role
+                other = browser.new_page(viewport={"width": 1920, "height": 1080})
+                other.goto(f"http://127.0.0.1:{http}/ui/")
+                other.get_by_role("button", name="Sign in with your hospital account").click()
+                other.locator("#message:not([hidden])").wait_for(timeout=20_000)
+                assert "read-only is needed" in other.locator("#message").inner_text()
+                assert other.locator("#worklist").is_hidden()
+                other.screenshot(path=str(ARTIFACTS / "worklist-refused.png"))
+                browser.close()
+        finally:
+            gateway.stop()
