@@ -36,7 +36,7 @@ from gateway.database import migrate
 from gateway.database.connect import engine_for, shown
 from gateway.database.monitoring import record_pipeline_changes
 from gateway.database.notices import NoticeStore
-from gateway.database.queries import list_studies, study_timeline
+from gateway.database.queries import instance_path, list_studies, study_timeline
 from gateway.database.queue import SharedQueue
 from gateway.database.recorder import Recorder
 from gateway.database.ups_tasks import TaskStore
@@ -340,6 +340,10 @@ class Gateway:
                     critical=self.critical,
                     stow=stow.open,
                     review=self.review,
+                    image_path=lambda study, sop: instance_path(self.database, study, sop),
+                    window_of=lambda name: next(
+                        (p.output.display_window for p in self.settings.pipelines if p.name == name), None
+                    ),
                 ),
             )
             assert self._loop is not None

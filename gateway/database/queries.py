@@ -242,3 +242,15 @@ def prune(engine: Engine, *, spool_purged: list[str], audit_before: float | None
             result = connection.execute(t.audit_events.delete().where(t.audit_events.c.at < audit_before))
             removed["audit rows"] = result.rowcount
     return {kind: count for kind, count in removed.items() if count}
+
+
+@answered
+def instance_path(engine: Engine, study_uid: str, sop_instance_uid: str) -> str | None:
+    """Where the spool keeps one instance of a study (None: unknown, or purged)."""
+    with engine.connect() as connection:
+        found = connection.execute(
+            select(t.instances.c.path).where(
+                t.instances.c.study_uid == study_uid, t.instances.c.sop_instance_uid == sop_instance_uid
+            )
+        ).scalar()
+        return str(found) if found else None

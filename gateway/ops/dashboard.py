@@ -17,15 +17,18 @@ import json
 import time
 from collections.abc import AsyncIterator, Callable
 from importlib import resources
+from pathlib import Path
 from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import Depends, FastAPI, Query, Request
+from fastapi import Path as PathParam
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response, StreamingResponse
 
 from gateway.config.settings import HttpSettings, TokenRole
 from gateway.database.queries import StudyFilter
-from gateway.ops.identity import Principal
+from gateway.ops.identity import RESULT_READERS, Principal
+from gateway.ops.review_api import UID_PATTERN
 
 POLL_S = 0.5  # the worklist's delay from a commit to the browser is at most this, plus the network
 KEEPALIVE_S = 15.0
@@ -33,7 +36,7 @@ STATIC = resources.files("gateway.ops").joinpath("dashboard_static")
 CONTENT_TYPES = {".js": "text/javascript", ".css": "text/css", ".html": "text/html", ".svg": "image/svg+xml"}
 # The page loads nothing from elsewhere and runs no inline script.
 SECURITY_HEADERS = {
-    "Content-Security-Policy": "default-src 'self'; connect-src *; img-src 'self' data:; frame-ancestors 'none'",
+    "Content-Security-Policy": "default-src 'self'; connect-src *; img-src 'self' data: blob:; frame-ancestors 'none'",
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",
 }
@@ -43,13 +46,82 @@ def _studies_key(row: dict[str, Any]) -> tuple[Any, ...]:
     return (row["state"], row["priority"], row["stat"], row["findings"], row["state_since"])
 
 
+def render_png(
+    path: Path, window: tuple[float, float] | None = None, max_side: int = 1024
+) -> tuple[bytes, int, int]:
+    """One image as a PNG for the page: modality LUT, a window (the pipeline's, else the image's own, else its
+    range), MONOCHROME1 inverted, at most ``max_side`` pixels across; with the image's own columns and rows
+    (the page draws the overlay in those coordinates)."""
+    import io
+
+    import numpy as np
+    import pydicom
+    from PIL import Image
+
+    ds = pydicom.dcmread(path)
+    frame = ds.pixel_array[0] if int(ds.get("NumberOfFrames", 1) or 1) > 1 else ds.pixel_array
+    pixels = frame.astype(np.float32) * float(ds.get("RescaleSlope", 1) or 1) + float(
+        ds.get("RescaleIntercept", 0) or 0
+    )
+    if window is None and "WindowCenter" in ds and "WindowWidth" in ds:
+        center = ds.WindowCenter[0] if ds["WindowCenter"].VM > 1 else ds.WindowCenter
+        width = ds.WindowWidth[0] if ds["WindowWidth"].VM > 1 else ds.WindowWidth
+        window = (float(center), float(width))
+    if window is None:
+        low, high = float(np.percentile(pixels, 1)), float(np.percentile(pixels, 99))
+        window = ((low + high) / 2, max(high - low, 1.0))
+    center, width = window
+    grey = np.clip((pixels - (center - width / 2)) / width, 0.0, 1.0)
+    if str(ds.get("PhotometricInterpretation", "")) == "MONOCHROME1":
+        grey = 1.0 - grey
+    image = Image.fromarray((grey * 255).astype(np.uint8))
+    image.info["source_size"] = image.size
+    if max(image.size) > max_side:
+        image.thumbnail((max_side, max_side))
+    columns, rows = image.info["source_size"]
+    out = io.BytesIO()
+    image.save(out, format="PNG")
+    return out.getvalue(), int(columns), int(rows)
+
+
 def dashboard_routes(
     app: FastAPI,
     settings: HttpSettings,
     studies: Callable[[StudyFilter], list[dict[str, Any]]],
     needs: Callable[..., Callable[..., Principal]],
+    image_path: Callable[[str, str], str | None] | None = None,
+    window_of: Callable[[str], tuple[float, float] | None] | None = None,
 ) -> None:
     oidc = settings.oidc
+
+    if image_path is not None:
+
+        @app.get(
+            "/studies/{study_uid}/images/{sop_uid}/rendered",
+            summary="One image of the study as a PNG (for the dashboard's study view)",
+            response_class=Response,
+            tags=["dashboard"],
+            responses={200: {"content": {"image/png": {}}}, 404: {"description": "unknown or purged image"}},
+        )
+        def rendered(
+            _: Annotated[Principal, Depends(needs(*RESULT_READERS))],
+            study_uid: Annotated[str, PathParam(pattern=UID_PATTERN, max_length=64)],
+            sop_uid: Annotated[str, PathParam(pattern=UID_PATTERN, max_length=64)],
+            pipeline: Annotated[str | None, Query(max_length=64)] = None,
+        ) -> Response:
+            found = image_path(study_uid, sop_uid)
+            if found is None or not Path(found).is_file():
+                return JSONResponse(
+                    {"error": "no such image in the spool (unknown, or purged)"}, status_code=404
+                )
+            window = window_of(pipeline) if (window_of is not None and pipeline) else None
+            png, columns, rows = render_png(Path(found), window)
+            headers = {
+                "Cache-Control": "private, max-age=300",
+                "X-Image-Columns": str(columns),
+                "X-Image-Rows": str(rows),
+            }
+            return Response(png, media_type="image/png", headers=headers)
 
     @app.get("/ui", include_in_schema=False)
     def ui_root() -> RedirectResponse:

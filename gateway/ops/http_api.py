@@ -76,6 +76,9 @@ class ApiBackend:
     # STOW-RS: (content type, source AE title, study UID of the path or None) -> a request to feed the body to.
     stow: Callable[[str, str, str | None], StowRequest] | None = None
     review: ReviewApi | None = None  # verdicts on AI findings (None: no system of record to keep them)
+    # The dashboard's study view: where the spool keeps an image, and a pipeline's display window.
+    image_path: Callable[[str, str], str | None] | None = None
+    window_of: Callable[[str], tuple[float, float] | None] | None = None
 
 
 StateName = Literal[
@@ -130,7 +133,7 @@ def build_app(settings: HttpSettings, backend: ApiBackend) -> FastAPI:
     _stow(app, settings, backend, needs)
     if backend.review is not None:
         review_routes(app, backend.review, needs)
-    dashboard_routes(app, settings, backend.studies, needs)
+    dashboard_routes(app, settings, backend.studies, needs, backend.image_path, backend.window_of)
     return app
 
 

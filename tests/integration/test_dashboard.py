@@ -14,7 +14,7 @@ from gateway.config.settings import load_settings
 from gateway.demo.phantoms import PATIENT_NAME, Lesion, write_head_ct
 from gateway.inference.server import free_port
 from tests.support.oidc import Provider
-from tests.support.servers import require_tool, storescu
+from tests.support.servers import http_json, require_tool, storescu
 
 pytestmark = pytest.mark.integration
 
@@ -84,6 +84,39 @@ def test_the_worklist_shows_a_stat_study_live_and_refuses_a_user_without_a_role(
                 assert page.locator("#studies caption").is_visible()
                 assert PATIENT_NAME not in page.content() and "PHANTOM" not in page.content()
                 page.screenshot(path=str(ARTIFACTS / "worklist.png"), full_page=True)
+
+                # The study view: the key image with the AI's boxes drawn where the findings are, the findings,
+                # the timeline, and a verdict recorded from the page.
+                row.click()
+                page.locator("figure.key svg rect").first.wait_for(timeout=20_000)
+                token = idp.token("u-4711", ["radiologist"])
+                findings = http_json(f"http://127.0.0.1:{http}/studies/{uid}/findings", token=token)[1]
+                figure = page.locator("figure.key").first
+                image_uid = figure.get_attribute("data-image-uid")
+                expected = {f["tracking_uid"]: f["box"] for f in findings if f["image_uid"] == image_uid}
+                drawn = figure.locator("svg rect")
+                assert drawn.count() == len(expected) > 0
+                for i in range(drawn.count()):
+                    rect = drawn.nth(i)
+                    x0, _, x1, _ = expected[rect.get_attribute("data-tracking-uid")]
+                    assert float(rect.get_attribute("x")) == pytest.approx(x0)
+                    assert float(rect.get_attribute("width")) == pytest.approx(x1 - x0)
+                assert figure.locator("img").evaluate("img => img.naturalWidth") == 256  # the rendered image
+                assert page.locator("#findings tbody tr").count() == len(findings)
+                assert "results stored" in page.locator("#timeline").inner_text()
+                page.get_by_label("Show the AI overlay").uncheck()
+                assert figure.locator("svg").is_hidden()
+                page.get_by_label("Show the AI overlay").check()
+                page.screenshot(path=str(ARTIFACTS / "study.png"), full_page=True)
+                first = page.locator("#findings tbody tr").first
+                tracking = first.get_attribute("data-tracking-uid")
+                first.get_by_role("button", name="Accept").click()
+                page.locator("#announce", has_text="Verdict recorded: accept").wait_for(timeout=10_000)
+                recorded = http_json(f"http://127.0.0.1:{http}/studies/{uid}/verdicts", token=token)[1]
+                assert [(v["tracking_uid"], v["kind"], v["reviewer"]) for v in recorded] == [
+                    (tracking, "accept", "u-4711")
+                ]
+                assert "accept" in page.locator(f'#findings tr[data-tracking-uid="{tracking}"]').inner_text()
 
                 idp.user = ("u-9", [], [])  # signed in, but no gateway role
                 other = browser.new_page(viewport={"width": 1920, "height": 1080})

@@ -93,6 +93,10 @@ function render() {
     tr.dataset.studyUid = row.study_uid;
     tr.dataset.stat = String(priorityOf(row) === "STAT");
     tr.tabIndex = 0;
+    tr.setAttribute("aria-label", `Open study ${row.study_uid}`);
+    const open = () => { location.hash = `#study/${row.study_uid}`; };
+    tr.addEventListener("click", open);
+    tr.addEventListener("keydown", (event) => { if (event.key === "Enter") open(); });
     const cells = [
       () => { const b = document.createElement("span"); b.className = `badge ${priorityOf(row)}`; b.textContent = priorityOf(row); return b; },
       () => row.study_uid,
@@ -148,6 +152,112 @@ async function listen() {
   setTimeout(listen, 2000); // the server went away or the network dropped: listen again
 }
 
+// -- the study view -------------------------------------------------------------------------------------------
+
+const REASONS = ["false positive", "not clinically relevant", "wrong location", "wrong measurement", "other"];
+
+function stamp(at) { return new Date(at * 1000).toLocaleString(); }
+
+async function keyImage(uid, imageUid, findings) {
+  const response = await api(`/studies/${uid}/images/${imageUid}/rendered?pipeline=${encodeURIComponent(findings[0].pipeline)}`);
+  const figure = document.createElement("figure");
+  figure.className = "key";
+  figure.dataset.imageUid = imageUid;
+  if (!response.ok) {
+    figure.textContent = `The image is no longer in the spool (${response.status}).`;
+    return figure;
+  }
+  const columns = Number(response.headers.get("X-Image-Columns"));
+  const rowsOf = Number(response.headers.get("X-Image-Rows"));
+  const img = document.createElement("img");
+  img.src = URL.createObjectURL(await response.blob());
+  img.alt = `Key image with ${findings.length} AI finding(s)`;
+  const svg = document.createElementNS("http://www.w3.org/2000/svg", "svg");
+  svg.setAttribute("viewBox", `0 0 ${columns} ${rowsOf}`);
+  svg.setAttribute("preserveAspectRatio", "none");
+  svg.setAttribute("aria-hidden", "true");
+  for (const f of findings) {
+    if (!f.box) continue;
+    const [x0, y0, x1, y1] = f.box;
+    const rect = document.createElementNS("http://www.w3.org/2000/svg", "rect");
+    Object.entries({ x: x0, y: y0, width: x1 - x0, height: y1 - y0 }).forEach(([k, v]) => rect.setAttribute(k, v));
+    rect.dataset.trackingUid = f.tracking_uid;
+    svg.append(rect);
+  }
+  const caption = document.createElement("figcaption");
+  caption.textContent = findings.map((f) => `${f.finding_meaning} ${(100 * f.confidence).toFixed(0)} %`).join(", ");
+  figure.append(img, svg, caption);
+  return figure;
+}
+
+async function verdict(uid, finding, kind, reason) {
+  const body = { kind, sr_uid: finding.sr_uid, tracking_uid: finding.tracking_uid };
+  if (kind === "reject") body.reason = reason;
+  const response = await api(`/studies/${uid}/verdicts`, {
+    method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body),
+  });
+  if (!response.ok) { message(`The verdict was not recorded: ${(await response.json()).error}`); return; }
+  message("");
+  await showStudy(uid);
+  $("announce").textContent = `Verdict recorded: ${kind}`;
+}
+
+function findingRow(uid, f) {
+  const tr = document.createElement("tr");
+  tr.dataset.trackingUid = f.tracking_uid;
+  const cells = [f.finding_meaning, f.pipeline, `${(100 * f.confidence).toFixed(1)} %`,
+    f.box ? f.box.map((v) => v.toFixed(0)).join(", ") : "whole image",
+    f.verdict ? `${f.verdict.kind}${f.verdict.reason ? ` (${f.verdict.reason})` : ""}` : "none yet"];
+  for (const text of cells) { const td = document.createElement("td"); td.textContent = text; tr.append(td); }
+  const actions = document.createElement("td");
+  const accept = document.createElement("button");
+  accept.type = "button"; accept.textContent = "Accept";
+  accept.addEventListener("click", () => verdict(uid, f, "accept"));
+  const reason = document.createElement("select");
+  reason.setAttribute("aria-label", "Reason for rejecting");
+  for (const r of REASONS) { const o = document.createElement("option"); o.value = r; o.textContent = r; reason.append(o); }
+  const reject = document.createElement("button");
+  reject.type = "button"; reject.textContent = "Reject";
+  reject.addEventListener("click", () => verdict(uid, f, "reject", reason.value));
+  actions.append(accept, " ", reason, reject);
+  tr.append(actions);
+  return tr;
+}
+
+async function showStudy(uid) {
+  show("worklist", false); show("study", true);
+  $("study-title").textContent = `Study ${uid}`;
+  const about = await api(`/studies/${uid}`);
+  if (about.ok) {
+    const t = await about.json();
+    $("study-summary").textContent =
+      `${t.study.stat ? "STAT" : t.study.priority} - ${t.study.state.replace("_", " ")} - from ${t.study.calling_ae || "-"}`;
+    $("timeline").replaceChildren(...t.steps.map((s) => {
+      const li = document.createElement("li");
+      li.textContent = `${stamp(s.at)}: ${s.stage.replace(/_/g, " ")}${s.detail ? ` (${s.detail})` : ""}`;
+      return li;
+    }));
+  }
+  const response = await api(`/studies/${uid}/findings`);
+  if (response.status === 403) {
+    message("This account does not see AI results (radiologist or qa role).");
+    $("findings").tBodies[0].replaceChildren(); $("key-images").replaceChildren();
+    return;
+  }
+  const findings = await response.json();
+  $("findings").tBodies[0].replaceChildren(...findings.map((f) => findingRow(uid, f)));
+  const byImage = new Map();
+  for (const f of findings) if (f.box) byImage.set(f.image_uid, [...(byImage.get(f.image_uid) || []), f]);
+  const best = [...byImage.entries()].sort((a, b) =>
+    Math.max(...b[1].map((f) => f.confidence)) - Math.max(...a[1].map((f) => f.confidence))).slice(0, 4);
+  $("key-images").replaceChildren(...await Promise.all(best.map(([image, fs]) => keyImage(uid, image, fs))));
+}
+
+function route() {
+  const match = location.hash.match(/^#study\/([0-9.]+)$/);
+  if (match) showStudy(match[1]); else { show("study", false); show("worklist", true); }
+}
+
 async function showWorklist() {
   const response = await api("/studies?limit=200");
   if (response.status === 403) {
@@ -159,6 +269,11 @@ async function showWorklist() {
   for (const row of await response.json()) upsert(row);
   render();
   show("sign-in", false); show("worklist", true);
+  window.addEventListener("hashchange", route);
+  $("overlay-toggle").addEventListener("change", (event) => {
+    document.body.classList.toggle("hide-overlay", !event.target.checked);
+  });
+  route();
   listen();
   setInterval(render, 30000); // "arrived ... ago" stays true
 }
