@@ -12,7 +12,7 @@ NODE_PACKAGES := $(if $(shell command -v node),,nodejs) $(if $(shell command -v 
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: help setup system-deps venv models native test-peers lint typecheck unit integration test run demo bench bench-report bench-stages clean
+.PHONY: help setup system-deps venv models native test-peers lint typecheck unit integration test run demo screenshots bench bench-report bench-stages clean
 
 help:
 	@echo "make run    - install what is needed, start Triton and the gateway on 127.0.0.1:11112"
@@ -107,6 +107,11 @@ run: setup
 
 demo: venv
 	$(VENV)/bin/gateway demo $(ARGS)
+
+# The README's pictures: the browser test writes full-size screenshots to build/test-artifacts/; copied here.
+screenshots: setup test-peers
+	$(VENV)/bin/pytest -q tests/integration/test_dashboard.py
+	cp build/test-artifacts/worklist.png build/test-artifacts/study.png tests/artifacts/
 
 bench: setup
 	$(PY) -m benchmarks.run_bench $(ARGS)
