@@ -27,6 +27,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Resp
 
 from gateway.config.settings import HttpSettings, TokenRole
 from gateway.database.queries import StudyFilter
+from gateway.ops.api_errors import Error
 from gateway.ops.identity import RESULT_READERS, Principal
 from gateway.ops.review_api import UID_PATTERN
 
@@ -101,7 +102,13 @@ def dashboard_routes(
             summary="One image of the study as a PNG (for the dashboard's study view)",
             response_class=Response,
             tags=["dashboard"],
-            responses={200: {"content": {"image/png": {}}}, 404: {"description": "unknown or purged image"}},
+            responses={
+                200: {"content": {"image/png": {}}, "description": "the image, with X-Image-Columns / -Rows"},
+                400: {"model": Error, "description": "a malformed UID"},
+                401: {"model": Error, "description": "missing or invalid bearer token"},
+                403: {"model": Error, "description": "the role may not see AI results"},
+                404: {"model": Error, "description": "unknown or purged image"},
+            },
         )
         def rendered(
             _: Annotated[Principal, Depends(needs(*RESULT_READERS))],
