@@ -111,7 +111,7 @@ demo: venv
 # The README's pictures: the browser test writes full-size screenshots to build/test-artifacts/; copied here.
 screenshots: setup test-peers
 	$(VENV)/bin/pytest -q tests/integration/test_dashboard.py
-	cp build/test-artifacts/worklist.png build/test-artifacts/study.png tests/artifacts/
+	cp build/test-artifacts/worklist.png build/test-artifacts/study.png build/test-artifacts/qa.png build/test-artifacts/models.png build/test-artifacts/operations.png tests/artifacts/
 
 bench: setup
 	$(PY) -m benchmarks.run_bench $(ARGS)

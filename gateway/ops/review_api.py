@@ -42,6 +42,8 @@ class ReviewApi(Protocol):
 
     def pipelines(self) -> dict[str, Any]: ...
 
+    def statistics(self) -> list[dict[str, Any]]: ...
+
     def discrepancies(self, state: str | None) -> list[dict[str, Any]]: ...
 
     def assign(self, item: int, to: str, by: str) -> dict[str, Any] | None: ...
@@ -127,6 +129,16 @@ def review_routes(app: FastAPI, review: ReviewApi, needs: Callable[..., Callable
         return review.comparisons(study_uid)
 
     qa = needs(TokenRole.QA)
+
+    @app.get(
+        "/models/statistics",
+        summary="Per model version and site: volumes, positive rate, score histogram, acceptance, time to verdict, "
+        "sensitivity and PPV against the reports, PSI, CUSUM and drift alarms",
+        responses=_REFUSED,
+        tags=["review"],
+    )
+    def statistics(_: Annotated[Principal, Depends(qa)]) -> list[dict[str, Any]]:
+        return review.statistics()
 
     @app.get(
         "/admin/pipelines",

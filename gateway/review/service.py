@@ -10,12 +10,14 @@ from sqlalchemy import Engine
 
 from gateway.config.settings import Settings
 from gateway.database.monitoring import pipeline_changes
+from gateway.review.monitoring import evaluate
 from gateway.review.reports import FinalReports
 from gateway.review.verdicts import Verdicts
 
 
 class Review:
     def __init__(self, engine: Engine, settings: Settings) -> None:
+        self.settings = settings
         self.verdicts = Verdicts(
             engine, settings.review, settings.node_id, {p.name: p for p in settings.pipelines}
         )
@@ -38,6 +40,10 @@ class Review:
 
     def fhir(self, study_uid: str) -> dict[str, Any]:
         return self.verdicts.fhir(study_uid)
+
+    def statistics(self) -> list[dict[str, Any]]:
+        """Every model version and site: volumes, acceptance, report concordance, drift (evaluated now)."""
+        return [s.as_json() for s in evaluate(self.verdicts.engine, self.settings.review)]
 
     def pipelines(self) -> dict[str, Any]:
         """The governed settings of every pipeline now, and every audited change of them."""

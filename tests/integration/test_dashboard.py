@@ -13,6 +13,8 @@ from gateway.app import Gateway
 from gateway.config.settings import load_settings
 from gateway.demo.phantoms import PATIENT_NAME, Lesion, write_head_ct
 from gateway.inference.server import free_port
+from tests.integration.test_final_reports import oru
+from tests.integration.test_order_feed import MllpClient, msa
 from tests.support.oidc import Provider
 from tests.support.servers import http_json, require_tool, storescu
 
@@ -42,7 +44,7 @@ def test_the_worklist_shows_a_stat_study_live_and_refuses_a_user_without_a_role(
         config = tmp_path / "gateway.toml"
         config.write_text(
             f'data_dir = "{tmp_path / "data"}"\nquiet_period_s = 0.5\nworkers = 1\n[receiver]\nport = {port}\n'
-            f"[http]\nport = {http}\n{idp.config()}"
+            f"[http]\nport = {http}\n{idp.config()}[orders]\nenabled = true\nport = 0\n"
             f'[triton]\nurl = "{triton}"\n'
             '[[pipelines]]\nname = "ct_hyperdensity"\nmodel = "ct_head_hyperdensity"\nalgorithm_version = "0.1.0"\n'
             'mode = "triage"\nreport_threshold = 0.5\nstat_threshold = 0.7\nmodalities = ["CT"]\n'
@@ -117,6 +119,41 @@ def test_the_worklist_shows_a_stat_study_live_and_refuses_a_user_without_a_role(
                     (tracking, "accept", "u-4711")
                 ]
                 assert "accept" in page.locator(f'#findings tr[data-tracking-uid="{tracking}"]').inner_text()
+
+                # The signed report disagrees with the AI: QA sees the case, assigns it; the model's numbers;
+                # the operations page.
+                assert gateway.orders_listener is not None
+                client = MllpClient(gateway.orders_listener.port)
+                try:
+                    report = oru("ACC-PHANTOM-1", ["IMPRESSION: No intracranial hemorrhage."], control="D1")
+                    assert msa(client.exchange(report))[1] == "AA"
+                finally:
+                    client.close()
+                idp.user = ("u-qa", ["qa"], [])
+                qa = browser.new_page(viewport={"width": 1920, "height": 1080})
+                qa.goto(f"http://127.0.0.1:{http}/ui/")
+                qa.get_by_role("button", name="Sign in with your hospital account").click()
+                qa.locator("#worklist:not([hidden])").wait_for(timeout=20_000)  # QA sees the worklist too
+                qa.get_by_role("link", name="QA").click()
+                case = qa.locator("#discrepancies tbody tr", has_text="ACC-PHANTOM-1")
+                case.wait_for(timeout=20_000)
+                assert "AI only" in case.inner_text() and "No intracranial hemorrhage" in case.inner_text()
+                qa.screenshot(path=str(ARTIFACTS / "qa.png"), full_page=True)
+                case.get_by_label("Peer reviewer's user id").fill("u-peer-3")
+                case.get_by_role("button", name="Assign").click()
+                qa.locator("#announce", has_text="Assigned for peer review").wait_for(timeout=10_000)
+                qa.get_by_label("Cases").select_option("assigned")
+                qa.locator("#discrepancies tbody tr", has_text="assigned (u-peer-3)").wait_for(timeout=10_000)
+                qa.get_by_role("link", name="Models").click()
+                model = qa.locator('#model-stats tbody tr[data-model="ct_head_hyperdensity"]')
+                model.wait_for(timeout=20_000)
+                assert "100.0 % of 1" in model.inner_text()  # the one verdict, an acceptance
+                assert model.locator("svg.histogram rect").count() == 10
+                qa.screenshot(path=str(ARTIFACTS / "models.png"), full_page=True)
+                qa.get_by_role("link", name="Operations").click()
+                qa.locator("#ops-status", has_text="Triton ready").wait_for(timeout=20_000)
+                assert qa.locator("#queues tbody tr").count() >= 3  # STAT, URGENT, ROUTINE at least
+                qa.screenshot(path=str(ARTIFACTS / "operations.png"), full_page=True)
 
                 idp.user = ("u-9", [], [])  # signed in, but no gateway role
                 other = browser.new_page(viewport={"width": 1920, "height": 1080})

@@ -253,9 +253,141 @@ async function showStudy(uid) {
   $("key-images").replaceChildren(...await Promise.all(best.map(([image, fs]) => keyImage(uid, image, fs))));
 }
 
+// -- QA, models, operations -------------------------------------------------------------------------------------
+
+function cells(tr, values) {
+  for (const value of values) {
+    const td = document.createElement("td");
+    if (value instanceof Node) td.append(value); else td.textContent = value;
+    tr.append(td);
+  }
+  return tr;
+}
+
+function button(text, onClick) {
+  const b = document.createElement("button");
+  b.type = "button"; b.textContent = text; b.addEventListener("click", onClick);
+  return b;
+}
+
+function pct(value) { return value == null ? "-" : `${(100 * value).toFixed(1)} %`; }
+
+async function refused(response, what) {
+  if (response.status !== 403) return false;
+  message(`This account may not see ${what} (${(await response.json()).error}).`);
+  return true;
+}
+
+let qaShown = 0; // the latest request wins: an older answer arriving late never overwrites a newer one
+
+async function showQa() {
+  const mine = ++qaShown;
+  const response = await api(`/qa/discrepancies?state=${$("qa-state").value}`);
+  if (await refused(response, "the QA worklist")) return;
+  message("");
+  const items = await response.json();
+  if (mine !== qaShown) return;
+  $("discrepancies").tBodies[0].replaceChildren(...items.map((item) => {
+    const tr = document.createElement("tr");
+    tr.dataset.item = item.id;
+    const who = document.createElement("input");
+    who.setAttribute("aria-label", "Peer reviewer's user id");
+    who.size = 10;
+    const act = document.createElement("span");
+    if (item.qa_state === "open") {
+      act.append(who, button("Assign", async () => {
+        await api(`/qa/discrepancies/${item.id}/assign`, {
+          method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify({ to: who.value || "unassigned" }),
+        });
+        await showQa();
+        $("announce").textContent = "Assigned for peer review";
+      }));
+    } else if (item.qa_state === "assigned") {
+      act.append(button("Close", async () => {
+        await api(`/qa/discrepancies/${item.id}/close`, {
+          method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify({ note: "reviewed" }),
+        });
+        await showQa();
+        $("announce").textContent = "Closed";
+      }));
+    }
+    const link = document.createElement("a");
+    link.href = `#study/${item.study_uid}`; link.textContent = item.accession_number;
+    const outcome = item.outcome === "ai_only" ? "AI only (possible false positive)" : "report only (AI miss)";
+    return cells(tr, [link, item.pipeline, item.finding_type, outcome,
+      item.ai_positive ? `found (${pct(item.max_confidence)})` : "nothing",
+      `${item.report_label}: "${item.evidence}"`, `${item.qa_state}${item.assigned_to ? ` (${item.assigned_to})` : ""}`, act]);
+  }));
+}
+
+function histogram(shares) {
+  const svg = document.createElementNS("http://www.w3.org/2000/svg", "svg");
+  svg.setAttribute("class", "histogram");
+  svg.setAttribute("viewBox", "0 0 100 28");
+  svg.setAttribute("role", "img");
+  svg.setAttribute("aria-label", `score histogram: ${shares.map((s) => (100 * s).toFixed(0)).join(", ")} % per tenth`);
+  const top = Math.max(...shares, 0.01);
+  shares.forEach((share, i) => {
+    const rect = document.createElementNS("http://www.w3.org/2000/svg", "rect");
+    const h = (26 * share) / top;
+    Object.entries({ x: i * 10 + 1, y: 27 - h, width: 8, height: h }).forEach(([k, v]) => rect.setAttribute(k, v));
+    svg.append(rect);
+  });
+  return svg;
+}
+
+async function showModels() {
+  const response = await api("/models/statistics");
+  if (await refused(response, "the model statistics")) return;
+  message("");
+  const stats = await response.json();
+  $("model-stats").tBodies[0].replaceChildren(...stats.map((s) => {
+    const tr = document.createElement("tr");
+    tr.dataset.model = s.model_name;
+    const alarms = document.createElement("span");
+    alarms.textContent = s.alarms.length ? s.alarms.map((a) => `${a.kind} (${a.value})`).join(", ") : "none";
+    if (s.alarms.length) alarms.className = "alarm";
+    return cells(tr, [s.model_name, s.model_version, s.site || "-", String(s.studies), pct(s.positive_rate),
+      s.score_histogram.length ? histogram(s.score_histogram) : "-", `${pct(s.acceptance_rate)} of ${s.verdicts}`,
+      pct(s.sensitivity), pct(s.ppv), s.psi == null ? "-" : s.psi.toFixed(3), alarms]);
+  }));
+}
+
+async function showOps() {
+  const health = await (await fetch("/health")).json();
+  $("ops-status").textContent =
+    `Gateway ${health.status}${health.reasons && health.reasons.length ? `: ${health.reasons.join("; ")}` : ""}` +
+    ` - Triton ${health.triton && health.triton.ready ? "ready" : "not ready"}`;
+  const queues = Object.entries(health.queue || {}).map(([k, v]) => [`priority ${k}`, v])
+    .concat(Object.entries(health.queue_by_pacs || {}).map(([k, v]) => [`PACS ${k}`, v]));
+  $("queues").tBodies[0].replaceChildren(...queues.map(([k, v]) => cells(document.createElement("tr"), [k, String(v)])));
+  const response = await api("/admin/dead-letters");
+  if (!response.ok) { $("dead-letters").tBodies[0].replaceChildren(); return; }
+  const letters = await response.json();
+  $("dead-letters").tBodies[0].replaceChildren(...letters.map((job) => cells(document.createElement("tr"), [
+    job.job_id || job.id || "-", job.destination || "-", job.study_uid || "-", job.reason || job.last_error || "-",
+    button("Resend", async () => {
+      const answer = await api("/admin/resend", {
+        method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify({ jobs: [job.job_id || job.id] }),
+      });
+      if (!answer.ok) message(`Not resent: ${(await answer.json()).error}`); else showOps();
+    }),
+  ])));
+}
+
+const PAGES = { worklist: null, qa: showQa, models: showModels, ops: showOps };
+
 function route() {
   const match = location.hash.match(/^#study\/([0-9.]+)$/);
-  if (match) showStudy(match[1]); else { show("study", false); show("worklist", true); }
+  const page = (location.hash || "#worklist").slice(1);
+  for (const id of ["worklist", "study", "qa", "models", "ops"]) show(id, false);
+  document.querySelectorAll("nav a").forEach((a) => {
+    if (a.getAttribute("href") === `#${page}`) a.setAttribute("aria-current", "page"); else a.removeAttribute("aria-current");
+  });
+  if (match) { showStudy(match[1]); return; }
+  const name = page in PAGES ? page : "worklist";
+  show(name, true);
+  if (PAGES[name]) PAGES[name]();
 }
 
 async function showWorklist() {
@@ -273,6 +405,7 @@ async function showWorklist() {
   $("overlay-toggle").addEventListener("change", (event) => {
     document.body.classList.toggle("hide-overlay", !event.target.checked);
   });
+  $("qa-state").addEventListener("change", showQa);
   route();
   listen();
   setInterval(render, 30000); // "arrived ... ago" stays true
