@@ -574,10 +574,15 @@ class Gateway:
         if listener is not None:
             await listener.start()
         drift = asyncio.create_task(self._drift_watch().run(), name="drift-watch")
+        matcher = asyncio.create_task(
+            self.review.reports.match_forever(self.settings.review.report_match_interval_s, self.io_executor),
+            name="report-matcher",
+        )
         self._ready.set()
         try:
             await runtime.run()
         finally:
             drift.cancel()
+            matcher.cancel()
             if listener is not None:
                 await listener.stop()

@@ -530,6 +530,7 @@ class ReviewSettings(Section):
     psi_min_scores: Annotated[int, Field(ge=10)] = 200
     alarm_webhook_url: Annotated[str, AfterValidator(_http_url)] = ""  # JSON POST per drift alarm
     monitor_interval_s: Seconds = 300.0  # how often model statistics and drift are evaluated
+    report_match_interval_s: Seconds = 30.0  # how often reports that came before their analysis are compared
 
     @model_validator(mode="after")
     def _fall(self) -> ReviewSettings:

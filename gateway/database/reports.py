@@ -190,3 +190,52 @@ def update_qa(
         if done.rowcount == 0:
             return None
         return _comparison(connection.execute(select(c).where(c.c.id == item)).one())
+
+
+@answered
+def pending_reports(engine: Engine, since: float) -> list[dict[str, Any]]:
+    """Final / corrected reports received since ``since`` that have no comparison yet and are their accession's
+    latest report: those that came before their study (or its analysis) was in the system of record."""
+    r, c = t.final_reports, t.report_comparisons
+    latest = select(func.max(r.c.id)).group_by(r.c.accession_number).scalar_subquery()
+    compared = select(c.c.report_id).distinct().scalar_subquery()
+    query = select(r).where(
+        r.c.status.in_(("F", "C")), r.c.received_at >= since, r.c.id.in_(latest), r.c.id.not_in(compared)
+    )
+    with engine.connect() as connection:
+        return [dict(row._mapping) for row in connection.execute(query.order_by(r.c.id))]
+
+
+@answered
+def attach_comparisons(
+    engine: Engine,
+    report_id: int,
+    study_uid: str,
+    seen: tuple[bool, bool],
+    rows: Sequence[dict[str, Any]],
+    node: str,
+) -> list[ComparisonRow]:
+    """Compare a stored report late: its study, its AI-assisted flags and comparisons, in one transaction."""
+    c = t.report_comparisons
+    delivered, viewed = seen
+    with engine.begin() as connection:
+        connection.execute(
+            update(t.final_reports)
+            .where(t.final_reports.c.id == report_id)
+            .values(
+                study_uid=study_uid,
+                ai_delivered_before=delivered,
+                ai_viewed_before=viewed,
+                ai_assisted=delivered and viewed,
+            )
+        )
+        connection.execute(
+            update(c).where(c.c.study_uid == study_uid, c.c.current.is_(True)).values(current=False)
+        )
+        connection.execute(
+            insert(c), [{**row, "report_id": report_id, "current": True, "node": node} for row in rows]
+        )
+        return [
+            _comparison(x)
+            for x in connection.execute(select(c).where(c.c.report_id == report_id).order_by(c.c.id))
+        ]

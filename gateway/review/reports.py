@@ -12,14 +12,17 @@ pipeline that analysed the study. What the AI said and what the report says give
 A discordant comparison of a shown result (assist, triage) is a QA item (open -> assigned -> closed) with the
 report's deciding sentence as evidence; a silent pipeline's comparison feeds its monitoring only. Each report
 also records whether it was AI-assisted: the AI's results were delivered and viewed (findings opened or a
-verdict recorded) before sign-off. A report that arrives before its study was analysed is stored without
-comparisons (a corrected report sent later is compared).
+verdict recorded) before sign-off. A report that arrives before its study (or the study's analysis) is in the
+system of record is stored without comparisons and compared once it is: ``compare_pending`` runs every
+``[review] report_match_interval_s`` for the reports of the last ``PENDING_DAYS`` days.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
+from concurrent.futures import Executor
 from typing import Any
 
 from sqlalchemy import Engine
@@ -31,7 +34,9 @@ from gateway.database.reports import (
     ComparisonRow,
     ai_seen_before,
     analysed_pipelines,
+    attach_comparisons,
     comparisons,
+    pending_reports,
     record_view,
     store_report,
     study_for_accession,
@@ -43,6 +48,7 @@ from gateway.workflow.final_reports import FinalReport
 logger = logging.getLogger(__name__)
 
 QA_STATES = ("open", "assigned", "closed")
+PENDING_DAYS = 14
 
 
 def outcome_of(ai_positive: bool, label: ReportLabel) -> str:
@@ -135,6 +141,44 @@ class FinalReports:
                     }
                 )
         return rows
+
+    def compare_pending(self) -> list[ComparisonRow]:
+        """Compare the reports that came before their study's analysis, now that it is recorded."""
+        done: list[ComparisonRow] = []
+        for row in pending_reports(self.engine, time.time() - PENDING_DAYS * 86400):
+            report = FinalReport(
+                accession_number=row["accession_number"],
+                study_uid=row["study_uid"],
+                status=row["status"],
+                signed_at=row["signed_at"],
+                text=row["text"],
+                control_id=row["control_id"],
+            )
+            study = report.study_uid or study_for_accession(self.engine, report.accession_number)
+            if not study:
+                continue
+            rows = self._compare(report, study)
+            if not rows:
+                continue  # the study is known, its analysis not yet recorded
+            seen = ai_seen_before(self.engine, study, report.signed_at)
+            compared = attach_comparisons(self.engine, row["id"], study, seen, rows, self.node)
+            logger.info(
+                "final report for study %s compared once its analysis was recorded: %d discrepancy(ies) for QA",
+                study,
+                sum(c.qa_state == "open" for c in compared),
+            )
+            done.extend(compared)
+        return done
+
+    async def match_forever(self, interval_s: float, executor: Executor | None = None) -> None:
+        """``compare_pending`` every ``interval_s`` on the gateway's loop (the queries in an executor)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                await loop.run_in_executor(executor, self.compare_pending)
+            except Exception as exc:  # a database outage: the next round tries again
+                logger.warning("pending final reports could not be compared now: %s", exc)
 
     # -- the QA worklist (HTTP API) ----------------------------------------------------------------------------
 

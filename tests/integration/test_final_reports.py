@@ -80,7 +80,7 @@ def test_final_reports_are_compared_with_the_ai_and_discrepancies_become_qa_item
         f"[http]\nport = {http}\n"
         f'[[http.tokens]]\nname = "dr-1"\nrole = "radiologist"\nsha256 = "{hash_token(DR)}"\n'
         f'[[http.tokens]]\nname = "qa-lead"\nrole = "qa"\nsha256 = "{hash_token(QA)}"\n'
-        f"[orders]\nenabled = true\nport = 0\n"
+        f"[orders]\nenabled = true\nport = 0\n[review]\nreport_match_interval_s = 1.0\n"
         f'[triton]\nurl = "{triton}"\n'
         f'[[peers]]\nae_title = "STORESCU"\nhost = "127.0.0.1"\nport = {orthanc.dicom_port}\n'
         + PIPELINE.format(name="ct_hyperdensity", mode="triage")
@@ -216,6 +216,34 @@ def test_final_reports_are_compared_with_the_ai_and_discrepancies_become_qa_item
         assert {c["outcome"] for c in compared} == {"concordant"}
         open_items = http_json(f"{base}/qa/discrepancies?state=open", token=QA)[1]
         assert [i["accession_number"] for i in open_items] == []
+
+        # A report that comes before its study: stored, then compared once the study's analysis is recorded.
+        late, paths_c = _study(
+            tmp_path, "c", "ACC-C", (Lesion(x=120.0, y=130.0, slice=4, radius_mm=8.0, hu=70.0),), 7
+        )
+        client = MllpClient(listener.port)
+        try:
+            early = oru(
+                "ACC-C", ["IMPRESSION: Acute intraparenchymal hemorrhage, left frontal lobe."], control="R6"
+            )
+            assert msa(client.exchange(early))[1] == "AA"
+        finally:
+            client.close()
+        assert http_json(f"{base}/studies/{late}/comparisons", token=QA)[1] == []
+        assert storescu(paths_c, port=port, calling_ae="STORESCU").returncode == 0
+        compared = wait_for(
+            lambda: (lambda r: r[1] if len(r[1]) == 2 else None)(
+                http_json(f"{base}/studies/{late}/comparisons", token=QA)
+            ),
+            timeout_s=120,
+            what="the early report compared once the analysis is recorded",
+        )
+        assert {c["outcome"] for c in compared} == {"concordant"} and {
+            c["accession_number"] for c in compared
+        } == {"ACC-C"}
+        with gateway.database.connect() as connection:
+            [row] = [r for r in connection.execute(t.final_reports.select()) if r.accession_number == "ACC-C"]
+        assert row.study_uid == late and not row.ai_assisted  # signed before the AI had anything to show
     finally:
         gateway.stop()
         orthanc.stop()
