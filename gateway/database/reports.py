@@ -239,3 +239,12 @@ def attach_comparisons(
             _comparison(x)
             for x in connection.execute(select(c).where(c.c.report_id == report_id).order_by(c.c.id))
         ]
+
+
+@answered
+def study_state(engine: Engine, study_uid: str) -> str | None:
+    with engine.connect() as connection:
+        found = connection.execute(
+            select(t.studies.c.state).where(t.studies.c.study_uid == study_uid)
+        ).scalar()
+        return str(found) if found is not None else None

@@ -40,6 +40,7 @@ from gateway.database.reports import (
     record_view,
     store_report,
     study_for_accession,
+    study_state,
     update_qa,
 )
 from gateway.review.report_text import ReportLabel, load_rules, read_report
@@ -48,6 +49,7 @@ from gateway.workflow.final_reports import FinalReport
 logger = logging.getLogger(__name__)
 
 QA_STATES = ("open", "assigned", "closed")
+ANALYSED = frozenset({"results_stored", "delivered", "failed"})  # the study's every routed series is done
 PENDING_DAYS = 14
 
 
@@ -75,7 +77,8 @@ class FinalReports:
         """Store ``report`` and its comparisons (committed before it returns: the ACK follows)."""
         study = report.study_uid or study_for_accession(self.engine, report.accession_number)
         delivered, viewed = ai_seen_before(self.engine, study, report.signed_at) if study else (False, False)
-        rows = self._compare(report, study) if study and report.compared else []
+        analysed = bool(study) and study_state(self.engine, study) in ANALYSED
+        rows = self._compare(report, study) if analysed and report.compared else []  # else: compare_pending
         now = time.time()
         stored = store_report(
             self.engine,
@@ -155,8 +158,8 @@ class FinalReports:
                 control_id=row["control_id"],
             )
             study = report.study_uid or study_for_accession(self.engine, report.accession_number)
-            if not study:
-                continue
+            if not study or study_state(self.engine, study) not in ANALYSED:
+                continue  # not yet known, or some of its series still being analysed: every pipeline must be in
             rows = self._compare(report, study)
             if not rows:
                 continue  # the study is known, its analysis not yet recorded

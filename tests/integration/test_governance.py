@@ -131,6 +131,11 @@ def _seed(engine: object, rng: random.Random) -> dict[str, list[tuple[str, str, 
                     silent.append((study, sr, tracking))
                 else:
                     shown.append((study, sr, tracking))
+            # The study's every series done: the state a final report is compared in.
+            writes.event(
+                connection,
+                {"event": "study_done", "time": at, "study": study, "series": 1, "findings": int(n < 500)},
+            )
     return {"shown": shown, "silent": silent, "negative": negative}
 
 
