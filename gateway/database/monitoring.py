@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import Engine, and_, distinct, func, select, update
-from sqlalchemy.exc import IntegrityError
 
 from gateway.database import schema as t
 from gateway.database.connect import upsert
@@ -170,14 +169,12 @@ def record_alarm(
             value=value,
             at=at,
         )
-        try:  # RETURNING, not rowcount: psycopg's rowcount of an INSERT ... ON CONFLICT is not reliable here
-            done = connection.execute(
-                insert.on_conflict_do_nothing(
-                    index_elements=["model_name", "model_version", "site", "kind", "at_count"]
-                ).returning(t.drift_alarms.c.id)
-            ).first()
-        except IntegrityError:
-            return False
+        # RETURNING, not rowcount: psycopg's rowcount of an INSERT ... ON CONFLICT is not reliable here.
+        done = connection.execute(
+            insert.on_conflict_do_nothing(
+                index_elements=["model_name", "model_version", "site", "kind", "at_count"]
+            ).returning(t.drift_alarms.c.id)
+        ).first()
         return done is not None
 
 

@@ -76,10 +76,9 @@ def render_png(
     if str(ds.get("PhotometricInterpretation", "")) == "MONOCHROME1":
         grey = 1.0 - grey
     image = Image.fromarray((grey * 255).astype(np.uint8))
-    image.info["source_size"] = image.size
+    columns, rows = image.size  # the overlay's coordinates: the image's own, whatever size is sent
     if max(image.size) > max_side:
         image.thumbnail((max_side, max_side))
-    columns, rows = image.info["source_size"]
     out = io.BytesIO()
     image.save(out, format="PNG")
     return out.getvalue(), int(columns), int(rows)
