@@ -356,3 +356,13 @@ def test_encoder_processes_give_the_same_results_and_survive_a_killed_worker(loa
         assert len(asyncio.run(encoder.encode(analysis, reported, None, [])).datasets) == len(local)
     finally:
         encoder.close()
+
+
+def test_tracking_uids_are_the_same_for_the_same_analysis(loaded) -> None:
+    """A re-delivered SR keeps the Tracking UIDs a radiologist's verdict names (they were random per encoding)."""
+    from gateway.results.content import reported_findings
+
+    findings = (_finding(loaded, 1, 0.8), _finding(loaded, 3, 0.6))
+    first = [f.tracking_uid for f in reported_findings(_analysis(loaded, findings, stat=False))]
+    again = [f.tracking_uid for f in reported_findings(_analysis(loaded, findings, stat=False))]
+    assert first == again and len(set(first)) == 2
