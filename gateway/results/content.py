@@ -8,7 +8,6 @@ comparison and QA). Writing then reading gives back equal objects.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -88,43 +87,17 @@ def rectangle(finding: Finding) -> np.ndarray:
     return np.asarray(_rect(finding), dtype=np.float32)
 
 
-def pixel_to_patient(
-    header: Dataset, points: Iterable[tuple[float, float]]
-) -> list[tuple[float, float, float]] | None:
-    """Pixel (column, row) -> patient (x, y, z) mm with the image plane geometry, or None when it is absent."""
-    try:
-        origin = np.asarray([float(v) for v in header.ImagePositionPatient])
-        iop = [float(v) for v in header.ImageOrientationPatient]
-        row_mm, col_mm = (float(v) for v in header.PixelSpacing)
-    except (AttributeError, TypeError, ValueError):
-        return None
-    along_row, along_col = np.asarray(iop[:3]), np.asarray(iop[3:])
-    out = []
-    for col, row in points:
-        p = origin + along_row * col_mm * col + along_col * row_mm * row
-        out.append((round(float(p[0]), 3), round(float(p[1]), 3), round(float(p[2]), 3)))
-    return out
-
-
 def reported_findings(analysis: SeriesAnalysis) -> list[ReportedFinding]:
-    """The gateway's findings as report content: SCOORD3D where the series has a frame of reference."""
+    """The gateway's findings as report content: each box a closed 2D outline (SCOORD) on the image it is on.
+
+    Image-referenced 2D coordinates are what every viewer draws (OHIF does not draw SCOORD3D outlines); the
+    position in patient space follows from the referenced image's plane."""
     headers = {str(ds.SOPInstanceUID): ds for ds in analysis.sources}
     out = []
     for number, finding in enumerate(analysis.findings, start=1):
         header = headers[finding.sop_instance_uid]
-        frame_of_reference = str(header.get("FrameOfReferenceUID", "")) or None
-        located = finding.bbox is not None
-        patient = pixel_to_patient(header, _rect(finding)[:4]) if (located and frame_of_reference) else None
-        region: Region | None
-        if not located:
-            region = None  # image-level (classification) finding: the measurement references the image
-        elif patient is not None:
-            region = Region(
-                graphic_type="POLYGON",
-                points=tuple([*patient, patient[0]]),
-                frame_of_reference_uid=frame_of_reference,
-            )
-        else:
+        region: Region | None = None  # image-level (classification): the measurement references the image
+        if finding.bbox is not None:
             points = tuple((round(x, 3), round(y, 3)) for x, y in _rect(finding))
             region = Region(graphic_type="POLYLINE", points=points, sop_instance_uid=finding.sop_instance_uid)
         measurements = [

@@ -1,9 +1,9 @@
 """Comprehensive 3D SR holding a TID 1500 Measurement Report, built with highdicom's typed templates.
 
-Content: one study-level measurement group (TID 1501) with the CAD summary, the triage score and the STAT flag;
-one planar ROI group (TID 1410) per finding with a tracking identifier and UID, its finding type and site as
-codes, the region (SCOORD3D in patient coordinates where the series has a frame of reference, SCOORD on the
-image otherwise), confidence, long axis, area and mean HU with UCUM units, and the STAT evaluation. Every group
+Content: one planar ROI group (TID 1410) per finding with a tracking identifier and UID, its finding type and
+site as codes, the region (a closed SCOORD outline on the image it is on), confidence, long axis, area and mean
+HU with UCUM units, and the STAT evaluation; then the study-level Qualitative Evaluations with the CAD summary, the
+triage score and the STAT flag. Every group
 names the algorithm, its version and parameters; the device is the observer. A negative series still gets a
 report ("All algorithms succeeded; without findings").
 """
@@ -16,8 +16,10 @@ from typing import Any
 import numpy as np
 from highdicom.sr import (
     AlgorithmIdentification,
+    CodeContentItem,
     CodedConcept,
     Comprehensive3DSR,
+    ContainerContentItem,
     DeviceObserverIdentifyingAttributes,
     FindingSite,
     ImageLibraryEntryDescriptors,
@@ -37,6 +39,7 @@ from highdicom.sr import (
     TrackingIdentifier,
 )
 from highdicom.sr.enum import RelationshipTypeValues
+from highdicom.sr.value_types import ContentSequence
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
@@ -148,41 +151,46 @@ def _finding_group(
     return PlanarROIMeasurementsAndQualitativeEvaluations(referenced_region=roi, **common)
 
 
-def _study_assessment(
-    analysis: SeriesAnalysis, algorithm: AlgorithmIdentification, *, has_findings: bool, failure: str
-) -> MeasurementsAndQualitativeEvaluations:
-    """The study-level group: the triage score (none when the analysis failed), the CAD summary, the STAT flag
-    and, as comments, why the analysis failed and how the series was routed."""
+QUALITATIVE_EVALUATIONS = CodedConcept("C0034375", "UMLS", "Qualitative Evaluations")
+IMAGING_MEASUREMENTS = CodedConcept("126010", "DCM", "Imaging Measurements")
+
+
+def _placeholder_group() -> MeasurementsAndQualitativeEvaluations:
+    return MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=TrackingIdentifier(identifier="none"), finding_type=gw.AI_STUDY_ASSESSMENT
+    )
+
+
+def _study_assessment(analysis: SeriesAnalysis, *, has_findings: bool, failure: str) -> ContainerContentItem:
+    """The study-level assessment as the report's Qualitative Evaluations (TID 1500 rows 12-14): the CAD
+    summary and the STAT flag as codes, the triage score (none when the analysis failed) and, as comments, why
+    the analysis failed and how the series was routed.
+
+    It is not a measurement group: a group without an image region is not drawable, and OHIF's SR viewport
+    fails on one ("Cannot read properties of undefined (reading 'ReferencedSOPSequence')")."""
     if failure:
         summary = gw.NO_ALGORITHMS_SUCCEEDED
     else:
         summary = gw.ALL_SUCCEEDED_WITH_FINDINGS if has_findings else gw.ALL_SUCCEEDED_WITHOUT_FINDINGS
-    score = Measurement(
-        name=gw.AI_TRIAGE_SCORE,
-        value=round(float(analysis.study_score), 4),
-        unit=gw.NO_UNITS,
-        algorithm_id=algorithm,
-    )
-    assessment = MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=TrackingIdentifier(uid=generate_uid(), identifier="AI study assessment"),
-        finding_type=gw.AI_STUDY_ASSESSMENT,
-        algorithm_id=algorithm,
-        measurements=None if failure else [score],
-        qualitative_evaluations=[
-            QualitativeEvaluation(name=gw.CAD_SUMMARY, value=summary),
-            QualitativeEvaluation(name=gw.STAT_FLAG, value=gw.YES if analysis.stat else gw.NO),
-        ],
-    )
+    contains = RelationshipTypeValues.CONTAINS
+    items: list[Any] = [
+        CodeContentItem(name=gw.CAD_SUMMARY, value=summary, relationship_type=contains),
+        CodeContentItem(
+            name=gw.STAT_FLAG, value=gw.YES if analysis.stat else gw.NO, relationship_type=contains
+        ),
+    ]
+    if not failure:
+        score = f"{float(analysis.study_score):.4f}"
+        items.append(TextContentItem(name=gw.AI_TRIAGE_SCORE, value=score, relationship_type=contains))
     notes = [f"AI analysis failed: {failure}"] if failure else []
     if analysis.routing_note:
         notes.append(analysis.routing_note)
-    for note in notes:
-        assessment[0].ContentSequence.append(
-            TextContentItem(
-                name=gw.COMMENT, value=note[:1024], relationship_type=RelationshipTypeValues.CONTAINS
-            )
-        )
-    return assessment
+    items += [
+        TextContentItem(name=gw.COMMENT, value=note[:1024], relationship_type=contains) for note in notes
+    ]
+    container = ContainerContentItem(name=QUALITATIVE_EVALUATIONS, relationship_type=contains)
+    container.ContentSequence = ContentSequence(items)
+    return container
 
 
 def build_sr(
@@ -213,16 +221,19 @@ def build_sr(
         ),
     )
     algorithm = _algorithm(analysis)
-    assessment = _study_assessment(analysis, algorithm, has_findings=bool(findings), failure=failure)
-    groups: list[object] = [assessment]
-    groups += [_finding_group(f, analysis, algorithm) for f in findings]
+    groups = [_finding_group(f, analysis, algorithm) for f in findings]
     report = MeasurementReport(
         observation_context=ObservationContext(observer_device_context=observer),
         procedure_reported=gw.PROCEDURE_IMAGING,
-        imaging_measurements=groups,  # type: ignore[arg-type]
+        # highdicom insists on one group; TID 1500 needs Imaging Measurements or Qualitative Evaluations
+        imaging_measurements=groups or [_placeholder_group()],
         language_of_content_item_and_descendants=LanguageOfContentItemAndDescendants(ENGLISH),
         referenced_images=_library_images(analysis) or None,
     )
+    root = report[0].ContentSequence
+    if not groups:  # no finding: no Imaging Measurements container, the assessment says why
+        root[:] = [i for i in root if i.ConceptNameCodeSequence[0].CodeValue != IMAGING_MEASUREMENTS.value]
+    root.append(_study_assessment(analysis, has_findings=bool(findings), failure=failure))
     sr = Comprehensive3DSR(
         evidence=list(analysis.sources),
         content=report,

@@ -21,7 +21,6 @@ from gateway.inference.registry import model_fingerprint
 from gateway.inference.server import free_port
 from gateway.results.content import read_measurement_report
 from tests.integration.conftest import Env
-from tests.support.geometry import patient_to_pixel
 from tests.support.servers import dciodvfy_errors, storescu, wait_for
 
 pytestmark = pytest.mark.integration
@@ -43,10 +42,10 @@ def _scoords(sr: pydicom.Dataset) -> list[tuple[str, np.ndarray]]:
 
 
 def _stat_flag(sr: pydicom.Dataset) -> str:
-    study_level = [
+    study_level = [  # the report's Qualitative Evaluations
         i
         for i in sr.ContentSequence
-        if i.ValueType == "CONTAINER" and i.ConceptNameCodeSequence[0].CodeValue == "126010"
+        if i.ValueType == "CONTAINER" and i.ConceptNameCodeSequence[0].CodeValue == "C0034375"
     ]
     values = [
         i.ConceptCodeSequence[0].CodeMeaning
@@ -124,20 +123,16 @@ def test_synthetic_lesion_is_found_where_it_is_and_flagged_stat(env: Env, tmp_pa
     [sr] = env.results(series.study_uid, "SR")
     findings = read_measurement_report(sr)
     assert findings
-    headers = {
-        uid: pydicom.dcmread(p, stop_before_pixels=True)
-        for uid, p in zip(series.sop_uids, series.paths, strict=True)
-    }
     lesion_slices = {series.sop_uids[k] for k in (lesion.slice - 1, lesion.slice, lesion.slice + 1)}
     tolerance_px = 6.0  # 3 mm at 0.5 mm pixels
     for finding in findings:
         assert finding.source_sop_instance_uid in lesion_slices, (
             "every finding must be on a slice the lesion crosses"
         )
-        assert finding.region is not None and finding.region.is_3d  # the phantom has a frame of reference
-        corners = [
-            patient_to_pixel(headers[finding.source_sop_instance_uid], p) for p in finding.region.points[:4]
-        ]
+        # an outline on the image it is on (image-referenced SCOORD, what viewers draw)
+        assert finding.region is not None and not finding.region.is_3d
+        assert finding.region.sop_instance_uid == finding.source_sop_instance_uid
+        corners = [p[:2] for p in finding.region.points[:4]]
         center = np.mean(corners, axis=0)
         assert abs(center[0] - lesion.x) <= tolerance_px and abs(center[1] - lesion.y) <= tolerance_px, center
         assert finding.finding_type.value == "50960005" and finding.finding_site is not None

@@ -21,7 +21,6 @@ from gateway.ops.audit import AuditLog
 from tests.support.analysis import content_items
 from tests.support.corpus import build_corpus
 from tests.support.servers import (
-    KNOWN_PIXELMED_TID_1410_HEURISTIC,
     Orthanc,
     dciodvfy_errors,
     pixelmed_sr_validation,
@@ -151,16 +150,12 @@ def test_every_routed_series_of_the_corpus_gets_a_valid_result(
             sr = pydicom.dcmread(path)
             located = any(item.ValueType in ("SCOORD", "SCOORD3D") for item in content_items(sr))
             kinds_of_sr.setdefault((str(sr.SeriesDescription), located), path)
-    known: list[str] = []
-    for (description, _), path in kinds_of_sr.items():
+    for path in kinds_of_sr.values():
         out = pixelmed_sr_validation(path)
         if "Found Root Template TID_1500" not in out:
             validator_errors["pixelmed"].append(f"{path.name}: TID 1500 root template not found")
         for line in (line for line in out.splitlines() if line.startswith("Error")):
-            if "radiograph" in description and KNOWN_PIXELMED_TID_1410_HEURISTIC.search(line):
-                known.append(line)  # PixelMed's heuristic, see KNOWN_PIXELMED_TID_1410_HEURISTIC; others fail
-            else:
-                validator_errors["pixelmed"].append(f"{path.name}: {line}")
+            validator_errors["pixelmed"].append(f"{path.name}: {line}")
     assert dict(validator_errors) == {k: [] for k in validator_errors}, {
         k: v[:5] for k, v in validator_errors.items()
     }
@@ -171,8 +166,7 @@ def test_every_routed_series_of_the_corpus_gets_a_valid_result(
         f"({', '.join(f'{n} {o}' for o, n in sorted(origins.items()))}); {len(report.failed)} file(s) refused at "
         f"C-STORE; series analysed {len(analysed)}, failed with a failure SR {len(failed)}, skipped {len(skipped)}; "
         f"{repaired} analysed series with header repairs; result objects {dict(kinds)}, {in_pacs} in Orthanc; "
-        f"validator errors: dciodvfy 0 ({len(results)} objects), PixelMed 0 ({len(kinds_of_sr)} SR kinds; "
-        f"{len(known)} known radiograph TID 1410 error line(s)), "
+        f"validator errors: dciodvfy 0 ({len(results)} objects), PixelMed 0 ({len(kinds_of_sr)} SR kinds), "
         f"dcmpschk 0 ({kinds.get('PR', 0)} GSPS)"
     )
     reasons = collections.Counter(e["reason_kind"] for e in failed)

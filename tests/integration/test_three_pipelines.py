@@ -16,7 +16,8 @@ from gateway.config.settings import load_settings
 from gateway.demo.phantoms import Lesion, Nodule, Opacity, write_chest_ct, write_cxr, write_head_ct
 from gateway.inference.server import free_port
 from gateway.ops.audit import AuditLog
-from gateway.results.content import read_measurement_report
+from gateway.results.content import ReportedFinding, read_measurement_report
+from tests.support.geometry import pixel_to_patient
 from tests.support.servers import dciodvfy_errors, storescu, wait_for
 
 pytestmark = pytest.mark.integration
@@ -97,14 +98,21 @@ def test_head_ct_chest_ct_and_radiograph_are_analysed_side_by_side(tmp_path: Pat
     assert {f.finding_type.value for f in chest_findings} == {NODULE}
     # Each nodule exactly once (in 3D, across the slices it spans), where it is, with its size.
     assert len(chest_findings) == len(nodules)
+    headers = {
+        uid: pydicom.dcmread(p, stop_before_pixels=True)
+        for uid, p in zip(chest.sop_uids, chest.paths, strict=True)
+    }
+
+    def in_patient(f: ReportedFinding) -> np.ndarray:  # the outline's centre, in patient coordinates (mm)
+        return pixel_to_patient(headers[str(f.region.sop_instance_uid)], tuple(_centre(f.region.points)))
+
     for nodule in nodules:
         [finding] = [
             f
             for f in chest_findings
-            if np.hypot(*(_centre(f.region.points)[:2] - (nodule.x_mm, nodule.y_mm)))
-            <= nodule.diameter_mm / 2
+            if np.hypot(*(in_patient(f)[:2] - (nodule.x_mm, nodule.y_mm))) <= nodule.diameter_mm / 2
         ]
-        assert abs(_centre(finding.region.points)[2] - nodule.z_mm) <= nodule.diameter_mm / 2
+        assert abs(in_patient(finding)[2] - nodule.z_mm) <= nodule.diameter_mm / 2
         assert finding.measurement(LONG_AXIS) == pytest.approx(nodule.diameter_mm, abs=3.0)
         assert finding.measurement(VOLUME) == pytest.approx(nodule.volume_mm3, rel=0.25)
 

@@ -1,4 +1,4 @@
-"""Test-side inverse of the SR writer's geometry: patient coordinates back to pixel coordinates."""
+"""Test-side geometry: the pixel coordinates of an SR outline to patient coordinates, with the image's plane."""
 
 from __future__ import annotations
 
@@ -6,9 +6,10 @@ import numpy as np
 import pydicom
 
 
-def patient_to_pixel(header: pydicom.Dataset, point: tuple[float, ...]) -> tuple[float, float]:
+def pixel_to_patient(header: pydicom.Dataset, point: tuple[float, ...]) -> np.ndarray:
+    """(column, row) on the image -> (x, y, z) mm in the patient."""
     origin = np.asarray(header.ImagePositionPatient, dtype=float)
     iop = np.asarray(header.ImageOrientationPatient, dtype=float)
     row_mm, col_mm = (float(v) for v in header.PixelSpacing)
-    delta = np.asarray(point, dtype=float) - origin
-    return float(delta @ iop[:3] / col_mm), float(delta @ iop[3:] / row_mm)
+    column, row = point[:2]
+    return np.asarray(origin + iop[:3] * col_mm * column + iop[3:] * row_mm * row)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -430,13 +429,6 @@ class WorklistSCP:
 
 
 PIXELMED_JAR = "/usr/share/java/pixelmed.jar"
-# A PixelMed heuristic, not a defect of our SRs (pinned by test_standards.py::test_pixelmed_misapplies_...): with
-# exactly one 2D Image Region among the Measurement Groups of a container, PixelMed checks every group of it
-# against TID 1410, so the study-level assessment group (TID 1501, no region by design) gets these two lines.
-KNOWN_PIXELMED_TID_1410_HEURISTIC = re.compile(
-    r"Template 1410 PlanarROIMeasurements/.*\[Row (5\] SCOORD|7\] IMAGE).*within 1\.8\.1: .*"
-    r"Missing conditional content item"
-)
 PIXELMED_JVM_FLAGS = [
     "-Djdk.xml.xpathExprGrpLimit=0",
     "-Djdk.xml.xpathExprOpLimit=0",

@@ -22,7 +22,6 @@ from gateway.results.gsps import HEATMAP_LAYER, LAYER_NAME, SCORE_LAYER, build_g
 from gateway.results.sr import build_sr
 from preprocessing.series import load_series
 from tests.support.analysis import make_analysis, make_finding
-from tests.support.geometry import patient_to_pixel
 from tests.support.servers import dciodvfy_errors
 
 
@@ -47,7 +46,8 @@ def _content_items(ds: pydicom.Dataset):
 
 def test_positive_sr_holds_finding_location_measurements_algorithm_and_stat(loaded, tmp_path: Path) -> None:
     finding = dataclasses.replace(_finding(loaded, 2), long_axis_mm=10.0, area_mm2=100.0, mean_hu=71.5)
-    sr = build_sr(_analysis(loaded, (finding,), stat=True))
+    analysis = _analysis(loaded, (finding,), stat=True)
+    sr = build_sr(analysis)
     path = tmp_path / "sr.dcm"
     path.write_bytes(encode(sr))
     ds = pydicom.dcmread(path)
@@ -74,17 +74,30 @@ def test_positive_sr_holds_finding_location_measurements_algorithm_and_stat(load
         if i.ValueType == "CODE" and i.ConceptNameCodeSequence[0].CodeValue == "363698007"
     ]
     assert sites == ["69536005"]  # Head, from BodyPartExamined through the terminology table
-    # The series has a frame of reference: the region is SCOORD3D in patient coordinates ...
-    [scoord3d] = [i for i in items if i.ValueType == "SCOORD3D"]
-    assert scoord3d.ReferencedFrameOfReferenceUID == loaded.headers[2].FrameOfReferenceUID
-    corners = np.asarray(scoord3d.GraphicData, dtype=float).reshape(-1, 3)
-    pixels = [patient_to_pixel(loaded.headers[2], tuple(c)) for c in corners]
-    np.testing.assert_allclose(pixels, [(40, 50), (60, 50), (60, 70), (40, 70), (40, 50)], atol=1e-3)
-    # ... and the source image is still referenced, by the measurement.
-    image_refs = {
-        i.ReferencedSOPSequence[0].ReferencedSOPInstanceUID for i in items if i.ValueType == "IMAGE"
+    # The region is a closed outline on the image the finding is on (image-referenced SCOORD: what viewers
+    # draw - OHIF draws no SCOORD3D), even though the series has a frame of reference ...
+    assert not [i for i in items if i.ValueType == "SCOORD3D"]
+    [scoord] = [i for i in items if i.ValueType == "SCOORD"]
+    assert scoord.GraphicType == "POLYLINE"
+    np.testing.assert_allclose(scoord.GraphicData, [40, 50, 60, 50, 60, 70, 40, 70, 40, 50])
+    [selected_from] = scoord.ContentSequence
+    assert selected_from.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == finding.sop_instance_uid
+    # ... and every measurement group has one: the study-level assessment is the report's Qualitative
+    # Evaluations, not a group without a region (on which OHIF's SR viewport fails).
+    [root_evaluations] = [
+        i for i in ds.ContentSequence if i.ConceptNameCodeSequence[0].CodeMeaning == "Qualitative Evaluations"
+    ]
+    assessment = {
+        i.ConceptNameCodeSequence[0].CodeMeaning: i.get("TextValue") or i.ConceptCodeSequence[0].CodeMeaning
+        for i in root_evaluations.ContentSequence
     }
-    assert finding.sop_instance_uid in image_refs
+    assert assessment["AI triage score"] == f"{analysis.study_score:.4f}"
+    assert assessment["Critical finding - STAT read requested"] == "Yes"
+    [measurements] = [
+        i for i in ds.ContentSequence if i.ConceptNameCodeSequence[0].CodeMeaning == "Imaging Measurements"
+    ]
+    for group in measurements.ContentSequence:
+        assert any(i.ValueType == "SCOORD" for i in group.ContentSequence)
     nums = {
         i.ConceptNameCodeSequence[0].CodeMeaning: (
             float(i.MeasuredValueSequence[0].NumericValue),
