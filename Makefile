@@ -12,7 +12,7 @@ NODE_PACKAGES := $(if $(shell command -v node),,nodejs) $(if $(shell command -v 
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: help setup system-deps venv models native test-peers lint typecheck unit integration test run demo screenshots bench bench-report bench-stages clean
+.PHONY: help setup system-deps venv models native ohif test-peers lint typecheck unit integration test run demo screenshots bench bench-report bench-stages clean
 
 help:
 	@echo "make run    - install what is needed, start Triton and the gateway on 127.0.0.1:11112"
@@ -74,7 +74,18 @@ $(UPS_PEER)/node_modules/.installed: $(UPS_PEER)/package.json $(UPS_PEER)/packag
 	npm ci --prefix $(UPS_PEER) --no-audit --no-fund --loglevel=error
 	touch $@
 
-test-peers: system-deps $(UPS_PEER)/node_modules/.installed
+# OHIF Viewer's prebuilt build (the npm package @ohif/app holds dist/), served by the viewer tests in front of
+# Orthanc's DICOMweb: `npm pack` fetches the tarball only, nothing is built or run by npm.
+OHIF_VERSION := 3.13.2
+OHIF_DIST := build/ohif/package/dist/index.html
+$(OHIF_DIST):
+	@mkdir -p build/ohif
+	cd build/ohif && npm pack --silent --no-audit --no-fund @ohif/app@$(OHIF_VERSION) >/dev/null && tar xzf ohif-app-$(OHIF_VERSION).tgz && rm ohif-app-$(OHIF_VERSION).tgz
+	@touch $@
+
+ohif: system-deps $(OHIF_DIST)
+
+test-peers: system-deps $(UPS_PEER)/node_modules/.installed $(OHIF_DIST)
 
 models: venv
 	$(PY) scripts/build_models.py
@@ -111,7 +122,9 @@ demo: venv
 # The README's pictures: the browser test writes full-size screenshots to build/test-artifacts/; copied here.
 screenshots: setup test-peers
 	$(VENV)/bin/pytest -q tests/integration/test_dashboard.py
+	$(VENV)/bin/pytest -q tests/integration/test_viewers.py
 	cp build/test-artifacts/worklist.png build/test-artifacts/study.png build/test-artifacts/qa.png build/test-artifacts/models.png build/test-artifacts/operations.png tests/artifacts/
+	cp build/test-artifacts/ohif-ct_head_hyperdensity.png tests/artifacts/ohif.png
 
 bench: setup
 	$(PY) -m benchmarks.run_bench $(ARGS)

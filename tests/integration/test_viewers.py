@@ -1,0 +1,191 @@
+"""The gateway's results in the viewers radiologists use (issue 16, item 3).
+
+One gateway run analyses a synthetic study per reference pipeline (the `gateway demo` studies, real Triton); the
+studies and their results (SR, GSPS, SEG) go into a real Orthanc with its DICOMweb plugin. Then:
+
+- OHIF Viewer 3.13 (the `@ohif/app` npm build, `make ohif`) in headless Chromium opens each SR: no error, and
+  every finding of the SR is an annotation on its own image with the SR's outline, drawn in the viewport when
+  the viewer steps to it. Screenshots: build/test-artifacts/ohif-<pipeline>.png.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pytest
+
+from gateway.app import Gateway
+from gateway.config.settings import load_settings
+from gateway.demo.run import run_demo
+from gateway.inference.server import free_port
+from gateway.results.content import ReportedFinding, read_measurement_report
+from tests.support.ohif import DICOMWEB_PLUGIN, OhifServer, require_ohif
+from tests.support.servers import Orthanc, require_tool
+
+pytestmark = pytest.mark.integration
+
+ARTIFACTS = Path(__file__).resolve().parents[2] / "build" / "test-artifacts"
+
+
+@dataclass(frozen=True)
+class Result:
+    pipeline: str
+    study_uid: str
+    sr: Path
+    findings: list[ReportedFinding]
+
+
+@dataclass(frozen=True)
+class Archive:
+    orthanc: Orthanc
+    results: list[Result]
+
+
+@pytest.fixture(scope="module")
+def archive(
+    request: pytest.FixtureRequest, triton: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Archive]:
+    if request.config.getoption("--database") == "postgresql":
+        pytest.skip("what a viewer shows does not depend on the system of record (run on the SQLite pass)")
+    root = tmp_path_factory.mktemp("viewers")
+    config = root / "gateway.toml"
+    config.write_text(
+        f'data_dir = "{root / "data"}"\nquiet_period_s = 1.0\nworkers = 2\n[http]\nport = {free_port()}\n'
+        f'[receiver]\nport = {free_port()}\n[triton]\nurl = "{triton}"\n'
+    )
+    settings = load_settings(config)
+    gateway = Gateway(settings).start()
+    try:
+        studies = run_demo(settings, root / "demo", say=lambda _: None)
+    finally:
+        gateway.stop()
+    orthanc = Orthanc(
+        root / "orthanc",
+        extra={"Plugins": [str(DICOMWEB_PLUGIN)], "DicomWeb": {"Enable": True, "Root": "/dicom-web/"}},
+    ).start()
+    try:
+        results = []
+        for study in studies:
+            uid = study.series.study_uid
+            objects = sorted((settings.results_dir / uid).glob("*.dcm"))
+            orthanc.upload([*study.series.paths, *objects])
+            [sr] = [p for p in objects if p.name.startswith("SR_")]
+            findings = read_measurement_report(pydicom.dcmread(sr))
+            assert findings, f"the {study.pipeline.name} demo study has no finding to show"
+            results.append(Result(study.pipeline.name, uid, sr, findings))
+        yield Archive(orthanc, results)
+    finally:
+        orthanc.stop()
+
+
+def _launch(pw: Any) -> Any:
+    chromium = require_tool("chromium")
+    return pw.chromium.launch(
+        executable_path=chromium,
+        args=[
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-background-networking",
+            "--disable-component-update",
+        ],
+    )
+
+
+# The SR annotations OHIF made (cornerstone3D's annotation state, which OHIF exposes on window), each with the
+# image it is on and its points in that image's pixel coordinates; the image the viewport shows; and the
+# annotations drawn in the viewport's SVG layer.
+_STATE = """() => {
+  const cs = window.cornerstone, tools = window.cornerstoneTools;
+  const viewport = cs.getEnabledElements()[0].viewport;
+  const sop = (imageId) => (imageId || '').split('/instances/')[1]?.split('/')[0];
+  return {
+    shown: sop(viewport.getCurrentImageId()),
+    drawn: Array.from(document.querySelectorAll('svg.svg-layer [data-annotation-uid]'))
+      .map((e) => e.getAttribute('data-annotation-uid')),
+    annotations: tools.annotation.state.getAllAnnotations()
+      .filter((a) => a.metadata.toolName === 'DICOMSRDisplay')
+      .map((a) => ({
+        uid: a.annotationUID,
+        tracking: a.data.TrackingUniqueIdentifier,
+        image: sop(a.metadata.referencedImageId),
+        points: a.data.handles.points.map((p) => cs.utilities.worldToImageCoords(a.metadata.referencedImageId, p)),
+      })),
+  };
+}"""
+
+
+def test_ohif_opens_every_reference_sr_and_draws_every_finding_on_its_image(archive: Archive) -> None:
+    dist = require_ohif()
+    from playwright.sync_api import sync_playwright
+
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with OhifServer(dist, archive.orthanc.url) as ohif, sync_playwright() as pw:
+        browser = _launch(pw)
+        try:
+            for result in archive.results:
+                page = browser.new_page(viewport={"width": 1600, "height": 1000})
+                errors: list[str] = []
+                page.on("pageerror", lambda e, errors=errors: errors.append(str(e)))
+                page.on(
+                    "console",
+                    lambda m, errors=errors: (
+                        errors.append(m.text) if "Error Boundary" in m.text or m.type == "error" else None
+                    ),
+                )
+                # the newcomer's tour of the viewer, shown once per browser, would cover the study browser
+                page.add_init_script(
+                    "localStorage.setItem('shownTours', JSON.stringify(['basicViewerTour']))"
+                )
+                page.goto(f"{ohif.url}/viewer?StudyInstanceUIDs={result.study_uid}")
+                # The study's first image is shown first; the SR replaces it once it is drawn (replacing a
+                # viewport while its image still loads makes OHIF log an IMAGE_LOAD_ERROR of its own).
+                page.wait_for_function(
+                    "() => { const e = window.cornerstone?.getEnabledElements()[0];"
+                    " return !!(e && e.viewport.getCurrentImageId() && e.viewport.getImageData()); }",
+                    timeout=60_000,
+                )
+                page.get_by_text("AI results:").first.dblclick(timeout=60_000)
+                page.wait_for_function(
+                    "n => window.cornerstoneTools.annotation.state.getAllAnnotations()"
+                    ".filter(a => a.metadata.toolName === 'DICOMSRDisplay').length >= n",
+                    arg=len(result.findings),
+                    timeout=60_000,
+                )
+                time.sleep(1.0)  # the viewport renders the SR's image and its annotations
+                page.screenshot(path=str(ARTIFACTS / f"ohif-{result.pipeline}.png"))
+                assert not page.get_by_text("Something went wrong").count(), result.pipeline
+                state = page.evaluate(_STATE)
+                by_tracking = {a["tracking"]: a for a in state["annotations"]}
+                assert len(by_tracking) == len(result.findings), (result.pipeline, state["annotations"])
+                for finding in result.findings:
+                    annotation = by_tracking[finding.tracking_uid]
+                    assert annotation["image"] == finding.source_sop_instance_uid, result.pipeline
+                    assert finding.region is not None
+                    expected = [p[:2] for p in finding.region.points]
+                    assert len(annotation["points"]) == len(expected)
+                    for got, want in zip(annotation["points"], expected, strict=True):
+                        assert abs(got[0] - want[0]) <= 1.0 and abs(got[1] - want[1]) <= 1.0, (got, want)
+                # Step through the SR's measurements with the viewport's arrows: each finding is drawn in the
+                # SVG layer while its own image is the one shown.
+                seen: set[str] = set()
+                for _ in range(len(result.findings) + 1):
+                    state = page.evaluate(_STATE)
+                    for a in state["annotations"]:
+                        if a["uid"] in state["drawn"] and a["image"] == state["shown"]:
+                            seen.add(a["tracking"])
+                    page.locator("[data-cy='viewport-action-arrows-right']").click()
+                    time.sleep(0.8)
+                assert seen == {f.tracking_uid for f in result.findings}, result.pipeline
+                assert errors == [], (result.pipeline, errors[:3])
+                print(
+                    f"\nOHIF: {result.pipeline}: the SR opened, {len(seen)} of {len(result.findings)} finding(s) drawn"
+                )
+                page.close()
+        finally:
+            browser.close()
+    assert ohif.errors == []  # every DICOMweb request OHIF made was answered
