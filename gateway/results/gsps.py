@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections import defaultdict
 
 import numpy as np
+from highdicom import PresentationLUTShapeValues, PresentationLUTTransformation
 from highdicom.pr import (
     AnnotationUnitsValues,
     GraphicAnnotation,
@@ -104,6 +105,14 @@ def mask_outlines(analysis: SeriesAnalysis, mask: np.ndarray | None) -> dict[str
         if loops:
             out[str(source.SOPInstanceUID)] = loops
     return out
+
+
+def _presentation_lut_shape(image: Dataset) -> PresentationLUTShapeValues:
+    """INVERSE for MONOCHROME1 images (PS3.3 C.11.6.1: a presentation state's output is P-values, white high), so
+    that a radiograph stored as MONOCHROME1 shows bone white with the presentation state applied, as without it."""
+    if str(image.get("PhotometricInterpretation", "")) == "MONOCHROME1":
+        return PresentationLUTShapeValues.INVERSE
+    return PresentationLUTShapeValues.IDENTITY
 
 
 def build_gsps(
@@ -209,6 +218,9 @@ def build_gsps(
         graphic_annotations=annotations,
         graphic_layers=[layer, heatmap, score],
         voi_lut_transformations=[SoftcopyVOILUTTransformation(window_center=center, window_width=width)],
+        presentation_lut_transformation=PresentationLUTTransformation(
+            presentation_lut_shape=_presentation_lut_shape(images[0])
+        ),
     )
     _copy_from_source(gsps, images[0])
     _add_box_overlay(gsps, images, per_image)

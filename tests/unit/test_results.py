@@ -379,3 +379,21 @@ def test_tracking_uids_are_the_same_for_the_same_analysis(loaded) -> None:
     first = [f.tracking_uid for f in reported_findings(_analysis(loaded, findings, stat=False))]
     again = [f.tracking_uid for f in reported_findings(_analysis(loaded, findings, stat=False))]
     assert first == again and len(set(first)) == 2
+
+
+def test_gsps_of_a_monochrome1_radiograph_inverts_so_that_bone_stays_white(loaded, tmp_path: Path) -> None:
+    """A presentation state's output is P-values (high = white); a MONOCHROME1 image (low = white) needs the
+    INVERSE Presentation LUT Shape, or every viewer that applies the GSPS shows the radiograph inverted
+    (DICOMscope did, with IDENTITY)."""
+    from gateway.demo.phantoms import write_cxr
+
+    assert (
+        build_gsps(_analysis(loaded, (_finding(loaded, 1),), stat=False)).PresentationLUTShape == "IDENTITY"
+    )
+    for monochrome1 in (True, False):
+        cxr = load_series(
+            write_cxr(tmp_path / f"cxr{monochrome1}", size=256, seed=2, monochrome1=monochrome1).paths
+        )
+        gsps = build_gsps(make_analysis(cxr, (make_finding(cxr, 0),), stat=False))
+        assert gsps.PresentationLUTShape == ("INVERSE" if monochrome1 else "IDENTITY")
+        assert dciodvfy_errors(_write(gsps, tmp_path / f"pr{monochrome1}.dcm")) == []
