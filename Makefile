@@ -6,7 +6,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PYVER := $(shell $(PYTHON) -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')
-APT_PACKAGES := dcmtk libdcmtk-dev strace dicom3tools orthanc orthanc-dicomweb pixelmed-apps default-jre-headless libpython$(PYVER) python3-venv postgresql chromium
+APT_PACKAGES := dcmtk libdcmtk-dev strace dicom3tools orthanc orthanc-dicomweb pixelmed-apps default-jre-headless libpython$(PYVER) python3-venv postgresql chromium dicomscope xvfb xdotool imagemagick
 # Node.js only where none is installed: a Node.js from NodeSource already carries npm and conflicts with Debian's.
 NODE_PACKAGES := $(if $(shell command -v node),,nodejs) $(if $(shell command -v npm),,npm)
 ARGS ?=
@@ -37,10 +37,11 @@ native: system-deps build/gateway-storescp
 # libdcmtk-dev builds the native receiver, strace checks its fsync-before-acknowledge order, dicom3tools and PixelMed validate results,
 # libpython is what Triton's Python-backend stub links against; PostgreSQL is the shared system of record of
 # several gateways (the tests start their own clusters on free loopback ports); Node.js runs the independent UPS
-# worklist manager of the tests (dcmjs-dimse).
+# worklist manager of the tests (dcmjs-dimse); Chromium runs the dashboard and OHIF tests, DICOMscope (under Xvfb,
+# driven by xdotool, screenshots by ImageMagick) renders the GSPS as an independent presentation-state viewer.
 system-deps:
 	@missing=""; \
-	for c in storescu dciodvfy Orthanc java node npm; do command -v $$c >/dev/null || missing=yes; done; \
+	for c in storescu dciodvfy Orthanc java node npm chromium dicomscope Xvfb xdotool import; do command -v $$c >/dev/null || missing=yes; done; \
 	[ -f /usr/share/java/pixelmed.jar ] || missing=yes; \
 	[ -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || missing=yes; \
 	[ -f /usr/include/dcmtk/dcmnet/scp.h ] || missing=yes; \
@@ -125,6 +126,7 @@ screenshots: setup test-peers
 	$(VENV)/bin/pytest -q tests/integration/test_viewers.py
 	cp build/test-artifacts/worklist.png build/test-artifacts/study.png build/test-artifacts/qa.png build/test-artifacts/models.png build/test-artifacts/operations.png tests/artifacts/
 	cp build/test-artifacts/ohif-ct_head_hyperdensity.png tests/artifacts/ohif.png
+	convert build/test-artifacts/dicomscope-gsps.png -crop 1340x1100+0+40 +repage -colors 64 tests/artifacts/dicomscope.png
 
 bench: setup
 	$(PY) -m benchmarks.run_bench $(ARGS)

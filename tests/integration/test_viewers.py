@@ -6,6 +6,8 @@ studies and their results (SR, GSPS, SEG) go into a real Orthanc with its DICOMw
 - OHIF Viewer 3.13 (the `@ohif/app` npm build, `make ohif`) in headless Chromium opens each SR: no error, and
   every finding of the SR is an annotation on its own image with the SR's outline, drawn in the viewport when
   the viewer steps to it. Screenshots: build/test-artifacts/ohif-<pipeline>.png.
+- OFFIS DICOMscope under Xvfb applies the radiograph's GSPS: the box is drawn on the finding, nothing else
+  changes. Screenshots: build/test-artifacts/dicomscope-image.png, dicomscope-gsps.png.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pydicom
 import pytest
 
@@ -24,6 +27,7 @@ from gateway.config.settings import load_settings
 from gateway.demo.run import run_demo
 from gateway.inference.server import free_port
 from gateway.results.content import ReportedFinding, read_measurement_report
+from tests.support.dicomscope import DicomScope, require_dicomscope
 from tests.support.ohif import DICOMWEB_PLUGIN, OhifServer, require_ohif
 from tests.support.servers import Orthanc, require_tool
 
@@ -44,6 +48,7 @@ class Result:
 class Archive:
     orthanc: Orthanc
     results: list[Result]
+    studies: dict[str, tuple[Path, ...]]  # the source images of each study
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +83,7 @@ def archive(
             findings = read_measurement_report(pydicom.dcmread(sr))
             assert findings, f"the {study.pipeline.name} demo study has no finding to show"
             results.append(Result(study.pipeline.name, uid, sr, findings))
-        yield Archive(orthanc, results)
+        yield Archive(orthanc, results, {s.series.study_uid: tuple(s.series.paths) for s in studies})
     finally:
         orthanc.stop()
 
@@ -157,7 +162,6 @@ def test_ohif_opens_every_reference_sr_and_draws_every_finding_on_its_image(arch
                     timeout=60_000,
                 )
                 time.sleep(1.0)  # the viewport renders the SR's image and its annotations
-                page.screenshot(path=str(ARTIFACTS / f"ohif-{result.pipeline}.png"))
                 assert not page.get_by_text("Something went wrong").count(), result.pipeline
                 state = page.evaluate(_STATE)
                 by_tracking = {a["tracking"]: a for a in state["annotations"]}
@@ -175,9 +179,14 @@ def test_ohif_opens_every_reference_sr_and_draws_every_finding_on_its_image(arch
                 seen: set[str] = set()
                 for _ in range(len(result.findings) + 1):
                     state = page.evaluate(_STATE)
-                    for a in state["annotations"]:
-                        if a["uid"] in state["drawn"] and a["image"] == state["shown"]:
-                            seen.add(a["tracking"])
+                    drawn_here = {
+                        a["tracking"]
+                        for a in state["annotations"]
+                        if a["uid"] in state["drawn"] and a["image"] == state["shown"]
+                    }
+                    if drawn_here - seen:
+                        page.screenshot(path=str(ARTIFACTS / f"ohif-{result.pipeline}.png"))
+                    seen |= drawn_here
                     page.locator("[data-cy='viewport-action-arrows-right']").click()
                     time.sleep(0.8)
                 assert seen == {f.tracking_uid for f in result.findings}, result.pipeline
@@ -189,3 +198,81 @@ def test_ohif_opens_every_reference_sr_and_draws_every_finding_on_its_image(arch
         finally:
             browser.close()
     assert ohif.errors == []  # every DICOMweb request OHIF made was answered
+
+
+def _longest_run(mask: np.ndarray) -> tuple[int, int]:
+    """First and last index of the longest run of True."""
+    best, start = (0, -1), None
+    for i, value in enumerate([*mask.tolist(), False]):
+        if value and start is None:
+            start = i
+        elif not value and start is not None:
+            if i - start > best[1] - best[0] + 1:
+                best = (start, i - 1)
+            start = None
+    return best
+
+
+def _image_extent(screen: np.ndarray) -> tuple[int, int, int, int]:
+    """Where DICOMscope drew the image: the longest runs of columns, then rows, that are mostly grey image pixels
+    (its window chrome is blue-grey or flat grey, the viewer's background pure black)."""
+    r, g, b = screen[..., 0], screen[..., 1], screen[..., 2]
+    grey = (r == g) & (g == b) & ~np.isin(r, (0, 51, 204, 238, 255))
+    left, right = _longest_run(grey.mean(axis=0) > 0.6)
+    top, bottom = _longest_run(grey[:, left : right + 1].mean(axis=1) > 0.9)
+    return left, top, right, bottom
+
+
+def test_dicomscope_applies_the_gsps_and_draws_the_box_where_the_finding_is(
+    archive: Archive, tmp_path: Path
+) -> None:
+    """OFFIS DICOMscope, the presentation-state reference viewer, under Xvfb: the radiograph alone, then with
+    the gateway's GSPS (DICOMscope applies the presentation state that references the image). The two renderings
+    differ only by the annotations - so the presentation state's LUTs show the image as it is (the GSPS of a
+    MONOCHROME1 image once showed it inverted) - and the box is drawn on the finding's outline."""
+    require_dicomscope()
+    [result] = [r for r in archive.results if r.pipeline == "cxr_opacity"]
+    [finding] = result.findings
+    image = next(p for p in archive.studies[result.study_uid] if p.name.endswith(".dcm"))
+    [gsps] = sorted(result.sr.parent.glob("PR_*.dcm"))
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with DicomScope(tmp_path / "image", [image]) as viewer:
+        viewer.expand(series=1)
+        viewer.open_row(3)  # All Studies, study, series, image
+        plain = viewer.screenshot(ARTIFACTS / "dicomscope-image.png")
+    with DicomScope(tmp_path / "gsps", [image, gsps]) as viewer:
+        viewer.expand(series=2)
+        viewer.open_row(5)  # ..., the image's series, image, the GSPS series, the GSPS
+        annotated = viewer.screenshot(ARTIFACTS / "dicomscope-gsps.png")
+    x_left, y_top, x_right, y_bottom = _image_extent(plain)
+    assert _image_extent(annotated) == (x_left, y_top, x_right, y_bottom)
+    header = pydicom.dcmread(image, stop_before_pixels=True)
+    scale = (x_right - x_left + 1) / header.Columns
+    assert (y_bottom - y_top + 1) == pytest.approx(header.Rows * scale, abs=2)  # the whole image, to scale
+    inside = (slice(y_top, y_bottom + 1), slice(x_left, x_right + 1))
+    drawn = np.abs(annotated[inside] - plain[inside]).max(axis=-1) > 60
+    assert drawn.mean() < 0.02, "the renderings differ beyond the annotations (the presentation LUT?)"
+    # The finding's outline in screen pixels, and the drawing along each of its four edges.
+    assert finding.region is not None
+    xs, ys = zip(*(p[:2] for p in finding.region.points), strict=True)
+    x0, x1 = (round(min(xs) * scale), round(max(xs) * scale))
+    y0, y1 = (round(min(ys) * scale), round(max(ys) * scale))
+    near = 3
+    edges = {
+        "top": drawn[y0 - near : y0 + near + 1, x0:x1].any(axis=0),
+        "bottom": drawn[y1 - near : y1 + near + 1, x0:x1].any(axis=0),
+        "left": drawn[y0:y1, x0 - near : x0 + near + 1].any(axis=1),
+        "right": drawn[y0:y1, x1 - near : x1 + near + 1].any(axis=1),
+    }
+    coverage = {edge: float(line.mean()) for edge, line in edges.items()}
+    print(f"\nDICOMscope: box edges drawn {coverage} (screen box {x0},{y0}-{x1},{y1} at scale {scale:.3f})")
+    assert all(c >= 0.8 for c in coverage.values()), coverage
+    # ... and nothing but the box, the heat-map outline and the label above it: no drawing far from the finding
+    # except the study-level score text in the image's top-left corner.
+    far = drawn.copy()
+    far[max(y0 - 120, 0) : y1 + 60, max(x0 - 60, 0) : x1 + 120] = False
+    ys_far, xs_far = np.nonzero(far)
+    assert ys_far.size > 0, "the study-level score text is not drawn"
+    assert ys_far.max() < drawn.shape[0] * 0.15 and xs_far.max() < drawn.shape[1] * 0.7, (
+        "drawing off the finding"
+    )
