@@ -36,7 +36,7 @@ from gateway.database import migrate
 from gateway.database.connect import engine_for, shown
 from gateway.database.monitoring import record_pipeline_changes
 from gateway.database.notices import NoticeStore
-from gateway.database.queries import instance_path, list_studies, study_timeline
+from gateway.database.queries import StudyFilter, instance_path, list_studies, pipelines_of, study_timeline
 from gateway.database.queue import SharedQueue
 from gateway.database.recorder import Recorder
 from gateway.database.ups_tasks import TaskStore
@@ -70,6 +70,7 @@ from gateway.reporting.critical_alerts import CriticalAlerts
 from gateway.reporting.dispatcher import ReportDispatcher
 from gateway.reporting.notify import StatNotifier
 from gateway.results.encode import ResultEncoder
+from gateway.results.seg import mask_on_image
 from gateway.review.dicom_verdicts import DicomVerdicts
 from gateway.review.monitoring import DriftWatch, publish_metrics
 from gateway.review.service import Review
@@ -334,6 +335,7 @@ class Gateway:
                     dead_letters=lambda: [dataclasses.asdict(j) for j in self.outbox.dead_letters()],
                     resend=self.outbox.resend,
                     studies=lambda where: [row.as_json() for row in list_studies(self.database, where)],
+                    worklist=self._worklist,
                     study=lambda uid: (lambda t: t.as_json() if t else None)(
                         study_timeline(self.database, uid)
                     ),
@@ -344,10 +346,35 @@ class Gateway:
                     window_of=lambda name: next(
                         (p.output.display_window for p in self.settings.pipelines if p.name == name), None
                     ),
+                    mask_of=lambda study, sop: mask_on_image(
+                        sorted((self.settings.results_dir / study).glob("SEG_*.dcm")), sop
+                    ),
                 ),
             )
             assert self._loop is not None
             self.api.start(self._loop)
+
+    def _worklist(self, where: StudyFilter) -> list[dict[str, Any]]:
+        """The studies with the pipelines that analysed each and their rollout mode for its sending PACS (a
+        pipeline since removed from the settings: "retired")."""
+        rows = list_studies(self.database, where)
+        analysed = pipelines_of(self.database, [row.study_uid for row in rows])
+        configured = {p.name: p for p in self.settings.pipelines}
+
+        def mode(name: str, calling_ae: str) -> str:
+            pipeline = configured.get(name)
+            return pipeline.mode_for(calling_ae).value if pipeline is not None else "retired"
+
+        return [
+            {
+                **row.as_json(),
+                "pipelines": [
+                    {"name": name, "mode": mode(name, row.calling_ae)}
+                    for name in analysed.get(row.study_uid, [])
+                ],
+            }
+            for row in rows
+        ]
 
     def stop(self) -> None:
         logger.info("gateway stopping")

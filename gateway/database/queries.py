@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, ParamSpec, TypeVar
 
@@ -185,6 +185,20 @@ def _study(row: Any) -> StudyRow:
         detail=row["detail"],
         wait_s=None if row["wait_s"] is None else round(float(row["wait_s"]), 3),
     )
+
+
+@answered
+def pipelines_of(engine: Engine, study_uids: Sequence[str]) -> dict[str, list[str]]:
+    """The pipelines that analysed (or failed on) each of ``study_uids``, by name."""
+    if not study_uids:
+        return {}
+    sa = t.series_analyses
+    query = select(sa.c.study_uid, sa.c.pipeline).where(sa.c.study_uid.in_(list(study_uids))).distinct()
+    found: dict[str, list[str]] = {}
+    with engine.connect() as connection:
+        for study_uid, pipeline in connection.execute(query):
+            found.setdefault(study_uid, []).append(pipeline)
+    return {uid: sorted(names) for uid, names in found.items()}
 
 
 @answered

@@ -20,6 +20,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any
 
+import numpy as np
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi import Path as PathParam
 from fastapi.concurrency import run_in_threadpool
@@ -44,7 +45,8 @@ SECURITY_HEADERS = {
 
 
 def _studies_key(row: dict[str, Any]) -> tuple[Any, ...]:
-    return (row["state"], row["priority"], row["stat"], row["findings"], row["state_since"])
+    pipelines = tuple((p["name"], p["mode"]) for p in row.get("pipelines", ()))
+    return (row["state"], row["priority"], row["stat"], row["findings"], row["state_since"], pipelines)
 
 
 def render_png(
@@ -55,7 +57,6 @@ def render_png(
     (the page draws the overlay in those coordinates)."""
     import io
 
-    import numpy as np
     import pydicom
     from PIL import Image
 
@@ -84,6 +85,22 @@ def render_png(
     return out.getvalue(), int(columns), int(rows)
 
 
+def heatmap_png(mask: np.ndarray, max_side: int = 1024) -> bytes:
+    """The segmented pixels as a translucent warm overlay (RGBA PNG), the size ``render_png`` sends the image."""
+    import io
+
+    from PIL import Image
+
+    rgba = np.zeros((*mask.shape, 4), dtype=np.uint8)
+    rgba[mask] = (255, 96, 0, 120)
+    image = Image.fromarray(rgba, mode="RGBA")
+    if max(image.size) > max_side:
+        image.thumbnail((max_side, max_side))
+    out = io.BytesIO()
+    image.save(out, format="PNG")
+    return out.getvalue()
+
+
 def dashboard_routes(
     app: FastAPI,
     settings: HttpSettings,
@@ -91,6 +108,7 @@ def dashboard_routes(
     needs: Callable[..., Callable[..., Principal]],
     image_path: Callable[[str, str], str | None] | None = None,
     window_of: Callable[[str], tuple[float, float] | None] | None = None,
+    mask_of: Callable[[str, str], np.ndarray | None] | None = None,
 ) -> None:
     oidc = settings.oidc
 
@@ -128,6 +146,36 @@ def dashboard_routes(
                 "X-Image-Rows": str(rows),
             }
             return Response(png, media_type="image/png", headers=headers)
+
+    if mask_of is not None:
+
+        @app.get(
+            "/studies/{study_uid}/images/{sop_uid}/heatmap",
+            summary="The AI's segmentation (SEG) of one image as a translucent PNG overlay",
+            response_class=Response,
+            tags=["dashboard"],
+            responses={
+                200: {
+                    "content": {"image/png": {}},
+                    "description": "the mask, the size of the rendered image",
+                },
+                400: {"model": Error, "description": "a malformed UID"},
+                401: {"model": Error, "description": "missing or invalid bearer token"},
+                403: {"model": Error, "description": "the role may not see AI results"},
+                404: {"model": Error, "description": "no AI segmentation of this image"},
+            },
+        )
+        def heatmap(
+            _: Annotated[Principal, Depends(needs(*RESULT_READERS))],
+            study_uid: Annotated[str, PathParam(pattern=UID_PATTERN, max_length=64)],
+            sop_uid: Annotated[str, PathParam(pattern=UID_PATTERN, max_length=64)],
+        ) -> Response:
+            mask = mask_of(study_uid, sop_uid)
+            if mask is None:
+                return JSONResponse({"error": "no AI segmentation of this image"}, status_code=404)
+            return Response(
+                heatmap_png(mask), media_type="image/png", headers={"Cache-Control": "private, max-age=300"}
+            )
 
     @app.get("/ui", include_in_schema=False)
     def ui_root() -> RedirectResponse:

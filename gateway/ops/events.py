@@ -125,5 +125,8 @@ class EventSink:
         logger.info("study done %s", json.dumps(fields))
         self.audit.record("study_done", **fields)
         self.metrics.studies_completed.inc()
+        self.metrics.study_seconds.labels(priority).observe(
+            float(fields["last_instance_to_done_ms"]) / 1000.0
+        )
         for stage, seconds in waits.items():
             self.metrics.stage_seconds.labels(stage, priority).observe(seconds)

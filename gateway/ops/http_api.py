@@ -72,6 +72,8 @@ class ApiBackend:
     resend: Callable[[list[str] | None], list[str]]
     studies: Callable[[StudyFilter], list[dict[str, Any]]]
     study: Callable[[str], dict[str, Any] | None]
+    # The dashboard's worklist: the studies, each with the pipelines that analysed it and their rollout mode.
+    worklist: Callable[[StudyFilter], list[dict[str, Any]]] | None = None
     critical: CriticalApi | None = None  # None: [critical_results] is off
     # STOW-RS: (content type, source AE title, study UID of the path or None) -> a request to feed the body to.
     stow: Callable[[str, str, str | None], StowRequest] | None = None
@@ -79,6 +81,7 @@ class ApiBackend:
     # The dashboard's study view: where the spool keeps an image, and a pipeline's display window.
     image_path: Callable[[str, str], str | None] | None = None
     window_of: Callable[[str], tuple[float, float] | None] | None = None
+    mask_of: Callable[[str, str], Any] | None = None  # (study, image) -> the AI's segmentation of it, or None
 
 
 StateName = Literal[
@@ -133,7 +136,15 @@ def build_app(settings: HttpSettings, backend: ApiBackend) -> FastAPI:
     _stow(app, settings, backend, needs)
     if backend.review is not None:
         review_routes(app, backend.review, needs)
-    dashboard_routes(app, settings, backend.studies, needs, backend.image_path, backend.window_of)
+    dashboard_routes(
+        app,
+        settings,
+        backend.worklist or backend.studies,
+        needs,
+        backend.image_path,
+        backend.window_of,
+        backend.mask_of,
+    )
     return app
 
 

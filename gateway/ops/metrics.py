@@ -82,6 +82,13 @@ class Metrics:
             buckets=STAGE_BUCKETS,
             registry=r,
         )
+        self.study_seconds = Histogram(
+            "gateway_study_seconds",
+            "Time from a study's last instance to its results (the per-study latency target), by priority class",
+            ["priority"],
+            buckets=STAGE_BUCKETS,
+            registry=r,
+        )
         self.critical_result_seconds = Histogram(
             "gateway_critical_result_seconds",
             "Critical results: time from the STAT SR stored to the first notification and to the acknowledgement",

@@ -6,6 +6,9 @@ without any segmented pixel are omitted.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from pathlib import Path
+
 import highdicom as hd
 import numpy as np
 from pydicom.sr.codedict import codes
@@ -96,3 +99,18 @@ def build_seg(analysis: SeriesAnalysis, mask: np.ndarray) -> hd.seg.Segmentation
     )
     seg.SeriesDescription = f"AI mask: {analysis.pipeline_name} (preliminary)"[:64]
     return seg
+
+
+def mask_on_image(paths: Sequence[Path], sop_instance_uid: str) -> np.ndarray | None:
+    """The segmented pixels (rows x columns, bool) of one source image in the SEGs at ``paths``; None when no SEG
+    segments that image."""
+    for path in paths:
+        seg = hd.seg.segread(path)
+        try:
+            pixels = seg.get_pixels_by_source_instance(
+                [sop_instance_uid], combine_segments=True, assert_missing_frames_are_empty=True
+            )
+        except (ValueError, KeyError):  # not a source image of this SEG
+            continue
+        return np.asarray(pixels[0] > 0)
+    return None

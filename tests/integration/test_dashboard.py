@@ -5,9 +5,13 @@ is refused, and screenshots are kept under build/test-artifacts/."""
 
 from __future__ import annotations
 
+import io
+import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from gateway.app import Gateway
 from gateway.config.settings import load_settings
@@ -48,7 +52,7 @@ def test_the_worklist_shows_a_stat_study_live_and_refuses_a_user_without_a_role(
             f'[triton]\nurl = "{triton}"\n'
             '[[pipelines]]\nname = "ct_hyperdensity"\nmodel = "ct_head_hyperdensity"\nalgorithm_version = "0.1.0"\n'
             'mode = "triage"\nreport_threshold = 0.5\nstat_threshold = 0.7\nmodalities = ["CT"]\n'
-            'input_size = [256, 256]\n[pipelines.labels]\n0 = "hemorrhage"\n'
+            'input_size = [256, 256]\nsegmentation = true\n[pipelines.labels]\n0 = "hemorrhage"\n'
         )
         gateway = Gateway(load_settings(config)).start()
         try:
@@ -77,6 +81,11 @@ def test_the_worklist_shows_a_stat_study_live_and_refuses_a_user_without_a_role(
                 assert 0 < latency < 30, "the STAT row came through the live feed"
                 row = page.locator(f'tr[data-study-uid="{uid}"]')
                 assert row.locator(".badge").inner_text() == "STAT"
+                # the pipeline that analysed it and its rollout mode
+                pipeline = row.locator('.pipeline[data-pipeline="ct_hyperdensity"]')
+                pipeline.wait_for(timeout=10_000)
+                assert pipeline.get_attribute("data-mode") == "triage"
+                assert pipeline.inner_text() == "ct_hyperdensity (triage)"
                 assert (
                     page.locator("#studies tbody tr").first.get_attribute("data-study-uid") == uid
                 )  # STAT first
@@ -103,12 +112,29 @@ def test_the_worklist_shows_a_stat_study_live_and_refuses_a_user_without_a_role(
                     x0, _, x1, _ = expected[rect.get_attribute("data-tracking-uid")]
                     assert float(rect.get_attribute("x")) == pytest.approx(x0)
                     assert float(rect.get_attribute("width")) == pytest.approx(x1 - x0)
-                assert figure.locator("img").evaluate("img => img.naturalWidth") == 256  # the rendered image
+                assert (
+                    figure.locator("img:not(.heatmap)").evaluate("img => img.naturalWidth") == 256
+                )  # the rendered image
                 assert page.locator("#findings tbody tr").count() == len(findings)
                 assert "results stored" in page.locator("#timeline").inner_text()
                 page.get_by_label("Show the AI overlay").uncheck()
                 assert figure.locator("svg").is_hidden()
                 page.get_by_label("Show the AI overlay").check()
+                # The SEG as a heat map over the image: drawn on the finding, and toggled like the boxes.
+                figure.locator("img.heatmap").wait_for(timeout=10_000)
+                heat = urllib.request.Request(
+                    f"http://127.0.0.1:{http}/studies/{uid}/images/{image_uid}/heatmap",
+                    headers={"Authorization": f"Bearer {token}"},
+                )
+                with urllib.request.urlopen(heat, timeout=30) as response:
+                    alpha = np.asarray(Image.open(io.BytesIO(response.read())))[..., 3]
+                ys, xs = np.nonzero(alpha)
+                x0, y0, x1, y1 = next(iter(expected.values()))
+                assert alpha.shape == (256, 256) and ys.size > 0
+                assert x0 - 2 <= xs.mean() <= x1 + 2 and y0 - 2 <= ys.mean() <= y1 + 2  # on the finding
+                page.get_by_label("Show the AI heat map").uncheck()
+                assert figure.locator("img.heatmap").is_hidden()
+                page.get_by_label("Show the AI heat map").check()
                 page.screenshot(path=str(ARTIFACTS / "study.png"), full_page=True)
                 first = page.locator("#findings tbody tr").first
                 tracking = first.get_attribute("data-tracking-uid")
@@ -119,6 +145,18 @@ def test_the_worklist_shows_a_stat_study_live_and_refuses_a_user_without_a_role(
                     (tracking, "accept", "u-4711")
                 ]
                 assert "accept" in page.locator(f'#findings tr[data-tracking-uid="{tracking}"]').inner_text()
+                # Modify: the second finding's box corrected in the page, kept with the verdict.
+                second = page.locator("#findings tbody tr").nth(1)
+                corrected = second.get_attribute("data-tracking-uid")
+                box = next(f["box"] for f in findings if f["tracking_uid"] == corrected)
+                second.locator("summary", has_text="Modify").click()
+                second.get_by_label("left x").fill(str(round(box[0]) - 3))
+                second.get_by_role("button", name="Save the corrected box").click()
+                page.locator("#announce", has_text="Verdict recorded: modify").wait_for(timeout=10_000)
+                recorded = http_json(f"http://127.0.0.1:{http}/studies/{uid}/verdicts", token=token)[1]
+                [modified] = [v for v in recorded if v["tracking_uid"] == corrected]
+                assert modified["kind"] == "modify"
+                assert modified["correction"]["box"] == [round(box[0]) - 3, *(round(v) for v in box[1:])]
 
                 # The signed report disagrees with the AI: QA sees the case, assigns it; the model's numbers;
                 # the operations page.
@@ -147,11 +185,17 @@ def test_the_worklist_shows_a_stat_study_live_and_refuses_a_user_without_a_role(
                 qa.get_by_role("link", name="Models").click()
                 model = qa.locator('#model-stats tbody tr[data-model="ct_head_hyperdensity"]')
                 model.wait_for(timeout=20_000)
-                assert "100.0 % of 1" in model.inner_text()  # the one verdict, an acceptance
+                assert "100.0 % of 2" in model.inner_text()  # the two verdicts: accept and modify both accept
                 assert model.locator("svg.histogram rect").count() == 10
                 qa.screenshot(path=str(ARTIFACTS / "models.png"), full_page=True)
                 qa.get_by_role("link", name="Operations").click()
                 qa.locator("#ops-status", has_text="Triton ready").wait_for(timeout=20_000)
+                # the study's time to result, as a histogram of the gateway's own metric, by the priority it
+                # arrived with (it became STAT with the AI's finding)
+                slo = qa.locator('#slo tr[data-priority="ROUTINE"]')
+                slo.wait_for(timeout=10_000)
+                assert slo.locator("td").nth(1).inner_text() == "1"
+                assert slo.locator("svg.histogram rect").count() == 15  # 14 bounds and "longer"
                 assert qa.locator("#queues tbody tr").count() >= 3  # STAT, URGENT, ROUTINE at least
                 qa.screenshot(path=str(ARTIFACTS / "operations.png"), full_page=True)
 

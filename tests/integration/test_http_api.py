@@ -128,6 +128,7 @@ def test_the_document_lists_the_endpoints_and_their_token_scheme(gateway_url: st
         "/qa/discrepancies/{item}/close",
         "/admin/pipelines",
         "/studies/{study_uid}/images/{sop_uid}/rendered",
+        "/studies/{study_uid}/images/{sop_uid}/heatmap",
         "/models/statistics",
     }
     verdicts = document["paths"]["/studies/{study_uid}/verdicts"]["post"]

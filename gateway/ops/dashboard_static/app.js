@@ -101,6 +101,7 @@ function render() {
       () => { const b = document.createElement("span"); b.className = `badge ${priorityOf(row)}`; b.textContent = priorityOf(row); return b; },
       () => row.study_uid,
       () => row.calling_ae || "-",
+      () => pipelinesOf(row),
       () => row.state.replace("_", " "),
       () => String(row.findings),
       () => ago(row.first_received_at),
@@ -114,6 +115,22 @@ function render() {
     });
     return tr;
   }));
+}
+
+// Which pipelines analysed the study and their rollout mode: a silent pipeline's results are recorded, not shown.
+function pipelinesOf(row) {
+  const list = document.createElement("span");
+  list.className = "pipelines";
+  if (!row.pipelines || !row.pipelines.length) { list.textContent = "-"; return list; }
+  for (const p of row.pipelines) {
+    const item = document.createElement("span");
+    item.className = `pipeline mode-${p.mode}`;
+    item.dataset.pipeline = p.name;
+    item.dataset.mode = p.mode;
+    item.textContent = `${p.name} (${p.mode})`;
+    list.append(item);
+  }
+  return list;
 }
 
 function upsert(row) {
@@ -186,13 +203,25 @@ async function keyImage(uid, imageUid, findings) {
   }
   const caption = document.createElement("figcaption");
   caption.textContent = findings.map((f) => `${f.finding_meaning} ${(100 * f.confidence).toFixed(0)} %`).join(", ");
-  figure.append(img, svg, caption);
+  figure.append(img);
+  // The model's segmentation of this image (its SEG), where the pipeline makes one: a translucent heat map.
+  const heat = await api(`/studies/${uid}/images/${imageUid}/heatmap`);
+  if (heat.ok) {
+    const overlay = document.createElement("img");
+    overlay.className = "heatmap";
+    overlay.alt = "";
+    overlay.src = URL.createObjectURL(await heat.blob());
+    figure.append(overlay);
+    caption.textContent += " - heat map: the AI's segmentation";
+  }
+  figure.append(svg, caption);
   return figure;
 }
 
-async function verdict(uid, finding, kind, reason) {
+async function verdict(uid, finding, kind, reason, correction) {
   const body = { kind, sr_uid: finding.sr_uid, tracking_uid: finding.tracking_uid };
   if (kind === "reject") body.reason = reason;
+  if (correction) body.correction = correction;
   const response = await api(`/studies/${uid}/verdicts`, {
     method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body),
   });
@@ -200,6 +229,31 @@ async function verdict(uid, finding, kind, reason) {
   message("");
   await showStudy(uid);
   $("announce").textContent = `Verdict recorded: ${kind}`;
+}
+
+// Modify: the radiologist corrects the box (the image's pixels); recorded as a "modify" verdict.
+function modifyBox(uid, f) {
+  const details = document.createElement("details");
+  details.className = "modify";
+  const summary = document.createElement("summary");
+  summary.textContent = "Modify";
+  details.append(summary);
+  const inputs = ["left x", "top y", "right x", "bottom y"].map((name, i) => {
+    const label = document.createElement("label");
+    const input = document.createElement("input");
+    input.type = "number"; input.step = "1"; input.min = "0"; input.value = f.box[i].toFixed(0);
+    input.dataset.edge = String(i);
+    label.append(`${name} `, input);
+    details.append(label, " ");
+    return input;
+  });
+  const save = document.createElement("button");
+  save.type = "button"; save.textContent = "Save the corrected box";
+  save.addEventListener("click", () => verdict(uid, f, "modify", undefined, {
+    box: inputs.map((input) => Number(input.value)), image_uid: f.image_uid,
+  }));
+  details.append(save);
+  return details;
 }
 
 function findingRow(uid, f) {
@@ -220,6 +274,7 @@ function findingRow(uid, f) {
   reject.type = "button"; reject.textContent = "Reject";
   reject.addEventListener("click", () => verdict(uid, f, "reject", reason.value));
   actions.append(accept, " ", reason, reject);
+  if (f.box) actions.append(modifyBox(uid, f));
   tr.append(actions);
   return tr;
 }
@@ -353,6 +408,38 @@ async function showModels() {
   }));
 }
 
+// The gateway's own Prometheus histogram of the per-study latency, by priority: {priority: [[bound, studies]]}.
+function studyBuckets(text) {
+  const found = {};
+  const line = /^gateway_study_seconds_bucket\{([^}]*)\}\s+([0-9.e+-]+)$/;
+  for (const row of text.split("\n")) {
+    const match = row.match(line);
+    if (!match) continue;
+    const labels = Object.fromEntries([...match[1].matchAll(/(\w+)="([^"]*)"/g)].map((m) => [m[1], m[2]]));
+    (found[labels.priority] ||= []).push([labels.le === "+Inf" ? Infinity : Number(labels.le), Number(match[2])]);
+  }
+  for (const list of Object.values(found)) list.sort((a, b) => a[0] - b[0]);
+  return found;
+}
+
+function within(cumulative, share) {
+  const total = cumulative[cumulative.length - 1][1];
+  const bound = cumulative.find(([, count]) => count >= share * total);
+  return bound && Number.isFinite(bound[0]) ? `${bound[0]} s` : "longer";
+}
+
+function sloRow(priority, cumulative) {
+  const total = cumulative[cumulative.length - 1][1];
+  const counts = cumulative.map(([, count], i) => count - (i ? cumulative[i - 1][1] : 0));
+  const chart = histogram(counts.map((c) => c / Math.max(total, 1)));
+  chart.setAttribute("viewBox", `0 0 ${counts.length * 10} 28`);
+  chart.setAttribute("aria-label", `${priority}: ` + cumulative.map(([le], i) =>
+    `${counts[i]} within ${Number.isFinite(le) ? `${le} s` : "longer"}`).join(", "));
+  const tr = cells(document.createElement("tr"), [priority, String(total), chart, within(cumulative, 0.5), within(cumulative, 0.95)]);
+  tr.dataset.priority = priority;
+  return tr;
+}
+
 async function showOps() {
   const health = await (await fetch("/health")).json();
   $("ops-status").textContent =
@@ -361,6 +448,12 @@ async function showOps() {
   const queues = Object.entries(health.queue || {}).map(([k, v]) => [`priority ${k}`, v])
     .concat(Object.entries(health.queue_by_pacs || {}).map(([k, v]) => [`PACS ${k}`, v]));
   $("queues").tBodies[0].replaceChildren(...queues.map(([k, v]) => cells(document.createElement("tr"), [k, String(v)])));
+  const buckets = studyBuckets(await (await fetch("/metrics")).text());
+  const order = ["STAT", "URGENT", "ROUTINE"];
+  $("slo").tBodies[0].replaceChildren(...Object.entries(buckets)
+    .filter(([, cumulative]) => cumulative[cumulative.length - 1][1] > 0)
+    .sort(([a], [b]) => order.indexOf(a) - order.indexOf(b))
+    .map(([priority, cumulative]) => sloRow(priority, cumulative)));
   const response = await api("/admin/dead-letters");
   if (!response.ok) { $("dead-letters").tBodies[0].replaceChildren(); return; }
   const letters = await response.json();
@@ -402,6 +495,9 @@ async function showWorklist() {
   render();
   show("sign-in", false); show("worklist", true);
   window.addEventListener("hashchange", route);
+  $("heatmap-toggle").addEventListener("change", (event) => {
+    document.body.classList.toggle("hide-heatmap", !event.target.checked);
+  });
   $("overlay-toggle").addEventListener("change", (event) => {
     document.body.classList.toggle("hide-overlay", !event.target.checked);
   });
