@@ -335,6 +335,8 @@ ai_findings = Table(
     Column("image_uid", UID, nullable=False, server_default=""),  # the source image the finding is on
     Column("box", Json),  # [x0, y0, x1, y1] in that image's pixels; null: the whole image
     Column("stat", Boolean, nullable=False, server_default="0"),
+    # [{"name", "value", "unit"}] as the SR states them (long axis, area, volume, mean); null before 0010
+    Column("measurements", Json),
     Column("reported_at", Float, nullable=False),
     Column("superseded_by", UID, nullable=False, server_default=""),  # the SR that replaced this finding's
     Column("node", String(64), nullable=False),

@@ -42,6 +42,7 @@ class AiFindingRow:
     stat: bool
     reported_at: float
     superseded_by: str
+    measurements: list[dict[str, Any]] | None  # name, value, unit of each (the SR's long axis, area, ...)
 
     def as_json(self) -> dict[str, Any]:
         return asdict(self)

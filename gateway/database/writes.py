@@ -365,6 +365,7 @@ class EventWrites:
                     "image_uid": str(item.get("image", "")),
                     "box": item.get("box"),
                     "stat": bool(item.get("stat", False)),
+                    "measurements": item.get("measurements"),
                     "reported_at": at,
                     "node": self.studies.node,
                 }

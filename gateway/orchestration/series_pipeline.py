@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 
 from clients.triton import DetectionOutput, ScoresOutput
 from gateway.config.settings import Peer, Settings
+from gateway.core.codes import AI_CONFIDENCE
 from gateway.core.domain import RolloutMode, timing_log_fields
 from gateway.delivery.outbox import Outbox
 from gateway.delivery.store import ResultStore
@@ -421,6 +422,11 @@ class SeriesPipeline:
                     "image": finding.sop_instance_uid,
                     "box": list(finding.bbox) if finding.bbox is not None else None,
                     "stat": run.stat and finding.confidence >= pipeline.output.stat_threshold,
+                    "measurements": [
+                        {"name": m.name.meaning, "value": m.value, "unit": m.unit.value}
+                        for m in reported.measurements
+                        if m.name.value != AI_CONFIDENCE.value
+                    ],
                 }
                 for reported, finding in zip(run.reported, found, strict=True)
             ],

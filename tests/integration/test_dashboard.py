@@ -116,6 +116,17 @@ def test_the_worklist_shows_a_stat_study_live_and_refuses_a_user_without_a_role(
                     figure.locator("img:not(.heatmap)").evaluate("img => img.naturalWidth") == 256
                 )  # the rendered image
                 assert page.locator("#findings tbody tr").count() == len(findings)
+                # each finding's measurements as its SR states them (long axis, area, mean HU)
+                top = page.locator("#findings tbody tr").first
+                measured = {
+                    m["name"]: m["value"]
+                    for f in findings
+                    if f["tracking_uid"] == top.get_attribute("data-tracking-uid")
+                    for m in f["measurements"]
+                }
+                assert {"Long axis", "Mean"} <= set(measured)
+                assert f"Long axis {measured['Long axis']:.1f} mm" in top.inner_text()
+                assert f"Mean {measured['Mean']:.1f} HU" in top.inner_text()
                 assert "results stored" in page.locator("#timeline").inner_text()
                 page.get_by_label("Show the AI overlay").uncheck()
                 assert figure.locator("svg").is_hidden()

@@ -29,7 +29,7 @@ from gateway.inference.server import free_port
 from gateway.results.content import ReportedFinding, read_measurement_report
 from tests.support.dicomscope import DicomScope, require_dicomscope
 from tests.support.ohif import DICOMWEB_PLUGIN, OhifServer, require_ohif
-from tests.support.servers import Orthanc, require_tool
+from tests.support.servers import Orthanc, dciodvfy_errors, pixelmed_sr_validation, require_tool
 
 pytestmark = pytest.mark.integration
 
@@ -198,6 +198,15 @@ def test_ohif_opens_every_reference_sr_and_draws_every_finding_on_its_image(arch
         finally:
             browser.close()
     assert ohif.errors == []  # every DICOMweb request OHIF made was answered
+
+
+def test_the_srs_the_viewers_open_pass_dciodvfy_and_pixelmed(archive: Archive) -> None:
+    """The encoding OHIF needs keeps the validators clean: the same SRs, through dciodvfy and PixelMed."""
+    for result in archive.results:
+        assert dciodvfy_errors(result.sr) == [], result.pipeline
+        out = pixelmed_sr_validation(result.sr)
+        assert "Found Root Template TID_1500" in out, result.pipeline
+        assert [line for line in out.splitlines() if line.startswith("Error")] == [], result.pipeline
 
 
 def _longest_run(mask: np.ndarray) -> tuple[int, int]:

@@ -231,6 +231,14 @@ async function verdict(uid, finding, kind, reason, correction) {
   $("announce").textContent = `Verdict recorded: ${kind}`;
 }
 
+const UNITS = { "[hnsf'U]": "HU", mm2: "mm²", mm3: "mm³" };
+
+// The SR's measurements of a finding: "Long axis 12.0 mm, Area 144.0 mm², Mean 62.4 HU".
+function measured(f) {
+  if (!f.measurements || !f.measurements.length) return "-";
+  return f.measurements.map((m) => `${m.name} ${m.value.toFixed(1)} ${UNITS[m.unit] || m.unit}`).join(", ");
+}
+
 // Modify: the radiologist corrects the box (the image's pixels); recorded as a "modify" verdict.
 function modifyBox(uid, f) {
   const details = document.createElement("details");
@@ -259,7 +267,7 @@ function modifyBox(uid, f) {
 function findingRow(uid, f) {
   const tr = document.createElement("tr");
   tr.dataset.trackingUid = f.tracking_uid;
-  const cells = [f.finding_meaning, f.pipeline, `${(100 * f.confidence).toFixed(1)} %`,
+  const cells = [f.finding_meaning, f.pipeline, `${(100 * f.confidence).toFixed(1)} %`, measured(f),
     f.box ? f.box.map((v) => v.toFixed(0)).join(", ") : "whole image",
     f.verdict ? `${f.verdict.kind}${f.verdict.reason ? ` (${f.verdict.reason})` : ""}` : "none yet"];
   for (const text of cells) { const td = document.createElement("td"); td.textContent = text; tr.append(td); }
