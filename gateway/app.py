@@ -22,11 +22,12 @@ import logging
 import sys
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from clients.http_post import HttpPoster
-from gateway.config.settings import Settings
+from gateway.config.settings import ReceiverSettings, Settings
 from gateway.core.domain import InstanceRecord
 from gateway.core.durable import remove_temporary_files
 from gateway.core.errors import ConfigError, GatewayError
@@ -194,6 +195,9 @@ class Gateway:
         self.triton_server: TritonServer | None = None
         self.triton_url = settings.triton.url
         self.scp: StoreSCP | NativeReceiver | None = None
+        self.services_scp: StoreSCP | None = (
+            None  # engine "native": the other DIMSE services, on their own port
+        )
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: threading.Thread | None = None
         self._ready = threading.Event()
@@ -308,18 +312,16 @@ class Gateway:
                 on_association_end=self.assembler.association_ended,
                 node_id=self.settings.node_id,
             )
+            if receiver.services_port is not None:
+                services = receiver.model_copy(
+                    update={"port": receiver.services_port, "engine": "pynetdicom"}
+                )
+                self.services_scp = self._pynetdicom_receiver(services, refused)
         else:
-            self.scp = StoreSCP(
-                receiver,
-                self.spool,
-                self.on_stored,
-                allowed_calling_aes=self.settings.allowed_calling_aes(),
-                on_refused=refused,
-                on_association_end=self.assembler.association_ended,
-                notices=self.notices,
-                intercept=DicomVerdicts(self.review.verdicts, self.settings.data_dir / "verdicts"),
-            )
+            self.scp = self._pynetdicom_receiver(receiver, refused)
         self.scp.start()
+        if self.services_scp is not None:
+            self.services_scp.start()
         if self.settings.http.enabled:
             stow = StowStore(
                 self.spool,
@@ -353,6 +355,20 @@ class Gateway:
             )
             assert self._loop is not None
             self.api.start(self._loop)
+
+    def _pynetdicom_receiver(self, receiver: ReceiverSettings, refused: Callable[[int], None]) -> StoreSCP:
+        """The Python receiver: C-STORE and every other DIMSE service the gateway answers (MPPS / IAN, UPS, the
+        viewers' verdict objects)."""
+        return StoreSCP(
+            receiver,
+            self.spool,
+            self.on_stored,
+            allowed_calling_aes=self.settings.allowed_calling_aes(),
+            on_refused=refused,
+            on_association_end=self.assembler.association_ended,
+            notices=self.notices,
+            intercept=DicomVerdicts(self.review.verdicts, self.settings.data_dir / "verdicts"),
+        )
 
     def _worklist(self, where: StudyFilter) -> list[dict[str, Any]]:
         """The studies with the pipelines that analysed each and their rollout mode for its sending PACS (a
@@ -394,6 +410,9 @@ class Gateway:
         if self.scp is not None:
             self.scp.stop()
             self.scp = None
+        if self.services_scp is not None:
+            self.services_scp.stop()
+            self.services_scp = None
         if self._loop is not None and self.runtime is not None:
             self._loop.call_soon_threadsafe(self.runtime.stopping.set)
         if self._loop_thread is not None:
@@ -475,7 +494,15 @@ class Gateway:
         """Which C-STORE receiver runs (the native one with its process and restarts)."""
         scp = self.scp
         if isinstance(scp, NativeReceiver):
-            return {"engine": "native", "pid": scp.pid, "restarts": scp.restarts, "binary": str(scp.binary)}
+            state: dict[str, Any] = {
+                "engine": "native",
+                "pid": scp.pid,
+                "restarts": scp.restarts,
+                "binary": str(scp.binary),
+            }
+            if self.services_scp is not None:
+                state["services"] = {"engine": "pynetdicom", "port": self.services_scp.port}
+            return state
         return {"engine": "pynetdicom"}
 
     def _snapshot(self) -> LoopState:

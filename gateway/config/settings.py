@@ -104,11 +104,26 @@ class ReceiverSettings(Section):
     # A study held open by an MPPS in progress closes this long after its last instance if no N-SET COMPLETED
     # comes (a lost MPPS).
     notice_longest_wait_s: Seconds = 1800.0
+    # With engine = "native": a second port, served by the pynetdicom receiver, for what the native one does not
+    # answer - MPPS / IAN notices, UPS tasks and the verdicts viewers send as DICOM (edited GSPS / SR, rejection
+    # KOS); images may come to either port. Same AE title, policy and TLS. Unset: the native receiver alone (and
+    # settings that need those services are refused at start).
+    services_port: Port | None = None
 
     @model_validator(mode="after")
     def _tls_pair(self) -> ReceiverSettings:
         if bool(self.tls_cert_file) != bool(self.tls_key_file):
             raise ValueError("tls_cert_file and tls_key_file must be set together")
+        return self
+
+    @model_validator(mode="after")
+    def _services_port(self) -> ReceiverSettings:
+        if self.services_port is not None and self.engine != "native":
+            raise ValueError(
+                'services_port is for engine = "native" (pynetdicom serves every service on port)'
+            )
+        if self.services_port is not None and self.services_port == self.port:
+            raise ValueError("services_port must differ from port")
         return self
 
 

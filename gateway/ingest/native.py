@@ -53,10 +53,10 @@ def native_binary() -> Path | None:
 
 def unsupported_reason(settings: ReceiverSettings, *, ups_tasks: bool) -> str:
     """Why the native receiver cannot serve these settings ("" when it can)."""
-    if settings.accept_notices or ups_tasks:
+    if (settings.accept_notices or ups_tasks) and settings.services_port is None:
         return (
-            "MPPS / IAN notices and UPS tasks come to the same port and only the pynetdicom receiver answers "
-            "them (set [receiver] accept_notices = false and [ups] accept_tasks = false)"
+            "MPPS / IAN notices and UPS tasks need the pynetdicom receiver: give them a port of their own "
+            "([receiver] services_port), or set [receiver] accept_notices = false and [ups] accept_tasks = false"
         )
     return ""
 

@@ -9,10 +9,15 @@ import os
 import re
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pydicom
 import pytest
+from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
+from pynetdicom import AE
+from pynetdicom.sop_class import ModalityPerformedProcedureStep  # type: ignore[attr-defined]
 
 from gateway.app import Gateway
 from gateway.config.settings import ReceiverSettings, load_settings
@@ -23,6 +28,7 @@ from gateway.ingest.native import NativeReceiver, native_binary
 from gateway.ingest.spool import Spool, record_from_header
 from tests.integration.test_ack_after_fsync import _durable_before_each_response
 from tests.integration.test_hostile_input import send_raw
+from tests.support.notices import series_items
 from tests.support.servers import require_tool, storescu, wait_for
 
 pytestmark = pytest.mark.integration
@@ -180,7 +186,7 @@ def test_settings_the_native_receiver_cannot_serve_are_refused_with_the_reason(t
         f'data_dir = "{tmp_path / "data"}"\n[receiver]\nport = {free_port()}\nengine = "native"\n'
         '[http]\nenabled = false\n[triton]\nurl = "127.0.0.1:1"\n'
     )
-    with pytest.raises(Exception, match="accept_notices = false"):
+    with pytest.raises(Exception, match="services_port"):
         Gateway(load_settings(config)).start()
 
 
@@ -218,3 +224,50 @@ def test_the_records_it_hands_on_are_those_the_python_spool_would_make(tmp_path:
         assert record == expected
     assert {r.series_description for r in records} >= {"Schädel nativ"}
     assert sorted(r.has_pixel_data for r in records) == [False, True, True]
+
+
+def test_with_a_services_port_mpps_is_answered_beside_the_native_receiver(tmp_path: Path) -> None:
+    """engine = "native" with [receiver] services_port: images to the native port, an MPPS to the services port
+    (the pynetdicom receiver) - the MPPS in progress holds the study open past its quiet period, its N-SET
+    COMPLETED closes it. Without services_port these settings are refused (previous test)."""
+    services = free_port()
+    config = tmp_path / "gateway.toml"
+    config.write_text(
+        f'data_dir = "{tmp_path / "data"}"\nquiet_period_s = 1.0\n[receiver]\nport = {free_port()}\n'
+        f'engine = "native"\nservices_port = {services}\n[http]\nenabled = false\n'
+        '[triton]\nurl = "127.0.0.1:1"\n'
+        '[[peers]]\nae_title = "STORESCU"\nhost = "127.0.0.1"\nport = 11112\n'
+    )
+    gateway = Gateway(load_settings(config)).start()
+    try:
+        health = gateway.health()["receiver"]
+        assert health["engine"] == "native" and health["services"] == {
+            "engine": "pynetdicom",
+            "port": services,
+        }
+        series = write_head_ct(tmp_path / "s", slices=3, rows=64, cols=64, seed=74)
+        ae = AE(ae_title="STORESCU")
+        ae.add_requested_context(ModalityPerformedProcedureStep)
+        assoc = ae.associate("127.0.0.1", services, ae_title="AI_GATEWAY")
+        assert assoc.is_established
+        try:
+            step = generate_uid()
+            created = Dataset()
+            created.PerformedProcedureStepStatus = "IN PROGRESS"
+            scheduled = Dataset()
+            scheduled.StudyInstanceUID = series.study_uid
+            created.ScheduledStepAttributesSequence = [scheduled]
+            assert assoc.send_n_create(created, ModalityPerformedProcedureStep, step)[0].Status == 0x0000
+            assert storescu(list(series.paths), port=gateway.port, calling_ae="STORESCU").returncode == 0
+            assert _spooled(tmp_path, series.study_uid) == 3  # through the native receiver
+            time.sleep(3.0)  # three quiet periods: the MPPS in progress holds the study open
+            assert gateway.assembler.pending_studies() == 1
+            completed = Dataset()
+            completed.PerformedProcedureStepStatus = "COMPLETED"
+            completed.PerformedSeriesSequence = series_items(list(series.paths))
+            assert assoc.send_n_set(completed, ModalityPerformedProcedureStep, step)[0].Status == 0x0000
+        finally:
+            assoc.release()
+        wait_for(lambda: gateway.assembler.pending_studies() == 0, timeout_s=10, what="the study to close")
+    finally:
+        gateway.stop()
