@@ -37,7 +37,7 @@ import pydicom
 import tomllib
 from locust import User, between, constant_pacing, events, task
 from pydicom.uid import generate_uid
-from pynetdicom import AE, evt
+from pynetdicom import AE
 
 from gateway.demo.phantoms import Lesion, Nodule, Opacity, write_chest_ct, write_cxr, write_head_ct
 
@@ -86,14 +86,16 @@ class Tracker:
             self.sent[study_uid] = (time.time(), priority)
             self.first_sent_at = self.first_sent_at or time.time()
 
-    def result_received(self, study_uid: str) -> None:
+    def result_received(self, study_uid: str, at: float | None = None) -> None:
+        """The study's SR arrived (at ``at``, Unix s: when the result SCP got it; default now)."""
+        arrived = time.time() if at is None else at
         with self.lock:
             if study_uid not in self.sent or study_uid in self.done:
                 return
             self.done.add(study_uid)
-            self.last_result_at = time.time()
+            self.last_result_at = arrived
             sent_at, priority = self.sent[study_uid]
-            latency = (time.time() - sent_at) * 1000.0
+            latency = (arrived - sent_at) * 1000.0
             self.latency_ms.setdefault(priority, []).append(latency)
         if self.environment is not None:
             self.environment.events.request.fire(
@@ -107,26 +109,34 @@ class Tracker:
 
 TRACKER = Tracker()
 logging.getLogger("pynetdicom").setLevel(logging.WARNING)
-_SCP: Any = None
+_SCP: Any = None  # the result SCP's process
 
 
-def _on_store(event: Any) -> int:
-    ds = event.dataset
-    if str(getattr(ds, "Modality", "")) == "SR":
-        TRACKER.result_received(str(ds.StudyInstanceUID))
-    return 0x0000
+def _read_results(process: Any) -> None:
+    """Each line of the result SCP: an SR's arrival time and study."""
+    for line in process.stdout:
+        at, _, study_uid = line.decode().strip().partition("\t")
+        if study_uid:
+            TRACKER.result_received(study_uid, float(at))
 
 
 @events.init.add_listener
 def _start_scp(environment: Any, **_: Any) -> None:
+    """The result SCP runs in a process of its own (benchmarks/result_scp.py): in this gevent-patched process its
+    threads would be greenlets that the simulated PACS starve under saturation, so that a C-STORE response could
+    wait for the gateway's DIMSE timeout - a stall of the load generator that the STAT figures carried."""
     global _SCP
-    TRACKER.environment = environment
-    ae = AE(ae_title="BENCH_SCP")
-    ae.maximum_pdu_size = 0
-    from pynetdicom import AllStoragePresentationContexts
+    import sys
 
-    ae.supported_contexts = AllStoragePresentationContexts
-    _SCP = ae.start_server(("127.0.0.1", SCP_PORT), block=False, evt_handlers=[(evt.EVT_C_STORE, _on_store)])
+    from gevent import subprocess as gevent_subprocess
+
+    TRACKER.environment = environment
+    _SCP = gevent_subprocess.Popen(
+        [sys.executable, "-m", "benchmarks.result_scp", "--port", str(SCP_PORT)],
+        stdout=gevent_subprocess.PIPE,
+        cwd=Path(__file__).resolve().parents[1],  # the repository root: benchmarks is a package there
+    )
+    gevent.spawn(_read_results, _SCP)
 
 
 class _Pacs(User):
@@ -324,7 +334,7 @@ def _slo_gate(environment: Any, **_: Any) -> None:
     while TRACKER.outstanding() and time.time() < deadline:
         gevent.sleep(0.2)
     if _SCP is not None:
-        _SCP.shutdown()
+        _SCP.terminate()
     with TRACKER.lock:
         latency = {k: list(v) for k, v in TRACKER.latency_ms.items()}
         missing = len(TRACKER.sent) - len(TRACKER.done)
