@@ -78,6 +78,9 @@ class ModelSiteStats:
     false_negative: int = 0
     true_negative: int = 0
     psi: float | None = None
+    # The scores the PSI compares against: "silent mode" (the site's silent pilot) or "first findings"
+    baseline_source: str = ""
+    baseline_histogram: list[float] = field(default_factory=list)
     cusum: float = 0.0
     alarms: list[Alarm] = field(default_factory=list)
 
@@ -122,16 +125,22 @@ def publish_metrics(metrics: Any, stats: list[ModelSiteStats]) -> None:
             metrics.model_alarms.labels(*labels, kind).set(sum(a.kind == kind for a in s.alarms))
 
 
-def _psi(engine: Engine, model: str, version: str, site: str, settings: ReviewSettings) -> float | None:
+def _baseline(
+    engine: Engine, model: str, version: str, site: str, settings: ReviewSettings
+) -> tuple[list[float], list[float], str]:
+    """(the baseline scores, the shown scores compared with them, what the baseline is): the site's silent-mode
+    findings when there are enough, else the model version's first findings there."""
     n = settings.psi_min_scores
     baseline = scores(engine, model, version, site, silent=True)
-    shown = scores(engine, model, version, site, silent=False)
-    if len(baseline) < n:  # no silent pilot here: the model version's first findings at the site
-        everything = scores(engine, model, version, site, silent=None)
-        if len(everything) < 2 * n:
-            return None
-        baseline, shown = everything[:n], everything[n:]
-    if len(shown) < n:
+    if len(baseline) >= n:
+        return baseline, scores(engine, model, version, site, silent=False), "silent mode"
+    everything = scores(engine, model, version, site, silent=None)
+    return everything[:n], everything[n:], "first findings"
+
+
+def _psi(baseline: list[float], shown: list[float], settings: ReviewSettings) -> float | None:
+    n = settings.psi_min_scores
+    if len(baseline) < n or len(shown) < n:
         return None
     return population_stability_index(baseline, shown[-n:])
 
@@ -190,7 +199,10 @@ def site_statistics(
                 new=new,
             )
         )
-    stats.psi = _psi(engine, model, version, site, settings)
+    baseline, shown, source = _baseline(engine, model, version, site, settings)
+    stats.baseline_source = source
+    stats.baseline_histogram = [round(v, 4) for v in score_histogram(baseline)] if baseline else []
+    stats.psi = _psi(baseline, shown, settings)
     if stats.psi is not None and stats.psi > settings.psi_alarm:
         new = record_alarm(
             engine,

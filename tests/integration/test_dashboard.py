@@ -197,7 +197,10 @@ def test_the_worklist_shows_a_stat_study_live_and_refuses_a_user_without_a_role(
                 model = qa.locator('#model-stats tbody tr[data-model="ct_head_hyperdensity"]')
                 model.wait_for(timeout=20_000)
                 assert "100.0 % of 2" in model.inner_text()  # the two verdicts: accept and modify both accept
-                assert model.locator("svg.histogram rect").count() == 10
+                assert model.locator("svg.histogram:not(.baseline) rect").count() == 10
+                # the scores the drift check compares against: here the model's first findings (no silent pilot)
+                assert model.locator("svg.histogram.baseline rect").count() == 10
+                assert "first findings" in model.locator(".baseline").first.inner_text()
                 qa.screenshot(path=str(ARTIFACTS / "models.png"), full_page=True)
                 qa.get_by_role("link", name="Operations").click()
                 qa.locator("#ops-status", has_text="Triton ready").wait_for(timeout=20_000)

@@ -260,6 +260,10 @@ def test_drift_alarms_and_the_governance_report_on_a_seeded_history(
         assert 300 < fired <= 500, "the alarm fires within 200 verdicts of the fall, not before it"
         assert all(a.at_count > 300 for a in stats.alarms if a.kind == "acceptance")
         assert stats.psi is not None and stats.psi > settings.review.psi_alarm and "scores" in kinds
+        # The baseline the PSI compares against is the silent pilot's scores (drawn low), the shown ones high.
+        assert stats.baseline_source == "silent mode"
+        assert sum(stats.baseline_histogram[:5]) > 0.7
+        assert sum(stats.score_histogram[5:]) > sum(stats.baseline_histogram[5:])
         assert {e["kind"] for e in posted} == {"acceptance", "scores"} and all(
             e["event"] == "drift_alarm" for e in posted
         )

@@ -153,7 +153,8 @@ def test_every_routed_series_of_the_corpus_gets_a_valid_result(
     for path in kinds_of_sr.values():
         out = pixelmed_sr_validation(path)
         if "Found Root Template TID_1500" not in out:
-            validator_errors["pixelmed"].append(f"{path.name}: TID 1500 root template not found")
+            tail = " / ".join(out.strip().splitlines()[-3:])[:300]
+            validator_errors["pixelmed"].append(f"{path.name}: TID 1500 root template not found: {tail}")
         for line in (line for line in out.splitlines() if line.startswith("Error")):
             validator_errors["pixelmed"].append(f"{path.name}: {line}")
     assert dict(validator_errors) == {k: [] for k in validator_errors}, {

@@ -451,8 +451,14 @@ def pixelmed_sr_validation(path: Path) -> str:
         "com.pixelmed.validate.DicomSRValidator",
         str(path),
     ]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    return result.stdout + result.stderr
+    for _ in range(
+        2
+    ):  # a JVM that could not run (memory, on a busy CI machine) prints no validation: once more
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        out = result.stdout + result.stderr
+        if "validation complete" in out.lower():
+            break
+    return out
 
 
 def tool_output(*cmd: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:

@@ -410,8 +410,16 @@ async function showModels() {
     const alarms = document.createElement("span");
     alarms.textContent = s.alarms.length ? s.alarms.map((a) => `${a.kind} (${a.value})`).join(", ") : "none";
     if (s.alarms.length) alarms.className = "alarm";
+    const baseline = document.createElement("span");
+    baseline.className = "baseline";
+    if (s.baseline_histogram.length) {
+      const chart = histogram(s.baseline_histogram);
+      chart.classList.add("baseline");
+      chart.setAttribute("aria-label", `baseline (${s.baseline_source}) ${chart.getAttribute("aria-label")}`);
+      baseline.append(chart, ` ${s.baseline_source}`);
+    } else baseline.textContent = "-";
     return cells(tr, [s.model_name, s.model_version, s.site || "-", String(s.studies), pct(s.positive_rate),
-      s.score_histogram.length ? histogram(s.score_histogram) : "-", `${pct(s.acceptance_rate)} of ${s.verdicts}`,
+      s.score_histogram.length ? histogram(s.score_histogram) : "-", baseline, `${pct(s.acceptance_rate)} of ${s.verdicts}`,
       pct(s.sensitivity), pct(s.ppv), s.psi == null ? "-" : s.psi.toFixed(3), alarms]);
   }));
 }
