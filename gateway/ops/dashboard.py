@@ -85,6 +85,14 @@ def render_png(
     return out.getvalue(), int(columns), int(rows)
 
 
+# What the image routes answer besides the PNG (the OpenAPI document lists them).
+IMAGE_REFUSALS: dict[int | str, dict[str, Any]] = {
+    400: {"model": Error, "description": "a malformed UID"},
+    401: {"model": Error, "description": "missing or invalid bearer token"},
+    403: {"model": Error, "description": "the role may not see AI results"},
+}
+
+
 def heatmap_png(mask: np.ndarray, max_side: int = 1024) -> bytes:
     """The segmented pixels as a translucent warm overlay (RGBA PNG), the size ``render_png`` sends the image."""
     import io
@@ -121,9 +129,7 @@ def dashboard_routes(
             tags=["dashboard"],
             responses={
                 200: {"content": {"image/png": {}}, "description": "the image, with X-Image-Columns / -Rows"},
-                400: {"model": Error, "description": "a malformed UID"},
-                401: {"model": Error, "description": "missing or invalid bearer token"},
-                403: {"model": Error, "description": "the role may not see AI results"},
+                **IMAGE_REFUSALS,
                 404: {"model": Error, "description": "unknown or purged image"},
             },
         )
@@ -159,9 +165,7 @@ def dashboard_routes(
                     "content": {"image/png": {}},
                     "description": "the mask, the size of the rendered image",
                 },
-                400: {"model": Error, "description": "a malformed UID"},
-                401: {"model": Error, "description": "missing or invalid bearer token"},
-                403: {"model": Error, "description": "the role may not see AI results"},
+                **IMAGE_REFUSALS,
                 404: {"model": Error, "description": "no AI segmentation of this image"},
             },
         )
