@@ -445,9 +445,10 @@ class Gateway:
         return self.scp.port if self.scp is not None else self.settings.receiver.port
 
     def on_stored(self, record: InstanceRecord) -> None:
-        """Called on an association thread once an instance is durable."""
+        """Called on an association thread (or a STOW-RS request's) once an instance is durable; the receiver
+        reports the association's end to ``assembler.association_ended``."""
         self.events.instance_stored(record)
-        self.assembler.add(record)
+        self.assembler.add(record, receiving=True)
 
     # -- health and metrics -----------------------------------------------------------------------------------
 

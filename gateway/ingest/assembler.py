@@ -10,7 +10,12 @@ are in the spool (a listed notice, more precise, wins over a count).
 A study whose last association ended badly (aborted, dropped, or with refused instances) waits for the longer
 ``incomplete_guard_s`` instead: the sender is likely to retry, and a partial study analysed early would send a
 partial clinical result. A later association that delivers instances of the study and ends in a normal release
-clears the mark. A study analysed with the mark still set carries it as ``Study.incomplete_reason``."""
+clears the mark. A study analysed with the mark still set carries it as ``Study.incomplete_reason``.
+
+A study still being received - an association (or STOW-RS request) that stored its last instance has not ended
+yet - is not closed by the quiet period: a sender that pauses mid-study (a slow link, a busy modality) would
+otherwise have its study analysed in two parts, each with its own result. It closes the quiet period after that
+association ends, or ``incomplete_guard_s`` after its last instance if the end is never heard of."""
 
 from __future__ import annotations
 
@@ -36,6 +41,7 @@ class _Pending:
     instances: dict[str, InstanceRecord] = field(default_factory=dict)
     incomplete_reason: str = ""
     notice: _Notice | None = None  # what the modality (MPPS) or the archive (IAN) says the study holds
+    receiving: bool = False  # the association that stored its last instance is still open
 
 
 @dataclass
@@ -77,14 +83,17 @@ class StudyAssembler:
         self._clock = clock
         self._lock = threading.Lock()
         self._pending: dict[str, _Pending] = {}
-        # Called (outside the lock) when the first study starts waiting: whoever sleeps until the next
-        # deadline has no deadline while nothing is pending, and must be woken.
-        self.on_first_pending: Callable[[], None] | None = None
+        # Called (outside the lock) when the first study starts waiting, or a study's deadline moved earlier
+        # (a notice, the end of the association that was still sending it): whoever sleeps until the next
+        # deadline must be woken.
+        self.on_earlier_deadline: Callable[[], None] | None = None
         # Called (outside the lock, on the receiving thread) with (study UID, accession number) when a study
         # starts waiting: whoever knows its order may say how many images to expect (``expect_count``).
         self.on_new_study: Callable[[str, str], None] | None = None
 
-    def add(self, record: InstanceRecord) -> None:
+    def add(self, record: InstanceRecord, *, receiving: bool = False) -> None:
+        """An instance is in the spool. ``receiving``: it came on an association (or STOW-RS request) that is still
+        open, whose end ``association_ended`` will report; a recovered instance has none."""
         now = self._clock()
         with self._lock:
             was_empty = not self._pending
@@ -100,23 +109,31 @@ class StudyAssembler:
                 )
                 self._pending[record.study_instance_uid] = pending
             pending.last_arrival = now
+            pending.receiving = receiving
             pending.last_received_at = max(pending.last_received_at, record.received_at)
             # A re-sent instance replaces the earlier copy (same SOP Instance UID, same spool file).
             pending.instances[record.sop_instance_uid] = record
             # The last instance a notice listed: the study's deadline moved earlier, whoever sleeps must know.
             listed = pending.notice is not None and pending.notice.satisfied_by(pending.instances)
-        if (was_empty or listed) and self.on_first_pending is not None:
-            self.on_first_pending()
+        if (was_empty or listed) and self.on_earlier_deadline is not None:
+            self.on_earlier_deadline()
         if new and self.on_new_study is not None:
             self.on_new_study(record.study_instance_uid, record.accession_number)
 
     def association_ended(self, study_uids: set[str], problem: str) -> None:
         """An association that stored instances of these studies ended: cleanly (``problem`` empty) or not."""
+        moved = False
         with self._lock:
             for uid in study_uids:
                 pending = self._pending.get(uid)
                 if pending is not None:
+                    before = self._deadline(pending)
                     pending.incomplete_reason = problem
+                    pending.receiving = False
+                    pending.last_arrival = max(pending.last_arrival, self._clock())
+                    moved = moved or self._deadline(pending) < before
+        if moved and self.on_earlier_deadline is not None:
+            self.on_earlier_deadline()  # the quiet period now runs from the association's end
 
     def hold(self, study_uid: str, source: str) -> None:
         """The study's procedure step is in progress (MPPS N-CREATE): no quiet period closes it until the step
@@ -147,8 +164,8 @@ class StudyAssembler:
             if pending.notice is not None and pending.notice.final and not notice.final:
                 return  # an in-progress notice never re-opens a completed list
             pending.notice = notice
-        if self.on_first_pending is not None:
-            self.on_first_pending()  # the deadline moved: whoever sleeps until the next one wakes up
+        if self.on_earlier_deadline is not None:
+            self.on_earlier_deadline()  # the deadline moved: whoever sleeps until the next one wakes up
 
     def pending_studies(self) -> int:
         with self._lock:
@@ -162,12 +179,15 @@ class StudyAssembler:
             if notice.satisfied_by(pending.instances):
                 return max(pending.last_arrival, notice.at) + NOTICE_SETTLE_S
             return pending.last_arrival + self.longest_wait_s
-        period = self.incomplete_guard_s if pending.incomplete_reason else self.quiet_period_s
+        period = (
+            self.incomplete_guard_s if pending.incomplete_reason or pending.receiving else self.quiet_period_s
+        )
         return pending.last_arrival + period
 
     def seconds_until_next(self, now: float | None = None) -> float | None:
         """How long until the next pending study is complete (0 when one is); None when nothing is pending.
-        Later instances only push a deadline back, so a sleep until this time never misses a study."""
+        Later instances only push a deadline back, and whatever moves one earlier wakes the sleeper
+        (``on_earlier_deadline``), so a sleep until this time never misses a study."""
         now = self._clock() if now is None else now
         with self._lock:
             deadlines = [self._deadline(p) for p in self._pending.values()]

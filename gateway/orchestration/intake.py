@@ -60,7 +60,7 @@ class StudyIntake:
             with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(wake.set)
 
-        self.assembler.on_first_pending = wake_up
+        self.assembler.on_earlier_deadline = wake_up
         try:
             while True:
                 wake.clear()

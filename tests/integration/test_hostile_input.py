@@ -3,6 +3,7 @@ good study sent at the same time still gets its results."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pydicom
@@ -19,19 +20,32 @@ pytestmark = pytest.mark.integration
 
 def send_raw(port: int, path: Path) -> str:
     """C-STORE one file as its bytes are (no re-encoding); returns the outcome as text."""
-    meta = pydicom.filereader.read_file_meta_info(path)
+    return send_raw_files(port, [path])[0]
+
+
+def send_raw_files(port: int, paths: list[Path]) -> list[str]:
+    """C-STORE files as their bytes are, on one association; each one's outcome as text."""
+    metas = [pydicom.filereader.read_file_meta_info(path) for path in paths]
     ae = AE(ae_title="STORESCU")
-    ae.requested_contexts = [build_context(meta.MediaStorageSOPClassUID, [meta.TransferSyntaxUID])]
+    ae.requested_contexts = [
+        build_context(sop_class, [syntax])
+        for sop_class, syntax in sorted({(m.MediaStorageSOPClassUID, m.TransferSyntaxUID) for m in metas})
+    ]
     assoc = ae.associate("127.0.0.1", port, ae_title="AI_GATEWAY")
     if not assoc.is_established:  # pynetdicom aborts when no proposed presentation context is accepted
-        return "context: no acceptable presentation context"
+        return ["context: no acceptable presentation context"] * len(paths)
     try:
         if not assoc.accepted_contexts:
-            return "context"
-        status = assoc.send_c_store(path)
-        return f"0x{int(status.Status):04X}" if status and "Status" in status else "no response"
-    except ValueError as exc:  # no accepted presentation context for this transfer syntax
-        return f"context: {exc}"
+            return ["context"] * len(paths)
+        outcomes = []
+        for path in paths:
+            try:
+                status = assoc.send_c_store(path)
+            except ValueError as exc:  # no accepted presentation context for this transfer syntax
+                outcomes.append(f"context: {exc}")
+                continue
+            outcomes.append(f"0x{int(status.Status):04X}" if status and "Status" in status else "no response")
+        return outcomes
     finally:
         if assoc.is_established:
             assoc.release()
@@ -104,3 +118,36 @@ def hostile_corpus_gets_its_outcomes(env: Env, tmp_path: Path) -> None:
     for case in corpus:
         tally[case.expected[0]] = tally.get(case.expected[0], 0) + 1
     print(f"\nhostile corpus: {len(corpus)} cases, outcomes {tally}; good study analysed")
+
+
+@pytest.mark.parametrize("receiver", ["env", "native_env"])
+def test_a_sender_pausing_mid_study_gets_one_analysis_of_the_whole_study(
+    receiver: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    """A sender that pauses longer than the quiet period inside one association (a busy modality, a slow link):
+    the study is analysed once, whole, after the association ends - not in two parts with two results."""
+    env: Env = request.getfixturevalue(receiver)
+    study = write_head_ct(tmp_path / "paused", slices=6, rows=256, cols=256, seed=11)
+    metas = [pydicom.filereader.read_file_meta_info(path) for path in study.paths]
+    ae = AE(ae_title="STORESCU")
+    ae.requested_contexts = [build_context(metas[0].MediaStorageSOPClassUID, [metas[0].TransferSyntaxUID])]
+    assoc = ae.associate("127.0.0.1", env.gateway.port, ae_title="AI_GATEWAY")
+    assert assoc.is_established
+    try:
+        for index, path in enumerate(study.paths):
+            assert assoc.send_c_store(path).Status == 0x0000
+            if index == 2:  # half the study in, then three quiet periods of silence on the open association
+                time.sleep(3 * env.gateway.settings.quiet_period_s)
+    finally:
+        assoc.release()
+    env.wait_study_done(study.study_uid)
+    time.sleep(3 * env.gateway.settings.quiet_period_s)  # a second analysis would have started by now
+    assert len(env.events("study_done", study.study_uid)) == 1
+    [sr] = env.results(study.study_uid, "SR")
+    analysed = {
+        ref.ReferencedSOPInstanceUID
+        for item in sr.CurrentRequestedProcedureEvidenceSequence
+        for series in item.ReferencedSeriesSequence
+        for ref in series.ReferencedSOPSequence
+    }
+    assert analysed == {m.MediaStorageSOPInstanceUID for m in metas}

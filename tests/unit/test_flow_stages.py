@@ -104,6 +104,34 @@ def test_assembler_holds_a_study_whose_association_ended_badly_until_the_guard_t
     assert abandoned.study_instance_uid == "1.2.3" and abandoned.incomplete_reason == "association aborted"
 
 
+def test_a_study_still_being_received_is_not_closed_by_the_quiet_period() -> None:
+    """A sender that pauses mid-study on an open association (a busy modality, a slow link) must not have its
+    study analysed in two parts: the quiet period runs from the association's end."""
+    now = [100.0]
+    wakes: list[float] = []
+    assembler = StudyAssembler(5.0, incomplete_guard_s=60.0, clock=lambda: now[0])
+    assembler.on_earlier_deadline = lambda: wakes.append(now[0])
+    assembler.add(_record("1.2.3", "1.2.3.1", "1.2.3.1.1"), receiving=True)
+    now[0] = 120.0  # four quiet periods, the association still open
+    assert assembler.pop_complete() == []
+    assembler.add(_record("1.2.3", "1.2.3.1", "1.2.3.1.2"), receiving=True)
+    now[0] = 130.0
+    assembler.association_ended({"1.2.3"}, "")
+    assert wakes == [100.0, 130.0], (
+        "the sleeper is woken when the association's end moves the deadline earlier"
+    )
+    assert assembler.seconds_until_next() == 5.0
+    now[0] = 135.0
+    [study] = assembler.pop_complete()
+    assert study.instance_count == 2
+    # An association whose end is never heard of holds its study only for the guard time.
+    assembler.add(_record("1.2.4", "1.2.4.1", "1.2.4.1.1"), receiving=True)
+    now[0] = 194.9
+    assert assembler.pop_complete() == []
+    now[0] = 195.0
+    assert [s.study_instance_uid for s in assembler.pop_complete()] == ["1.2.4"]
+
+
 def test_assembler_waits_for_the_quiet_period() -> None:
     now = [100.0]
     assembler = StudyAssembler(5.0, clock=lambda: now[0])
@@ -126,7 +154,7 @@ def test_assembler_says_when_the_next_study_is_due_and_wakes_the_sleeper_once() 
     now = [100.0]
     wakes: list[float] = []
     assembler = StudyAssembler(5.0, incomplete_guard_s=60.0, clock=lambda: now[0])
-    assembler.on_first_pending = lambda: wakes.append(now[0])
+    assembler.on_earlier_deadline = lambda: wakes.append(now[0])
     assert assembler.seconds_until_next() is None
     assembler.add(_record("1.2.3", "1.2.3.1", "1.2.3.1.1"))
     now[0] = 102.0
@@ -150,7 +178,7 @@ def test_an_mpps_in_progress_holds_a_study_past_the_quiet_period_and_its_list_cl
     now = [100.0]
     wakes: list[float] = []
     assembler = StudyAssembler(5.0, incomplete_guard_s=60.0, longest_wait_s=600.0, clock=lambda: now[0])
-    assembler.on_first_pending = lambda: wakes.append(now[0])
+    assembler.on_earlier_deadline = lambda: wakes.append(now[0])
     assembler.hold("1.2.3", "MPPS in progress")  # before any image: kept until the study starts arriving
     assembler.add(_record("1.2.3", "1.2.3.1", "1.2.3.1.1"))
     now[0] = 200.0  # 20 quiet periods later, a gap before the next series
@@ -194,7 +222,7 @@ def test_an_order_that_says_how_many_images_closes_the_study_once_they_are_all_i
     wakes: list[float] = []
     started: list[tuple[str, str]] = []
     assembler = StudyAssembler(30.0, longest_wait_s=600.0, clock=lambda: now[0])
-    assembler.on_first_pending = lambda: wakes.append(now[0])
+    assembler.on_earlier_deadline = lambda: wakes.append(now[0])
     assembler.on_new_study = lambda study, accession: started.append((study, accession))
     assembler.add(_record("1.2.3", "1.2.3.1", "1.2.3.1.1", accession_number="ACC-7"))
     assembler.add(_record("1.2.3", "1.2.3.1", "1.2.3.1.2", accession_number="ACC-7"))
