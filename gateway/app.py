@@ -49,7 +49,7 @@ from gateway.ingest.assembler import StudyAssembler
 from gateway.ingest.native import NativeReceiver, unsupported_reason
 from gateway.ingest.notices import NoticeSCP
 from gateway.ingest.receiver import StoreSCP, check_port_free
-from gateway.ingest.spool import Spool
+from gateway.ingest.spool import Spool, node_file_name
 from gateway.ingest.stow import StowStore
 from gateway.ingest.ups_tasks import UpsTaskSCP
 from gateway.ops import retention
@@ -85,6 +85,7 @@ logger = logging.getLogger(__name__)
 STOP_STACK_DUMP_S = 45.0
 IO_THREADS = 2  # FHIR / HL7 report files, order reads of the HL7 listener
 LOOP_ANSWER_S = 5.0  # how long /health waits for the event loop's snapshot
+MARKED_STUDIES_REMEMBERED = 10_000  # studies whose shared-spool "received by" mark this node knows it wrote
 
 
 class Gateway:
@@ -92,6 +93,7 @@ class Gateway:
         silence_identifier_warnings()
         self.settings = settings
         self.spool = Spool(settings.spool_dir, min_free_bytes=settings.receiver.min_free_disk_mb * 2**20)
+        self._marked: set[str] = set()  # studies this node marked as received by it in a shared spool
         self.assembler = StudyAssembler(
             settings.quiet_period_s,
             incomplete_guard_s=settings.incomplete_guard_s,
@@ -288,9 +290,12 @@ class Gateway:
         assert self.shared_queue is not None
         quiet = self.spool.unprocessed_studies(quiet_for_s=self.settings.cluster.lease_s)
         unknown = self.shared_queue.studies_to_recover(quiet, unknown_only=True)
+        if unknown:  # left to a live node that received it and has not recorded it yet (a database outage)
+            live = {node_file_name(node) for node in self.shared_queue.live_nodes()}
+            unknown = {uid for uid in unknown if not self.spool.received_by(uid) & live}
         chosen = set(studies) | unknown
         if unknown:
-            logger.warning("%d spooled study(ies) that no node recorded, adopted here", len(unknown))
+            logger.warning("%d spooled study(ies) that no live node recorded, adopted here", len(unknown))
         for record in self.spool.recover(chosen):
             self.assembler.add(record)
         if self.notices is not None and chosen:
@@ -448,6 +453,11 @@ class Gateway:
         """Called on an association thread (or a STOW-RS request's) once an instance is durable; the receiver
         reports the association's end to ``assembler.association_ended``."""
         self.events.instance_stored(record)
+        if self.shared_queue is not None and record.study_instance_uid not in self._marked:
+            self.spool.mark_received_by(record.study_instance_uid, self.settings.node_id)
+            if len(self._marked) >= MARKED_STUDIES_REMEMBERED:
+                self._marked.clear()  # marking again is harmless (the file exists)
+            self._marked.add(record.study_instance_uid)
         self.assembler.add(record, receiving=True)
 
     # -- health and metrics -----------------------------------------------------------------------------------

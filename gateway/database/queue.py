@@ -389,6 +389,19 @@ class SharedQueue:
             by_pacs[pacs] = by_pacs.get(pacs, 0) + count
         return QueueDepth(by_priority=by_priority, by_pacs=by_pacs, running=running, nodes_alive=int(alive))
 
+    def live_nodes(self) -> set[str]:
+        """The nodes beating within a lease and not stopped (this one included once it has beaten)."""
+        now = self._clock()
+        with self._transaction() as connection:
+            n = t.nodes
+            return set(
+                connection.execute(
+                    select(n.c.node_id).where(
+                        n.c.heartbeat_at >= now - self.lease_s, n.c.stopped_at.is_(None)
+                    )
+                ).scalars()
+            )
+
     def dead_nodes(self) -> list[str]:
         """Nodes that stopped (cleanly, or by no longer beating) and that nobody has adopted yet."""
         now = self._clock()

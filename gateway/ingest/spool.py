@@ -4,6 +4,7 @@ Layout (UIDs are validated before they become path parts; no patient identifier 
 
     <data_dir>/spool/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm
     <data_dir>/spool/<StudyInstanceUID>/processed.json     written when the study's results are done
+    <data_dir>/spool/<StudyInstanceUID>/.received-by-<node>  in a cluster: which gateway nodes received it
 
 A write goes to a temporary file in the target folder, is fsynced, renamed into place and the folder is
 fsynced, so a crash leaves either the whole instance or nothing. ``recover()`` finds the instances of studies
@@ -13,6 +14,7 @@ that were acknowledged but not yet processed.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import shutil
@@ -34,6 +36,14 @@ from gateway.core.logs import silence_identifier_warnings
 logger = logging.getLogger(__name__)
 
 PROCESSED_MARKER = "processed.json"
+RECEIVED_BY = ".received-by-"
+
+
+def node_file_name(node: str) -> str:
+    """A node id as a file name part: its own characters where they are safe, else its hash."""
+    if node and all(c.isascii() and (c.isalnum() or c in "._-") for c in node) and not node.startswith("."):
+        return node
+    return "h" + hashlib.sha256(node.encode()).hexdigest()[:32]
 
 
 def _text(ds: Dataset, keyword: str) -> str:
@@ -180,6 +190,22 @@ class Spool:
         header = pydicom.dcmread(path, defer_size=4096)
         calling_ae = str(header.file_meta.get("SourceApplicationEntityTitle", "")).strip()
         return record_from_header(header, path, calling_ae, path.stat().st_mtime)
+
+    def mark_received_by(self, study_uid: str, node: str) -> None:
+        """Say (in a spool shared by several gateways) that ``node`` received instances of the study: until that
+        node is gone, no other node adopts the study as one nobody recorded - the receiving node analyses it,
+        even when its database writes come late (after an outage). Not fsynced: a crash that loses the mark also
+        took the node, whose studies are adopted anyway."""
+        folder = self.root / study_uid
+        if not is_valid_uid(study_uid) or not folder.is_dir():
+            return
+        (folder / f"{RECEIVED_BY}{node_file_name(node)}").touch(exist_ok=True)
+
+    def received_by(self, study_uid: str) -> set[str]:
+        """The nodes (as file name parts) that marked the study as received; empty for an unmarked study."""
+        if not is_valid_uid(study_uid):
+            return set()
+        return {p.name[len(RECEIVED_BY) :] for p in (self.root / study_uid).glob(f"{RECEIVED_BY}*")}
 
     def unprocessed_studies(self, *, quiet_for_s: float = 0.0) -> list[str]:
         """Studies with an instance not yet processed (and, with ``quiet_for_s``, no file newer than that:

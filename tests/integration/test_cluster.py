@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -19,8 +20,11 @@ import pydicom
 import pytest
 from sqlalchemy import create_engine, select
 
+from gateway.config.settings import SchedulingSettings
 from gateway.database import schema
-from gateway.demo.phantoms import write_head_ct
+from gateway.database.connect import engine_for
+from gateway.database.queue import SharedQueue
+from gateway.demo.phantoms import PhantomSeries, write_head_ct
 from gateway.inference.server import free_port
 from gateway.ingest.spool import Spool
 from tests.support.postgres import PostgresCluster
@@ -205,6 +209,20 @@ def test_a_database_outage_stops_no_node_from_acknowledging_and_the_cluster_catc
         _stop(nodes)
 
 
+def _spool_orphan(spool: Spool, series: PhantomSeries) -> None:
+    """Put a study in the shared spool as a node that acknowledged it and recorded nothing would leave it, its
+    files quiet for two leases."""
+    for path in series.paths:
+        raw = path.read_bytes()
+        offset = raw.index(b"DICM") + 4
+        meta_len = int.from_bytes(raw[offset + 8 : offset + 12], "little")
+        record = spool.store(
+            pydicom.dcmread(path).file_meta, raw[offset + 12 + meta_len :], calling_ae="STORESCU"
+        )
+        old = time.time() - 2 * LEASE_S
+        os.utime(record.path, (old, old))
+
+
 def test_a_spooled_study_that_no_node_recorded_is_adopted_not_lost(tmp_path: Path, triton: str) -> None:
     """A node killed between acknowledging a study and its database writes leaves the study only in the shared
     spool: a live node's sweep (once a lease, its files quiet for a lease) assembles and analyses it."""
@@ -215,20 +233,52 @@ def test_a_spooled_study_that_no_node_recorded_is_adopted_not_lost(tmp_path: Pat
             [node], url=f"sqlite:///{tmp_path / 'cluster.db'}", spool=spool_root, triton=triton, tmp=tmp_path
         )
         series = write_head_ct(tmp_path / "orphan", slices=6, seed=140)
-        spool = Spool(spool_root)
-        for path in series.paths:  # acknowledged by a node that died before recording anything
-            raw = path.read_bytes()
-            offset = raw.index(b"DICM") + 4
-            meta_len = int.from_bytes(raw[offset + 8 : offset + 12], "little")
-            record = spool.store(
-                pydicom.dcmread(path).file_meta, raw[offset + 12 + meta_len :], calling_ae="STORESCU"
-            )
-            old = time.time() - 2 * LEASE_S
-            os.utime(record.path, (old, old))
+        _spool_orphan(Spool(spool_root), series)  # acknowledged by a node that died before recording anything
         wait_for(
             lambda: series.study_uid in node.done(),
             timeout_s=4 * LEASE_S + 60,
             what="the orphan study analysed",
+        )
+        assert node.done().count(series.study_uid) == 1
+    finally:
+        _stop([node])
+
+
+def test_a_study_a_live_node_received_and_has_not_recorded_yet_is_left_to_it(
+    tmp_path: Path, triton: str
+) -> None:
+    """After a database outage a node's writes can come late: a study it received during the outage is in the
+    shared spool, quiet, and unknown to the database. Another node must not adopt it while the receiving node
+    lives (both would analyse it: two results); once the receiving node stops beating, it is adopted."""
+    spool_root = tmp_path / "shared-spool"
+    url = f"sqlite:///{tmp_path / 'cluster.db'}"
+    node = Node("node-1", free_port(), tmp_path / "data-1")
+    try:
+        _start_all([node], url=url, spool=spool_root, triton=triton, tmp=tmp_path)
+        receiving = SharedQueue(engine_for(url), "node-2", SchedulingSettings(), lease_s=LEASE_S)
+        beating = threading.Event()
+        beating.set()
+
+        def beat() -> None:  # node-2: alive, its record of the study not written yet
+            while beating.is_set():
+                receiving.heartbeat()
+                time.sleep(0.5)
+
+        heart = threading.Thread(target=beat, daemon=True)
+        heart.start()
+        series = write_head_ct(tmp_path / "received", slices=6, seed=141)
+        spool = Spool(spool_root)
+        _spool_orphan(spool, series)
+        spool.mark_received_by(series.study_uid, "node-2")
+        # node-1 sweeps once a lease once it has been connected for a lease: three sweeps leave it alone.
+        time.sleep(4 * LEASE_S)
+        assert series.study_uid not in node.done(), "adopted from a live node that received it"
+        beating.clear()
+        heart.join()
+        wait_for(
+            lambda: series.study_uid in node.done(),
+            timeout_s=4 * LEASE_S + 60,
+            what="the study adopted once its receiving node stopped beating",
         )
         assert node.done().count(series.study_uid) == 1
     finally:

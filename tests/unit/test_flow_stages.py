@@ -14,7 +14,7 @@ from gateway.core.domain import InstanceRecord, Priority, Series, Study
 from gateway.core.errors import InvalidInstanceError, SpoolFullError
 from gateway.demo.phantoms import write_head_ct
 from gateway.ingest.assembler import StudyAssembler
-from gateway.ingest.spool import Spool
+from gateway.ingest.spool import Spool, node_file_name
 from gateway.orchestration.routing import InferenceJob, Router
 from gateway.orchestration.scheduler import JobQueue
 
@@ -44,6 +44,21 @@ def test_spool_stores_durably_and_recovers_unprocessed(tmp_path: Path) -> None:
     assert {r.calling_ae for r in recovered} == {"PACS1"}
     spool.mark_processed(series.study_uid, series.sop_uids[:2])
     assert [r.sop_instance_uid for r in spool.recover()] == [series.sop_uids[2]]
+
+
+def test_a_shared_spool_says_which_nodes_received_a_study(tmp_path: Path) -> None:
+    series = write_head_ct(tmp_path / "in", slices=2, rows=16, cols=16)
+    spool = Spool(tmp_path / "spool")
+    spool.mark_received_by(series.study_uid, "node-1")  # nothing of the study here yet: no folder made
+    assert not (tmp_path / "spool" / series.study_uid).exists()
+    for path in series.paths:
+        spool.store(*_body(path), calling_ae="PACS1")
+    spool.mark_received_by(series.study_uid, "node-1")
+    spool.mark_received_by(series.study_uid, "node-1")
+    spool.mark_received_by(series.study_uid, "../gw 2")  # not a safe file name: its hash stands for it
+    marks = spool.received_by(series.study_uid)
+    assert marks == {"node-1", node_file_name("../gw 2")} and node_file_name("../gw 2").isalnum()
+    assert len(spool.recover()) == 2 and spool.unprocessed_studies() == [series.study_uid]
 
 
 def test_spool_refuses_path_like_uids_and_respects_watermark(tmp_path: Path) -> None:
