@@ -193,7 +193,7 @@ class Gateway:
             orders=self.order_context,
         )
         self.backend, self.dali, self.decoder, self.decoder_reason = select_imaging(settings)
-        self.encoder = ResultEncoder(settings.encode_processes)
+        self.encoder = ResultEncoder(settings.encode_processes, routine_nice=settings.encode_routine_nice)
         self.triton_server: TritonServer | None = None
         self.triton_url = settings.triton.url
         self.scp: StoreSCP | NativeReceiver | None = None
@@ -308,6 +308,13 @@ class Gateway:
             reason = unsupported_reason(receiver, ups_tasks=self.settings.ups.accept_tasks)
             if reason:
                 raise ConfigError(f'[receiver] engine = "native" cannot be used: {reason}')
+            if self.shared_queue is not None and receiver.journal_mb:
+                # A node's journal is replayed by that node's next start only; in a cluster a node that never
+                # returns would leave its last acknowledged instances there, so each one is fsynced in the spool.
+                logger.info(
+                    "native receiver without its journal: in a cluster each instance is fsynced directly"
+                )
+                receiver = receiver.model_copy(update={"journal_mb": 0})
             self.scp = NativeReceiver(
                 receiver,
                 self.spool,
@@ -510,6 +517,7 @@ class Gateway:
                 "pid": scp.pid,
                 "restarts": scp.restarts,
                 "binary": str(scp.binary),
+                "journal_mb": scp.settings.journal_mb,  # 0: each instance's file fsynced before its acknowledgement
             }
             if self.services_scp is not None:
                 state["services"] = {"engine": "pynetdicom", "port": self.services_scp.port}

@@ -109,6 +109,12 @@ class ReceiverSettings(Section):
     # KOS); images may come to either port. Same AE title, policy and TLS. Unset: the native receiver alone (and
     # settings that need those services are refused at start).
     services_port: Port | None = None
+    # With engine = "native": the size of its journal (MiB, written out once in the spool; 0: no journal). An
+    # instance is acknowledged once it is in the journal, fdatasync'ed (several associations share one sync); its
+    # spool file is written just after and synced in batches - fewer syncs per instance, the same guarantee (a
+    # crash before the file is synced is repaired from the journal at the next start). Without a journal each
+    # instance's file and folder are fsynced before its acknowledgement.
+    journal_mb: Annotated[int, Field(ge=0, le=65536)] = 128
 
     @model_validator(mode="after")
     def _tls_pair(self) -> ReceiverSettings:
@@ -565,6 +571,9 @@ class Settings(Section):
     # Results (SR, GSPS, SEG) are encoded in this many worker processes, off the interpreter lock that the
     # receiver and the workers share; 0: in the worker threads.
     encode_processes: Annotated[int, Field(ge=0)] = 2
+    # STAT results get one more encoder process of their own; the routine ones run this much lower in CPU
+    # priority (as `nice`: 0-19), so STAT work is not encoded at the routine flood's share of the CPU.
+    encode_routine_nice: Annotated[int, Field(ge=0, le=19)] = 10
     force_cpu: bool = False
     preprocess_backend: Annotated[PreprocessBackend, LAX] = PreprocessBackend.AUTO
     decode_backend: Annotated[DecodeBackend, LAX] = DecodeBackend.AUTO

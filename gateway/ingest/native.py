@@ -2,7 +2,10 @@
 gateway: ``[receiver] engine = "native"``.
 
 The binary does what the pynetdicom receiver's C-STORE handler does, at C++ speed, with the same rule: an instance
-is acknowledged only once its file and folder are fsynced in the spool. Its policy is built here from the one set
+is acknowledged only once it is durable - in its journal (``[receiver] journal_mb``, fdatasync'ed; its spool file
+written just after), or without a journal its file and folder fsynced in the spool. Instances the journal held
+past its last checkpoint when the process died are put in the spool by the next start and reported here
+(``REPLAYED``); those not yet analysed are assembled like received ones. Its policy is built here from the one set
 of settings - AE title, host and port, the calling AE titles and source addresses allowed, the disk watermark,
 timeouts, and the SOP classes and transfer syntaxes the pynetdicom receiver accepts - so both receivers apply the
 same rules. It reports each event as a line on its stdout (see the binary's header); a thread here turns them into
@@ -19,7 +22,6 @@ from __future__ import annotations
 
 import logging
 import os
-import select
 import shutil
 import subprocess
 import threading
@@ -123,7 +125,12 @@ class NativeReceiver:
             "--transfer-syntaxes", ",".join(ALL_TRANSFER_SYNTAXES),
             *(["--tls-cert", str(s.tls_cert_file), "--tls-key", str(s.tls_key_file)] if s.tls_cert_file else []),
             *(["--tls-ca", str(s.tls_ca_file)] if s.tls_ca_file else []),
+            *(["--journal", str(self.journal), "--journal-bytes", str(s.journal_mb * 2**20)] if s.journal_mb else []),
         ]  # fmt: skip
+
+    @property
+    def journal(self) -> Path:
+        return self.incoming / "journal"
 
     def start(self) -> None:
         process = self._launch()
@@ -147,10 +154,25 @@ class NativeReceiver:
                 self.command(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, close_fds=True
             )
         assert process.stdout is not None
-        ready, _, _ = select.select(
-            [process.stdout], [], [], READY_TIMEOUT_S
-        )  # a hung start is not waited out
-        first = process.stdout.readline() if ready else b""
+        replayed: list[list[str]] = []
+        # The journal's instances come first, then READY. A hung start is not waited out: killed at the deadline,
+        # its stdout ends. (Not select() per line: the buffered reader may already hold the next lines.)
+        deadline = threading.Timer(
+            READY_TIMEOUT_S + self.settings.journal_mb / 64, process.kill
+        )  # + writing it out
+        deadline.start()
+        try:
+            while (first := process.stdout.readline()).startswith(b"REPLAYED"):
+                replayed.append(first.decode("utf-8", "replace").rstrip("\n").split("\t"))
+        finally:
+            deadline.cancel()
+        if replayed:
+            logger.warning(
+                "native receiver: %d acknowledged instance(s) put in the spool from its journal",
+                len(replayed),
+            )
+        for fields in replayed:  # in the spool now, whether or not this start goes on
+            self._replayed(fields)
         if not first.startswith(b"READY"):
             process.kill()
             process.wait()
@@ -163,6 +185,20 @@ class NativeReceiver:
             )
         self._process = process
         return process
+
+    def _replayed(self, fields: list[str]) -> None:
+        """An instance acknowledged before the receiver died, now in the spool from its journal: assembled unless
+        its study was analysed with it already."""
+        path, calling_ae, received_at = Path(fields[1]), fields[2], float(fields[3])
+        try:
+            record = record_from_header(pydicom.dcmread(path, defer_size=1024), path, calling_ae, received_at)
+        except Exception as exc:
+            logger.error("journalled instance %s could not be read back (%s)", path.name, type(exc).__name__)
+            return
+        if record.sop_instance_uid in self.spool.processed_instances(record.study_instance_uid):
+            return
+        self.on_stored(record)
+        self.on_association_end({record.study_instance_uid}, "")  # its association is long gone
 
     @property
     def port(self) -> int:

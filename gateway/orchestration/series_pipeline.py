@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 from clients.triton import DetectionOutput, ScoresOutput
 from gateway.config.settings import Peer, Settings
 from gateway.core.codes import AI_CONFIDENCE
-from gateway.core.domain import RolloutMode, timing_log_fields
+from gateway.core.domain import Priority, RolloutMode, timing_log_fields
 from gateway.delivery.outbox import Outbox
 from gateway.delivery.store import ResultStore
 from gateway.ingest.spool import Spool
@@ -293,6 +293,7 @@ class SeriesPipeline:
                 run.reading.mask,
                 run.previous,
                 run.withdrawn,
+                urgent=run.stat or job.priority is Priority.STAT,  # a critical finding in routine work too
                 fallback=parts.executor,
             )
         finally:

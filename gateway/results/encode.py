@@ -6,6 +6,10 @@ receiver, decode and preprocessing also need, so the whole gateway tops out at o
 sends the work to a pool of ``encode_processes`` spawned processes instead, awaited by the event loop (0: in the
 gateway's thread pool). A pool that breaks (a worker killed) is replaced and the series encoded in the thread
 pool, so a result is never lost to it.
+
+STAT series have a process of their own, at the gateway's own CPU priority, while the routine pool runs at a
+lower one (``routine_nice``, as ``nice``): on a machine whose cores the routine flood keeps busy, a STAT study's
+results are not encoded behind routine ones, nor at their share of the CPU.
 """
 
 from __future__ import annotations
@@ -81,8 +85,11 @@ def encode_results(
     return EncodedResults(datasets=datasets, failures=failures)
 
 
-def _worker_init(level: int) -> None:
+def _worker_init(level: int, nice: int = 0) -> None:
     from gateway.core.logs import handler_for, silence_identifier_warnings
+
+    if nice > 0:
+        os.nice(nice)  # routine work yields the CPU to STAT work and to the gateway itself
 
     root = logging.getLogger()
     root.handlers[:] = [handler_for(sys.stderr)]
@@ -99,23 +106,25 @@ def _exit_with_parent(parent: int) -> None:
 
 
 class ResultEncoder:
-    def __init__(self, processes: int) -> None:
+    def __init__(self, processes: int, *, routine_nice: int = 10) -> None:
         self.processes = processes
+        self.routine_nice = routine_nice
         self._lock = threading.Lock()
-        self._pool: ProcessPoolExecutor | None = None
+        self._pools: dict[bool, ProcessPoolExecutor] = {}  # urgent (STAT) or not -> its pool
         self.restarts = 0  # pools replaced after a worker process died
 
-    def _executor(self) -> ProcessPoolExecutor:
+    def _executor(self, urgent: bool) -> ProcessPoolExecutor:
         with self._lock:
-            if self._pool is None:
+            pool = self._pools.get(urgent)
+            if pool is None:
                 # spawn, not fork: the gateway has threads (receiver, event loop) that a fork would copy mid-flight
-                self._pool = ProcessPoolExecutor(
-                    self.processes,
+                pool = self._pools[urgent] = ProcessPoolExecutor(
+                    1 if urgent else self.processes,
                     mp_context=multiprocessing.get_context("spawn"),
                     initializer=_worker_init,
-                    initargs=(logging.getLogger().getEffectiveLevel(),),
+                    initargs=(logging.getLogger().getEffectiveLevel(), 0 if urgent else self.routine_nice),
                 )
-            return self._pool
+            return pool
 
     async def encode(
         self,
@@ -125,15 +134,16 @@ class ResultEncoder:
         previous: list[Any],
         withdrawn: Sequence[Any] = (),
         *,
+        urgent: bool = False,
         fallback: Executor | None = None,
     ) -> EncodedResults:
-        """The result datasets of one series, awaited by the event loop straight from the process pool
-        (``encode_processes = 0``, or a broken pool: in ``fallback``, a thread pool)."""
+        """The result datasets of one series, awaited by the event loop straight from the process pool - the
+        STAT one when ``urgent`` (``encode_processes = 0``, or a broken pool: in ``fallback``, a thread pool)."""
         loop = asyncio.get_running_loop()
         args = (analysis, reported, mask, previous, list(withdrawn))
         if self.processes <= 0:
             return await loop.run_in_executor(fallback, encode_results, *args)
-        pool = self._executor()
+        pool = self._executor(urgent)
         try:
             return await loop.run_in_executor(pool, encode_results, *args)
         except BrokenProcessPool as exc:
@@ -141,14 +151,23 @@ class ResultEncoder:
                 "result encoder pool broke (%s); replacing it, this series is encoded in-process", exc
             )
             with self._lock:
-                if self._pool is pool:
-                    self._pool = None
+                if self._pools.get(urgent) is pool:
+                    del self._pools[urgent]
                     self.restarts += 1
             pool.shutdown(wait=False, cancel_futures=True)
             return await loop.run_in_executor(fallback, encode_results, *args)
 
+    def pids(self) -> dict[str, list[int]]:
+        """The encoder processes running now: "stat" and "routine"."""
+        with self._lock:
+            pools = dict(self._pools)
+        return {
+            "stat" if urgent else "routine": sorted(getattr(pool, "_processes", None) or {})
+            for urgent, pool in pools.items()
+        }
+
     def close(self) -> None:
         with self._lock:
-            pool, self._pool = self._pool, None
-        if pool is not None:
+            pools, self._pools = list(self._pools.values()), {}
+        for pool in pools:
             pool.shutdown(wait=True, cancel_futures=True)

@@ -153,5 +153,7 @@ def env(tmp_path: Path, triton: str) -> Iterator[Env]:
 @pytest.fixture
 def native_env(tmp_path: Path, triton: str) -> Iterator[Env]:
     """The same, with the native receiver (``make native``) in front of the spool."""
-    with running_env(tmp_path, triton, 'engine = "native"\naccept_notices = false\n') as running:
+    with running_env(
+        tmp_path, triton, 'engine = "native"\naccept_notices = false\njournal_mb = 16\n'
+    ) as running:
         yield running

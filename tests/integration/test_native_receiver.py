@@ -73,37 +73,38 @@ def _ordered_log(trace: str) -> list[tuple[str, str]]:
     return log
 
 
-def test_every_instance_is_fsynced_and_renamed_and_its_folder_fsynced_before_its_response(
-    tmp_path: Path,
-) -> None:
-    binary = native_binary()
-    assert binary is not None, "build/gateway-storescp is not built: run `make native`"
+def _traced(tmp_path: Path, settings: ReceiverSettings, calls: str, paths: list[Path]) -> str:
+    """Run the receiver under strace (``calls`` traced) while storescu sends ``paths``; the trace's text."""
+    assert native_binary() is not None, "build/gateway-storescp is not built: run `make native`"
     strace = require_tool("strace")
     if subprocess.run([strace, "-f", "-o", os.devnull, "true"], capture_output=True).returncode != 0:
         pytest.skip("strace cannot trace here (ptrace is not permitted in this container)")
-    series = write_head_ct(tmp_path / "series", slices=8, rows=64, cols=64, seed=5)
-    port = free_port()
     receiver = NativeReceiver(
-        ReceiverSettings(port=port, min_free_disk_mb=0),
-        Spool(tmp_path / "spool"),
-        lambda record: None,
-        allowed_calling_aes=frozenset({"STORESCU"}),
+        settings, Spool(tmp_path / "spool"), lambda record: None, allowed_calling_aes=frozenset({"STORESCU"})
     )
     trace = tmp_path / "strace.log"
     process = subprocess.Popen(
-        [strace, "-f", "-yy", "-s", "4", "-e", "trace=fsync,rename,write,sendto,sendmsg", "-o", str(trace),
-         *receiver.command()],
+        [strace, "-f", "-yy", "-s", "8", "-e", f"trace={calls}", "-o", str(trace), *receiver.command()],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     try:
         assert process.stdout is not None and process.stdout.readline().startswith(b"READY")
-        done = storescu(list(series.paths), port=port, calling_ae="STORESCU")
+        done = storescu(paths, port=settings.port, calling_ae="STORESCU")
         assert done.returncode == 0, done.stderr[-500:]
     finally:
         assert process.stdin is not None
         process.stdin.close()  # the receiver exits when its stdin closes
         process.wait(timeout=30)
-    log = _ordered_log(trace.read_text())
+    return trace.read_text()
+
+
+def test_without_a_journal_every_instance_is_fsynced_and_renamed_and_its_folder_fsynced_before_its_response(
+    tmp_path: Path,
+) -> None:
+    series = write_head_ct(tmp_path / "series", slices=8, rows=64, cols=64, seed=5)
+    settings = ReceiverSettings(port=free_port(), min_free_disk_mb=0, journal_mb=0)
+    trace = _traced(tmp_path, settings, "fsync,rename,write,sendto,sendmsg", list(series.paths))
+    log = _ordered_log(trace)
     counts = _durable_before_each_response(log)
     assert len(counts) == 8, log  # one C-STORE response per instance
     assert counts == list(range(1, 9)), (counts, log)
@@ -111,6 +112,106 @@ def test_every_instance_is_fsynced_and_renamed_and_its_folder_fsynced_before_its
     synced_before = {what for kind, what in log[:first_response] if kind == "fsync"}
     study_folder = next((tmp_path / "spool").glob("1.*"))
     assert {str(study_folder.parent), str(study_folder)} <= synced_before
+
+
+def test_with_a_journal_every_instance_is_in_the_journal_and_synced_before_its_response(
+    tmp_path: Path,
+) -> None:
+    """The journal's rule at the system-call level: before the k-th response, k records were written to the
+    journal (a pwrite starting with the record magic) and an fdatasync of the journal returned after them; no
+    spool file is fsynced on its own (the writer syncs them in batches, after the acknowledgements)."""
+    series = write_head_ct(tmp_path / "series", slices=8, rows=64, cols=64, seed=5)
+    settings = ReceiverSettings(port=free_port(), min_free_disk_mb=0, journal_mb=8)
+    trace = _traced(
+        tmp_path, settings, "pwrite64,fdatasync,fsync,syncfs,write,sendto,sendmsg", list(series.paths)
+    )
+    pending: dict[str, str] = {}
+    log: list[str] = []  # "record" when a record's pwrite returned, "sync" when a journal fdatasync returned
+    for line in trace.splitlines():
+        resumed = re.match(r"^(\d+) +<\.\.\. (\w+) resumed>", line)
+        if resumed:
+            kind = pending.pop(resumed.group(1), None)
+            if kind is not None and "= -1" not in line:
+                log.append(kind)
+            continue
+        match = _CALL.match(line)
+        if match is None:
+            continue
+        name, args = match.group("name"), match.group("args")
+        if name in ("write", "sendto", "sendmsg") and "<TCP" in args and '"\\4' in args:
+            log.append("response")
+            continue
+        kind = ""
+        if name == "pwrite64" and "journal>" in args and '"GWRECORD"' in args:
+            kind = "record"
+        elif name == "fdatasync" and "journal>" in args:
+            kind = "sync"
+        elif name == "fsync" and "journal>" not in args:  # (the journal itself is fsynced once, written out)
+            kind = "file fsync"  # the direct path (an instance that did not fit the journal)
+        if not kind:
+            continue
+        if "<unfinished ...>" in line:
+            pending[match.group("pid")] = kind
+        elif "= -1" not in line:
+            log.append(kind)
+    durable, written, counts = 0, 0, []
+    for kind in log:
+        if kind == "record":
+            written += 1
+        elif kind == "sync":
+            durable = written
+        elif kind == "response":
+            counts.append(durable)
+    assert len(counts) == 8, log  # one C-STORE response per instance
+    assert all(c >= k for k, c in enumerate(counts, start=1)), (counts, log)
+    assert "file fsync" not in log, (
+        log
+    )  # every instance acknowledged from the journal, none fsynced on its own
+    # A clean stop lets the writer finish: every instance is in the spool, nothing left to replay.
+    assert len(list((tmp_path / "spool").glob("1.*/*/*.dcm"))) == 8
+
+
+def test_an_instance_acknowledged_from_the_journal_survives_a_crash_before_its_file_is_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The receiver's writer held back (fault injection): every instance is acknowledged from the journal alone,
+    none is in the spool. SIGKILLed and restarted by the gateway, the receiver puts them in the spool from the
+    journal, and the gateway assembles them - nothing acknowledged is lost."""
+    monkeypatch.setenv("GATEWAY_STORESCP_PAUSE_WRITER", "1")
+    gateway = _native_gateway(tmp_path, "journal_mb = 8\n")
+    try:
+        series = write_head_ct(tmp_path / "s", slices=5, rows=128, cols=128, seed=75)
+        assert storescu(list(series.paths), port=gateway.port, calling_ae="STORESCU").returncode == 0
+        time.sleep(0.5)
+        assert _spooled(tmp_path, series.study_uid) == 0, "the writer was to be held back"
+        assert gateway.assembler.pending_studies() == 0
+        monkeypatch.delenv("GATEWAY_STORESCP_PAUSE_WRITER")  # the restarted receiver writes as usual
+        os.kill(gateway.health()["receiver"]["pid"], signal.SIGKILL)
+        wait_for(lambda: gateway.health()["receiver"]["restarts"] == 1, timeout_s=30, what="a restart")
+        wait_for(lambda: _spooled(tmp_path, series.study_uid) == 5, timeout_s=10, what="the replay")
+        wait_for(
+            lambda: gateway.assembler.pending_studies() == 1, timeout_s=10, what="the study to be pending"
+        )
+        for path in series.paths:  # the same bytes as sent (behind the receiver's file meta)
+            sent = pydicom.dcmread(path)
+            kept = pydicom.dcmread(
+                tmp_path
+                / "data"
+                / "spool"
+                / series.study_uid
+                / sent.SeriesInstanceUID
+                / f"{sent.SOPInstanceUID}.dcm"
+            )
+            assert (
+                kept.PixelData == sent.PixelData and kept.file_meta.SourceApplicationEntityTitle == "STORESCU"
+            )
+        # A second restart replays nothing: the journal's checkpoint moved past what is in the spool.
+        os.kill(gateway.health()["receiver"]["pid"], signal.SIGKILL)
+        wait_for(lambda: gateway.health()["receiver"]["restarts"] == 2, timeout_s=30, what="a second restart")
+        replays = [r.getMessage() for r in caplog.records if "from its journal" in r.getMessage()]
+        assert len(replays) == 1 and "5 acknowledged instance(s)" in replays[0], replays
+    finally:
+        gateway.stop()
 
 
 def _alive(pid: int) -> bool:
@@ -143,7 +244,8 @@ def test_the_gateway_supervises_the_native_receiver_and_applies_its_policy(tmp_p
         assert health["engine"] == "native" and health["restarts"] == 0
         first = write_head_ct(tmp_path / "first", slices=4, rows=128, cols=128, seed=71)
         assert storescu(list(first.paths), port=gateway.port, calling_ae="STORESCU").returncode == 0
-        assert _spooled(tmp_path, first.study_uid) == 4
+        # Acknowledged from the journal; the spool files follow at once.
+        wait_for(lambda: _spooled(tmp_path, first.study_uid) == 4, timeout_s=10, what="the spool files")
         # Each instance reached the assembler (read back after its acknowledgement), the study is pending.
         wait_for(
             lambda: gateway.assembler.pending_studies() == 1, timeout_s=10, what="the study to be pending"
@@ -163,7 +265,7 @@ def test_the_gateway_supervises_the_native_receiver_and_applies_its_policy(tmp_p
             timeout_s=30,
             what="the restarted receiver to accept a study",
         )
-        assert _spooled(tmp_path, second.study_uid) == 3
+        wait_for(lambda: _spooled(tmp_path, second.study_uid) == 3, timeout_s=10, what="the spool files")
         pid = gateway.health()["receiver"]["pid"]
     finally:
         gateway.stop()

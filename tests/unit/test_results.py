@@ -360,13 +360,37 @@ def test_encoder_processes_give_the_same_results_and_survive_a_killed_worker(loa
         assert [str(ds.SOPInstanceUID) for ds in remote] == [str(ds.SOPInstanceUID) for ds in local]
         again = read_measurement_report(remote[0])
         assert len(again) == 2
-        pool = encoder._executor()
+        pool = encoder._executor(False)
         for pid in list(pool._processes):  # kill the worker: the next call finds the pool broken
             os.kill(pid, signal.SIGKILL)
         after_kill = asyncio.run(encoder.encode(analysis, reported, None, [])).datasets
         assert [str(ds.SOPInstanceUID) for ds in after_kill] == [str(ds.SOPInstanceUID) for ds in local]
-        assert encoder._executor() is not pool  # replaced
+        assert encoder._executor(False) is not pool  # replaced
         assert len(asyncio.run(encoder.encode(analysis, reported, None, [])).datasets) == len(local)
+    finally:
+        encoder.close()
+
+
+def test_stat_results_are_encoded_in_a_process_of_their_own_at_the_gateway_s_cpu_priority(loaded) -> None:
+    """Routine encoders run niced (they yield the CPU under load); a STAT series goes to its own process at the
+    gateway's priority, never queued behind routine encodes."""
+    import asyncio
+    import os
+
+    from gateway.results.content import reported_findings
+    from gateway.results.encode import ResultEncoder
+
+    analysis = _analysis(loaded, (_finding(loaded, 1),), stat=True)
+    reported = reported_findings(analysis)
+    encoder = ResultEncoder(2, routine_nice=7)
+    try:
+        asyncio.run(encoder.encode(analysis, reported, None, []))
+        asyncio.run(encoder.encode(analysis, reported, None, [], urgent=True))
+        pids = encoder.pids()
+        assert len(pids["stat"]) == 1 and 1 <= len(pids["routine"]) <= 2
+        own = os.getpriority(os.PRIO_PROCESS, 0)
+        assert [os.getpriority(os.PRIO_PROCESS, pid) for pid in pids["stat"]] == [own]
+        assert {os.getpriority(os.PRIO_PROCESS, pid) for pid in pids["routine"]} == {min(19, own + 7)}
     finally:
         encoder.close()
 
