@@ -109,12 +109,13 @@ class ReceiverSettings(Section):
     # KOS); images may come to either port. Same AE title, policy and TLS. Unset: the native receiver alone (and
     # settings that need those services are refused at start).
     services_port: Port | None = None
-    # With engine = "native": the size of its journal (MiB, written out once in the spool; 0: no journal). An
-    # instance is acknowledged once it is in the journal, fdatasync'ed (several associations share one sync); its
-    # spool file is written just after and synced in batches - fewer syncs per instance, the same guarantee (a
-    # crash before the file is synced is repaired from the journal at the next start). Without a journal each
-    # instance's file and folder are fsynced before its acknowledgement.
-    journal_mb: Annotated[int, Field(ge=0, le=65536)] = 128
+    # With engine = "native": the size of a journal (MiB, written out once in the spool; 0: none, the default).
+    # With one, an instance is acknowledged once it is in the journal, fdatasync'ed (several associations share
+    # one sync); its spool file is written just after and synced in batches - one sync per instance instead of
+    # three, the same guarantee (a crash before the file is synced is repaired from the journal at the next
+    # start), but every byte written twice. It pays where a sync's fixed cost dominates (see the README);
+    # without it each instance's file and folder are fsynced before its acknowledgement.
+    journal_mb: Annotated[int, Field(ge=0, le=65536)] = 0
 
     @model_validator(mode="after")
     def _tls_pair(self) -> ReceiverSettings:
