@@ -16,8 +16,11 @@ import contextlib
 import itertools
 import logging
 import os
+import re
+import time
 from dataclasses import dataclass
 from multiprocessing import shared_memory
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -26,6 +29,40 @@ logger = logging.getLogger(__name__)
 
 _MIN_REGION = 1 << 20
 _counter = itertools.count()
+_SHM = Path("/dev/shm")
+_OUR_REGION = re.compile(r"^gateway_\w+?_(?P<pid>\d+)_\d+$")
+STALE_AFTER_S = 60.0  # a region of a process gone this long ago is nobody's
+_swept = False
+
+
+def remove_stale_regions(root: Path = _SHM, *, older_than_s: float = STALE_AFTER_S) -> list[str]:
+    """Unlink the regions of gateway processes that died without closing them (SIGKILL, OOM): POSIX shared memory
+    outlives its process, and a long-lived host would fill its /dev/shm. Only regions whose creator's PID is not
+    running and that are older than ``older_than_s``; returns their names."""
+    removed = []
+    now = time.time()
+    with contextlib.suppress(OSError):
+        for path in root.iterdir():
+            match = _OUR_REGION.match(path.name)
+            if match is None or _alive(int(match.group("pid"))):
+                continue
+            with contextlib.suppress(OSError):
+                if now - path.stat().st_mtime >= older_than_s:
+                    path.unlink()
+                    removed.append(path.name)
+    if removed:
+        logger.info("removed %d shared memory region(s) of gateway processes that are gone", len(removed))
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 @dataclass(eq=False)
@@ -47,6 +84,10 @@ class SharedMemoryPool:
     """Registered system shared-memory regions of one Triton endpoint, reused across requests."""
 
     def __init__(self, client: Any, *, tag: str) -> None:
+        global _swept
+        if not _swept:  # once per process, before this one adds its own
+            _swept = True
+            remove_stale_regions()
         self._client = client  # tritonclient.grpc.aio.InferenceServerClient
         self._tag = tag
         self._free: list[Region] = []
