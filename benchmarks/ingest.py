@@ -101,8 +101,20 @@ def native_receiver_with_journal(work: Path, associations: int) -> Any:
     return _native(work, journal_mb=128)
 
 
+def native_profile(work: Path, paths: list[Path], *, journal_mb: int) -> dict[str, float]:
+    """Where one association's acknowledgements spend their time in the native receiver (its ``--profile``):
+    ms per instance to receive, check, make durable and respond."""
+    with _native(work, journal_mb=journal_mb, profile=True) as (port, called, _):
+        _send(paths, 1, port, called)
+    line = next(
+        (x for x in (work / "native-receiver.log").read_text().splitlines() if x.startswith("PROFILE")), ""
+    )
+    fields = dict(part.split("=", 1) for part in line.split("\t")[1:])
+    return {key[:-3]: float(value) for key, value in fields.items() if key.endswith("_ms")}
+
+
 @contextmanager
-def _native(work: Path, *, journal_mb: int) -> Iterator[tuple[int, str, Cpu]]:
+def _native(work: Path, *, journal_mb: int, profile: bool = False) -> Iterator[tuple[int, str, Cpu]]:
     """DCMTK networking, the same spool layout and durability rule; each stored instance's event read and its
     record made after its acknowledgement, as in the gateway (the journal is written out before timing starts,
     as it is once per installation)."""
@@ -115,6 +127,7 @@ def _native(work: Path, *, journal_mb: int) -> Iterator[tuple[int, str, Cpu]]:
         lambda record: None,
         allowed_calling_aes=frozenset({"BENCH"}),
     )
+    receiver.profile = profile
     receiver.start()
     pid = receiver.pid
     assert pid is not None
@@ -259,6 +272,10 @@ def measure(slices: int, reps: int, associations: tuple[int, ...] = (1, 4, 8)) -
                     elapsed = time.perf_counter() - started
                     cpu[(name, n)].append((cpu_of() - cpu_before) / slices * 1000.0)
                 rates[(name, n)].append(slices / elapsed)
+        profiles = {
+            "direct": native_profile(root / "profile-direct", copies[0], journal_mb=0),
+            "journal": native_profile(root / "profile-journal", copies[-1], journal_mb=128),
+        }
         for (name, n), measured in rates.items():
             median = statistics.median(measured)
             results.append(
@@ -298,6 +315,8 @@ def measure(slices: int, reps: int, associations: tuple[int, ...] = (1, 4, 8)) -
         "native_vs_storescp": round(native, 2),
         "native_vs_storescp_concurrent": concurrent,  # vs storescp --fork
         "native_cpu_vs_storescp": round(cpu_ratio, 2),  # target <= 1.5
+        "native_profile_ms": profiles,  # one association, ms per instance by phase
+        "storescp_ms_per_instance": round(1000.0 / storescp, 3),
         "journal_vs_direct": {
             n: round(
                 rate("gateway, native receiver with journal (durable spool)", n)
@@ -342,6 +361,14 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append(
             f"Native CPU per 1,000 images / storescp's = {value} (target <= 1.5: {'met' if value <= 1.5 else 'MISSED'})."
         )
+    for variant, phases in report.get("native_profile_ms", {}).items():
+        if phases:
+            lines.append(
+                f"Native receiver ({variant}{' path' if variant == 'direct' else ''}), one association, ms per "
+                f"instance: receive {phases['receive']}, check {phases['check']}, make durable {phases['durable']}, "
+                f"respond {phases['respond']} - against storescp's {report.get('storescp_ms_per_instance')} ms "
+                "per instance in all."
+            )
     for n, value in report.get("journal_vs_direct", {}).items():
         lines.append(f"Native receiver with its journal / without, {n} association(s) = {value}.")
     lines.append(

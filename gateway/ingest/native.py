@@ -94,6 +94,9 @@ class NativeReceiver:
         self.on_association_end = on_association_end
         self.allowed_calling_aes = allowed_calling_aes
         self.restarts = 0
+        self.profile = (
+            False  # the binary prints where each acknowledgement's time went when it stops (benchmarks)
+        )
         self._process: subprocess.Popen[bytes] | None = None
         self._stopping = threading.Event()
         self._supervisor: threading.Thread | None = None
@@ -126,6 +129,7 @@ class NativeReceiver:
             *(["--tls-cert", str(s.tls_cert_file), "--tls-key", str(s.tls_key_file)] if s.tls_cert_file else []),
             *(["--tls-ca", str(s.tls_ca_file)] if s.tls_ca_file else []),
             *(["--journal", str(self.journal), "--journal-bytes", str(s.journal_mb * 2**20)] if s.journal_mb else []),
+            *(["--profile", "1"] if self.profile else []),
         ]  # fmt: skip
 
     @property
