@@ -39,8 +39,9 @@ logger = logging.getLogger(__name__)
 
 RESCAN_S = 1.0  # how often the pending area is read again for jobs written by another process
 # The outbox's own threads for job files and C-STORE (never queued behind analysis work). A destination sends
-# one association at a time, so with as many threads as destinations none waits for another's send (a STAT
-# PACS behind five routine ones did, with four); threads are only started as sends need them.
+# one association at a time per lane (its STAT lane beside it), so with threads for every destination's lanes
+# none waits for another's send (a STAT PACS behind five routine ones did, with four); threads are only started
+# as sends need them.
 IO_THREADS = 32
 MAX_JOBS_PER_ASSOCIATION = 16
 _RANK = {"STAT": 0, "URGENT": 1, "ROUTINE": 2}
@@ -85,7 +86,9 @@ class Outbox:
         self.calling_ae = calling_ae
         self.on_event = on_event or (lambda *a, **k: None)
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._wake: dict[str, asyncio.Event] = {}  # destination folder -> "look again" (loop-owned)
+        # destination folder -> "look again", one event per lane (loop-owned)
+        self._wake: dict[str, tuple[asyncio.Event, asyncio.Event]] = {}
+        self._in_flight: dict[str, set[str]] = {}  # destination folder -> job ids being sent (loop-owned)
         self._found = asyncio.Event()  # a destination folder may have appeared (loop-owned)
         self._failing: dict[str, str] = {}  # destination -> last error, while it keeps failing
         self._failing_lock = threading.Lock()  # written in the outbox's threads, read by HTTP threads
@@ -129,7 +132,8 @@ class Outbox:
 
         def wake() -> None:
             if folder_name in self._wake:
-                self._wake[folder_name].set()
+                for event in self._wake[folder_name]:
+                    event.set()
             else:
                 self._found.set()
 
@@ -205,9 +209,14 @@ class Outbox:
                 self._found.clear()
                 for name in await loop.run_in_executor(executor, self._destinations):
                     if name not in tasks or tasks[name].done():
-                        self._wake[name] = asyncio.Event()
+                        self._wake[name] = (asyncio.Event(), asyncio.Event())
+                        self._in_flight[name] = set()
                         tasks[name] = asyncio.create_task(
-                            self._deliver(self.pending_dir / name, executor), name=f"outbox-{name}"
+                            self._deliver(self.pending_dir / name, executor, lane=0), name=f"outbox-{name}"
+                        )
+                        tasks[f"{name} STAT"] = asyncio.create_task(
+                            self._deliver(self.pending_dir / name, executor, lane=1),
+                            name=f"outbox-{name}-stat",
                         )
                 await _wait(self._found, RESCAN_S)
         finally:
@@ -226,12 +235,20 @@ class Outbox:
     def _jobs(self, folder: Path) -> list[DeliveryJob]:
         return [j for p in sorted(folder.glob("*.json")) if (j := self._read(p)) is not None]
 
-    async def _deliver(self, folder: Path, executor: ThreadPoolExecutor) -> None:
+    async def _deliver(self, folder: Path, executor: ThreadPoolExecutor, *, lane: int) -> None:
+        """One destination's lane: lane 0 sends every job, in batches (STAT first); lane 1 sends only STAT
+        results (with any earlier job of their study), on an association of its own, while lane 0 is busy - a STAT
+        result never waits for a batch of routine results already on its way."""
         loop = asyncio.get_running_loop()
-        wake = self._wake[folder.name]
+        wake, in_flight = self._wake[folder.name][lane], self._in_flight[folder.name]
         while True:
             wake.clear()
-            jobs = await loop.run_in_executor(executor, self._jobs, folder)
+            listed = await loop.run_in_executor(executor, self._jobs, folder)
+            jobs = [j for j in listed if j.job_id not in in_flight]
+            if lane == 1:
+                urgent = {j.study_uid for j in jobs if j.priority == "STAT"}
+                busy = {j.study_uid for j in listed if j.job_id in in_flight}  # their order comes first
+                jobs = [j for j in jobs if j.study_uid in urgent - busy]
             if not jobs:
                 await _wait(wake, RESCAN_S)
                 continue
@@ -239,10 +256,22 @@ class Outbox:
             if wait > 0:  # the destination is backing off after a failure
                 await _wait(wake, min(wait, RESCAN_S))
                 continue
-            await loop.run_in_executor(executor, self._attempt, folder, next_batch(jobs))
+            batch = next_batch(jobs)
+            ids = {j.job_id for j in batch}
+            in_flight |= ids  # taken here, on the loop: the other lane passes them over
+            try:
+                await loop.run_in_executor(executor, self._attempt, folder, batch)
+            finally:
+                in_flight -= ids
+                for event in self._wake[folder.name]:
+                    event.set()  # what the other lane passed over may be free now
 
     def _attempt(self, folder: Path, batch: list[DeliveryJob]) -> None:
-        """Send the jobs over one association; each job succeeds or fails on its own objects."""
+        """Send the jobs over one association; each job succeeds or fails on its own objects. A job the other lane
+        delivered since this one listed them (its file gone) is not sent again."""
+        batch = [job for job in batch if (folder / f"{job.job_id}.json").exists()]
+        if not batch:
+            return
         started = time.perf_counter()
         failed: dict[str, str] = {}  # job id -> reason
         try:
