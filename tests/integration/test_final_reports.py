@@ -5,6 +5,7 @@ its evidence; the AI-assisted flag says whether the AI's results were delivered 
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pydicom
@@ -30,19 +31,26 @@ PIPELINE = (
 )
 
 
-def oru(accession: str, text: list[str], *, control: str, status: str = "F") -> str:
+def _hl7_now(offset_s: float = 0.0) -> str:
+    """An HL7 TS of now (UTC, with its zone): a report is signed when it is sent (a fixed date here went stale)."""
+    return time.strftime("%Y%m%d%H%M%S+0000", time.gmtime(time.time() + offset_s))
+
+
+def oru(accession: str, text: list[str], *, control: str, status: str = "F", signed_in_s: float = 1.0) -> str:
+    """An ORU^R01 final report, signed ``signed_in_s`` from now (HL7 times have whole seconds: a report sent just
+    after the AI was viewed is signed a second later)."""
     obx = "\r".join(
         f"OBX|{i}|TX|18782-3^Study observation^LN||{line}||||||F" for i, line in enumerate(text, 1)
     )
     return (
-        f"MSH|^~\\&|RIS|HOSP|AI_GATEWAY|HOSP|20261207101500||ORU^R01|{control}|P|2.5\r"
+        f"MSH|^~\\&|RIS|HOSP|AI_GATEWAY|HOSP|{_hl7_now()}||ORU^R01|{control}|P|2.5\r"
         "PID|1||MRN-1^^^HOSP||DOE^JANE\r"
         + obr(
             f3=accession,
             f4="70450^CT head",
-            f7="20261207100000",
+            f7=_hl7_now(-3600),
             f18=accession,
-            f22="20261207101400",
+            f22=_hl7_now(signed_in_s),
             f24="CT",
             f25=status,
             f32="RAD1^Reader^Ruth",
@@ -224,7 +232,10 @@ def test_final_reports_are_compared_with_the_ai_and_discrepancies_become_qa_item
         client = MllpClient(listener.port)
         try:
             early = oru(
-                "ACC-C", ["IMPRESSION: Acute intraparenchymal hemorrhage, left frontal lobe."], control="R6"
+                "ACC-C",
+                ["IMPRESSION: Acute intraparenchymal hemorrhage, left frontal lobe."],
+                control="R6",
+                signed_in_s=0.0,  # signed now, before its study is even sent
             )
             assert msa(client.exchange(early))[1] == "AA"
         finally:
