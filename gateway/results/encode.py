@@ -85,7 +85,9 @@ def encode_results(
     return EncodedResults(datasets=datasets, failures=failures)
 
 
-def _worker_init(level: int, nice: int = 0) -> None:
+def _worker_init(level: int, nice: int = 0, parent: int | None = None) -> None:
+    """``parent``: the gateway's PID, given by the gateway - not ``os.getppid()`` here, which is already 1 when the
+    gateway died while this process was starting (such a worker then outlived it, seen after CI runs)."""
     from gateway.core.logs import handler_for, silence_identifier_warnings
 
     if nice > 0:
@@ -95,7 +97,8 @@ def _worker_init(level: int, nice: int = 0) -> None:
     root.handlers[:] = [handler_for(sys.stderr)]
     root.setLevel(level)
     silence_identifier_warnings()
-    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), name="parent-watch", daemon=True).start()
+    watched = os.getppid() if parent is None else parent
+    threading.Thread(target=_exit_with_parent, args=(watched,), name="parent-watch", daemon=True).start()
 
 
 def _exit_with_parent(parent: int) -> None:
@@ -122,7 +125,11 @@ class ResultEncoder:
                     1 if urgent else self.processes,
                     mp_context=multiprocessing.get_context("spawn"),
                     initializer=_worker_init,
-                    initargs=(logging.getLogger().getEffectiveLevel(), 0 if urgent else self.routine_nice),
+                    initargs=(
+                        logging.getLogger().getEffectiveLevel(),
+                        0 if urgent else self.routine_nice,
+                        os.getpid(),
+                    ),
                 )
             return pool
 

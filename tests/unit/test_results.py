@@ -421,3 +421,28 @@ def test_gsps_of_a_monochrome1_radiograph_inverts_so_that_bone_stays_white(loade
         gsps = build_gsps(make_analysis(cxr, (make_finding(cxr, 0),), stat=False))
         assert gsps.PresentationLUTShape == ("INVERSE" if monochrome1 else "IDENTITY")
         assert dciodvfy_errors(_write(gsps, tmp_path / f"pr{monochrome1}.dcm")) == []
+
+
+def test_an_encoder_whose_gateway_died_while_it_started_exits() -> None:
+    """A worker process starting while the gateway is killed finds itself a child of PID 1; it watched
+    ``os.getppid()`` then - PID 1, alive forever - and outlived the gateway (orphans seen after CI runs). It now
+    watches the PID the gateway gave it, and exits once that is gone."""
+    import subprocess
+    import sys
+    import time
+
+    gone = int(
+        subprocess.run(
+            [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+        ).stdout
+    )
+    script = (
+        "import time\n"
+        "from gateway.results.encode import _worker_init\n"
+        f"_worker_init(20, 0, {gone})\n"
+        "time.sleep(30)\n"
+        "raise SystemExit(3)\n"
+    )
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=60)
+    assert done.returncode == 0 and time.monotonic() - started < 15, done.stderr[-500:]
