@@ -603,7 +603,9 @@ bool make_folders(const std::string& path, bool sync) {
 // An instance's bytes to its spool path under a temporary name, then renamed: a reader never sees half a file.
 bool write_file(const std::string& path, const char* data, uint64_t length, bool sync) {
     if (!make_folders(path, sync)) return false;
-    std::string temporary = path + ".part";
+    size_t slash = path.rfind('/');
+    // Hidden and ending in .tmp, as the Python spool names its own: its start-up removes a crash's leftover.
+    std::string temporary = path.substr(0, slash + 1) + "." + path.substr(slash + 1) + ".tmp";
     int fd = ::open(temporary.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
     if (fd < 0) return false;
     bool ok = write_all(fd, data, length, 0) && (!sync || ::fsync(fd) == 0);
