@@ -30,6 +30,19 @@ def _job(n: int, study: str, priority: str = "ROUTINE") -> DeliveryJob:
     )
 
 
+def _pacs(on_store: Callable[[Any], int], on_accept: Callable[[Any], None]) -> tuple[int, Any]:
+    """A real pynetdicom storage SCP on a free loopback port: (port, server)."""
+    ae = AE(ae_title="PACS")
+    ae.supported_contexts = AllStoragePresentationContexts
+    port = free_port()
+    server = ae.start_server(
+        ("127.0.0.1", port),
+        block=False,
+        evt_handlers=[(evt.EVT_C_STORE, on_store), (evt.EVT_ACCEPTED, on_accept)],
+    )
+    return port, server
+
+
 async def _deliver_until(outbox: Outbox, done: Callable[[], bool], timeout_s: float = 20.0) -> None:
     """Run the outbox on this loop until ``done()`` (or the timeout), then stop it."""
     task = asyncio.create_task(outbox.run())
@@ -64,14 +77,7 @@ def test_pending_jobs_go_over_one_association_stat_first(tmp_path: Path) -> None
         with lock:
             associations.append(1)
 
-    ae = AE(ae_title="PACS")
-    ae.supported_contexts = AllStoragePresentationContexts
-    port = free_port()
-    server = ae.start_server(
-        ("127.0.0.1", port),
-        block=False,
-        evt_handlers=[(evt.EVT_C_STORE, on_store), (evt.EVT_ACCEPTED, on_accept)],
-    )
+    port, server = _pacs(on_store, on_accept)
     outbox = Outbox(tmp_path / "outbox", DeliverySettings(), calling_ae="AI_GATEWAY")
     try:
         peer = Peer.parse(f"PACS@127.0.0.1:{port}")
@@ -159,14 +165,7 @@ def test_a_stat_result_does_not_wait_for_a_batch_of_routine_results_on_its_way(t
             received.append(str(event.dataset.StudyInstanceUID))
         return 0x0000
 
-    ae = AE(ae_title="PACS")
-    ae.supported_contexts = AllStoragePresentationContexts
-    port = free_port()
-    server = ae.start_server(
-        ("127.0.0.1", port),
-        block=False,
-        evt_handlers=[(evt.EVT_C_STORE, on_store), (evt.EVT_ACCEPTED, lambda e: associations.append(1))],
-    )
+    port, server = _pacs(on_store, lambda e: associations.append(1))
     outbox = Outbox(tmp_path / "outbox", DeliverySettings(), calling_ae="AI_GATEWAY")
     peer = Peer.parse(f"PACS@127.0.0.1:{port}")
     series = [write_head_ct(tmp_path / f"s{i}", slices=1, rows=32, cols=32, seed=i) for i in range(9)]

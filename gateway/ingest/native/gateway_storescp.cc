@@ -361,34 +361,28 @@ struct JournalHeader {
 
 uint64_t aligned(uint64_t n) { return (n + RECORD_ALIGN - 1) / RECORD_ALIGN * RECORD_ALIGN; }
 
-bool write_all(int fd, const void* data, size_t n, uint64_t offset) {
-    const char* p = static_cast<const char*>(data);
+// All of n bytes at offset with pread / pwrite, through short transfers and EINTR; false on an error or EOF.
+template <typename Buffer, typename Transfer>
+bool transfer_all(Transfer transfer, int fd, Buffer* data, size_t n, uint64_t offset) {
     while (n > 0) {
-        ssize_t done = ::pwrite(fd, p, n, static_cast<off_t>(offset));
+        ssize_t done = transfer(fd, data, n, static_cast<off_t>(offset));
         if (done <= 0) {
             if (done < 0 && errno == EINTR) continue;
             return false;
         }
-        p += done;
+        data += done;
         n -= static_cast<size_t>(done);
         offset += static_cast<uint64_t>(done);
     }
     return true;
 }
 
+bool write_all(int fd, const void* data, size_t n, uint64_t offset) {
+    return transfer_all(::pwrite, fd, static_cast<const char*>(data), n, offset);
+}
+
 bool read_all(int fd, void* data, size_t n, uint64_t offset) {
-    char* p = static_cast<char*>(data);
-    while (n > 0) {
-        ssize_t done = ::pread(fd, p, n, static_cast<off_t>(offset));
-        if (done <= 0) {
-            if (done < 0 && errno == EINTR) continue;
-            return false;
-        }
-        p += done;
-        n -= static_cast<size_t>(done);
-        offset += static_cast<uint64_t>(done);
-    }
-    return true;
+    return transfer_all(::pread, fd, static_cast<char*>(data), n, offset);
 }
 
 struct Replayed {
