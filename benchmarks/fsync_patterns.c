@@ -5,8 +5,9 @@
  *
  * Prints ms per instance for: a new file + fsync + rename + folder fsync (what the native receiver does before
  * each acknowledgement); a new file without any sync (what storescp does); a pre-written (zero-filled) journal
- * overwritten in place + fdatasync; a fallocate'd journal + fdatasync; a growing append + fdatasync. The issue
- * 15 closing note quotes its figures for this VM (the design input of a journal-based receiver).
+ * overwritten in place + fdatasync (the native receiver's journal); a fallocate'd journal + fdatasync; a growing
+ * append + fdatasync. The ingest benchmark runs it on the spool's disk (`make bench-report`: the floor under each
+ * receive path, in benchmarks/README.md).
  */
 #define _GNU_SOURCE
 #include <fcntl.h>

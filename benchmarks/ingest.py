@@ -12,8 +12,10 @@ nothing else running.
 
 from __future__ import annotations
 
+import gc
 import os
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -97,7 +99,8 @@ def native_receiver(work: Path, associations: int) -> Any:
 
 def native_receiver_with_journal(work: Path, associations: int) -> Any:
     """The native receiver with ``journal_mb = 128``: each instance journalled (fdatasync, group commit) before
-    its acknowledgement, its spool file written just after and synced in batches."""
+    its acknowledgement, its spool file copied from the journal by a writer thread just after and synced in
+    batches."""
     return _native(work, journal_mb=128)
 
 
@@ -251,6 +254,73 @@ def _send(paths: list[Path], associations: int, port: int, called: str) -> None:
         )
 
 
+def disk_patterns(work: Path, *, kib: int, instances: int = 300) -> dict[str, float]:
+    """``benchmarks/fsync_patterns.c`` on the spool's file system, instances of the series' size: ms per instance
+    of each way a receiver can write (the floor under each receive path, whatever DICOM costs on top). Empty when
+    no C compiler is installed."""
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        return {}
+    work.mkdir(parents=True)
+    binary = work / "fsync_patterns"
+    source = Path(__file__).with_name("fsync_patterns.c")
+    subprocess.run([compiler, "-O2", "-o", str(binary), str(source)], check=True, capture_output=True)
+    out = subprocess.run(
+        [str(binary), str(work), str(instances), str(kib)], check=True, capture_output=True, text=True
+    ).stdout
+    patterns: dict[str, float] = {}
+    for line in out.splitlines():
+        name, _, rest = line.partition("  ")
+        if rest.strip().endswith("ms per instance"):
+            patterns[name.strip()] = float(rest.split()[0])
+    shutil.rmtree(work)
+    return patterns
+
+
+LARGE = {  # receivers for the large-instance comparison: the native receiver's two paths, and storescp
+    "gateway, native receiver (durable spool)": native_receiver,
+    "gateway, native receiver with journal (durable spool)": lambda work, n: _native(work, journal_mb=256),
+    "DCMTK storescp": storescp_receiver,
+}
+
+
+def _large_instances(work: Path, reps: int, slices: int = 30) -> dict[str, Any]:
+    """One association of 2048 x 2048 CT slices (8 MB each, as large radiographs and mammograms are): where the
+    journal's streaming (most of the instance on disk by its last PDV) could pay. Images/s per receiver and the
+    native receiver's phases on each path."""
+    series = write_head_ct(work / "series", slices=slices, rows=2048, cols=2048, seed=7)
+    megabytes = sum(p.stat().st_size for p in series.paths) / 1e6
+    rates: dict[str, list[float]] = {name: [] for name in LARGE}
+    for rep in range(reps):
+        paths = fresh_copy(list(series.paths), work / f"copy{rep}")[0]
+        for index, (name, receiver) in enumerate(LARGE.items()):
+            with receiver(work / f"r{index}-{rep}", 1) as (port, called, _):
+                started = time.perf_counter()
+                _send(paths, 1, port, called)
+                rates[name].append(slices / (time.perf_counter() - started))
+        shutil.rmtree(work / f"copy{rep}")
+        for index in range(len(LARGE)):
+            shutil.rmtree(work / f"r{index}-{rep}", ignore_errors=True)
+    return {
+        "slices": slices,
+        "mb_per_image": round(megabytes / slices, 1),
+        "results": [
+            {
+                "receiver": name,
+                "images_per_s_median": round(statistics.median(measured), 1),
+                "images_per_s_min": round(min(measured), 1),
+                "images_per_s_max": round(max(measured), 1),
+                "mb_per_s_median": round(statistics.median(measured) * megabytes / slices, 1),
+            }
+            for name, measured in rates.items()
+        ],
+        "profile_ms": {
+            "direct": native_profile(work / "profile-direct", list(series.paths), journal_mb=0),
+            "journal": native_profile(work / "profile-journal", list(series.paths), journal_mb=256),
+        },
+    }
+
+
 def measure(slices: int, reps: int, associations: tuple[int, ...] = (1, 4, 8)) -> dict[str, Any]:
     results = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -266,6 +336,7 @@ def measure(slices: int, reps: int, associations: tuple[int, ...] = (1, 4, 8)) -
         for rep, paths in enumerate(copies):
             for index, (name, n) in enumerate(runs):
                 with RECEIVERS[name](root / f"r{index}-{rep}", n) as (port, called, cpu_of):
+                    gc.collect()  # the harness's own garbage (the copies made above) is not the receiver's CPU
                     cpu_before = cpu_of()
                     started = time.perf_counter()
                     _send(paths, n, port, called)
@@ -276,6 +347,8 @@ def measure(slices: int, reps: int, associations: tuple[int, ...] = (1, 4, 8)) -
             "direct": native_profile(root / "profile-direct", copies[0], journal_mb=0),
             "journal": native_profile(root / "profile-journal", copies[-1], journal_mb=128),
         }
+        large = _large_instances(root / "large", reps, slices=max(5, slices * 3 // 20))
+        disk = disk_patterns(root / "disk", kib=round(megabytes * 1e6 / slices / 1024))
         for (name, n), measured in rates.items():
             median = statistics.median(measured)
             results.append(
@@ -325,6 +398,8 @@ def measure(slices: int, reps: int, associations: tuple[int, ...] = (1, 4, 8)) -
             )
             for n in associations
         },
+        "disk_patterns_ms": disk,  # the raw write patterns' cost per instance on this disk (the floor)
+        "large_instances": large,  # one association, 8 MB images: direct vs journal vs storescp
         "with_record_vs_without": round(with_record, 2),  # target >= 0.95
         "target_met": max(ratio, native) >= 0.8,
     }
@@ -365,16 +440,50 @@ def markdown(report: dict[str, Any]) -> str:
         if phases:
             lines.append(
                 f"Native receiver ({variant}{' path' if variant == 'direct' else ''}), one association, ms per "
-                f"instance: receive {phases['receive']}, check {phases['check']}, make durable {phases['durable']}, "
-                f"respond {phases['respond']} - against storescp's {report.get('storescp_ms_per_instance')} ms "
-                "per instance in all."
+                f"instance: {_phases(phases)} - against storescp's {report.get('storescp_ms_per_instance')} ms "
+                "per instance in all (its run's fixed costs included: storescu's start, the association)."
             )
     for n, value in report.get("journal_vs_direct", {}).items():
         lines.append(f"Native receiver with its journal / without, {n} association(s) = {value}.")
     lines.append(
         f"With the system of record / without = {record} (target >= 0.95: {'met' if record >= 0.95 else 'MISSED'})."
     )
+    disk = report.get("disk_patterns_ms")
+    if disk:
+        lines += [
+            "",
+            "This disk's floor under each path (`benchmarks/fsync_patterns.c`, ms per instance of the series' size):",
+        ]
+        lines += [f"- {name}: {value}" for name, value in disk.items()]
+    large = report.get("large_instances")
+    if large:
+        lines += [
+            "",
+            f"Large instances: {large['slices']} x 2048x2048 CT slices ({large['mb_per_image']} MB each), one "
+            f"association, {report['reps']} runs:",
+            "",
+            "| receiver | images/s median (min-max) | MB/s |",
+            "|---|---|---|",
+        ]
+        for r in large["results"]:
+            lines.append(
+                f"| {r['receiver']} | {r['images_per_s_median']} ({r['images_per_s_min']}-"
+                f"{r['images_per_s_max']}) | {r['mb_per_s_median']} |"
+            )
+        lines.append("")
+        for variant, phases in large["profile_ms"].items():
+            lines.append(f"Native receiver ({variant}), ms per 8 MB instance: {_phases(phases)}.")
     return "\n".join(lines) + "\n"
+
+
+def _phases(phases: dict[str, float]) -> str:
+    """The native receiver's profile as text: the time between an association's instances (the sender reading
+    its next file and sending it), then the phases."""
+    wait = f"between instances {phases['wait']}, " if "wait" in phases else ""
+    return (
+        f"{wait}receive {phases['receive']}, check {phases['check']}, make durable {phases['durable']}, "
+        f"respond {phases['respond']}"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

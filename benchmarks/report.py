@@ -419,7 +419,14 @@ def readme(report: dict[str, Any]) -> str:
             if r.get("associations", 1) == 1
         }
         text += "\n## Ingest\n\n" + ingest.markdown(report["ingest"])
+        native = {
+            r.get("associations", 1): r["images_per_s_median"]
+            for r in report["ingest"]["results"]
+            if r["receiver"] == "gateway, native receiver (durable spool)"
+        }
         text += "\n" + INGEST_NOTE.format(
+            native1=native.get(1),
+            native4=native.get(4),
             alone=rates.get("profile: gateway receiver, spool discarded"),
             storescp=rates.get("DCMTK storescp"),
             gateway=rates.get("gateway (durable spool)"),
@@ -535,13 +542,25 @@ INGEST_NOTE = """Why the pynetdicom receiver is far behind storescp (the profile
 networking, acknowledging without parsing or writing anything, reaches {alone} images/s against storescp's
 {storescp}; the durable spool takes the rest ({alone} -> {gateway} images/s). The native receiver (DCMTK) closes
 most of that gap; what is left on one association is the rule itself. storescp acknowledges once the data is in
-the page cache; the gateway only once it is on disk, and on this VM's virtual disk persisting a 0.5 MB image
-takes about as long as storescp's whole per-instance time (the "make durable" phase of the native receiver's
-profile above, with either path: the file's fsync, or the journal's fdatasync). One association is strictly
-request-response, so nothing overlaps that wait; concurrent associations share the disk's bandwidth and reach
-storescp --fork. The journal trades three syncs per instance for one but writes every byte twice: here it
-loses (the journal / without lines), since the data's own sync is what costs, not the number of syncs, and the
-batch write-back competes with the next acknowledgements' syncs - which is why it is off by default.
+the page cache; the gateway only once it is on disk, and one association is strictly request-response, so nothing
+hides that wait. The floor lines above measure it without any DICOM: on this VM a 0.5 MB file fsynced, renamed and
+its folder fsynced (the direct path) costs about what storescp spends on a whole instance, network included. A
+perf profile of the native receiver (`perf record -g -p <its pid>` while storescu sends) shows the time is the
+kernel's, not DCMTK's: this VM's ext4 runs without a journal, so fsync writes the inode and folder blocks
+synchronously, one I/O each (`ext4_fsync_nojournal`, `__sync_dirty_buffer`), and each I/O handed to the virtual
+disk is a VM exit (`iowrite16`, the receiver's top symbol). The same kernel work is most of the gap in CPU per
+1,000 images: it runs in the receiver's own threads (its user time is about a fifth of its CPU). The journal's
+floor is lower (a pre-written journal overwritten + fdatasync), and since the instance streams into its slot while
+it arrives, its "make durable" phase is below the direct path's (the profile lines); but every byte is still
+written twice - a writer thread copies each instance from the journal to its spool file while the association
+receives the next, and that write-back shares the disk with the next acknowledgement's fdatasync - so on this
+disk it ends about level with the direct path on one association and behind it on several (the journal / without
+lines), the large-instance table included; hence off by default. Concurrent associations overlap their syncs
+(the native receiver: {native1} images/s on one, {native4} on four), but the two cores and the disk's synchronous
+writes are still shared by every association's instances, while storescp --fork's processes only fill the page
+cache - and its rate is the table's most variable from run to run (the min-max columns). At 8 associations a
+process per association on two cores costs storescp more (its CPU per 1,000 images, the last column) than the
+native receiver's threads cost it, and the native receiver is ahead.
 """
 
 TRANSPORT_NOTE = """The Triton path pays for the tensor copy into shared memory (or protobuf serialisation for

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import logging
 import ssl
+import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pydicom
 from pydicom.dataset import Dataset
@@ -109,6 +111,38 @@ def find_worklist(
     return matches
 
 
+class OpenAssociations:
+    """The associations a caller's sends hold open, so that a stop can abort them (a hung peer would otherwise hold
+    a send, and the process, until the DIMSE timeout). Thread-safe."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Condition()
+        self._open: set[Any] = set()
+        self._closing = False
+
+    def add(self, assoc: Any) -> None:
+        with self._lock:
+            self._open.add(assoc)
+            closing = self._closing
+        if closing:
+            assoc.abort()
+
+    def discard(self, assoc: Any) -> None:
+        with self._lock:
+            self._open.discard(assoc)
+            self._lock.notify_all()
+
+    def close(self, grace_s: float) -> None:
+        """Let the open associations finish for up to ``grace_s``, then abort those still open (and any opened from
+        now on)."""
+        with self._lock:
+            self._closing = True
+            self._lock.wait_for(lambda: not self._open, timeout=grace_s)
+            open_now = list(self._open)
+        for assoc in open_now:
+            assoc.abort()
+
+
 def store_datasets(
     datasets: Sequence[Dataset],
     peer: Peer,
@@ -117,8 +151,10 @@ def store_datasets(
     timeout_s: float = 30.0,
     progress: Iterable[int] | None = None,
     ssl_context: ssl.SSLContext | None = None,
+    tracked: OpenAssociations | None = None,
 ) -> SendReport:
-    """C-STORE datasets over one association. Raises ``DeliveryError`` when the peer cannot be reached."""
+    """C-STORE datasets over one association. Raises ``DeliveryError`` when the peer cannot be reached. With
+    ``tracked``, the association is registered there while it is open (a stop may abort it)."""
     report = SendReport()
     if not datasets:
         return report
@@ -130,9 +166,14 @@ def store_datasets(
     assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, tls_args=_tls(ssl_context, peer))
     if not assoc.is_established:
         raise DeliveryError(f"association with {peer} was rejected, aborted or never connected")
+    if tracked is not None:
+        tracked.add(assoc)
     ticks = iter(progress) if progress is not None else None
     try:
         for ds in datasets:
+            if not assoc.is_established:  # aborted (a stop): the rest is not sent
+                report.failed.append((str(ds.SOPInstanceUID), "association aborted"))
+                continue
             uid = str(ds.SOPInstanceUID)
             try:
                 status = assoc.send_c_store(ds)
@@ -150,6 +191,8 @@ def store_datasets(
             if ticks is not None:
                 next(ticks, None)
     finally:
+        if tracked is not None:
+            tracked.discard(assoc)
         if assoc.is_established:
             assoc.release()
     return report

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import pydicom
 
-from clients.dicom_scu import store_datasets
+from clients.dicom_scu import OpenAssociations, store_datasets
 from gateway.config.settings import DeliverySettings, Peer
 from gateway.core.durable import atomic_write
 from gateway.core.errors import DeliveryError
@@ -37,6 +37,7 @@ from gateway.core.retry import Backoff
 
 logger = logging.getLogger(__name__)
 
+STOP_GRACE_S = 2.0  # how long a stop lets the sends in flight finish before it aborts them
 RESCAN_S = 1.0  # how often the pending area is read again for jobs written by another process
 # The outbox's own threads for job files and C-STORE (never queued behind analysis work). A destination sends
 # one association at a time per lane (its STAT lane beside it), so with threads for every destination's lanes
@@ -93,6 +94,7 @@ class Outbox:
         self._failing: dict[str, str] = {}  # destination -> last error, while it keeps failing
         self._failing_lock = threading.Lock()  # written in the outbox's threads, read by HTTP threads
         self._io: ThreadPoolExecutor | None = None
+        self._open = OpenAssociations()  # the sends in flight: aborted when the outbox stops
 
     @property
     def failing(self) -> dict[str, str]:
@@ -203,6 +205,7 @@ class Outbox:
         (job files, C-STORE) in the outbox's own threads, so results never wait behind analysis work."""
         self._loop = loop = asyncio.get_running_loop()
         executor = self._executor()
+        self._open = OpenAssociations()
         tasks: dict[str, asyncio.Task[None]] = {}
         try:
             while True:
@@ -224,9 +227,10 @@ class Outbox:
                 task.cancel()
             await asyncio.gather(*tasks.values(), return_exceptions=True)
             self._loop = None
-            executor.shutdown(
-                wait=False
-            )  # a send in flight finishes on its own; its job file stays consistent
+            # A send in flight may finish for STOP_GRACE_S, then it is aborted (a hung destination would hold the
+            # process until its DIMSE timeout); an aborted job stays pending and goes again at the next start.
+            await asyncio.to_thread(self._open.close, STOP_GRACE_S)
+            executor.shutdown(wait=False)
             self._io = None
 
     def _destinations(self) -> list[str]:
@@ -245,10 +249,10 @@ class Outbox:
             wake.clear()
             listed = await loop.run_in_executor(executor, self._jobs, folder)
             jobs = [j for j in listed if j.job_id not in in_flight]
-            if lane == 1:
+            if lane == 1:  # only while lane 0 is sending: an idle lane 0 takes STAT jobs first itself
                 urgent = {j.study_uid for j in jobs if j.priority == "STAT"}
                 busy = {j.study_uid for j in listed if j.job_id in in_flight}  # their order comes first
-                jobs = [j for j in jobs if j.study_uid in urgent - busy]
+                jobs = [j for j in jobs if j.study_uid in urgent - busy] if in_flight else []
             if not jobs:
                 await _wait(wake, RESCAN_S)
                 continue
@@ -281,6 +285,7 @@ class Outbox:
                 batch[0].peer,
                 calling_ae=self.calling_ae,
                 timeout_s=self.settings.timeout_s,
+                tracked=self._open,
             )
             refused = dict(report.failed)
             for job in batch:

@@ -145,7 +145,12 @@ def _candidates(
     if settings.results_dir.is_dir():
         for folder in sorted(p for p in settings.results_dir.iterdir() if p.is_dir()):
             files = [p for p in folder.iterdir() if p.is_file()]
+            spooled = settings.spool_dir / folder.name
             if folder.name in undelivered:
+                kept_undelivered.add(folder.name)
+            elif spooled.is_dir() and _analysed_at(spooled) is None:
+                # Being analysed: its results are written before their delivery jobs, and the study is marked
+                # processed only after those jobs are - until then "no job pending" does not mean delivered.
                 kept_undelivered.add(folder.name)
             elif files:
                 newest = max(p.stat().st_mtime for p in files)

@@ -22,6 +22,7 @@ from pynetdicom.sop_class import ModalityPerformedProcedureStep  # type: ignore[
 from gateway.app import Gateway
 from gateway.config.settings import ReceiverSettings, load_settings
 from gateway.core.domain import InstanceRecord
+from gateway.core.errors import ConfigError
 from gateway.demo.phantoms import write_head_ct
 from gateway.inference.server import free_port
 from gateway.ingest.native import NativeReceiver, native_binary
@@ -84,7 +85,7 @@ def _traced(tmp_path: Path, settings: ReceiverSettings, calls: str, paths: list[
     )
     trace = tmp_path / "strace.log"
     process = subprocess.Popen(
-        [strace, "-f", "-yy", "-s", "8", "-e", f"trace={calls}", "-o", str(trace), *receiver.command()],
+        [strace, "-f", "-yy", "-s", "80", "-e", f"trace={calls}", "-o", str(trace), *receiver.command()],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     try:
@@ -118,7 +119,8 @@ def test_with_a_journal_every_instance_is_in_the_journal_and_synced_before_its_r
     tmp_path: Path,
 ) -> None:
     """The journal's rule at the system-call level: before the k-th response, k records were written to the
-    journal (a pwrite starting with the record magic) and an fdatasync of the journal returned after them; no
+    journal (a pwrite of a slot's first block with the record magic in it) and an fdatasync of the journal returned
+    after them; no
     spool file is fsynced on its own (the writer syncs them in batches, after the acknowledgements)."""
     series = write_head_ct(tmp_path / "series", slices=8, rows=64, cols=64, seed=5)
     settings = ReceiverSettings(port=free_port(), min_free_disk_mb=0, journal_mb=8)
@@ -142,7 +144,7 @@ def test_with_a_journal_every_instance_is_in_the_journal_and_synced_before_its_r
             log.append("response")
             continue
         kind = ""
-        if name == "pwrite64" and "journal>" in args and '"GWRECORD"' in args:
+        if name == "pwrite64" and "journal>" in args and "GWRECD02" in args:  # a slot's block with its record
             kind = "record"
         elif name == "fdatasync" and "journal>" in args:
             kind = "sync"
@@ -174,7 +176,7 @@ def test_with_a_journal_every_instance_is_in_the_journal_and_synced_before_its_r
 def test_an_instance_acknowledged_from_the_journal_survives_a_crash_before_its_file_is_written(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """The receiver's writer held back (fault injection): every instance is acknowledged from the journal alone,
+    """The receiver's spool writes held back (fault injection): every instance is acknowledged from the journal alone,
     none is in the spool. SIGKILLed and restarted by the gateway, the receiver puts them in the spool from the
     journal, and the gateway assembles them - nothing acknowledged is lost."""
     monkeypatch.setenv("GATEWAY_STORESCP_PAUSE_WRITER", "1")
@@ -212,6 +214,69 @@ def test_an_instance_acknowledged_from_the_journal_survives_a_crash_before_its_f
         assert len(replays) == 1 and "5 acknowledged instance(s)" in replays[0], replays
     finally:
         gateway.stop()
+
+
+def test_the_journal_replays_every_acknowledged_instance_past_slots_it_gave_up(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A slot is reserved before an instance arrives; some are given up: an instance refused once received, and a
+    first instance larger than the slot an association starts with (written again, whole, in a slot its size).
+    With the writer held back and the receiver SIGKILLed, the replay walks past the given-up slots: every
+    acknowledged instance is in the spool, byte for byte, and the refused one is not."""
+    monkeypatch.setenv("GATEWAY_STORESCP_PAUSE_WRITER", "1")
+    gateway = _native_gateway(tmp_path, "journal_mb = 32\n")
+    try:
+        big = write_head_ct(
+            tmp_path / "big", slices=1, rows=1024, cols=1024, seed=81
+        )  # 2 MiB > the first slot
+        small = write_head_ct(
+            tmp_path / "small", slices=3, rows=64, cols=64, seed=82, study_uid=big.study_uid
+        )
+        refused = pydicom.dcmread(small.paths[0])
+        refused.SOPInstanceUID = refused.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        refused.SeriesInstanceUID = "1.2.invalid"  # cannot name a spool folder: refused after it is received
+        refused.save_as(tmp_path / "refused.dcm")
+        sent = [big.paths[0], small.paths[0], tmp_path / "refused.dcm", small.paths[1], small.paths[2]]
+        done = subprocess.run(
+            [require_tool("storescu"), "-nh", "-aet", "STORESCU", "-aec", "AI_GATEWAY", "127.0.0.1",
+             str(gateway.port), *map(str, sent)],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr[-800:]
+        refusals = [r.getMessage() for r in caplog.records if "refused (status" in r.getMessage()]
+        assert len(refusals) == 1 and "0xC000" in refusals[0], refusals  # the invalid UID, and only it
+        assert _spooled(tmp_path, big.study_uid) == 0, "the writer was to be held back"
+        monkeypatch.delenv("GATEWAY_STORESCP_PAUSE_WRITER")
+        os.kill(gateway.health()["receiver"]["pid"], signal.SIGKILL)
+        wait_for(lambda: gateway.health()["receiver"]["restarts"] == 1, timeout_s=30, what="a restart")
+        wait_for(lambda: _spooled(tmp_path, big.study_uid) == 4, timeout_s=10, what="the replay")
+        spool = tmp_path / "data" / "spool" / big.study_uid
+        for path in [p for p in sent if p.name != "refused.dcm"]:
+            original = pydicom.dcmread(path)
+            kept = spool / original.SeriesInstanceUID / f"{original.SOPInstanceUID}.dcm"
+            assert pydicom.dcmread(kept).PixelData == original.PixelData
+        assert (
+            not list(spool.glob("1.2.invalid/*"))
+            and not (tmp_path / "data" / "spool" / "1.2.invalid").exists()
+        )
+        time.sleep(0.5)  # nothing more comes: the refused instance had no record
+        assert _spooled(tmp_path, big.study_uid) == 4
+    finally:
+        gateway.stop()
+
+
+def test_a_journal_in_the_earlier_format_stops_the_start_with_what_to_do(tmp_path: Path) -> None:
+    """A journal written by the first receiver version (its records laid out differently) is neither replayed
+    wrongly nor overwritten: the receiver does not start, and says why and what to do."""
+    settings = ReceiverSettings(port=free_port(), min_free_disk_mb=0, engine="native", journal_mb=8)
+    receiver = NativeReceiver(
+        settings, Spool(tmp_path / "spool"), lambda record: None, allowed_calling_aes=frozenset({"STORESCU"})
+    )
+    receiver.journal.parent.mkdir(parents=True, exist_ok=True)
+    receiver.journal.write_bytes(b"GWJRNL01" + bytes(8 << 20))
+    with pytest.raises(ConfigError, match=r"journal format 1.*start that version once"):
+        receiver.start()
+    assert receiver.journal.read_bytes()[:8] == b"GWJRNL01"
 
 
 def _alive(pid: int) -> bool:
@@ -373,3 +438,75 @@ def test_with_a_services_port_mpps_is_answered_beside_the_native_receiver(tmp_pa
         wait_for(lambda: gateway.assembler.pending_studies() == 0, timeout_s=10, what="the study to close")
     finally:
         gateway.stop()
+
+
+@pytest.mark.parametrize("journal_mb", [0, 8], ids=["direct", "journal"])
+def test_each_instance_is_handed_on_with_its_spool_file_whole_and_the_association_end_after_them(
+    tmp_path: Path, journal_mb: int
+) -> None:
+    """With a journal the spool files are written after the acknowledgements, by a thread of their own (copied
+    from the journal): an instance is handed on only once its file is at its path, whole, and its association's
+    end only after every instance of it."""
+    series = write_head_ct(tmp_path / "s", slices=12, rows=128, cols=128, seed=75)
+    pixels = {ds.SOPInstanceUID: ds.PixelData for ds in map(pydicom.dcmread, series.paths)}
+    events: list[tuple[str, object]] = []
+
+    def stored(record: InstanceRecord) -> None:
+        ds = pydicom.dcmread(record.path)  # at once, on the receiver's event thread
+        events.append(
+            (
+                "stored",
+                ds.SOPInstanceUID == record.sop_instance_uid and ds.PixelData == pixels[ds.SOPInstanceUID],
+            )
+        )
+
+    port = free_port()
+    receiver = NativeReceiver(
+        ReceiverSettings(
+            port=port, min_free_disk_mb=0, engine="native", accept_notices=False, journal_mb=journal_mb
+        ),
+        Spool(tmp_path / "spool"),
+        stored,
+        allowed_calling_aes=frozenset({"STORESCU"}),
+        on_association_end=lambda studies, problem: events.append(("end", (studies, problem))),
+    )
+    receiver.start()
+    try:
+        assert storescu(list(series.paths), port=port, calling_ae="STORESCU").returncode == 0
+        wait_for(
+            lambda: ("end", ({series.study_uid}, "")) in events, timeout_s=10, what="the association's end"
+        )
+    finally:
+        receiver.stop()
+    assert events == [("stored", True)] * 12 + [("end", ({series.study_uid}, ""))]
+
+
+def test_a_clean_stop_with_a_journal_leaves_every_instance_in_the_spool_and_nothing_to_replay(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Stopped at once after its last acknowledgement, the receiver first lets its writer finish the spool files
+    and its settler sync them and move the journal's checkpoint: every instance is in the spool, and the next start
+    replays nothing (a stop that left them to the journal would replay them all)."""
+    series = write_head_ct(tmp_path / "s", slices=40, rows=256, cols=256, seed=76)
+    settings = ReceiverSettings(
+        port=free_port(), min_free_disk_mb=0, engine="native", accept_notices=False, journal_mb=16
+    )
+    spool = Spool(tmp_path / "spool")
+
+    def receiver() -> NativeReceiver:
+        return NativeReceiver(
+            settings, spool, lambda record: None, allowed_calling_aes=frozenset({"STORESCU"})
+        )
+
+    first = receiver()
+    first.start()
+    try:
+        assert storescu(list(series.paths), port=settings.port, calling_ae="STORESCU").returncode == 0
+    finally:
+        first.stop()
+    assert len(list((tmp_path / "spool" / series.study_uid).glob("*/*.dcm"))) == 40
+    caplog.set_level("WARNING")
+    second = receiver()
+    second.start()
+    second.stop()
+    assert not [r.getMessage() for r in caplog.records if "from its journal" in r.getMessage()]

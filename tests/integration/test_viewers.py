@@ -12,6 +12,7 @@ studies and their results (SR, GSPS, SEG) go into a real Orthanc with its DICOMw
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -124,8 +125,21 @@ _STATE = """() => {
 }"""
 
 
+# True once the viewport has drawn, in its SVG layer, an SR annotation that belongs to the image it shows.
+_DRAWN_ON_SHOWN = """() => {
+  const cs = window.cornerstone, tools = window.cornerstoneTools;
+  const sop = (imageId) => (imageId || '').split('/instances/')[1]?.split('/')[0];
+  const shown = sop(cs.getEnabledElements()[0]?.viewport.getCurrentImageId());
+  const drawn = new Set(Array.from(document.querySelectorAll('svg.svg-layer [data-annotation-uid]'))
+    .map((e) => e.getAttribute('data-annotation-uid')));
+  return tools.annotation.state.getAllAnnotations().some((a) => a.metadata.toolName === 'DICOMSRDisplay'
+    && shown && sop(a.metadata.referencedImageId) === shown && drawn.has(a.annotationUID));
+}"""
+
+
 def test_ohif_opens_every_reference_sr_and_draws_every_finding_on_its_image(archive: Archive) -> None:
     dist = require_ohif()
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
     from playwright.sync_api import sync_playwright
 
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
@@ -175,9 +189,14 @@ def test_ohif_opens_every_reference_sr_and_draws_every_finding_on_its_image(arch
                     for got, want in zip(annotation["points"], expected, strict=True):
                         assert abs(got[0] - want[0]) <= 1.0 and abs(got[1] - want[1]) <= 1.0, (got, want)
                 # Step through the SR's measurements with the viewport's arrows: each finding is drawn in the
-                # SVG layer while its own image is the one shown.
+                # SVG layer while its own image is the one shown. Each step waits (up to 30 s) for the viewport to
+                # draw an SR annotation on the image it shows: under CI load a fixed pause was sometimes too short.
                 seen: set[str] = set()
+                wanted = {f.tracking_uid for f in result.findings}
                 for _ in range(len(result.findings) + 1):
+                    # nothing drawn on this image in time: the assertion below says which finding is missing
+                    with contextlib.suppress(PlaywrightTimeout):
+                        page.wait_for_function(_DRAWN_ON_SHOWN, timeout=30_000)
                     state = page.evaluate(_STATE)
                     drawn_here = {
                         a["tracking"]
@@ -187,9 +206,10 @@ def test_ohif_opens_every_reference_sr_and_draws_every_finding_on_its_image(arch
                     if drawn_here - seen:
                         page.screenshot(path=str(ARTIFACTS / f"ohif-{result.pipeline}.png"))
                     seen |= drawn_here
+                    if seen >= wanted:
+                        break
                     page.locator("[data-cy='viewport-action-arrows-right']").click()
-                    time.sleep(0.8)
-                assert seen == {f.tracking_uid for f in result.findings}, result.pipeline
+                assert seen == wanted, result.pipeline
                 assert errors == [], (result.pipeline, errors[:3])
                 print(
                     f"\nOHIF: {result.pipeline}: the SR opened, {len(seen)} of {len(result.findings)} finding(s) drawn"

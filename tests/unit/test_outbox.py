@@ -30,7 +30,9 @@ def _job(n: int, study: str, priority: str = "ROUTINE") -> DeliveryJob:
     )
 
 
-def _pacs(on_store: Callable[[Any], int], on_accept: Callable[[Any], None]) -> tuple[int, Any]:
+def _pacs(
+    on_store: Callable[[Any], int], on_accept: Callable[[Any], None], *more: tuple[Any, Callable[[Any], None]]
+) -> tuple[int, Any]:
     """A real pynetdicom storage SCP on a free loopback port: (port, server)."""
     ae = AE(ae_title="PACS")
     ae.supported_contexts = AllStoragePresentationContexts
@@ -38,7 +40,7 @@ def _pacs(on_store: Callable[[Any], int], on_accept: Callable[[Any], None]) -> t
     server = ae.start_server(
         ("127.0.0.1", port),
         block=False,
-        evt_handlers=[(evt.EVT_C_STORE, on_store), (evt.EVT_ACCEPTED, on_accept)],
+        evt_handlers=[(evt.EVT_C_STORE, on_store), (evt.EVT_ACCEPTED, on_accept), *more],
     )
     return port, server
 
@@ -115,14 +117,7 @@ def test_a_queued_job_wakes_its_idle_destination_at_once_without_a_thread_of_its
     from gateway.delivery.outbox import RESCAN_S
 
     received: list[float] = []
-    ae = AE(ae_title="PACS")
-    ae.supported_contexts = AllStoragePresentationContexts
-    port = free_port()
-    server = ae.start_server(
-        ("127.0.0.1", port),
-        block=False,
-        evt_handlers=[(evt.EVT_C_STORE, lambda e: received.append(time.monotonic()) or 0)],
-    )
+    port, server = _pacs(lambda e: received.append(time.monotonic()) or 0, lambda e: None)
     outbox = Outbox(tmp_path / "outbox", DeliverySettings(), calling_ae="AI_GATEWAY")
     series = write_head_ct(tmp_path / "s", slices=1, rows=32, cols=32, seed=3)
     peers = [Peer.parse(f"PACS@127.0.0.1:{port}"), Peer.parse(f"PACS@localhost:{port}")]
@@ -193,3 +188,47 @@ def test_a_stat_result_does_not_wait_for_a_batch_of_routine_results_on_its_way(t
     assert sorted(received) == sorted(uids)  # each result exactly once
     assert len(associations) == 2
     assert sum(outbox.pending().values()) == 0
+
+
+def test_stopping_aborts_a_delivery_that_a_hung_destination_holds(tmp_path: Path) -> None:
+    """A destination that takes an object and never answers (a hung PACS) holds the delivery's association until the
+    DIMSE timeout. Stopping the outbox lets the send finish for a moment, then aborts it - a gateway that is stopped
+    exits in seconds, not when the timeout (here 60 s) runs out (seen after load runs: a stopped gateway still there
+    30 s later) - and the job stays pending for the next start."""
+    entered, release = threading.Event(), threading.Event()
+    closed_at: list[float] = []
+
+    def on_store(event: Any) -> int:
+        entered.set()
+        release.wait(60)
+        return 0x0000
+
+    port, server = _pacs(
+        on_store, lambda e: None, (evt.EVT_CONN_CLOSE, lambda e: closed_at.append(time.monotonic()))
+    )
+    outbox = Outbox(tmp_path / "outbox", DeliverySettings(timeout_s=60), calling_ae="AI_GATEWAY")
+    series = write_head_ct(tmp_path / "s", slices=1, rows=32, cols=32, seed=3)
+    uid = str(pydicom.dcmread(series.paths[0], stop_before_pixels=True).StudyInstanceUID)
+    outbox.enqueue(Peer.parse(f"PACS@127.0.0.1:{port}"), uid, list(series.paths))
+
+    async def scenario() -> float:
+        task = asyncio.create_task(outbox.run())
+        while not entered.is_set():
+            await asyncio.sleep(0.01)
+        stopped = time.monotonic()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        return stopped
+
+    try:
+        stopped = asyncio.run(asyncio.wait_for(scenario(), timeout=30))
+        deadline = time.monotonic() + 15
+        while not closed_at and time.monotonic() < deadline:
+            time.sleep(0.05)
+        seen = list(closed_at)  # before the destination is released below
+    finally:
+        release.set()
+        server.shutdown()
+    assert seen, "the hung association was still open 15 s after the outbox stopped"
+    assert seen[0] - stopped < 5.0
+    assert sum(outbox.pending().values()) == 1  # not delivered, not dead: sent again at the next start

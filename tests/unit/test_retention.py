@@ -141,6 +141,28 @@ def test_free_space_target_purges_delivered_studies_oldest_first_and_never_undel
         assert paths[kept].exists(), f"{kept} must never be purged for space"
 
 
+def test_results_of_a_study_still_being_analysed_are_never_purged_before_their_delivery_is_queued(
+    tmp_path: Path,
+) -> None:
+    """An analysis writes its result files, then their delivery jobs, then the study's processed marker. Between
+    the first two, "no delivery pending" does not mean delivered: a purge for space then took the results of a
+    study whose PACS was down (found by the running-gateway retention test under CI load - its delivery then
+    failed on missing files). Results of a spooled study not yet marked analysed stay; once it is, they may go."""
+    settings = _settings(tmp_path, spool_days=0, results_days=0, min_free_disk_mb=10**9)
+    _spooled(settings, "1.2.20", analysed_days_ago=None)  # its analysis is writing results right now
+    results = _results(settings, "1.2.20", days=0)
+    plan = retention.plan(settings, now=NOW)
+    assert ("results", "1.2.20") not in {(item.kind, item.name) for item in plan.items}
+    assert plan.kept_undelivered == 1
+    retention.execute(settings, plan, now=NOW)
+    assert results.exists()
+    # Analysed and nothing pending: delivered - purgeable for space, results and images.
+    marker = {"processed_at": NOW, "instances": ["1.2.9.1", "1.2.9.2"], "results": {}}
+    (settings.spool_dir / "1.2.20" / "processed.json").write_text(json.dumps(marker))
+    names = {(item.kind, item.name) for item in retention.plan(settings, now=NOW).items}
+    assert names == {("spool", "1.2.20"), ("results", "1.2.20")}
+
+
 def test_gateway_purge_dry_run_lists_and_removes_nothing(layout, capsys: pytest.CaptureFixture[str]) -> None:
     settings, paths = layout
     config = settings.data_dir.parent / "gateway.toml"

@@ -1,5 +1,6 @@
 // The gateway's native C-STORE receiver (DCMTK): DICOM networking at C++ speed, with the gateway's rule kept -
-// an instance is acknowledged only once it is in the spool, its file and its folder fsynced.
+// an instance is acknowledged only once it is durable: in the spool, its file and its folder fsynced, or (--journal)
+// in its journal, fdatasync'ed (see "The journal" below).
 //
 // Started and supervised by the gateway (gateway/ingest/native.py), never by hand. Policy comes from the
 // command line, which the gateway builds from its one set of settings: AE title, port, calling AE titles and
@@ -82,7 +83,8 @@ int dimse_timeout = 60;
 // benchmark's explanation of the gap to storescp. Clock reads only; nothing changes without the flag.
 struct Profile {
     bool on = false;
-    std::atomic<long long> instances{0}, receive_ns{0}, check_ns{0}, durable_ns{0}, respond_ns{0};
+    std::atomic<long long> instances{0}, wait_ns{0}, waits{0}, receive_ns{0}, check_ns{0}, durable_ns{0},
+        respond_ns{0};
 
     static long long clock_ns() {
         return std::chrono::duration_cast<std::chrono::nanoseconds>(
@@ -90,9 +92,16 @@ struct Profile {
             .count();
     }
 
-    // The four phases of one instance, from five clock readings.
+    // The four phases of one instance, from five clock readings; and the wait before it since the association's
+    // previous response (the sender reading its next file and sending its command: not the receiver's time).
     void add(long long t0, long long t1, long long t2, long long t3, long long t4) {
         if (!on) return;
+        static thread_local long long previous_end = 0;  // one thread per association
+        if (previous_end != 0) {
+            wait_ns += t0 - previous_end;
+            waits++;
+        }
+        previous_end = t4;
         instances++;
         receive_ns += t1 - t0;
         check_ns += t2 - t1;
@@ -103,8 +112,11 @@ struct Profile {
     void print() const {
         long long n = instances.load();
         if (!on || n == 0) return;
-        std::fprintf(stderr, "PROFILE\tinstances=%lld\treceive_ms=%.3f\tcheck_ms=%.3f\tdurable_ms=%.3f\trespond_ms=%.3f\n",
-                     n, receive_ns / 1e6 / n, check_ns / 1e6 / n, durable_ns / 1e6 / n, respond_ns / 1e6 / n);
+        std::fprintf(stderr,
+                     "PROFILE\tinstances=%lld\twait_ms=%.3f\treceive_ms=%.3f\tcheck_ms=%.3f\tdurable_ms=%.3f\t"
+                     "respond_ms=%.3f\n",
+                     n, waits ? wait_ns / 1e6 / waits : 0.0, receive_ns / 1e6 / n, check_ns / 1e6 / n,
+                     durable_ns / 1e6 / n, respond_ns / 1e6 / n);
         std::fflush(stderr);
     }
 };
@@ -278,25 +290,42 @@ Checked check_dataset(DcmDataset* ds, const T_DIMSE_C_StoreRQ& request) {
 // ---------------------------------------------------------------------------------------------------------------
 // The journal (--journal FILE --journal-bytes N): fewer syncs per instance, still "acknowledged = durable".
 //
-// With a journal, a C-STORE's data set is received into memory (bit-preserving, behind a file meta header built
-// from the request), checked, appended to a pre-written journal file with one pwrite, and the journal is
-// fdatasync'ed (several associations share one fdatasync: group commit) - only then is the response sent. A writer
-// thread then writes the instance to <spool>/<study>/<series>/<sop>.dcm (temporary name, rename), emits STORED,
-// and every batch syncs the file system (syncfs) and advances the journal's checkpoint, after which the space is
-// reused. At start, records past the checkpoint are written to the spool again and reported (REPLAYED) before
-// READY: an instance acknowledged before a crash is in the spool after it, whatever the writer had done.
+// The journal (--journal): fewer, cheaper syncs per acknowledgement than a file per instance.
 //
-// Layout: a 4 KiB header (magic, checkpoint sequence, offset of the next record), then records, each 4 KiB
-// aligned: a 64-byte record header (magic, sequence, lengths, received time, CRC-32C of the rest and of the
-// header itself), the spool path, the calling AE title, the file's bytes. A record is accepted at replay only with
-// the expected sequence and both CRCs right; a record torn by a crash was never acknowledged (its fdatasync had
-// not returned), and an acknowledged record is never behind a torn one (a record is acknowledged only once every
-// earlier one is durable too). An instance that does not fit (the writer is behind, or it is larger than a quarter
-// of the journal) takes the direct path: its own file fsynced, renamed, folder fsynced.
+// A C-STORE's data set is received into memory (bit-preserving, behind a file meta header built from the
+// request) and, as it arrives, into a slot reserved for it in a pre-written journal file: every 256 KiB is written
+// there and handed to the disk at once (sync_file_range), so most of the instance is on disk by its last PDV. The
+// instance is checked, its record written into the slot, and the journal fdatasync'ed (associations share one
+// fdatasync: group commit) - only then is the response sent, and the association's thread is free for the next
+// instance. A writer thread copies the instance from its slot to <spool>/<study>/<series>/<sop>.dcm (in the
+// kernel; temporary name, rename; its write-back started at once) and emits STORED; a settler thread syncs the file
+// system (syncfs) every batch and advances the journal's checkpoint, after which the slots are reused. Nothing
+// waits in memory for the writer: an association holds one instance at a time, and what the writer has yet to copy
+// is in the journal (full, instances take the direct path). At start, the records past the checkpoint are written
+// to the spool again and reported (REPLAYED) before READY: an instance acknowledged before a crash is in the spool
+// after it, whatever had happened to its file.
+//
+// Layout: a 4 KiB header (magic, checkpoint sequence, offset of the slot after it), then slots in sequence order,
+// 4 KiB aligned, wrapping to the start. A slot: a 64-byte slot header, written when the slot is reserved (magic,
+// sequence, the slot's length, CRC-32C); a 64-byte record header, written when the instance is committed (magic,
+// sequence, lengths, received time, CRC-32C of the body and of the header itself); the spool path and the calling AE
+// title; and, from 4 KiB on, the file's bytes. Replay walks the slots from the checkpoint by sequence: a slot whose
+// record header is missing or torn, or whose body's CRC is wrong, was never acknowledged (its fdatasync had not
+// returned) and is skipped; the walk ends where the next sequence's slot header is not. A slot header is written
+// while the reservation is made, so the fdatasync that acknowledges any later slot makes it durable too: the walk
+// cannot end before an acknowledged slot, however long an earlier one takes to arrive (a slow sender holds up no
+// other association). A slot header is rewritten only to shorten the last slot, before any later one exists. An
+// instance that does not fit (the settler is behind; larger than a quarter of the journal) takes the direct path:
+// its own file fsynced, renamed, folder fsynced.
 
-const char JOURNAL_MAGIC[8] = {'G', 'W', 'J', 'R', 'N', 'L', '0', '1'};
-const char RECORD_MAGIC[8] = {'G', 'W', 'R', 'E', 'C', 'O', 'R', 'D'};
+const char JOURNAL_MAGIC[8] = {'G', 'W', 'J', 'R', 'N', 'L', '0', '2'};
+const char OLD_JOURNAL_MAGIC[8] = {'G', 'W', 'J', 'R', 'N', 'L', '0', '1'};  // format 1 (slots without headers)
+const char SLOT_MAGIC[8] = {'G', 'W', 'S', 'L', 'O', 'T', '0', '2'};
+const char RECORD_MAGIC[8] = {'G', 'W', 'R', 'E', 'C', 'D', '0', '2'};
 const uint64_t JOURNAL_HEADER = 4096, RECORD_ALIGN = 4096;
+const uint64_t SLOT_DATA = 4096;           // where a slot's file bytes start; its headers, path and AE title before
+const uint64_t STREAM_CHUNK = 256 << 10;   // written and handed to the disk while the rest is still arriving
+const uint64_t FIRST_ESTIMATE = 1 << 20;   // a slot for an association's first instance (its size is not known)
 
 uint32_t crc_table[256];
 
@@ -339,23 +368,33 @@ uint32_t crc32c(uint32_t crc, const void* data, size_t n) {
     return ~crc;
 }
 
-struct RecordHeader {  // 64 bytes on disk, little-endian host order (the journal never leaves this machine)
+struct SlotHeader {  // 64 bytes on disk, little-endian host order (the journal never leaves this machine)
+    char magic[8];
+    uint64_t seq;
+    uint64_t span;  // the slot's length: the next slot starts here (or, wrapped, at the journal's start)
+    uint32_t crc;   // of the 28 bytes before it
+    char reserved[36];
+};
+static_assert(sizeof(SlotHeader) == 64, "slot header is 64 bytes");
+
+struct RecordHeader {  // 64 bytes, just after the slot header
     char magic[8];
     uint64_t seq;
     uint64_t data_length;
     uint32_t path_length;
     uint32_t calling_length;
     double received_at;
-    uint32_t body_crc;  // of path, calling AE and data
-    uint32_t header_crc;  // of the 60 bytes before it (with this field zero)
+    uint32_t body_crc;    // of the data, then the path, then the calling AE
+    uint32_t header_crc;  // of the 48 bytes before it
     char reserved[16];
 };
 static_assert(sizeof(RecordHeader) == 64, "record header is 64 bytes");
+const uint64_t SLOT_META = SLOT_DATA - sizeof(SlotHeader) - sizeof(RecordHeader);  // room for path + AE title
 
 struct JournalHeader {
     char magic[8];
     uint64_t checkpoint_seq;  // every record up to this one is in the spool, durably
-    uint64_t next_offset;     // where the record after it starts (or, if it is not there, the journal's start)
+    uint64_t next_offset;     // where the slot after it starts (or, if it is not there, the journal's start)
     uint32_t crc;
 };
 
@@ -390,6 +429,12 @@ struct Replayed {
     double received_at;
 };
 
+// Where one instance goes in the journal. span 0: none (the direct path).
+struct Slot {
+    uint64_t seq = 0, offset = 0, span = 0;
+    uint64_t capacity() const { return span > SLOT_DATA ? span - SLOT_DATA : 0; }  // bytes of file it holds
+};
+
 class Journal {
   public:
     bool open(const std::string& path, uint64_t bytes, std::string& error) {
@@ -398,6 +443,12 @@ class Journal {
         if (fd_ < 0) return fail(error, "cannot open the journal");
         struct stat st;
         if (::fstat(fd_, &st) != 0) return fail(error, "cannot stat the journal");
+        char magic[8] = {0};
+        if (st.st_size >= 8 && read_all(fd_, magic, 8, 0) && std::memcmp(magic, OLD_JOURNAL_MAGIC, 8) == 0) {
+            errno = EPROTO;
+            return fail(error, "written by an earlier receiver (journal format 1); start that version once to put "
+                               "its instances in the spool, or remove the file if the spool already has them");
+        }
         if (static_cast<uint64_t>(st.st_size) < size_) {  // written out once: later overwrites allocate nothing
             std::vector<char> zeros(1 << 20, 0);
             for (uint64_t at = static_cast<uint64_t>(st.st_size); at < size_; at += zeros.size())
@@ -410,7 +461,7 @@ class Journal {
         return true;
     }
 
-    // Records past the checkpoint, in order, each with its bytes written to the spool (temporary name, rename).
+    // The records past the checkpoint, in order, each with its bytes written to the spool (temporary name, rename).
     bool replay(std::vector<Replayed>& out, std::string& error) {
         JournalHeader header;
         std::memset(&header, 0, sizeof header);
@@ -420,41 +471,38 @@ class Journal {
             seq = header.checkpoint_seq;
             offset = header.next_offset;
         }
-        std::string body;
+        std::string meta, data;
         for (;;) {
-            RecordHeader record;
+            SlotHeader slot;
             uint64_t at = offset;
-            if (!record_at(at, seq + 1, record) && !(at = JOURNAL_HEADER, record_at(at, seq + 1, record))) break;
-            body.resize(record.path_length + record.calling_length + record.data_length);
-            if (!read_all(fd_, &body[0], body.size(), at + sizeof record) ||
-                crc32c(0, body.data(), body.size()) != record.body_crc)
-                break;  // torn by a crash before its fdatasync returned: never acknowledged
-            std::string path = body.substr(0, record.path_length);
-            std::string calling = body.substr(record.path_length, record.calling_length);
-            if (!spool_path_ok(path) || !write_instance(path, body.data() + record.path_length + record.calling_length,
-                                                        record.data_length)) {
-                error = "cannot write a journalled instance to " + path + ": " + std::strerror(errno);
-                return false;
-            }
-            out.push_back(Replayed{path, calling, record.received_at});
-            seq = record.seq;
-            offset = at + aligned(sizeof record + body.size());
+            if (!slot_at(at, seq + 1, slot) && !(at = JOURNAL_HEADER, slot_at(at, seq + 1, slot))) break;
+            RecordHeader record;
+            if (committed(at, slot, record, meta, data)) {
+                std::string path = meta.substr(0, record.path_length), calling = meta.substr(record.path_length);
+                if (!spool_path_ok(path) || !write_instance(path, data.data(), data.size())) {
+                    error = "cannot write a journalled instance to " + path + ": " + std::strerror(errno);
+                    return false;
+                }
+                out.push_back(Replayed{path, calling, record.received_at});
+            }  // else never acknowledged: skipped
+            seq = slot.seq;
+            offset = at + slot.span;
         }
         if (!out.empty() && ::syncfs(fd_) != 0) return fail(error, "syncfs failed");
-        next_seq_ = seq + 1;
-        written_upto_ = durable_ = seq;  // the sequence goes on from here
+        next_seq_ = seq + 1;  // the sequence goes on from here
         return checkpoint_to(seq, JOURNAL_HEADER, error);
     }
 
-    // Room for a record of `length` bytes: its sequence and offset; false when the journal is full (or broken).
-    bool reserve(uint64_t length, uint64_t& seq, uint64_t& offset) {
-        uint64_t need = aligned(length);
+    // A slot for an instance of about `estimate` bytes (at most a quarter of the journal), its slot header written;
+    // false when the journal is full (or broken). Every slot is later committed or abandoned.
+    bool reserve(uint64_t estimate, Slot& slot) {
+        uint64_t need = std::min(SLOT_DATA + aligned(estimate), size_ / 4 / RECORD_ALIGN * RECORD_ALIGN);
         std::lock_guard<std::mutex> guard(lock_);
-        if (broken_ || need > size_ / 4) return false;
+        if (broken_ || need <= SLOT_DATA) return false;
         uint64_t start = live_.empty() ? JOURNAL_HEADER : head_;
         if (!live_.empty()) {
             uint64_t oldest = live_.front().offset;
-            if (start >= oldest) {  // not wrapped: to the end, else from the start up to the oldest record
+            if (start >= oldest) {  // not wrapped: to the end, else from the start up to the oldest slot
                 if (start + need > size_) {
                     if (JOURNAL_HEADER + need > oldest) return false;
                     start = JOURNAL_HEADER;
@@ -463,53 +511,104 @@ class Journal {
                 return false;
             }
         }
-        seq = next_seq_++;
-        offset = start;
+        slot.seq = next_seq_;
+        slot.offset = start;
+        slot.span = need;
+        if (!write_slot_header(slot)) {  // under the lock: before any later slot's header, and its fdatasync
+            broken_ = true;
+            return false;
+        }
+        ++next_seq_;
         head_ = start + need;
-        live_.push_back(Live{seq, start, false});
+        live_.push_back(Live{slot.seq, start, false});
         return true;
     }
 
-    // Write the record; true once it and every record before it are durable (then the instance may be
-    // acknowledged). False: the journal failed (the caller takes the direct path).
-    bool commit(uint64_t seq, uint64_t offset, const RecordHeader& header, const std::string& path,
+    // Bytes of the file at `at` in the slot; `hand_off`: start writing them to the disk now, without waiting.
+    bool write_data(const Slot& slot, uint64_t at, const char* data, uint64_t length, bool hand_off) {
+        uint64_t offset = slot.offset + SLOT_DATA + at;
+        if (!write_all(fd_, data, length, offset)) return false;
+        if (hand_off)
+            ::sync_file_range(fd_, static_cast<off_t>(offset), static_cast<off_t>(length), SYNC_FILE_RANGE_WRITE);
+        return true;
+    }
+
+    // The last slot made no longer than `length` bytes of file need (the space after it is free again).
+    void shrink(Slot& slot, uint64_t length) {
+        uint64_t need = SLOT_DATA + aligned(length);
+        std::lock_guard<std::mutex> guard(lock_);
+        if (broken_ || need >= slot.span || head_ != slot.offset + slot.span) return;
+        Slot shorter = slot;
+        shorter.span = need;
+        if (!write_slot_header(shorter)) return;  // the longer slot stands: replay skips its tail
+        slot.span = need;
+        head_ = slot.offset + need;
+    }
+
+    // The instance's record written into its slot (its first `streamed` bytes are there already); true once it and
+    // everything written before it are durable (then it may be acknowledged). False: it does not fit, or the
+    // journal failed (the caller abandons the slot and takes the direct path).
+    bool commit(const Slot& slot, uint64_t streamed, double received_at, const std::string& path,
                 const std::string& calling, const std::string& data) {
-        std::vector<char> head(sizeof header + path.size() + calling.size());
-        std::memcpy(head.data(), &header, sizeof header);
-        std::memcpy(head.data() + sizeof header, path.data(), path.size());
-        std::memcpy(head.data() + sizeof header + path.size(), calling.data(), calling.size());
-        bool ok = write_all(fd_, head.data(), head.size(), offset) &&
-                  write_all(fd_, data.data(), data.size(), offset + head.size());
+        RecordHeader header;
+        std::memset(&header, 0, sizeof header);
+        std::memcpy(header.magic, RECORD_MAGIC, 8);
+        header.received_at = received_at;
+        header.seq = slot.seq;
+        header.data_length = data.size();
+        header.path_length = static_cast<uint32_t>(path.size());
+        header.calling_length = static_cast<uint32_t>(calling.size());
+        uint32_t crc = crc32c(0, data.data(), data.size());
+        crc = crc32c(crc, path.data(), path.size());
+        header.body_crc = crc32c(crc, calling.data(), calling.size());
+        header.header_crc = crc32c(0, &header, offsetof(RecordHeader, header_crc));
+        std::string record(reinterpret_cast<const char*>(&header), sizeof header);
+        record += path;
+        record += calling;
+        if (data.size() > slot.capacity() || path.size() + calling.size() > SLOT_META || streamed % RECORD_ALIGN != 0)
+            return false;
+        // The tail from the last whole page streamed, zero-padded to whole pages (the slot has the room).
+        uint64_t tail = data.size() - streamed;
+        std::string padded(data, streamed, tail);
+        padded.resize(aligned(tail), '\0');
+        std::string block = first_block(slot, record);
+        bool ok = write_data(slot, streamed, padded.data(), padded.size(), false) &&
+                  write_all(fd_, block.data(), block.size(), slot.offset);
+        if (!ok) return false;
         std::unique_lock<std::mutex> guard(lock_);
-        if (!ok) broken_ = true;
-        written_.insert(seq);
-        while (written_.count(written_upto_ + 1)) written_.erase(++written_upto_);
-        while (!broken_ && durable_ < seq) {
+        // Group commit: any fdatasync that starts after this point covers this record.
+        uint64_t ticket = ++written_;
+        while (!broken_ && synced_ < ticket) {
             if (syncing_) {
-                synced_.wait(guard);
+                synced_cv_.wait(guard);
                 continue;
             }
             syncing_ = true;
-            uint64_t target = written_upto_;
+            uint64_t target = written_;
             guard.unlock();
             bool synced = ::fdatasync(fd_) == 0;
             guard.lock();
             syncing_ = false;
-            if (synced) durable_ = std::max(durable_, target);
+            if (synced) synced_ = std::max(synced_, target);
             else broken_ = true;
-            synced_.notify_all();
-            if (target < seq && durable_ < seq) synced_.wait_for(guard, std::chrono::milliseconds(1));
+            synced_cv_.notify_all();
         }
         return !broken_;
     }
 
-    // The writer wrote these records' instances and synced the file system: move the checkpoint past every
-    // record up to the first one not retired yet, then free their space.
+    // A slot that will hold no instance (refused, failed, the association gone, or too small): replay skips it,
+    // and the checkpoint may pass it.
+    void abandon(const Slot& slot) {
+        if (slot.span == 0) return;
+        std::lock_guard<std::mutex> guard(lock_);
+        mark_retired(slot.seq);  // retired with no instance: nothing to write, nothing to replay
+    }
+
+    // These records' instances are in the spool and the file system synced: move the checkpoint past every slot up
+    // to the first one not retired yet, then free their space.
     void retire(const std::vector<uint64_t>& seqs) {
         std::unique_lock<std::mutex> guard(lock_);
-        for (uint64_t seq : seqs)
-            for (Live& live : live_)
-                if (live.seq == seq) live.retired = true;
+        for (uint64_t seq : seqs) mark_retired(seq);
         uint64_t upto = 0;
         size_t count = 0;
         for (const Live& live : live_) {
@@ -543,12 +642,55 @@ class Journal {
         return false;
     }
 
-    bool record_at(uint64_t offset, uint64_t seq, RecordHeader& record) {
-        if (offset + sizeof record > size_ || !read_all(fd_, &record, sizeof record, offset)) return false;
-        if (std::memcmp(record.magic, RECORD_MAGIC, 8) != 0 || record.seq != seq) return false;
+    void mark_retired(uint64_t seq) {
+        for (Live& live : live_)
+            if (live.seq == seq) live.retired = true;
+    }
+
+    // A slot's first block: its slot header, then (committed) its record header, path and AE title, zeros after.
+    // Always written whole, like every journal write: a partial page not in memory would be read from the disk
+    // first.
+    std::string first_block(const Slot& slot, const std::string& record = std::string()) {
+        SlotHeader header;
+        std::memset(&header, 0, sizeof header);
+        std::memcpy(header.magic, SLOT_MAGIC, 8);
+        header.seq = slot.seq;
+        header.span = slot.span;
+        header.crc = crc32c(0, &header, offsetof(SlotHeader, crc));
+        std::string block(reinterpret_cast<const char*>(&header), sizeof header);
+        block += record;
+        block.resize(SLOT_DATA, '\0');
+        return block;
+    }
+
+    bool write_slot_header(const Slot& slot) {
+        std::string block = first_block(slot);
+        return write_all(fd_, block.data(), block.size(), slot.offset);
+    }
+
+    bool slot_at(uint64_t offset, uint64_t seq, SlotHeader& slot) {
+        if (offset + sizeof slot > size_ || !read_all(fd_, &slot, sizeof slot, offset)) return false;
+        if (std::memcmp(slot.magic, SLOT_MAGIC, 8) != 0 || slot.seq != seq) return false;
+        if (slot.crc != crc32c(0, &slot, offsetof(SlotHeader, crc))) return false;
+        return slot.span > SLOT_DATA && slot.span % RECORD_ALIGN == 0 && offset + slot.span <= size_;
+    }
+
+    // The slot's record, when it was committed whole: its path + AE title and its file's bytes.
+    bool committed(uint64_t offset, const SlotHeader& slot, RecordHeader& record, std::string& meta,
+                   std::string& data) {
+        if (!read_all(fd_, &record, sizeof record, offset + sizeof slot)) return false;
+        if (std::memcmp(record.magic, RECORD_MAGIC, 8) != 0 || record.seq != slot.seq) return false;
         if (record.header_crc != crc32c(0, &record, offsetof(RecordHeader, header_crc))) return false;
-        uint64_t body = record.path_length + record.calling_length + record.data_length;
-        return record.path_length < 4096 && record.calling_length <= 64 && offset + sizeof record + body <= size_;
+        if (uint64_t(record.path_length) + record.calling_length > SLOT_META || record.calling_length > 64 ||
+            record.data_length > slot.span - SLOT_DATA)
+            return false;
+        meta.resize(record.path_length + record.calling_length);
+        data.resize(record.data_length);
+        if (!read_all(fd_, &meta[0], meta.size(), offset + sizeof slot + sizeof record) ||
+            !read_all(fd_, &data[0], data.size(), offset + SLOT_DATA))
+            return false;
+        uint32_t crc = crc32c(crc32c(0, data.data(), data.size()), meta.data(), meta.size());
+        return crc == record.body_crc;  // else torn by a crash before its fdatasync returned
     }
 
     bool spool_path_ok(const std::string& path) {
@@ -574,11 +716,10 @@ class Journal {
     int fd_ = -1;
     uint64_t size_ = 0;
     std::mutex lock_, checkpoint_lock_;
-    std::condition_variable synced_;
+    std::condition_variable synced_cv_;
     uint64_t next_seq_ = 1, head_ = JOURNAL_HEADER;
     std::deque<Live> live_;
-    std::set<uint64_t> written_;
-    uint64_t written_upto_ = 0, durable_ = 0;
+    uint64_t written_ = 0, synced_ = 0;  // group commit: tickets handed out, and covered by a finished fdatasync
     bool syncing_ = false, broken_ = false;
 };
 
@@ -594,15 +735,36 @@ bool make_folders(const std::string& path, bool sync) {
     return ::mkdir(series.c_str(), 0700) == 0 || errno == EEXIST;
 }
 
-// An instance's bytes to its spool path under a temporary name, then renamed: a reader never sees half a file.
-bool write_file(const std::string& path, const char* data, uint64_t length, bool sync) {
+// `length` bytes from `from` at `offset` to the start of `to`, in the kernel (copy_file_range: page cache to page
+// cache); read and written here where the kernel cannot.
+bool copy_all(int from, uint64_t offset, int to, uint64_t length) {
+    loff_t in = static_cast<loff_t>(offset), out = 0;
+    while (out < static_cast<loff_t>(length)) {
+        ssize_t n = ::copy_file_range(from, &in, to, &out, static_cast<size_t>(length - out), 0);
+        if (n > 0) continue;
+        if (n == 0 || (errno != EXDEV && errno != ENOSYS && errno != EOPNOTSUPP && errno != EINVAL)) return false;
+        std::string rest(length - out, '\0');
+        return read_all(from, &rest[0], rest.size(), static_cast<uint64_t>(in)) &&
+               write_all(to, rest.data(), rest.size(), static_cast<uint64_t>(out));
+    }
+    return true;
+}
+
+// An instance's bytes - in memory, or (`data` NULL) in the journal at `source_offset` - to its spool path under a
+// temporary name, then renamed: a reader never sees half a file.
+bool write_file(const std::string& path, const char* data, uint64_t length, bool sync, int source_fd = -1,
+                uint64_t source_offset = 0) {
     if (!make_folders(path, sync)) return false;
     size_t slash = path.rfind('/');
     // Hidden and ending in .tmp, as the Python spool names its own: its start-up removes a crash's leftover.
     std::string temporary = path.substr(0, slash + 1) + "." + path.substr(slash + 1) + ".tmp";
     int fd = ::open(temporary.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
     if (fd < 0) return false;
-    bool ok = write_all(fd, data, length, 0) && (!sync || ::fsync(fd) == 0);
+    bool ok = (data != NULL ? write_all(fd, data, length, 0) : copy_all(source_fd, source_offset, fd, length)) &&
+              (!sync || ::fsync(fd) == 0);
+    // Unsynced (the journal holds it): its write-back starts now, so the batch's syncfs is not one burst that the
+    // acknowledgements' fdatasync would queue behind.
+    if (ok && !sync) ::sync_file_range(fd, 0, 0, SYNC_FILE_RANGE_WRITE);
     ok = (::close(fd) == 0) && ok;
     if (!ok || ::rename(temporary.c_str(), path.c_str()) != 0) {
         int saved = errno;
@@ -617,131 +779,193 @@ bool Journal::write_instance(const std::string& path, const char* data, uint64_t
     return write_file(path, data, length, false);
 }
 
-// What the writer thread does after an acknowledgement, in the order the acknowledgements were sent.
-struct Pending {
-    enum Kind { STORE, END } kind = STORE;
-    uint64_t seq = 0;   // 0: already in the spool (the direct path); only the event is left to emit
-    std::string path;   // the spool path (STORE)
-    std::string data;   // the file's bytes (journalled STORE)
-    std::string line;   // the event to emit once the file is in place
-};
+// Fault injection for the crash tests: acknowledged instances are not written to the spool (only the journal
+// holds them), and no STORED or END event is emitted for them.
+const bool spool_writes_paused = std::getenv("GATEWAY_STORESCP_PAUSE_WRITER") != NULL;
 
-class Writer {
+// After an acknowledgement from the journal, the writer (below) puts the instance in the spool (temporary name,
+// rename: no sync) and emits STORED. The settler thread makes those files durable in batches - one syncfs every
+// SETTLE_MS, or once they fill a quarter of the journal - and then lets the journal reuse their slots.
+class Settler {
   public:
-    // Written instances are synced (one syncfs) and their journal space freed this often, or once they fill a
-    // quarter of the journal: seldom enough that the batch syncs do not slow the acknowledgements' fdatasync.
+    // Seldom enough that the batch syncs do not slow the acknowledgements' fdatasync.
     static const int SETTLE_MS = 1000;
 
     void start() { std::thread([this] { run(); }).detach(); }
 
-    // Until everything queued is in the spool and synced (a clean stop), or `seconds` passed.
+    // An instance is in the spool, not synced yet: its slot is freed after the next batch.
+    void written(uint64_t seq, uint64_t bytes) {
+        std::lock_guard<std::mutex> guard(lock_);
+        if (seqs_.empty()) first_ = std::chrono::steady_clock::now();
+        seqs_.push_back(seq);
+        bytes_ += bytes;
+        if (bytes_ >= journal->capacity() / 4) ready_.notify_one();
+        else if (seqs_.size() == 1) ready_.notify_one();  // the batch's clock starts
+    }
+
+    // Until what was written is synced (a clean stop), or `seconds` passed.
     void drain(int seconds) {
         std::unique_lock<std::mutex> guard(lock_);
         draining_ = true;
         ready_.notify_all();
-        idle_.wait_for(guard, std::chrono::seconds(seconds), [this] { return queue_.empty() && settled_; });
-    }
-
-    void push(Pending&& item) {
-        {
-            std::lock_guard<std::mutex> guard(lock_);
-            queue_.push_back(std::move(item));
-        }
-        ready_.notify_one();
+        idle_.wait_for(guard, std::chrono::seconds(seconds), [this] { return seqs_.empty() && !settling_; });
     }
 
   private:
     void run() {
-        // Fault injection for the crash tests: a writer that never writes (only the journal holds what was
-        // acknowledged).
-        const bool paused = std::getenv("GATEWAY_STORESCP_PAUSE_WRITER") != NULL;
-        std::vector<uint64_t> written;  // instances in place, not yet synced
-        uint64_t written_bytes = 0;
-        std::chrono::steady_clock::time_point first_written;
         for (;;) {
-            Pending item;
+            std::vector<uint64_t> batch;
             {
                 std::unique_lock<std::mutex> guard(lock_);
-                if (queue_.empty() || paused) {
-                    settled_ = written.empty();
-                    if (settled_) {
-                        idle_.notify_all();
-                        ready_.wait(guard);
-                        continue;
-                    }
-                    auto due = first_written + std::chrono::milliseconds(SETTLE_MS);
-                    if (!draining_ && std::chrono::steady_clock::now() < due) {
-                        ready_.wait_until(guard, due);
-                        continue;
-                    }
-                    guard.unlock();
-                    settle(written);
-                    written_bytes = 0;
+                if (seqs_.empty()) {
+                    idle_.notify_all();
+                    ready_.wait(guard);
                     continue;
                 }
-                item = std::move(queue_.front());
-                queue_.pop_front();
-                settled_ = false;
-            }
-            if (item.kind == Pending::STORE && item.seq != 0) {
-                if (!write_file(item.path, item.data.data(), item.data.size(), false)) {
-                    // The journal still holds it; the next start writes it. Said, and the event withheld.
-                    std::fprintf(stderr, "gateway-storescp: cannot write %s: %s\n", item.path.c_str(),
-                                 std::strerror(errno));
+                auto due = first_ + std::chrono::milliseconds(SETTLE_MS);
+                if (!draining_ && bytes_ < journal->capacity() / 4 && std::chrono::steady_clock::now() < due) {
+                    ready_.wait_until(guard, due);
                     continue;
                 }
-                if (written.empty()) first_written = std::chrono::steady_clock::now();
-                written.push_back(item.seq);
+                batch.swap(seqs_);
+                bytes_ = 0;
+                settling_ = true;
             }
-            emit(item.line);
-            if ((written_bytes += item.data.size()) >= journal->capacity() / 4) {
-                settle(written);
-                written_bytes = 0;
+            if (::syncfs(journal->fd()) == 0) {
+                journal->retire(batch);
+            } else {  // the journal keeps them; the next start writes them again
+                std::fprintf(stderr, "gateway-storescp: syncfs failed: %s\n", std::strerror(errno));
             }
+            std::lock_guard<std::mutex> guard(lock_);
+            settling_ = false;
+            idle_.notify_all();
         }
-    }
-
-    // Make the written instances durable (one syncfs for the batch) and let the journal reuse their space.
-    void settle(std::vector<uint64_t>& written) {
-        if (::syncfs(journal->fd()) != 0) {
-            std::fprintf(stderr, "gateway-storescp: syncfs failed: %s\n", std::strerror(errno));
-            written.clear();  // the journal keeps them; the next start writes them again
-            return;
-        }
-        journal->retire(written);
-        written.clear();
     }
 
     std::mutex lock_;
     std::condition_variable ready_, idle_;
-    std::deque<Pending> queue_;
-    bool draining_ = false, settled_ = true;
+    std::vector<uint64_t> seqs_;  // written, not synced yet
+    uint64_t bytes_ = 0;
+    std::chrono::steady_clock::time_point first_;
+    bool draining_ = false, settling_ = false;
 };
 
-Writer writer;
+Settler settler;
 
-// Receives a data set into memory, exactly as sent, behind the file meta header the file will have.
+// With a journal, what follows an acknowledgement is a writer thread's: it copies the instance from its journal
+// slot to the spool (copy_file_range, in the kernel, from the page cache; temporary name, rename, no sync), hands
+// it to the settler and emits STORED. The association's thread is free for its next instance as soon as it has
+// answered, and holds nothing: the slot keeps the bytes until the settler retires it, so what waits for the writer
+// is bounded by the journal (full, instances take the direct path). Every event line of an association goes
+// through the same queue, in order, so its END follows its instances' STORED.
+class SpoolWriter {
+  public:
+    struct Task {
+        uint64_t seq = 0, offset = 0, length = 0;  // the instance in the journal (length 0: a line only)
+        std::string path, line;
+    };
+
+    void start() { std::thread([this] { run(); }).detach(); }
+
+    void push(Task task) {
+        std::lock_guard<std::mutex> guard(lock_);
+        tasks_.push_back(std::move(task));
+        ready_.notify_one();
+    }
+
+    void line(const std::string& text) {
+        Task task;
+        task.line = text;
+        push(std::move(task));
+    }
+
+    // Until every task is done (a clean stop), or `seconds` passed.
+    void drain(int seconds) {
+        std::unique_lock<std::mutex> guard(lock_);
+        idle_.wait_for(guard, std::chrono::seconds(seconds), [this] { return tasks_.empty() && !busy_; });
+    }
+
+  private:
+    void run() {
+        for (;;) {
+            Task task;
+            {
+                std::unique_lock<std::mutex> guard(lock_);
+                ready_.wait(guard, [this] { return !tasks_.empty(); });
+                task = std::move(tasks_.front());
+                tasks_.pop_front();
+                busy_ = true;
+            }
+            if (task.length == 0) {
+                emit(task.line);
+            } else if (write_file(task.path, NULL, task.length, false, journal->fd(), task.offset)) {
+                settler.written(task.seq, task.length);
+                emit(task.line);
+            } else {  // the journal still holds it; the next start writes it. Said, and the event withheld.
+                std::fprintf(stderr, "gateway-storescp: cannot write %s: %s\n", task.path.c_str(),
+                             std::strerror(errno));
+            }
+            std::lock_guard<std::mutex> guard(lock_);
+            busy_ = false;
+            if (tasks_.empty()) idle_.notify_all();
+        }
+    }
+
+    std::mutex lock_;
+    std::condition_variable ready_, idle_;
+    std::deque<Task> tasks_;
+    bool busy_ = false;
+};
+
+SpoolWriter writer;
+
+// An association's event line: in order with its instances' STORED (through the writer, with a journal).
+void emit_in_order(const std::string& line) {
+    if (journal != NULL) writer.line(line);
+    else emit(line);
+}
+
+// Receives a data set into memory, exactly as sent, behind the file meta header the file will have; with a journal
+// slot, also into the slot as it comes (each STREAM_CHUNK written and handed to the disk at once) until it
+// outgrows the slot.
 class MemoryConsumer : public DcmConsumer {
   public:
-    explicit MemoryConsumer(std::string& out) : out_(out) {}
+    explicit MemoryConsumer(std::string& out, const Slot* slot = NULL) : out_(out), slot_(slot) {}
     OFBool good() const override { return OFTrue; }
     OFCondition status() const override { return EC_Normal; }
     OFBool isFlushed() const override { return OFTrue; }
     offile_off_t avail() const override { return 1 << 30; }
     offile_off_t write(const void* buf, offile_off_t buflen) override {
         out_.append(static_cast<const char*>(buf), static_cast<size_t>(buflen));
+        if (streaming() && out_.size() > slot_->capacity()) streamed_ = 0, slot_ = NULL;  // written whole later
+        if (streaming() && out_.size() - streamed_ >= STREAM_CHUNK) {  // whole pages only
+            uint64_t upto = out_.size() / RECORD_ALIGN * RECORD_ALIGN;
+            if (journal_write(upto)) streamed_ = upto;
+            else streamed_ = 0, slot_ = NULL;
+        }
         return buflen;
     }
     void flush() override {}
 
+    bool streaming() const { return slot_ != NULL; }
+    uint64_t streamed() const { return streamed_; }  // the first bytes, in the slot already
+
   private:
+    bool journal_write(uint64_t upto);
+
     std::string& out_;
+    const Slot* slot_;
+    uint64_t streamed_ = 0;
 };
 
 class MemoryStream : public DcmOutputStream {
   public:
     explicit MemoryStream(MemoryConsumer* consumer) : DcmOutputStream(consumer) {}
 };
+
+bool MemoryConsumer::journal_write(uint64_t upto) {
+    return journal->write_data(*slot_, streamed_, out_.data() + streamed_, upto - streamed_, true);
+}
 
 // The file meta information the Python spool and storescp write: preamble, DICM, group 0002 with its length.
 bool append_meta(std::string& out, const T_DIMSE_C_StoreRQ& request, const char* transfer_syntax,
@@ -804,14 +1028,7 @@ class GatewaySCP : public DcmThreadSCP {
         for (const std::string& study : studies_) list += (list.empty() ? "" : ",") + study;
         std::string problem = aborted_ ? "association aborted" : (refused_ ? "instances refused" : "");
         std::string line = "END\t" + clean(calling_ae_) + "\t" + problem + "\t" + list;
-        if (journal != NULL) {  // after the STORED events of its instances, which the writer emits
-            Pending end;
-            end.kind = Pending::END;
-            end.line = line;
-            writer.push(std::move(end));
-        } else {
-            emit(line);
-        }
+        if (journal == NULL || !spool_writes_paused) emit_in_order(line);  // after its instances' STORED events
         calling_ae_.clear();
         studies_.clear();
     }
@@ -872,22 +1089,33 @@ class GatewaySCP : public DcmThreadSCP {
         return answered;
     }
 
-    // Received into memory, checked, journalled (or, when it does not fit, its own file fsynced), answered; the
-    // writer puts it in the spool and says STORED.
+    // Received into memory and its journal slot, checked, committed to the journal (or, when it does not fit, its
+    // own file fsynced), answered; then put in the spool (not synced: the journal holds it) and said STORED.
     OFCondition handleJournalledStore(T_DIMSE_C_StoreRQ& request, T_ASC_PresentationContextID context) {
         T_ASC_PresentationContext accepted;
         if (ASC_findAcceptedPresentationContext(association_->params, context, &accepted).bad())
             return DIMSE_BADDATA;
         std::string data;
         if (!append_meta(data, request, accepted.acceptedTransferSyntax, calling_ae_)) return DIMSE_BADDATA;
-        MemoryConsumer consumer(data);
+        // A slot as large as this association's largest instance yet and a quarter (it is shortened once the
+        // instance is in); none when the journal is full.
+        Slot slot;
+        uint64_t estimate = largest_ ? largest_ + largest_ / 4 : FIRST_ESTIMATE;
+        if (!journal->reserve(estimate, slot)) slot = Slot();
+        data.reserve(std::max<uint64_t>(slot.capacity(), data.size() + (64 << 10)));
+        MemoryConsumer consumer(data, slot.span ? &slot : NULL);
         MemoryStream stream(&consumer);
         T_ASC_PresentationContextID received_on = context;
         long long t0 = Profile::clock_ns();
         OFCondition received =
             DIMSE_receiveDataSetInFile(association_, DIMSE_NONBLOCKING, dimse_timeout, &received_on, &stream, NULL, NULL);
-        if (received.bad()) return received;
-        if (received_on != context) return DIMSE_RECEIVEFAILED;  // the data set came on another presentation context
+        if (received.good() && received_on != context)
+            received = DIMSE_RECEIVEFAILED;  // the data set came on another presentation context
+        if (received.bad()) {
+            journal->abandon(slot);
+            return received;
+        }
+        largest_ = std::max<uint64_t>(largest_, data.size());
         double received_at = now();
         long long t1 = Profile::clock_ns();
         Uint16 status = 0;
@@ -902,34 +1130,26 @@ class GatewaySCP : public DcmThreadSCP {
             reason = checked.reason;
         }
         long long t2 = Profile::clock_ns();
-        Pending item;
+        bool journalled = false;
         if (status == 0) {
             final_path = policy.spool + "/" + checked.study + "/" + checked.series + "/" +
                          trimmed(request.AffectedSOPInstanceUID) + ".dcm";
-            RecordHeader header;
-            std::memset(&header, 0, sizeof header);
-            std::memcpy(header.magic, RECORD_MAGIC, 8);
-            header.data_length = data.size();
-            header.path_length = static_cast<uint32_t>(final_path.size());
-            header.calling_length = static_cast<uint32_t>(calling_ae_.size());
-            header.received_at = received_at;
-            uint32_t crc = crc32c(0, final_path.data(), final_path.size());
-            crc = crc32c(crc, calling_ae_.data(), calling_ae_.size());
-            header.body_crc = crc32c(crc, data.data(), data.size());
-            uint64_t seq = 0, offset = 0;
-            bool journalled = false;
-            if (journal->reserve(sizeof header + final_path.size() + calling_ae_.size() + data.size(), seq, offset)) {
-                header.seq = seq;
-                header.header_crc = crc32c(0, &header, offsetof(RecordHeader, header_crc));
-                journalled = journal->commit(seq, offset, header, final_path, calling_ae_, data);
+            if (!consumer.streaming()) {  // it outgrew its slot (or had none): a slot its size, written whole
+                journal->abandon(slot);
+                if (!journal->reserve(data.size(), slot)) slot = Slot();
             }
-            if (journalled) {
-                item.seq = seq;
-                item.data = std::move(data);
-            } else if (!write_file(final_path, data.data(), data.size(), true)) {  // the direct path
+            if (slot.span != 0) {
+                journal->shrink(slot, data.size());
+                journalled = journal->commit(slot, consumer.streaming() ? consumer.streamed() : 0, received_at,
+                                             final_path, calling_ae_, data);
+                if (!journalled) journal->abandon(slot);
+            }
+            if (!journalled && !write_file(final_path, data.data(), data.size(), true)) {  // the direct path
                 reason = std::string("spool write failed: ") + std::strerror(errno);
                 status = errno == ENOSPC ? STATUS_OUT_OF_RESOURCES : STATUS_PROCESSING_FAILURE;
             }
+        } else {
+            journal->abandon(slot);
         }
         long long t3 = Profile::clock_ns();
         if (status != 0) {
@@ -942,14 +1162,23 @@ class GatewaySCP : public DcmThreadSCP {
         if (status == 0) {
             char when[32];
             std::snprintf(when, sizeof when, "%.6f", received_at);
-            item.path = final_path;
-            item.line = "STORED\t" + final_path + "\t" + clean(calling_ae_) + "\t" + when +
-                        (checked.header.empty() ? "" : "\t") + checked.header;
-            writer.push(std::move(item));
+            std::string line = "STORED\t" + final_path + "\t" + clean(calling_ae_) + "\t" + when +
+                               (checked.header.empty() ? "" : "\t") + checked.header;
+            if (!journalled) {
+                writer.line(line);  // in the spool, fsynced, already
+            } else if (!spool_writes_paused) {
+                SpoolWriter::Task task;
+                task.seq = slot.seq;
+                task.offset = slot.offset + SLOT_DATA;
+                task.length = data.size();
+                task.path = final_path;
+                task.line = line;
+                writer.push(std::move(task));
+            }
         } else {
             char hex[8];
             std::snprintf(hex, sizeof hex, "%04X", status);
-            emit(std::string("REFUSED\t") + hex + "\t" + clean(calling_ae_) + "\t" + clean(reason));
+            writer.line(std::string("REFUSED\t") + hex + "\t" + clean(calling_ae_) + "\t" + clean(reason));
         }
         return answered;
     }
@@ -973,6 +1202,7 @@ class GatewaySCP : public DcmThreadSCP {
     std::set<std::string> studies_;
     bool refused_ = false;
     bool aborted_ = false;
+    uint64_t largest_ = 0;  // this association's largest instance yet (its next journal slot's size)
 };
 
 std::atomic<unsigned long> associations{0};
@@ -1140,7 +1370,10 @@ int main(int argc, char** argv) {
         char buffer[64];
         while (::read(STDIN_FILENO, buffer, sizeof buffer) > 0) {
         }
-        if (journal != NULL) writer.drain(4);  // (within the gateway's 5 s) what was acknowledged goes to the spool now, not at the next start
+        if (journal != NULL) {  // (within the gateway's 5 s) what was acknowledged goes to the spool now, not at the
+            writer.drain(2);    // next start
+            settler.drain(2);
+        }
         profile.print();
         std::_Exit(0);
     });
@@ -1162,6 +1395,7 @@ int main(int argc, char** argv) {
             std::snprintf(when, sizeof when, "%.6f", r.received_at);
             emit("REPLAYED\t" + r.path + "\t" + clean(r.calling_ae) + "\t" + when);
         }
+        settler.start();
         writer.start();
     }
     emit("READY\t" + std::to_string(port));
