@@ -81,6 +81,24 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     return cluster.create_database()
 
 
+# -- ports: each pytest-xdist worker (and every server it starts) picks loopback ports from a range of its own ----
+
+
+def _port_range_of_this_worker() -> None:
+    """Workers picking ports from one range could pick the same port between one's pick and its bind."""
+    from gateway.inference.server import FREE_PORTS, PORT_RANGE_ENV
+
+    worker, count = os.environ.get("PYTEST_XDIST_WORKER", ""), os.environ.get("PYTEST_XDIST_WORKER_COUNT", "")
+    if (
+        not (worker.startswith("gw") and worker[2:].isdigit() and count.isdigit())
+        or PORT_RANGE_ENV in os.environ
+    ):
+        return
+    size = (FREE_PORTS[1] - FREE_PORTS[0] + 1) // int(count)
+    first = FREE_PORTS[0] + int(worker[2:]) * size
+    os.environ[PORT_RANGE_ENV] = f"{first}-{first + size - 1}"
+
+
 # -- privacy: no patient identifier in any log of the test run ---------------------------------------------------
 
 _LOG_RECORDS: list[str] = []
@@ -92,6 +110,7 @@ class _Capture(logging.Handler):
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    _port_range_of_this_worker()
     handler = _Capture(level=logging.DEBUG)
     handler.setFormatter(logging.Formatter("%(name)s %(message)s"))
     root = logging.getLogger()

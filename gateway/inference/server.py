@@ -50,21 +50,59 @@ STABLE_AFTER_S = 60.0
 # ephemeral range (32768-60999 by default), so that a port picked here and bound a moment later cannot meanwhile be
 # given to some process's outgoing connection, nor to another picker's bind(0) - the race several test workers hit.
 FREE_PORTS = (20000, 32000)
+# Narrows that range for a process and the processes it starts ("first-last"): gives each of several processes
+# picking at once (test workers, gateways on one host) ports of its own, or fits the ports to a firewall's rule.
+PORT_RANGE_ENV = "GATEWAY_PORT_RANGE"
+# A port handed out is not handed out again by this process while its taker may still be about to bind it.
+_HANDED_OUT: dict[int, None] = {}
+_HANDED_OUT_KEPT = 4096
+_HANDED_OUT_LOCK = threading.Lock()
+
+
+def _port_range() -> tuple[int, int]:
+    value = os.environ.get(PORT_RANGE_ENV, "").strip()
+    if not value:
+        return FREE_PORTS
+    first, _, last = value.partition("-")
+    try:
+        low, high = int(first), int(last)
+    except ValueError:
+        low, high = 0, 0
+    if not 1024 <= low <= high <= 65535:
+        raise ConfigError(
+            f"{PORT_RANGE_ENV}={value!r} is not a port range: write first-last, e.g. 20000-23999 (1024-65535)"
+        )
+    return low, high
 
 
 def free_port() -> int:
-    """A currently free TCP port on loopback."""
-    for _ in range(200):
-        port = random.randint(*FREE_PORTS)
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            try:
-                sock.bind((LOOPBACK, port))
-            except OSError:
-                continue
-            return port
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:  # that range is full: any port will do
-        sock.bind((LOOPBACK, 0))
-        return int(sock.getsockname()[1])
+    """A TCP port on loopback that is free now and that this process has not handed out recently."""
+    low, high = _port_range()
+    with _HANDED_OUT_LOCK:
+        port = 0
+        for _ in range(200):
+            candidate = random.randint(low, high)
+            if candidate not in _HANDED_OUT and _bindable(candidate):
+                port = candidate
+                break
+        while not port:  # that range is full or used up: the kernel's choice, never one handed out already
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+                sock.bind((LOOPBACK, 0))
+                candidate = int(sock.getsockname()[1])
+            port = 0 if candidate in _HANDED_OUT else candidate
+        _HANDED_OUT[port] = None
+        while len(_HANDED_OUT) > _HANDED_OUT_KEPT:
+            del _HANDED_OUT[next(iter(_HANDED_OUT))]
+        return port
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((LOOPBACK, port))
+        except OSError:
+            return False
+        return True
 
 
 @dataclass(frozen=True, kw_only=True)
